@@ -1,0 +1,26 @@
+"""Run float and quantized ONNX models on CPU and measure accuracy, calibration and swaps.
+
+The metrics import without onnxruntime (so saved logits can be analysed anywhere); the runner
+functions import it on first use.
+"""
+
+from .metrics import (ECE_BINS, QuantizationChange, ReliabilityCurve, classification_metrics,
+                      expected_calibration_error, log_softmax, nll, quantization_change, reliability_curve,
+                      softmax, top_k_error)
+from .results import ConfigResult, evaluate_logits
+
+_RUNNER = {"make_session", "optimized_op_types", "predict"}
+
+
+def __getattr__(name: str):
+    if name in _RUNNER:
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ECE_BINS", "ConfigResult", "QuantizationChange", "ReliabilityCurve", "classification_metrics",
+           "evaluate_logits", "expected_calibration_error", "log_softmax", "make_session", "nll",
+           "optimized_op_types", "predict", "quantization_change", "reliability_curve", "softmax",
+           "top_k_error"]

@@ -1,0 +1,44 @@
+"""Run an ONNX classifier on CPU over preprocessed inputs and keep its logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+
+def make_session(model_path: str | Path, fused: bool = True,
+                 optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
+    """A CPU session. ``fused=False`` keeps Q/DQ around float ops (the simulated path); the default
+    lets ORT fuse them into integer kernels such as QLinearConv (the deployed path)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 256,
+            desc: str = "evaluate", progress: bool = True) -> np.ndarray:
+    """Logits for every row of ``inputs``, batch by batch, with a progress bar."""
+    input_name = session.get_inputs()[0].name
+    chunks = []
+    with tqdm(total=len(inputs), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(inputs), batch_size):
+            batch = np.ascontiguousarray(inputs[start:start + batch_size], dtype=np.float32)
+            chunks.append(session.run(None, {input_name: batch})[0])
+            bar.update(len(batch))
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def optimized_op_types(model_path: str | Path, work_dir: str | Path, fused: bool = True) -> set[str]:
+    """Op types of the graph ORT actually runs after its optimisations (to check fusion)."""
+    import onnx
+
+    target = Path(work_dir) / (Path(model_path).stem + ".optimized.onnx")
+    make_session(model_path, fused=fused, optimized_model_path=target)
+    return {node.op_type for node in onnx.load(str(target)).graph.node}

@@ -1,0 +1,64 @@
+"""What a user's ``.onnx`` classifier takes and returns, read from the graph (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ptqcal.errors import UserError
+
+
+@dataclass(frozen=True)
+class OnnxModelInfo:
+    path: Path
+    input_name: str
+    input_shape: tuple[int | None, ...]  # None for symbolic dimensions
+    output_name: str
+    num_classes: int
+    ends_in_softmax: bool  # outputs are probabilities, not logits
+
+    @property
+    def chw(self) -> tuple[int, int, int] | None:
+        shape = self.input_shape[1:]
+        return shape if len(shape) == 3 and None not in shape else None  # type: ignore[return-value]
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+
+
+def inspect_onnx(path: str | Path) -> OnnxModelInfo:
+    """Check that ``path`` is a single-input classifier with an ``(N, classes)`` output."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ValueError or a protobuf error
+        raise UserError(f"{path} is not an ONNX model ({type(exc).__name__})") from exc
+    if not model.graph.node:
+        raise UserError(f"{path} is not an ONNX model (no graph nodes)")
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise UserError(f"{path}: expected one image input and one output, found "
+                        f"{len(inputs)} inputs and {len(model.graph.output)} outputs")
+    output = model.graph.output[0]
+    out_dims = _dims(output)
+    if out_dims is not None and (len(out_dims) != 2 or out_dims[1] is None):
+        raise UserError(f"{path}: output {output.name!r} has shape {list(out_dims)}, expected (N, classes)")
+    in_dims = _dims(inputs[0]) or ()
+    producer = next((n for n in model.graph.node if output.name in n.output), None)
+    return OnnxModelInfo(
+        path=path,
+        input_name=inputs[0].name,
+        input_shape=in_dims,
+        output_name=output.name,
+        num_classes=out_dims[1] if out_dims else 0,
+        ends_in_softmax=producer is not None and producer.op_type == "Softmax",
+    )

@@ -1,0 +1,104 @@
+"""Classifiers by name: a builder with its weights and the preprocessing it was trained with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ptqcal.errors import UserError
+
+from .preprocess import PreprocessCfg
+
+if TYPE_CHECKING:
+    from torch import nn
+
+DIGITS_PREPROCESS = PreprocessCfg(input_size=(1, 8, 8), mean=(0.3,), std=(0.4,), pixel_max=16.0)
+CIFAR100_PREPROCESS = PreprocessCfg(input_size=(3, 32, 32), mean=(0.5071, 0.4867, 0.4408),
+                                    std=(0.2675, 0.2565, 0.2761))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    preprocess: PreprocessCfg
+    num_classes: int
+    default_dataset: str
+    # (weights path or None, training split or None, cache dir) -> eval-mode torch module
+    build: Callable[[Path | None, Any, Path], "nn.Module"]
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(entry: ModelEntry) -> ModelEntry:
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(list_models())} "
+                        "or give a path to an .onnx file") from None
+
+
+def load_state_dict_strict(model: "nn.Module", weights: Path) -> "nn.Module":
+    """Load a state dict, naming the missing and unexpected keys when it does not fit."""
+    import torch
+
+    if not Path(weights).is_file():
+        raise UserError(f"weights file not found: {weights}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{weights} is not a PyTorch state dict ({type(exc).__name__})") from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        parts = [f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                     ("wrong shape", mismatched)) if keys]
+        raise UserError(f"{weights} does not match the architecture ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _build_digits(weights: Path | None, train: Any, cache_dir: Path) -> "nn.Module":
+    from .digits import build_digits_resnet, cached_digits_resnet
+
+    if weights is not None:
+        return load_state_dict_strict(build_digits_resnet(), weights)
+    if train is None:
+        raise UserError("digits_resnet8 trains on the 'digits' dataset; use --dataset digits or --weights")
+    model, _ = cached_digits_resnet(train.images, train.labels, cache_dir)
+    return model
+
+
+def _cifar_resnet_builder(depth: int) -> Callable[[Path | None, Any, Path], "nn.Module"]:
+    def build(weights: Path | None, train: Any, cache_dir: Path) -> "nn.Module":
+        from .resnet import CifarResNet
+
+        model = CifarResNet(depth=depth, num_classes=100)
+        if weights is None:
+            raise UserError(f"cifar_resnet{depth} needs trained weights: pass --weights PATH.pth")
+        return load_state_dict_strict(model, weights)
+
+    return build
+
+
+register(ModelEntry("digits_resnet8", DIGITS_PREPROCESS, 10, "digits", _build_digits,
+                    "CIFAR-style ResNet8 trained here on scikit-learn's digits (the default)"))
+for _depth in (20, 32, 44, 56):
+    register(ModelEntry(f"cifar_resnet{_depth}", CIFAR100_PREPROCESS, 100, "cifar100",
+                        _cifar_resnet_builder(_depth), f"CIFAR-100 ResNet{_depth} (weights from --weights)"))

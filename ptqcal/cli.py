@@ -1,0 +1,106 @@
+"""Command line: ``ptqcal run`` and ``ptqcal models``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .config import CALIB_METHODS, RunConfig, default_cache_dir
+from .errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Report a usage mistake as one line (not argparse's usage block) with exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ptqcal", description="What post-training quantization does to a classifier's "
+                     "predictions and calibration, measured on ONNX Runtime's real QDQ graphs.")
+    parser.add_argument("--version", action="version", version=f"ptqcal {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser(
+        "run", help="quantize a classifier, evaluate every precision and write the report",
+        description="Export (PyTorch models) or load (.onnx) a float classifier, calibrate activation ranges "
+                    "once, build a QDQ model per weight bit width, evaluate all of them on CPU and write "
+                    "metrics, figures and report.md. With no arguments: the built-in digits ResNet, "
+                    "trained offline on scikit-learn's digits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--model", default="digits_resnet8",
+                     help="a registry name (see 'ptqcal models') or a path to an .onnx classifier")
+    run.add_argument("--weights", type=Path, help="state dict (.pth) for a registry model")
+    run.add_argument("--dataset", help="'digits' or an .npz with 'images' (N,H,W[,C]) and 'labels' "
+                     "(optional 'calib_images'/'calib_labels'); default: the model's own dataset")
+    run.add_argument("--weight-bits", type=int, nargs="+", default=[8, 4], metavar="B",
+                     help="weight bit widths to sweep (per-channel symmetric; 8 and 4)")
+    run.add_argument("--act-bits", type=int, default=8, help="activation bit width (per-tensor asymmetric)")
+    run.add_argument("--calib-size", type=int, default=256, metavar="N",
+                     help="calibration images, drawn with --seed from the calibration pool")
+    run.add_argument("--calib-method", choices=CALIB_METHODS, default="mse",
+                     help="activation range: min/max, the L2 search of PyTorch's HistogramObserver, "
+                          "a percentile, or KL entropy")
+    run.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    run.add_argument("--out", type=Path, help="run folder (default: ptqcal_runs/<model>)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    run.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                     help="where trained built-in models are cached ($PTQCAL_CACHE_DIR)")
+    run.add_argument("--mean", type=_floats, help="per-channel mean on [0,1] pixels, for an .onnx model")
+    run.add_argument("--std", type=_floats, help="per-channel std on [0,1] pixels, for an .onnx model")
+    run.add_argument("--pixel-max", type=float, help="raw pixel value that maps to 1.0, for an .onnx model")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    commands.add_parser("models", help="list the registry's models")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return int(exit_.code or 0)
+    try:
+        if args.command == "models":
+            from .models import get_model_entry, list_models
+
+            for name in list_models():
+                print(f"{name:18s} {get_model_entry(name).description}")
+            return 0
+        if args.command != "run":
+            parser.print_help()
+            return EXIT_USAGE
+        from .pipeline import run
+
+        cfg = RunConfig(model=args.model, weights=args.weights, dataset=args.dataset,
+                        weight_bits=tuple(args.weight_bits), act_bits=args.act_bits, calib_size=args.calib_size,
+                        calib_method=args.calib_method, out=args.out, seed=args.seed, batch_size=args.batch_size,
+                        cache_dir=args.cache_dir, mean=args.mean, std=args.std, pixel_max=args.pixel_max,
+                        progress=not args.no_progress)
+        report = run(cfg)
+    except UserError as exc:
+        print(f"ptqcal: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ptqcal: interrupted", file=sys.stderr)
+        return 130
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""``ptqcal run``: model -> ONNX -> calibration -> QDQ models -> logits -> metrics, figures, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .config import RunConfig
+from .data import Dataset, draw_calibration, load_dataset
+from .errors import UserError
+from .models import PreprocessCfg, get_model_entry, inspect_onnx
+from .models.registry import DIGITS_PREPROCESS
+
+FLOAT_NAME = "float"
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    name: str
+    float_path: Path  # the float ONNX model evaluated as the reference
+    preprocess: PreprocessCfg
+    num_classes: int
+    notes: tuple[str, ...] = ()
+
+
+def _log(message: str) -> None:
+    print(f"[ptqcal] {message}", flush=True)
+
+
+def _onnx_preprocess(cfg: RunConfig, chw: tuple[int, int, int] | None, dataset: str) -> PreprocessCfg:
+    base = DIGITS_PREPROCESS if dataset == "digits" else PreprocessCfg(
+        input_size=chw or (3, 0, 0), mean=(0.0,), std=(1.0,), pixel_max=255.0)
+    if chw is not None and chw != base.input_size:
+        base = PreprocessCfg(chw, base.mean, base.std, base.pixel_max)
+    return PreprocessCfg(base.input_size, cfg.mean or base.mean, cfg.std or base.std,
+                         cfg.pixel_max or base.pixel_max)
+
+
+def prepare_model(cfg: RunConfig, dataset: Dataset, work: Path) -> PreparedModel:
+    """A float ONNX model for ``cfg.model``: a user's file as it is, or a registry model exported."""
+    if cfg.is_onnx_file:
+        info = inspect_onnx(cfg.model)
+        notes = ()
+        if info.ends_in_softmax:
+            notes = ("The model ends in Softmax: confidences are its probabilities (logits = log-probabilities).",)
+        preprocess = _onnx_preprocess(cfg, info.chw, dataset.name)
+        float_path = work / "model_float.onnx"
+        shutil.copyfile(info.path, float_path)
+        return PreparedModel(cfg.model_name, float_path, preprocess, info.num_classes, notes)
+    entry = get_model_entry(cfg.model)
+    try:
+        from .export import export_onnx
+    except ImportError as exc:
+        raise UserError(f"model {cfg.model!r} is a PyTorch model: pip install 'ptqcal[torch]', "
+                        "or pass an .onnx file") from exc
+    module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
+    check = entry.preprocess(dataset.eval.images[:64])
+    result = export_onnx(module, check, work / "model_float.onnx")
+    note = f"Exported to ONNX with BatchNorm folded; max |logit difference| vs PyTorch on {result.num_checked} " \
+           f"evaluation images: {result.max_abs_diff:.2e}."
+    return PreparedModel(entry.name, result.path, entry.preprocess, entry.num_classes, (note,))
+
+
+def _check_labels(dataset: Dataset, num_classes: int) -> None:
+    for split in (dataset.calib_pool, dataset.eval):
+        if len(split) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
+            raise UserError(f"dataset {dataset.name!r} has labels outside the model's {num_classes} classes "
+                            f"(found {split.labels.min()}..{split.labels.max()})")
+
+
+def _preprocess(preprocess: PreprocessCfg, images: np.ndarray) -> np.ndarray:
+    try:
+        return preprocess(images)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def run(cfg: RunConfig) -> Path:
+    """Run the whole analysis; returns the path of ``report.md``. Nothing is left behind on error."""
+    cfg.validate()
+    from .quantize import QuantSpec
+
+    specs = [QuantSpec(bits, cfg.act_bits).validate() for bits in cfg.weight_bits]
+    out = cfg.out_dir
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
+        raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
+    dataset = load_dataset(cfg.dataset or ("digits" if cfg.is_onnx_file else get_model_entry(cfg.model).default_dataset))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work.chmod(0o755)  # mkdtemp's 0700 would carry over to the finished run folder
+    try:
+        report = _run_in(cfg, dataset, specs, work)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out / report.name
+
+
+def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
+    from .analysis import (SwapPanel, metrics_csv, metrics_json, plot_swap_panels, reliability_from_logits,
+                           report_markdown, save_figure)
+    from .evaluate import evaluate_logits, make_session, predict
+    from .quantize import ArrayDataReader, collect_histograms, compute_ranges, prepare, quantize_qdq
+
+    started = time.perf_counter()
+    model = prepare_model(cfg, dataset, work)
+    _check_labels(dataset, model.num_classes)
+    calib = draw_calibration(dataset.calib_pool, cfg.calib_size, cfg.seed)
+    calib_inputs = _preprocess(model.preprocess, calib.images)
+    eval_inputs = _preprocess(model.preprocess, dataset.eval.images)
+    labels = dataset.eval.labels
+    _log(f"model {model.name}: {len(calib)} calibration / {len(labels)} evaluation images ({dataset.name})")
+
+    session = make_session(model.float_path)
+    input_name = session.get_inputs()[0].name
+    float_logits = predict(session, eval_inputs, cfg.batch_size, FLOAT_NAME, cfg.progress)
+    if float_logits.ndim != 2 or float_logits.shape[1] != model.num_classes or len(float_logits) != len(labels):
+        raise UserError(f"{cfg.model}: output has shape {list(float_logits.shape)}, expected (N, classes)")
+
+    prepared = prepare(model.float_path, work / "model_prepared.onnx")
+    histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, 64), progress=cfg.progress)
+    ranges = compute_ranges(histograms, cfg.calib_method, cfg.act_bits, len(calib))
+    ranges.save(work / "calibration_ranges.json")
+    _log(f"calibrated {len(ranges.ranges)} tensors once ({cfg.calib_method}); reused for every bit width")
+
+    results = [evaluate_logits(FLOAT_NAME, float_logits, labels)]
+    for spec in specs:
+        path = quantize_qdq(prepared, work / f"model_{spec.name}.onnx", ranges, spec)
+        logits = predict(make_session(path), eval_inputs, cfg.batch_size, spec.name, cfg.progress)
+        results.append(evaluate_logits(spec.name, logits, labels, float_logits))
+        _log(f"{spec.name}: top-1 error {results[-1].metrics['top1_error']:.2f}%, "
+             f"{results[-1].change.swapped_pct:.2f}% swapped")
+    (work / "model_prepared.onnx").unlink()
+
+    _save_npz(work / "logits.npz", labels=labels, **{r.name: r.logits for r in results})
+    run_info = {
+        "model": model.name, "dataset": dataset.name, "calibration images": len(calib),
+        "evaluation images": len(labels), "calibration": f"{cfg.calib_method}, {cfg.act_bits}-bit activations",
+        "weights": "per-channel symmetric (int8; int4 as QInt4, opset 21)",
+        "activations": "per-tensor asymmetric uint8", "seed": cfg.seed, "ptqcal": __version__,
+        "python": platform.python_version(), "machine": platform.machine(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    figures = {"reliability": "fig1_reliability.png", "swaps": "fig2_swaps.png"}
+    save_figure(reliability_from_logits(float_logits, labels, f"{model.name}: float model"),
+                work / figures["reliability"])
+    save_figure(plot_swap_panels([SwapPanel.from_results(model.name, results)]), work / figures["swaps"])
+    (work / "metrics.csv").write_text(metrics_csv(results))
+    (work / "metrics.json").write_text(metrics_json(results, run_info))
+    (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    report = work / "report.md"
+    report.write_text(report_markdown(results, run_info, figures, model.notes))
+    return report

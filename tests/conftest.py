@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PTQCAL_SHARED", REPO.parent / "shared"))
+
+
+def shared_file(relative: str) -> Path:
+    """A file from ../shared, or a clean skip when the folder is not there."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"real data not available: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits():
+    pytest.importorskip("sklearn")
+    from ptqcal.data import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits, tmp_path_factory):
+    """The built-in digits ResNet, trained once per test session."""
+    pytest.importorskip("torch")
+    from ptqcal.models import get_model_entry
+
+    entry = get_model_entry("digits_resnet8")
+    return entry.build(None, digits.train, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(digits, digits_model, tmp_path_factory) -> Path:
+    from ptqcal.export import export_onnx
+    from ptqcal.models.registry import DIGITS_PREPROCESS
+
+    path = tmp_path_factory.mktemp("onnx") / "digits.onnx"
+    export_onnx(digits_model, DIGITS_PREPROCESS(digits.eval.images[:64]), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_inputs(digits):
+    from ptqcal.models.registry import DIGITS_PREPROCESS
+
+    return DIGITS_PREPROCESS(digits.calib_pool.images), DIGITS_PREPROCESS(digits.eval.images)
+
+
+def tiny_onnx_classifier(path: Path, seed: int = 0, classes: int = 5) -> Path:
+    """A Conv-Relu-GlobalAveragePool-Gemm classifier built with onnx.helper (no torch)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "conv_b"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (classes, 8)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (classes,)).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

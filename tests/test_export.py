@@ -1,0 +1,42 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ptqcal.export import check_graph, export_onnx  # noqa: E402
+
+
+def test_batchnorm_is_folded_and_logits_match_pytorch(digits_onnx, digits_model, digits_inputs):
+    model = onnx.load(str(digits_onnx))
+    ops = {node.op_type for node in model.graph.node}
+    assert "BatchNormalization" not in ops and "Softmax" not in ops
+    assert "Conv" in ops
+    _, eval_inputs = digits_inputs
+    with torch.no_grad():
+        expected = digits_model(torch.from_numpy(eval_inputs)).numpy()
+    session = ort.InferenceSession(str(digits_onnx), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {"input": eval_inputs})[0]  # all 1,197 real images, dynamic batch
+    assert actual.shape == expected.shape
+    assert np.max(np.abs(actual - expected)) < 1e-4
+
+
+def test_export_reports_the_difference_it_measured(digits_model, digits_inputs, tmp_path):
+    result = export_onnx(digits_model, digits_inputs[1][:32], tmp_path / "m.onnx")
+    assert result.num_checked == 32 and 0 <= result.max_abs_diff < 1e-4
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_unfoldable_batchnorm_and_softmax_are_rejected(tmp_path):
+    norm_after_pool = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        export_onnx(norm_after_pool.eval(), np.ones((2, 4), np.float32), tmp_path / "bn.onnx")
+    assert not (tmp_path / "bn.onnx").exists()
+    softmax = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1))
+    with pytest.raises(ValueError, match="Softmax"):
+        export_onnx(softmax.eval(), np.ones((2, 4), np.float32), tmp_path / "sm.onnx")
+    assert not list(tmp_path.iterdir())
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Softmax", ["x"], ["logits"])], "g", [], [])
+    with pytest.raises(ValueError, match="Softmax"):
+        check_graph(onnx.helper.make_model(graph))

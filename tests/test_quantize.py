@@ -1,0 +1,105 @@
+"""The QDQ graphs ORT gets from us: what is quantized, how, and that ORT runs it fused."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from ptqcal.evaluate import make_session, optimized_op_types, predict
+from ptqcal.quantize import (ArrayDataReader, CalibrationRanges, QuantSpec, collect_histograms, compute_ranges,
+                             prepare, quantize_qdq)
+from ptqcal.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def prepared(digits_onnx, tmp_path_factory):
+    return prepare(digits_onnx, tmp_path_factory.mktemp("prep") / "prepared.onnx")
+
+
+@pytest.fixture(scope="module")
+def ranges(prepared, digits_inputs):
+    histograms = collect_histograms(prepared, ArrayDataReader("input", digits_inputs[0][:128], 32), progress=False)
+    return compute_ranges(histograms, "mse", 8, 128)
+
+
+@pytest.fixture(scope="module", params=[8, 4])
+def quantized(request, prepared, ranges, tmp_path_factory):
+    bits = request.param
+    path = quantize_qdq(prepared, tmp_path_factory.mktemp("q") / f"a8w{bits}.onnx", ranges, QuantSpec(bits))
+    return bits, path
+
+
+def _weight_dequantizers(model):
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            yield node, producers.get(node.input[1]), initializers
+
+
+def test_every_conv_and_gemm_weight_is_per_channel_symmetric(quantized, digits_onnx):
+    bits, path = quantized
+    model = onnx.load(str(path))
+    float_weights = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(digits_onnx)).graph.initializer}
+    expected_type = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4
+    count = 0
+    for node, dq, initializers in _weight_dequantizers(model):
+        assert dq is not None and dq.op_type == "DequantizeLinear", f"{node.name} weight is not dequantized"
+        codes, scale, zero = (initializers[name] for name in dq.input)
+        assert codes.data_type == expected_type
+        out_channels = codes.dims[0]
+        assert list(scale.dims) == [out_channels], "per-channel: one scale per output channel"
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        assert axis == 0
+        assert not np.any(numpy_helper.to_array(zero)), "symmetric: zero points are 0"
+        q = numpy_helper.to_array(codes).astype(np.int32)
+        qmax = 2 ** (bits - 1) - 1
+        assert q.min() >= -qmax - 1 and q.max() <= qmax
+        count += 1
+    assert count == sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node) > 5
+
+
+def test_logits_stay_float(quantized):
+    model = onnx.load(str(quantized[1]))
+    producer = next(n for n in model.graph.node if "logits" in n.output)
+    assert producer.op_type == "Gemm"
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_int4_graph_uses_opset_21(quantized):
+    bits, path = quantized
+    opset = next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= (21 if bits == 4 else 13)
+
+
+def test_int8_runs_fused_on_cpu_and_int4_does_not(quantized, tmp_path):
+    bits, path = quantized
+    ops = optimized_op_types(path, tmp_path)
+    if bits == 8:
+        assert "QLinearConv" in ops and "Conv" not in ops
+    else:  # ORT has no int4 Conv kernel on CPU: the weights are dequantized and the Conv runs in float
+        assert "QLinearConv" not in ops and "Conv" in ops
+
+
+def test_quantized_model_tracks_the_float_model(quantized, digits_onnx, digits_inputs):
+    bits, path = quantized
+    eval_inputs = digits_inputs[1]
+    float_pred = predict(make_session(digits_onnx), eval_inputs, progress=False).argmax(1)
+    quant_pred = predict(make_session(path), eval_inputs, progress=False).argmax(1)
+    agreement = np.mean(float_pred == quant_pred)
+    assert agreement > (0.99 if bits == 8 else 0.9)
+
+
+def test_ranges_round_trip_and_cover_every_activation(ranges, prepared, tmp_path):
+    path = ranges.save(tmp_path / "ranges.json")
+    again = CalibrationRanges.load(path)
+    assert again == ranges
+    assert "input" in ranges.ranges and len(ranges.ranges) > 10
+    assert all(lo <= 0 <= hi or lo <= hi for lo, hi in ranges.ranges.values())
+
+
+def test_unsupported_bit_widths_are_rejected():
+    with pytest.raises(UserError, match="bit width 3"):
+        QuantSpec(3).validate()
+    with pytest.raises(UserError, match="activation"):
+        QuantSpec(8, 4).validate()

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from ptqcal.evaluate import ConfigResult, ReliabilityCurve, reliability_curve, softmax  # noqa: E402
 
 FLOAT_COLOR = "#1f4e79"
-PALETTE = ["#d1495b", "#edae49", "#00798c", "#66a182", "#8d96a3", "#2e4057", "#b56576"]
+FEW_SWAPS = 10
 
 
 def plot_reliability(curve: ReliabilityCurve, confidences: np.ndarray, title: str = "") -> Figure:
@@ -91,19 +91,34 @@ def plot_swap_panels(panels: Sequence[SwapPanel]) -> Figure:
         top.set_ylabel("% of evaluation set")
         top.set_title(panel.model)
         top.legend(fontsize=8)
-        middle.plot(x, panel.ratio, "o-", color="#00798c")
+        counts = np.array([len(c) for c in panel.swapped_confidences])
+        ratio = np.array(panel.ratio, dtype=float)
+        middle.plot(x, ratio, "-", color="#00798c")
+        few = counts < FEW_SWAPS
+        middle.plot(x[~few], ratio[~few], "o", color="#00798c")
+        if few.any():
+            middle.plot(x[few], ratio[few], "o", mfc="white", color="#00798c",
+                        label=f"fewer than {FEW_SWAPS} swaps (noisy)")
+            middle.legend(fontsize=8)
         middle.axhline(0, color="0.6", lw=0.8)
         middle.set_ylabel("Δ error / % swapped")
         for axis in (top, middle):
             axis.set_xticks(x, panel.configs)
             axis.set_xlabel("precision")
-        for index, (name, confidences) in enumerate(zip(panel.configs, panel.swapped_confidences)):
-            bottom.hist(confidences, bins=bins, histtype="step", lw=1.8, color=PALETTE[index % len(PALETTE)],
-                        label=f"{name} ({len(confidences)} swapped)")
+        colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(panel.configs), 1)))
+        shown = FEW_SWAPS if counts.max(initial=0) >= FEW_SWAPS else 1  # hide histograms of a handful
+        for name, confidences, color in zip(panel.configs, panel.swapped_confidences, colors):
+            if len(confidences) >= shown:
+                bottom.hist(confidences, bins=bins, histtype="step", lw=1.8, color=color,
+                            weights=np.full(len(confidences), 100 / len(confidences)),
+                            label=f"{name} ({len(confidences)} swapped)")
         bottom.set_xlabel("float model's confidence of swapped predictions")
-        bottom.set_ylabel("# swapped predictions")
+        bottom.set_ylabel("% of that precision's swaps")
         bottom.set_xlim(0, 1)
-        bottom.legend(fontsize=8, loc="upper left")
+        if bottom.get_legend_handles_labels()[0]:
+            bottom.legend(fontsize=8, loc="upper left")
+        else:
+            bottom.text(0.5, 0.5, "no prediction swapped", ha="center", transform=bottom.transAxes)
     return fig
 
 

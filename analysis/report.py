@@ -55,17 +55,35 @@ def markdown_table(results: Sequence[ConfigResult]) -> str:
     return "\n".join(lines)
 
 
+def sweep_reading(results: Sequence[ConfigResult], mild_ratio: float = 0.5) -> str:
+    """One or two sentences on what the sweep shows, chosen from the numbers."""
+    floats = [r for r in results if r.change is None]
+    quantized = [r for r in results if r.change is not None and r.change.swapped.any()]
+    if not floats or not quantized:
+        return ""
+    overall = floats[0].metrics["mean_confidence"]
+    sentences = []
+    mild = [r for r in quantized if r.change.ratio < mild_ratio]
+    if mild:
+        r = max(mild, key=lambda r: r.change.swapped_pct)
+        c = r.change.summary()
+        sentences.append(
+            f"At {r.name}, {c['swapped_pct']:.2f}% of the predictions changed while the top-1 error moved by only "
+            f"{c['delta_top1_error_pp']:+.2f} pp (ratio {r.change.ratio:.2f}): the swapped predictions had a mean "
+            f"float confidence of {c['mean_float_conf_swapped']:.1f}%, against {overall:.1f}% over all predictions.")
+    severe = max(quantized, key=lambda r: r.change.ratio)
+    if severe.change.ratio >= mild_ratio and severe.change.swapped.sum() >= 10:
+        c = severe.change.summary()
+        sentences.append(
+            f"At {severe.name} the ratio reaches {severe.change.ratio:.2f}: confident predictions start to flip "
+            f"(mean float confidence of the swapped ones {c['mean_float_conf_swapped']:.1f}%).")
+    return " ".join(sentences)
+
+
 def report_markdown(results: Sequence[ConfigResult], run_info: dict[str, Any], figures: dict[str, str],
                     notes: Sequence[str] = ()) -> str:
     info = "\n".join(f"- **{key}**: {value}" for key, value in run_info.items())
-    quantized = [r for r in results if r.change is not None]
-    reading = ""
-    if quantized:
-        worst = max(quantized, key=lambda r: r.change.swapped_pct)
-        reading = (f"At {worst.name}, {worst.change.swapped_pct:.2f}% of the predictions changed but the "
-                   f"top-1 error moved by only {worst.change.delta_top1_error_pp:+.2f} pp: the predictions "
-                   "that quantization flips are mostly ones the float model was unsure of, and those were "
-                   "often wrong already.")
+    reading = sweep_reading(results)
     parts = [
         f"# ptqcal report: {run_info.get('model', '')}",
         "## Run", info,

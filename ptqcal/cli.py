@@ -46,9 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", type=Path, help="state dict (.pth) for a registry model")
     run.add_argument("--dataset", help="'digits' or an .npz with 'images' (N,H,W[,C]) and 'labels' "
                      "(optional 'calib_images'/'calib_labels'); default: the model's own dataset")
-    run.add_argument("--weight-bits", type=int, nargs="+", default=[8, 4], metavar="B",
-                     help="weight bit widths to sweep (per-channel symmetric; 8 and 4)")
-    run.add_argument("--act-bits", type=int, default=8, help="activation bit width (per-tensor asymmetric)")
+    run.add_argument("--weight-bits", type=int, nargs="+", default=[8, 7, 6, 5, 4], metavar="B",
+                     help="weight bit widths to sweep, 2..8 (per-channel symmetric; 4 is native int4)")
+    run.add_argument("--act-bits", type=int, nargs="+", default=[8], metavar="B",
+                     help="activation bit widths, 2..8 (per-tensor asymmetric); several sweep activations too")
+    run.add_argument("--precisions", nargs="+", choices=["fp16"], default=[],
+                     help="extra precisions: fp16 adds the float16 graph (float32 inputs/outputs)")
+    run.add_argument("--weight-scale", choices=["torch", "ort"], default="torch",
+                     help="per-channel scale: PyTorch's max|w|/((qmax-qmin)/2) or ORT's max|w|/qmax")
+    run.add_argument("--skip-first-layer", action="store_true", help="keep the first Conv/Gemm in float")
+    run.add_argument("--skip-last-layer", action="store_true", help="keep the last Conv/Gemm/MatMul in float")
+    run.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in float")
+    run.add_argument("--execution", choices=["deployed", "simulated"], default="deployed",
+                     help="deployed: ORT fuses Q/DQ into integer kernels (QLinearConv); simulated: float ops "
+                          "between Q/DQ. Both are compared on a subset in the report")
     run.add_argument("--calib-size", type=int, default=256, metavar="N",
                      help="calibration images, drawn with --seed from the calibration pool")
     run.add_argument("--calib-method", choices=CALIB_METHODS, default="mse",
@@ -87,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .pipeline import run
 
         cfg = RunConfig(model=args.model, weights=args.weights, dataset=args.dataset,
-                        weight_bits=tuple(args.weight_bits), act_bits=args.act_bits, calib_size=args.calib_size,
+                        weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits),
+                        fp16="fp16" in args.precisions, weight_scale=args.weight_scale,
+                        skip_first_layer=args.skip_first_layer, skip_last_layer=args.skip_last_layer,
+                        exclude=tuple(args.exclude), execution=args.execution, calib_size=args.calib_size,
                         calib_method=args.calib_method, out=args.out, seed=args.seed, batch_size=args.batch_size,
                         cache_dir=args.cache_dir, mean=args.mean, std=args.std, pixel_max=args.pixel_max,
                         progress=not args.no_progress)

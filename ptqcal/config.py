@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import UserError
 
 CALIB_METHODS = ("minmax", "mse", "percentile", "entropy")
+EXECUTIONS = ("deployed", "simulated")
 
 
 def default_cache_dir() -> Path:
@@ -23,8 +24,14 @@ class RunConfig:
     model: str = "digits_resnet8"  # a registry name or a path to an .onnx file
     weights: Path | None = None
     dataset: str | None = None  # default: the model's own dataset
-    weight_bits: tuple[int, ...] = (8, 4)
-    act_bits: int = 8
+    weight_bits: tuple[int, ...] = (8, 7, 6, 5, 4)
+    act_bits: tuple[int, ...] = (8,)
+    fp16: bool = False  # add half precision to the sweep
+    weight_scale: str = "torch"  # "torch": max|w| / ((qmax - qmin) / 2); "ort": max|w| / qmax
+    skip_first_layer: bool = False
+    skip_last_layer: bool = False
+    exclude: tuple[str, ...] = ()  # node names kept in float
+    execution: str = "deployed"  # "deployed": ORT's fused integer kernels; "simulated": float ops between Q/DQ
     calib_size: int = 256
     calib_method: str = "mse"
     out: Path | None = None  # default: ptqcal_runs/<model>
@@ -49,10 +56,13 @@ class RunConfig:
         return self.out if self.out is not None else Path("ptqcal_runs") / self.model_name
 
     def validate(self) -> "RunConfig":
-        if not self.weight_bits:
-            raise UserError("give at least one weight bit width")
-        if len(set(self.weight_bits)) != len(self.weight_bits):
-            raise UserError(f"repeated weight bit width in {list(self.weight_bits)}")
+        for label, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
+            if not bits:
+                raise UserError(f"give at least one {label} bit width")
+            if len(set(bits)) != len(bits):
+                raise UserError(f"repeated {label} bit width in {list(bits)}")
+        if self.execution not in EXECUTIONS:
+            raise UserError(f"unknown execution {self.execution!r}: choose {' or '.join(EXECUTIONS)}")
         if self.calib_method not in CALIB_METHODS:
             raise UserError(f"unknown calibration method {self.calib_method!r}: choose {', '.join(CALIB_METHODS)}")
         if self.calib_size < 1 or self.batch_size < 1:

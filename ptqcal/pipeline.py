@@ -21,6 +21,8 @@ from .models import PreprocessCfg, get_model_entry, inspect_onnx
 from .models.registry import DIGITS_PREPROCESS
 
 FLOAT_NAME = "float"
+FP16_NAME = "fp16"
+SIMULATION_CHECK_IMAGES = 256
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,19 @@ def _preprocess(preprocess: PreprocessCfg, images: np.ndarray) -> np.ndarray:
         raise UserError(str(exc)) from exc
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
+def excluded_nodes(cfg: RunConfig, prepared: Path) -> tuple[str, ...]:
+    """``--exclude`` plus the first/last weight layer when asked to skip them."""
+    import onnx
+
+    from .quantize.qdq import weight_nodes
+
+    layers = weight_nodes(onnx.load(str(prepared), load_external_data=False))
+    chosen = list(cfg.exclude)
+    if cfg.skip_first_layer and layers:
+        chosen.append(layers[0])
+    if cfg.skip_last_layer and layers:
+        chosen.append(layers[-1])
+    return tuple(dict.fromkeys(chosen))
 
 
 def run(cfg: RunConfig) -> Path:
@@ -94,7 +106,7 @@ def run(cfg: RunConfig) -> Path:
     cfg.validate()
     from .quantize import QuantSpec
 
-    specs = [QuantSpec(bits, cfg.act_bits).validate() for bits in cfg.weight_bits]
+    specs = [QuantSpec(w, a, cfg.weight_scale).validate() for a in cfg.act_bits for w in cfg.weight_bits]
     out = cfg.out_dir
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
         raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
@@ -114,10 +126,13 @@ def run(cfg: RunConfig) -> Path:
 
 
 def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
+    from dataclasses import replace
+
     from .analysis import (SwapPanel, metrics_csv, metrics_json, plot_swap_panels, reliability_from_logits,
                            report_markdown, save_figure)
     from .evaluate import evaluate_logits, make_session, predict
     from .quantize import ArrayDataReader, collect_histograms, compute_ranges, prepare, quantize_qdq
+    from .quantize.fp16 import convert_fp16
 
     started = time.perf_counter()
     model = prepare_model(cfg, dataset, work)
@@ -126,6 +141,7 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
     calib_inputs = _preprocess(model.preprocess, calib.images)
     eval_inputs = _preprocess(model.preprocess, dataset.eval.images)
     labels = dataset.eval.labels
+    notes = list(model.notes)
     _log(f"model {model.name}: {len(calib)} calibration / {len(labels)} evaluation images ({dataset.name})")
 
     session = make_session(model.float_path)
@@ -133,28 +149,58 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
     float_logits = predict(session, eval_inputs, cfg.batch_size, FLOAT_NAME, cfg.progress)
     if float_logits.ndim != 2 or float_logits.shape[1] != model.num_classes or len(float_logits) != len(labels):
         raise UserError(f"{cfg.model}: output has shape {list(float_logits.shape)}, expected (N, classes)")
+    results = [evaluate_logits(FLOAT_NAME, float_logits, labels)]
+
+    if cfg.fp16:
+        path = convert_fp16(model.float_path, work / "model_fp16.onnx")
+        results.append(evaluate_logits(FP16_NAME, predict(make_session(path), eval_inputs, cfg.batch_size,
+                                                          FP16_NAME, cfg.progress), labels, float_logits))
 
     prepared = prepare(model.float_path, work / "model_prepared.onnx")
+    exclude = excluded_nodes(cfg, prepared)
     histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, 64), progress=cfg.progress)
-    ranges = compute_ranges(histograms, cfg.calib_method, cfg.act_bits, len(calib))
-    ranges.save(work / "calibration_ranges.json")
-    _log(f"calibrated {len(ranges.ranges)} tensors once ({cfg.calib_method}); reused for every bit width")
+    ranges = {bits: compute_ranges(histograms, cfg.calib_method, bits, len(calib)) for bits in cfg.act_bits}
+    for bits, bit_ranges in ranges.items():
+        bit_ranges.save(work / f"calibration_ranges_a{bits}.json")
+    _log(f"calibrated {len(histograms)} tensors in one pass ({cfg.calib_method}); reused for every precision")
 
-    results = [evaluate_logits(FLOAT_NAME, float_logits, labels)]
+    simulation_rows = []
+    check = eval_inputs[:SIMULATION_CHECK_IMAGES]
     for spec in specs:
-        path = quantize_qdq(prepared, work / f"model_{spec.name}.onnx", ranges, spec)
-        logits = predict(make_session(path), eval_inputs, cfg.batch_size, spec.name, cfg.progress)
+        path = quantize_qdq(prepared, work / f"model_{spec.name}.onnx", ranges[spec.act_bits],
+                            replace(spec, exclude=exclude))
+        deployed = make_session(path, fused=True)
+        simulated = make_session(path, fused=False)
+        main = simulated if cfg.execution == "simulated" else deployed
+        logits = predict(main, eval_inputs, cfg.batch_size, spec.name, cfg.progress)
         results.append(evaluate_logits(spec.name, logits, labels, float_logits))
+        fused_check, simulated_check = predict(deployed, check, progress=False), predict(simulated, check, progress=False)
+        simulation_rows.append((spec.name, float(np.max(np.abs(fused_check - simulated_check))),
+                                100 * float(np.mean(fused_check.argmax(1) == simulated_check.argmax(1)))))
         _log(f"{spec.name}: top-1 error {results[-1].metrics['top1_error']:.2f}%, "
              f"{results[-1].change.swapped_pct:.2f}% swapped")
-    (work / "model_prepared.onnx").unlink()
+    prepared.unlink()
+
+    notes.append(
+        f"Evaluated with the {cfg.execution} path. Deployed (ORT's fused integer kernels) vs simulated (float ops "
+        f"between Q/DQ) on the first {len(check)} evaluation images: "
+        + "; ".join(f"{name}: max |Δlogit| {diff:.2e}, top-1 agreement {agree:.1f}%"
+                    for name, diff, agree in simulation_rows) + ".")
+    if any(s.weight_bits == 4 for s in specs):
+        notes.append("int4 weights (QInt4, opset 21) have no integer Conv kernel on CPU: ORT dequantizes them "
+                     "and runs those Convs in float, so a*w4 is simulated even on the deployed path.")
+    if any(s.act_bits < 8 for s in specs):
+        notes.append("Activations below 8 bits are clipped to their b-bit range before QuantizeLinear; the Clip "
+                     "keeps ORT from fusing QLinearConv, so those configurations run the simulated path.")
+    if exclude:
+        notes.append(f"Kept in float: {', '.join(exclude)}.")
 
     _save_npz(work / "logits.npz", labels=labels, **{r.name: r.logits for r in results})
     run_info = {
         "model": model.name, "dataset": dataset.name, "calibration images": len(calib),
-        "evaluation images": len(labels), "calibration": f"{cfg.calib_method}, {cfg.act_bits}-bit activations",
-        "weights": "per-channel symmetric (int8; int4 as QInt4, opset 21)",
-        "activations": "per-tensor asymmetric uint8", "seed": cfg.seed, "ptqcal": __version__,
+        "evaluation images": len(labels), "calibration": f"{cfg.calib_method} histogram ranges",
+        "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
+        "activations": "per-tensor asymmetric (uint8 container)", "seed": cfg.seed, "ptqcal": __version__,
         "python": platform.python_version(), "machine": platform.machine(),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -166,5 +212,10 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
     (work / "metrics.json").write_text(metrics_json(results, run_info))
     (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     report = work / "report.md"
-    report.write_text(report_markdown(results, run_info, figures, model.notes))
+    report.write_text(report_markdown(results, run_info, figures, notes))
     return report
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)

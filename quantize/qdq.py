@@ -1,16 +1,24 @@
-"""ONNX Runtime static QDQ quantization from precomputed activation ranges."""
+"""ONNX Runtime static QDQ quantization at any bit width from precomputed activation ranges.
+
+ORT's integer types are 8, 16 and 4 bits. Other widths are stored in the 8-bit containers with
+their codes on the narrower grid: weights get the per-channel scales of a b-bit quantizer through
+``TensorQuantOverrides`` (ORT then rounds with them and we clip the stored codes to the b-bit
+range, since ORT clips only to int8's); activations below 8 bits get the scale and zero point of a
+b-bit quantizer and a Clip to the calibrated range in front of each QuantizeLinear, because
+QuantizeLinear saturates only at the container's 0..255.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import version_converter
+from onnx import helper, numpy_helper, version_converter
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -19,10 +27,11 @@ from ptqcal.errors import UserError
 
 from .calibrate import CalibrationRanges
 
-SUPPORTED_WEIGHT_BITS = (8, 4)
-SUPPORTED_ACT_BITS = (8,)
+BIT_WIDTHS = range(2, 9)
 INT4_OPSET = 21
-_WEIGHT_TYPES = {8: QuantType.QInt8, 4: QuantType.QInt4}
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+# PyTorch's per_channel_symmetric: max|w| / ((qmax - qmin) / 2); ORT's symmetric: max|w| / qmax.
+WEIGHT_SCALE_CONVENTIONS = ("torch", "ort")
 
 
 @dataclass(frozen=True)
@@ -31,18 +40,53 @@ class QuantSpec:
 
     weight_bits: int
     act_bits: int = 8
+    weight_scale: str = "torch"
+    exclude: tuple[str, ...] = field(default=(), compare=False)  # node names left in float
 
     @property
     def name(self) -> str:
         return f"a{self.act_bits}w{self.weight_bits}"
 
     def validate(self) -> "QuantSpec":
-        if self.weight_bits not in SUPPORTED_WEIGHT_BITS:
-            raise UserError(f"weight bit width {self.weight_bits} is not supported yet: "
-                            f"choose from {', '.join(map(str, SUPPORTED_WEIGHT_BITS))}")
-        if self.act_bits not in SUPPORTED_ACT_BITS:
-            raise UserError(f"activation bit width {self.act_bits} is not supported yet: choose 8")
+        for label, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
+            if bits not in BIT_WIDTHS:
+                raise UserError(f"{label} bit width {bits} is not supported: choose 2 to 8")
+        if self.weight_scale not in WEIGHT_SCALE_CONVENTIONS:
+            raise UserError(f"unknown weight scale convention {self.weight_scale!r}: choose torch or ort")
         return self
+
+
+def weight_grid(bits: int) -> tuple[int, int]:
+    """The signed b-bit integer range [-2^(b-1), 2^(b-1) - 1]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def weight_scales(weight: np.ndarray, axis: int, bits: int, convention: str = "torch") -> np.ndarray:
+    """Per-channel symmetric scales of a b-bit quantizer along ``axis``."""
+    qmin, qmax = weight_grid(bits)
+    reduce = tuple(i for i in range(weight.ndim) if i != axis)
+    absmax = np.max(np.abs(weight), axis=reduce).astype(np.float64)
+    divisor = (qmax - qmin) / 2 if convention == "torch" else qmax
+    scale = absmax / divisor
+    return np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero channel keeps scale 1
+
+
+def fake_quantize_weight(weight: np.ndarray, axis: int, bits: int, convention: str = "torch") -> np.ndarray:
+    """What DequantizeLinear(QuantizeLinear(w)) of a b-bit per-channel symmetric quantizer gives."""
+    qmin, qmax = weight_grid(bits)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    scale = weight_scales(weight, axis, bits, convention).reshape(shape)
+    return (np.clip(np.rint(weight / scale), qmin, qmax) * scale).astype(np.float32)
+
+
+def activation_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """Scale and zero point of a b-bit asymmetric quantizer whose range includes 0 (as PyTorch's)."""
+    qmax = 2 ** bits - 1
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / qmax, float(np.finfo(np.float32).eps))
+    zero_point = int(np.clip(np.rint(-lo / scale), 0, qmax))
+    return float(np.float32(scale)), zero_point
 
 
 def prepare(float_path: str | Path, out_path: str | Path) -> Path:
@@ -53,28 +97,82 @@ def prepare(float_path: str | Path, out_path: str | Path) -> Path:
     """
     out_path = Path(out_path)
     quant_pre_process(str(float_path), str(out_path), skip_symbolic_shape=True)
+    model = onnx.load(str(out_path))
+    if name_nodes(model):
+        onnx.save(model, str(out_path))
     return out_path
+
+
+def name_nodes(model: onnx.ModelProto) -> bool:
+    """Give unnamed nodes unique names, so that layers can be chosen and excluded by name."""
+    taken = {node.name for node in model.graph.node}
+    renamed = False
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = next(f"{node.op_type}_{index}{suffix}" for suffix in ("", *map(str, range(1, 99)))
+                             if f"{node.op_type}_{index}{suffix}" not in taken)
+            taken.add(node.name)
+            renamed = True
+    return renamed
+
+
+def weight_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """Weight initializer -> output-channel axis, for every Conv/Gemm/MatMul with a constant weight."""
+    initializers = {init.name for init in model.graph.initializer}
+    axes = {}
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in initializers:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axes[node.input[1]] = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
+    return axes
+
+
+def weight_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes with constant weights, in graph order."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in initializers]
+
+
+def _overrides(model: onnx.ModelProto, ranges: CalibrationRanges, spec: QuantSpec) -> dict:
+    weight_type = QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    overrides: dict[str, list[dict]] = {}
+    for name, axis in weight_axes(model).items():
+        scales = weight_scales(weights[name], axis, spec.weight_bits, spec.weight_scale)
+        overrides[name] = [{"axis": axis, "quant_type": weight_type, "scale": np.float32(s),
+                            "zero_point": np.int8(0)} for s in scales]
+    if spec.act_bits < 8:
+        for name, (lo, hi) in ranges.ranges.items():
+            scale, zero_point = activation_qparams(lo, hi, spec.act_bits)
+            overrides[name] = [{"quant_type": QuantType.QUInt8, "scale": np.array(scale, np.float32),
+                                "zero_point": np.array(zero_point, np.uint8)}]
+    return overrides
 
 
 def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: CalibrationRanges,
                  spec: QuantSpec) -> Path:
     """Write the QDQ model of ``spec`` using ``ranges`` instead of a fresh calibration pass.
 
-    The ranges reach ``quantize_static`` through ORT's own calibration cache, so ORT computes the
-    scales and zero points exactly as it would after its own calibration. ORT insists on
-    quantizing the graph outputs; their Q/DQ pair is removed afterwards so the logits stay float.
+    The ranges reach ``quantize_static`` through ORT's own calibration cache, so for 8-bit
+    activations ORT computes scales and zero points exactly as after its own calibration. ORT
+    insists on quantizing the graph outputs; that Q/DQ pair is removed so the logits stay float.
     """
     spec.validate()
     out_path = Path(out_path)
     data = {name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
             for name, (lo, hi) in ranges.ranges.items()}
     with tempfile.TemporaryDirectory(prefix="ptqcal-quant-") as tmp:
-        if spec.weight_bits == 4 and _opset(prepared_path) < INT4_OPSET:
-            # Below opset 21 ORT would write int4 as com.microsoft contrib Q/DQ ops; the standard
-            # INT4 QuantizeLinear/DequantizeLinear need opset 21.
-            upgraded = version_converter.convert_version(onnx.load(str(prepared_path)), INT4_OPSET)
+        model = onnx.load(str(prepared_path))
+        if spec.weight_bits == 4 and _opset(model) < INT4_OPSET:
+            # Below opset 21 ORT writes int4 as com.microsoft contrib Q/DQ ops; the standard INT4
+            # QuantizeLinear/DequantizeLinear need opset 21.
+            model = version_converter.convert_version(model, INT4_OPSET)
             prepared_path = Path(tmp) / "prepared_opset21.onnx"
-            onnx.save(upgraded, str(prepared_path))
+            onnx.save(model, str(prepared_path))
+        unknown = sorted(set(spec.exclude) - {n.name for n in model.graph.node})
+        if unknown:
+            raise UserError(f"--exclude names no node of the model: {', '.join(unknown)}")
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
         partial = Path(tmp) / "model.onnx"
@@ -85,22 +183,62 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
             quantize_static(
                 str(prepared_path), str(partial), calibration_data_reader=None,
                 calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,
-                quant_format=QuantFormat.QDQ, per_channel=True,
-                weight_type=_WEIGHT_TYPES[spec.weight_bits], activation_type=QuantType.QUInt8,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
+                weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                               "TensorQuantOverrides": _overrides(model, ranges, spec),
+                               # keep our b-bit weight scales even where the int32 bias scale is tiny
+                               "QDQDisableWeightAdjustForInt32Bias": True},
             )
         finally:
             logger.setLevel(level)
-        model = onnx.load(str(partial))
-        keep_outputs_float(model)
-        onnx.save(model, str(partial))
+        quantized = onnx.load(str(partial))
+        keep_outputs_float(quantized)
+        clip_weight_codes(quantized, spec.weight_bits)
+        if spec.act_bits < 8:
+            clip_activations(quantized, spec.act_bits)
+        onnx.save(quantized, str(partial))
         os.replace(partial, out_path)
     return out_path
 
 
-def _opset(model_path: str | Path) -> int:
-    model = onnx.load(str(model_path), load_external_data=False)
+def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def clip_weight_codes(model: onnx.ModelProto, bits: int) -> None:
+    """Clip stored int8 weight codes to the b-bit grid (int4 containers are already there)."""
+    if bits >= 8 or bits == 4:
+        return
+    qmin, qmax = weight_grid(bits)
+    initializers = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        codes = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if codes is not None and codes.data_type == onnx.TensorProto.INT8:
+            clipped = np.clip(numpy_helper.to_array(codes), qmin, qmax).astype(np.int8)
+            codes.CopyFrom(numpy_helper.from_array(clipped, codes.name))
+
+
+def clip_activations(model: onnx.ModelProto, bits: int) -> None:
+    """Put a Clip to [code 0, code 2^b - 1] in front of every activation QuantizeLinear."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    new_nodes = []
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
+            scale = float(numpy_helper.to_array(initializers[node.input[1]]))
+            zero_point = int(numpy_helper.to_array(initializers[node.input[2]]))
+            lo, hi = (0 - zero_point) * scale, (2 ** bits - 1 - zero_point) * scale
+            clipped = f"{node.input[0]}_clip_{node.name}"
+            bounds = [numpy_helper.from_array(np.array(v, np.float32), f"{clipped}_{side}")
+                      for v, side in ((lo, "min"), (hi, "max"))]
+            model.graph.initializer.extend(bounds)
+            new_nodes.append(helper.make_node("Clip", [node.input[0], *(b.name for b in bounds)], [clipped],
+                                              name=f"{node.name}_clip"))
+            node.input[0] = clipped
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
 
 
 def keep_outputs_float(model: onnx.ModelProto) -> None:

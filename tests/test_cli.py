@@ -48,7 +48,7 @@ def test_user_errors_are_one_line_exit_2_and_leave_nothing(case, tmp_path, capsy
         "missing": ["--model", str(tmp_path / "nope.onnx")],
         "not-onnx": ["--model", str(junk)],
         "bad-output": ["--model", str(_conv_only_model(tmp_path / "conv.onnx"))],
-        "bad-bits": ["--weight-bits", "8", "3"],
+        "bad-bits": ["--weight-bits", "8", "9"],
         "bad-method": ["--calib-method", "kl"],
         "bad-calib-size": ["--model", str(tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)),
                            "--calib-size", "100000"],
@@ -85,7 +85,7 @@ def test_default_run_end_to_end(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.strip().endswith(f"report: {out / 'report.md'}")
     assert len(calls) == 1, "calibrate once, reuse the ranges for every bit width"
     for name in ("report.md", "fig1_reliability.png", "fig2_swaps.png", "metrics.csv", "metrics.json",
-                 "logits.npz", "calibration_ranges.json", "model_float.onnx", "model_a8w8.onnx", "model_a8w4.onnx"):
+                 "logits.npz", "calibration_ranges_a8.json", "model_float.onnx", "model_a8w8.onnx", "model_a8w4.onnx"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "fig1_reliability.png" in report and "fig2_swaps.png" in report
@@ -93,7 +93,8 @@ def test_default_run_end_to_end(tmp_path, capsys, monkeypatch):
     logits = np.load(out / "logits.npz")
     labels = logits["labels"]
     # the saved metrics are those of the saved logits (checked independently of the pipeline)
-    for name in ("float", "a8w8", "a8w4"):
+    assert list(metrics) == ["float", "a8w8", "a8w7", "a8w6", "a8w5", "a8w4"]
+    for name in metrics:
         error = 100 * np.mean(logits[name].argmax(1) != labels)
         assert metrics[name]["top1_error"] == pytest.approx(error)
     swapped = 100 * np.mean(logits["a8w4"].argmax(1) != logits["float"].argmax(1))
@@ -102,3 +103,39 @@ def test_default_run_end_to_end(tmp_path, capsys, monkeypatch):
     assert 1.0 < metrics["float"]["top1_error"] < 8.0
     assert metrics["float"]["mean_confidence"] > 100 - metrics["float"]["top1_error"]
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.slow
+def test_fp16_activation_sweep_and_layer_choices(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    import onnx
+
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(model), "--out", str(out), "--no-progress", "--calib-size", "64",
+                 "--precisions", "fp16", "--weight-bits", "8", "3", "--act-bits", "8", "4",
+                 "--skip-last-layer", "--execution", "simulated"])
+    assert code == 0, capsys.readouterr().err
+    configs = [row["config"] for row in json.loads((out / "metrics.json").read_text())["configs"]]
+    assert configs == ["float", "fp16", "a8w8", "a8w3", "a4w8", "a4w3"]
+    fp16 = onnx.load(str(out / "model_fp16.onnx"))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in fp16.graph.initializer)
+    assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    quantized = onnx.load(str(out / "model_a8w8.onnx"))
+    gemm = next(n for n in quantized.graph.node if n.op_type == "Gemm")
+    initializers = {i.name for i in quantized.graph.initializer}
+    assert gemm.input[1] in initializers, "the skipped last layer keeps its float weight"
+    conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
+    assert conv.input[1] not in initializers, "the first layer is still quantized"
+    assert (out / "calibration_ranges_a4.json").exists() and (out / "calibration_ranges_a8.json").exists()
+    report = (out / "report.md").read_text()
+    assert "simulated path" in report and "Kept in float" in report
+
+
+def test_exclude_names_must_exist(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    code, err = _run_cli(["run", "--model", str(model), "--out", str(tmp_path / "r"), "--no-progress",
+                          "--calib-size", "32", "--exclude", "no_such_node"], capsys)
+    assert code == 2 and "no_such_node" in err[0] and len(err) == 1
+    assert not (tmp_path / "r").exists()

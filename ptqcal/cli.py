@@ -28,6 +28,42 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="digits_resnet8",
+                     help="a registry name (see 'ptqcal models') or a path to an .onnx classifier")
+    parser.add_argument("--weights", type=Path, help="state dict (.pth) for a registry model")
+    parser.add_argument("--dataset", help="'digits' or an .npz with 'images' (N,H,W[,C]) and 'labels' "
+                     "(optional 'calib_images'/'calib_labels'); default: the model's own dataset")
+    parser.add_argument("--weight-bits", type=int, nargs="+", default=[8, 7, 6, 5, 4], metavar="B",
+                     help="weight bit widths to sweep, 2..8 (per-channel symmetric; 4 is native int4)")
+    parser.add_argument("--act-bits", type=int, nargs="+", default=[8], metavar="B",
+                     help="activation bit widths, 2..8 (per-tensor asymmetric); several sweep activations too")
+    parser.add_argument("--precisions", nargs="+", choices=["fp16"], default=[],
+                     help="extra precisions: fp16 adds the float16 graph (float32 inputs/outputs)")
+    parser.add_argument("--weight-scale", choices=["torch", "ort"], default="torch",
+                     help="per-channel scale: PyTorch's max|w|/((qmax-qmin)/2) or ORT's max|w|/qmax")
+    parser.add_argument("--skip-first-layer", action="store_true", help="keep the first Conv/Gemm in float")
+    parser.add_argument("--skip-last-layer", action="store_true", help="keep the last Conv/Gemm/MatMul in float")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in float")
+    parser.add_argument("--execution", choices=["deployed", "simulated"], default="deployed",
+                     help="deployed: ORT fuses Q/DQ into integer kernels (QLinearConv); simulated: float ops "
+                          "between Q/DQ. Both are compared on a subset in the report")
+    parser.add_argument("--calib-size", type=int, default=256, metavar="N",
+                     help="calibration images, drawn with --seed from the calibration pool")
+    parser.add_argument("--calib-method", choices=CALIB_METHODS, default="mse",
+                     help="activation range: min/max, the L2 search of PyTorch's HistogramObserver, "
+                          "a percentile, or KL entropy")
+    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    parser.add_argument("--out", type=Path, help="run folder (default: ptqcal_runs/<model>)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                     help="where trained built-in models are cached ($PTQCAL_CACHE_DIR)")
+    parser.add_argument("--mean", type=_floats, help="per-channel mean on [0,1] pixels, for an .onnx model")
+    parser.add_argument("--std", type=_floats, help="per-channel std on [0,1] pixels, for an .onnx model")
+    parser.add_argument("--pixel-max", type=float, help="raw pixel value that maps to 1.0, for an .onnx model")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ptqcal", description="What post-training quantization does to a classifier's "
                      "predictions and calibration, measured on ONNX Runtime's real QDQ graphs.")
@@ -41,42 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "metrics, figures and report.md. With no arguments: the built-in digits ResNet, "
                     "trained offline on scikit-learn's digits.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run.add_argument("--model", default="digits_resnet8",
-                     help="a registry name (see 'ptqcal models') or a path to an .onnx classifier")
-    run.add_argument("--weights", type=Path, help="state dict (.pth) for a registry model")
-    run.add_argument("--dataset", help="'digits' or an .npz with 'images' (N,H,W[,C]) and 'labels' "
-                     "(optional 'calib_images'/'calib_labels'); default: the model's own dataset")
-    run.add_argument("--weight-bits", type=int, nargs="+", default=[8, 7, 6, 5, 4], metavar="B",
-                     help="weight bit widths to sweep, 2..8 (per-channel symmetric; 4 is native int4)")
-    run.add_argument("--act-bits", type=int, nargs="+", default=[8], metavar="B",
-                     help="activation bit widths, 2..8 (per-tensor asymmetric); several sweep activations too")
-    run.add_argument("--precisions", nargs="+", choices=["fp16"], default=[],
-                     help="extra precisions: fp16 adds the float16 graph (float32 inputs/outputs)")
-    run.add_argument("--weight-scale", choices=["torch", "ort"], default="torch",
-                     help="per-channel scale: PyTorch's max|w|/((qmax-qmin)/2) or ORT's max|w|/qmax")
-    run.add_argument("--skip-first-layer", action="store_true", help="keep the first Conv/Gemm in float")
-    run.add_argument("--skip-last-layer", action="store_true", help="keep the last Conv/Gemm/MatMul in float")
-    run.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in float")
-    run.add_argument("--execution", choices=["deployed", "simulated"], default="deployed",
-                     help="deployed: ORT fuses Q/DQ into integer kernels (QLinearConv); simulated: float ops "
-                          "between Q/DQ. Both are compared on a subset in the report")
-    run.add_argument("--calib-size", type=int, default=256, metavar="N",
-                     help="calibration images, drawn with --seed from the calibration pool")
-    run.add_argument("--calib-method", choices=CALIB_METHODS, default="mse",
-                     help="activation range: min/max, the L2 search of PyTorch's HistogramObserver, "
-                          "a percentile, or KL entropy")
-    run.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    run.add_argument("--out", type=Path, help="run folder (default: ptqcal_runs/<model>)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
-    run.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                     help="where trained built-in models are cached ($PTQCAL_CACHE_DIR)")
-    run.add_argument("--mean", type=_floats, help="per-channel mean on [0,1] pixels, for an .onnx model")
-    run.add_argument("--std", type=_floats, help="per-channel std on [0,1] pixels, for an .onnx model")
-    run.add_argument("--pixel-max", type=float, help="raw pixel value that maps to 1.0, for an .onnx model")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_run_options(run)
 
+    compare = commands.add_parser(
+        "compare-torch", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="quantize a registry model with ONNX Runtime and with torch.ao and report their agreement",
+        description="Cross-framework check: the same quantization (per-channel symmetric weights, "
+                    "HistogramObserver MSE activation ranges, same calibration batches) built by ptqcal on ONNX "
+                    "Runtime and by torch.ao FX; prints top-1 agreement and max logit difference per precision.")
+    _add_run_options(compare)
     commands.add_parser("models", help="list the registry's models")
     return parser
+
+
+def _compare_torch(cfg: RunConfig) -> int:
+    from .pipeline import compare_torch
+
+    rows = compare_torch(cfg)
+    print(f"{'config':8s} {'top-1 agreement %':>18s} {'max |Δlogit|':>13s} {'ORT err %':>10s} {'torch err %':>12s}")
+    for row in rows:
+        print(f"{row.config:8s} {row.top1_agreement_pct:18.2f} {row.max_abs_logit_diff:13.4f} "
+              f"{row.onnx_top1_error:10.2f} {row.torch_top1_error:12.2f}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,11 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in list_models():
                 print(f"{name:18s} {get_model_entry(name).description}")
             return 0
-        if args.command != "run":
+        if args.command not in ("run", "compare-torch"):
             parser.print_help()
             return EXIT_USAGE
-        from .pipeline import run
-
         cfg = RunConfig(model=args.model, weights=args.weights, dataset=args.dataset,
                         weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits),
                         fp16="fp16" in args.precisions, weight_scale=args.weight_scale,
@@ -105,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         calib_method=args.calib_method, out=args.out, seed=args.seed, batch_size=args.batch_size,
                         cache_dir=args.cache_dir, mean=args.mean, std=args.std, pixel_max=args.pixel_max,
                         progress=not args.no_progress)
+        if args.command == "compare-torch":
+            return _compare_torch(cfg)
+        from .pipeline import run
+
         report = run(cfg)
     except UserError as exc:
         print(f"ptqcal: error: {exc}", file=sys.stderr)

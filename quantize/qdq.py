@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
@@ -42,6 +43,8 @@ class QuantSpec:
     act_bits: int = 8
     weight_scale: str = "torch"
     exclude: tuple[str, ...] = field(default=(), compare=False)  # node names left in float
+    quantize_outputs: bool = False  # also quantize the logits (ORT's default; off so they stay float)
+    quantize_bias: bool = True  # int32 biases (needed by the integer kernels); False keeps them float
 
     @property
     def name(self) -> str:
@@ -65,10 +68,10 @@ def weight_scales(weight: np.ndarray, axis: int, bits: int, convention: str = "t
     """Per-channel symmetric scales of a b-bit quantizer along ``axis``."""
     qmin, qmax = weight_grid(bits)
     reduce = tuple(i for i in range(weight.ndim) if i != axis)
-    absmax = np.max(np.abs(weight), axis=reduce).astype(np.float64)
+    absmax = np.max(np.abs(weight), axis=reduce).astype(np.float32)
     divisor = (qmax - qmin) / 2 if convention == "torch" else qmax
-    scale = absmax / divisor
-    return np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero channel keeps scale 1
+    scale = absmax / np.float32(divisor)  # in float32 like PyTorch's observers, so ties round alike
+    return np.where(scale > 0, scale, np.float32(1.0))  # an all-zero channel keeps scale 1
 
 
 def fake_quantize_weight(weight: np.ndarray, axis: int, bits: int, convention: str = "torch") -> np.ndarray:
@@ -186,16 +189,21 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
                 quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
                 weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
                 activation_type=QuantType.QUInt8,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                # Every weight gets explicit symmetric scales (zero point 0) in the overrides. ORT's
+                # "symmetric" would also narrow the clip to [-(2^(b-1)-1), 2^(b-1)-1], dropping the
+                # code -2^(b-1) that PyTorch's quantizer uses: so WeightSymmetric is off.
+                extra_options={"WeightSymmetric": False, "ActivationSymmetric": False,
                                "TensorQuantOverrides": _overrides(model, ranges, spec),
                                # keep our b-bit weight scales even where the int32 bias scale is tiny
-                               "QDQDisableWeightAdjustForInt32Bias": True},
+                               "QDQDisableWeightAdjustForInt32Bias": True,
+                               "QuantizeBias": spec.quantize_bias},
             )
         finally:
             logger.setLevel(level)
         quantized = onnx.load(str(partial))
-        keep_outputs_float(quantized)
-        clip_weight_codes(quantized, spec.weight_bits)
+        if not spec.quantize_outputs:
+            keep_outputs_float(quantized)
+        set_weight_codes(quantized, model, spec.weight_bits)
         if spec.act_bits < 8:
             clip_activations(quantized, spec.act_bits)
         onnx.save(quantized, str(partial))
@@ -207,17 +215,33 @@ def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def clip_weight_codes(model: onnx.ModelProto, bits: int) -> None:
-    """Clip stored int8 weight codes to the b-bit grid (int4 containers are already there)."""
-    if bits >= 8 or bits == 4:
-        return
+def set_weight_codes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, bits: int) -> None:
+    """Store ``clip(rint(w * (1 / scale)), -2^(b-1), 2^(b-1) - 1)`` as every weight's codes.
+
+    ORT rounds ``w / scale`` and clips to the container's range, which is not the b-bit grid. With
+    PyTorch's scale convention every channel's largest weight sits on a rounding tie (+-(qmax + 0.5));
+    multiplying by the float32 reciprocal, as PyTorch's fake-quant kernels do, settles those ties
+    the way PyTorch does.
+    """
     qmin, qmax = weight_grid(bits)
-    initializers = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        codes = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if codes is not None and codes.data_type == onnx.TensorProto.INT8:
-            clipped = np.clip(numpy_helper.to_array(codes), qmin, qmax).astype(np.int8)
-            codes.CopyFrom(numpy_helper.from_array(clipped, codes.name))
+    float_inits = {init.name: init for init in float_model.graph.initializer}
+    float_weight_of = {n.name: n.input[1] for n in float_model.graph.node
+                       if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in float_inits}
+    initializers = {init.name: init for init in quantized.graph.initializer}
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    for node in quantized.graph.node:
+        dq = producers.get(node.input[1]) if node.name in float_weight_of else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers:
+            continue
+        codes = initializers[dq.input[0]]
+        weight = numpy_helper.to_array(float_inits[float_weight_of[node.name]]).astype(np.float32)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        inverse = np.float32(1) / numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32).reshape(shape)
+        q = np.clip(np.rint(weight * inverse), qmin, qmax)
+        dtype = ml_dtypes.int4 if codes.data_type == onnx.TensorProto.INT4 else np.int8
+        codes.CopyFrom(numpy_helper.from_array(q.astype(dtype), codes.name))
 
 
 def clip_activations(model: onnx.ModelProto, bits: int) -> None:

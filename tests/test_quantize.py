@@ -31,12 +31,15 @@ def quantized(request, prepared, ranges, tmp_path_factory):
 
 
 def b_bit_per_channel(weight, bits, convention="torch"):
-    """An independent b-bit per-channel (axis 0) symmetric quantizer, as DQ(Q(w))."""
+    """PyTorch's own b-bit per-channel (axis 0) symmetric fake quantizer: the independent truth."""
+    import torch
+
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    absmax = np.abs(weight.reshape(len(weight), -1)).max(axis=1)
+    w = torch.from_numpy(np.array(weight))
+    absmax = w.reshape(len(w), -1).abs().amax(dim=1)
     scale = absmax / ((qmax - qmin) / 2 if convention == "torch" else qmax)
-    scale = scale.reshape(-1, *[1] * (weight.ndim - 1)).astype(np.float32)
-    return np.clip(np.round(weight / scale), qmin, qmax) * scale
+    zero = torch.zeros(len(w), dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, qmin, qmax).numpy()
 
 
 def _weight_dequantizers(model):
@@ -136,6 +139,8 @@ def test_ort_scale_convention_is_max_over_qmax(prepared, ranges, tmp_path):
     weight = float_weights[node.input[1].removesuffix("_DequantizeLinear_Output")]
     scale = numpy_helper.to_array(initializers[dq.input[1]])
     np.testing.assert_allclose(scale, np.abs(weight.reshape(len(weight), -1)).max(axis=1) / 15, rtol=1e-6)
+    codes = numpy_helper.to_array(initializers[dq.input[0]]).astype(np.float32)
+    np.testing.assert_allclose(codes * scale.reshape(-1, 1, 1, 1), b_bit_per_channel(weight, 5, "ort"), atol=1e-7)
 
 
 def test_unsupported_bit_widths_are_rejected():

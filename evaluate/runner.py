@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -22,14 +23,19 @@ def make_session(model_path: str | Path, fused: bool = True,
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
-def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 256,
-            desc: str = "evaluate", progress: bool = True) -> np.ndarray:
-    """Logits for every row of ``inputs``, batch by batch, with a progress bar."""
+def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 256, desc: str = "evaluate",
+            progress: bool = True, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Logits for every row of ``inputs``, batch by batch, with a progress bar.
+
+    ``transform`` turns each slice into model input (e.g. uint8 pixels -> normalised float32),
+    so a large dataset is never held in memory as float32 all at once.
+    """
     input_name = session.get_inputs()[0].name
     chunks = []
     with tqdm(total=len(inputs), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(inputs), batch_size):
-            batch = np.ascontiguousarray(inputs[start:start + batch_size], dtype=np.float32)
+            batch = inputs[start:start + batch_size]
+            batch = np.ascontiguousarray(transform(batch) if transform else batch, dtype=np.float32)
             chunks.append(session.run(None, {input_name: batch})[0])
             bar.update(len(batch))
     return np.concatenate(chunks).astype(np.float32, copy=False)

@@ -32,8 +32,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="digits_resnet8",
                      help="a registry name (see 'ptqcal models') or a path to an .onnx classifier")
     parser.add_argument("--weights", type=Path, help="state dict (.pth) for a registry model")
-    parser.add_argument("--dataset", help="'digits' or an .npz with 'images' (N,H,W[,C]) and 'labels' "
-                     "(optional 'calib_images'/'calib_labels'); default: the model's own dataset")
+    parser.add_argument("--config", type=Path, help="TOML file with any of these options (the command line wins)")
+    parser.add_argument("--dataset", help="digits, cifar100, cifar10, imagenet, folder, csv, npz, or FILE.npz; "
+                        "default: the model's own dataset")
+    parser.add_argument("--data-dir", type=Path, help="the dataset's folder or file "
+                        "($PTQCAL_CIFAR100_DIR, $PTQCAL_IMAGENET_DIR)")
+    parser.add_argument("--labels", type=Path, help="labels file for a flat ImageNet val folder")
+    parser.add_argument("--download", action="store_true", help="download CIFAR with torchvision (online only)")
+    parser.add_argument("--strict", action="store_true", help="stop at an image that fails to decode "
+                        "(default: skip it, warn, and count it in the report)")
+    parser.add_argument("--eval-size", type=int, metavar="N", help="evaluate a seeded subset of N images")
     parser.add_argument("--weight-bits", type=int, nargs="+", default=[8, 7, 6, 5, 4], metavar="B",
                      help="weight bit widths to sweep, 2..8 (per-channel symmetric; 4 is native int4)")
     parser.add_argument("--act-bits", type=int, nargs="+", default=[8], metavar="B",
@@ -61,6 +69,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mean", type=_floats, help="per-channel mean on [0,1] pixels, for an .onnx model")
     parser.add_argument("--std", type=_floats, help="per-channel std on [0,1] pixels, for an .onnx model")
     parser.add_argument("--pixel-max", type=float, help="raw pixel value that maps to 1.0, for an .onnx model")
+    parser.add_argument("--resize", type=int, help="short side before the centre crop, for an .onnx model "
+                        "(0: resize straight to the input size)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -90,6 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_config_file(parser: argparse.ArgumentParser, argv, args: argparse.Namespace) -> argparse.Namespace:
+    """Re-parse with the config file's values as defaults, so the command line still wins."""
+    from .config import read_config_file
+
+    values = read_config_file(args.config)
+    subparser = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
+    actions = {action.dest: action for action in subparser._actions}  # noqa: SLF001
+    for name, value in values.items():
+        action = actions[name]
+        try:
+            if action.type is _floats:
+                value = tuple(float(v) for v in value) if isinstance(value, list) else _floats(str(value))
+            elif action.nargs in ("+", "*"):
+                value = [action.type(v) if action.type else v for v in (value if isinstance(value, list) else [value])]
+            elif action.type is not None:
+                value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise UserError(f"{args.config}: {name}: {exc}") from None
+        values[name] = value
+    subparser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
 def _compare_torch(cfg: RunConfig) -> int:
     from .pipeline import compare_torch
 
@@ -117,7 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("run", "compare-torch"):
             parser.print_help()
             return EXIT_USAGE
-        cfg = RunConfig(model=args.model, weights=args.weights, dataset=args.dataset,
+        if args.config is not None:
+            args = _apply_config_file(parser, argv, args)
+        cfg = RunConfig(model=args.model, weights=args.weights, dataset=args.dataset, data_dir=args.data_dir,
+                        labels=args.labels, download=args.download, strict=args.strict, eval_size=args.eval_size,
+                        resize=args.resize,
                         weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits),
                         fp16="fp16" in args.precisions, weight_scale=args.weight_scale,
                         skip_first_layer=args.skip_first_layer, skip_last_layer=args.skip_last_layer,

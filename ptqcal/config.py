@@ -23,7 +23,12 @@ def default_cache_dir() -> Path:
 class RunConfig:
     model: str = "digits_resnet8"  # a registry name or a path to an .onnx file
     weights: Path | None = None
-    dataset: str | None = None  # default: the model's own dataset
+    dataset: str | None = None  # a kind (digits, cifar100, imagenet, folder, csv, npz) or FILE.npz
+    data_dir: Path | None = None  # where the dataset lives (file or folder)
+    labels: Path | None = None  # labels file for a flat ImageNet val folder
+    download: bool = False  # CIFAR through torchvision, when online
+    strict: bool = False  # an image that fails to decode is an error instead of a skipped warning
+    eval_size: int | None = None  # evaluate on a seeded subset of this many images
     weight_bits: tuple[int, ...] = (8, 7, 6, 5, 4)
     act_bits: tuple[int, ...] = (8,)
     fp16: bool = False  # add half precision to the sweep
@@ -41,6 +46,7 @@ class RunConfig:
     mean: tuple[float, ...] | None = None  # preprocessing overrides for an .onnx model
     std: tuple[float, ...] | None = None
     pixel_max: float | None = None
+    resize: int | None = None  # short side before the centre crop, for an .onnx model (0: none)
     progress: bool = True
 
     @property
@@ -65,11 +71,41 @@ class RunConfig:
             raise UserError(f"unknown execution {self.execution!r}: choose {' or '.join(EXECUTIONS)}")
         if self.calib_method not in CALIB_METHODS:
             raise UserError(f"unknown calibration method {self.calib_method!r}: choose {', '.join(CALIB_METHODS)}")
-        if self.calib_size < 1 or self.batch_size < 1:
-            raise UserError("--calib-size and --batch-size must be positive")
+        if self.calib_size < 1 or self.batch_size < 1 or (self.eval_size is not None and self.eval_size < 1):
+            raise UserError("--calib-size, --eval-size and --batch-size must be positive")
         if self.weights is not None and self.is_onnx_file:
             raise UserError("--weights is for registry models; an .onnx file carries its own weights")
         return self
 
+    @classmethod
+    def fields(cls) -> set[str]:
+        return set(cls.__dataclass_fields__)
+
     def to_dict(self) -> dict:
         return {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(self).items()}
+
+
+def read_config_file(path: Path) -> dict:
+    """Settings from a TOML file whose keys are ``ptqcal run``'s options (``weight-bits`` or
+    ``weight_bits``). ``$VARS`` in strings are expanded; an unset one is an error."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}") from exc
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in RunConfig.fields() or name == "progress":
+            raise UserError(f"{path}: unknown setting {key!r}")
+        if isinstance(value, str):
+            expanded = os.path.expandvars(value)
+            if "$" in expanded:
+                raise UserError(f"{path}: {key} = {value!r} uses an environment variable that is not set")
+            value = expanded
+        values[name] = value
+    return values

@@ -1,34 +1,142 @@
-"""Datasets as raw-pixel arrays with a calibration pool and an evaluation split (no torch)."""
+"""Datasets as labelled images with a calibration pool and an evaluation split (no torch).
+
+Image files are decoded, resized and centre-cropped for the model in parallel worker threads
+(PIL releases the GIL while decoding and resizing) into one uint8 array; normalisation happens
+batch by batch when a model consumes them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import os
+import pickle
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
+DATASET_KINDS = ("digits", "cifar100", "cifar10", "imagenet", "folder", "csv", "npz")
+
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # raw pixels, (N, H, W[, C])
+    """Labelled images: raw pixels ``(N, H, W[, C])`` or image file paths."""
+
+    images: np.ndarray | list[Path]
     labels: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def is_files(self) -> bool:
+        return isinstance(self.images, list)
+
     def take(self, index: np.ndarray) -> "Split":
-        return Split(self.images[index], self.labels[index])
+        images = [self.images[i] for i in index] if self.is_files else self.images[index]
+        return Split(images, self.labels[index])
 
 
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    calib_pool: Split  # images the calibration subset is drawn from; never evaluated on
     eval: Split
+    calib_pool: Split | None = None  # None: calibration images are held out of ``eval``
     train: Split | None = None  # only for datasets a built-in model is trained on
+    notes: tuple[str, ...] = field(default=())
 
+
+@dataclass(frozen=True)
+class Selection:
+    """The calibration and evaluation images of one run, drawn reproducibly and disjoint."""
+
+    calib: Split
+    eval: Split
+    held_out_from_eval: bool
+
+
+def select(dataset: Dataset, calib_size: int, seed: int, eval_size: int | None = None) -> Selection:
+    """Draw ``calib_size`` calibration images with ``seed``; from the calibration pool, or held
+    out of the evaluation split when the dataset has no pool (the rest is evaluated)."""
+    pool = dataset.calib_pool if dataset.calib_pool is not None else dataset.eval
+    if calib_size < 1:
+        raise UserError(f"--calib-size must be at least 1, got {calib_size}")
+    spare = len(pool) - (1 if dataset.calib_pool is None else 0)
+    if calib_size > spare:
+        raise UserError(f"--calib-size {calib_size} is larger than the {spare} images available for calibration")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(pool), size=calib_size, replace=False))
+    evaluation = dataset.eval
+    if dataset.calib_pool is None:
+        evaluation = evaluation.take(np.setdiff1d(np.arange(len(pool)), chosen))
+    if eval_size is not None and eval_size < len(evaluation):
+        evaluation = evaluation.take(np.sort(rng.choice(len(evaluation), size=eval_size, replace=False)))
+    return Selection(pool.take(chosen), evaluation, dataset.calib_pool is None)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+def load_image(path: Path, size: tuple[int, int, int], resize: int | None = None,
+               interpolation: str = "bilinear") -> np.ndarray:
+    """Decode one image to ``(H, W, C)`` uint8 as torchvision's ``Resize(resize)`` +
+    ``CenterCrop((H, W))`` would on a PIL image; without ``resize``, resize straight to (H, W)."""
+    from PIL import Image
+
+    channels, height, width = size
+    method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
+    with Image.open(path) as image:
+        image = image.convert("RGB" if channels == 3 else "L")
+        if resize is None:
+            image = image.resize((width, height), method)
+        else:
+            w, h = image.size
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = resize, int(resize * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+            if (new_w, new_h) != (w, h):
+                image = image.resize((new_w, new_h), method)
+            left = int(round((new_w - width) / 2.0))
+            top = int(round((new_h - height) / 2.0))
+            image = image.crop((left, top, left + width, top + height))
+        array = np.asarray(image, dtype=np.uint8)
+    return array if channels == 3 else array[..., None]
+
+
+def decode_images(split: Split, size: tuple[int, int, int], resize: int | None = None,
+                  interpolation: str = "bilinear", strict: bool = False,
+                  workers: int | None = None) -> tuple[Split, list[Path]]:
+    """Decode a file split in parallel threads; images that fail are dropped (or raise with
+    ``strict``) and returned by path."""
+    if not split.is_files:
+        return split, []
+    workers = workers or min(8, os.cpu_count() or 1)
+
+    def decode(path: Path) -> np.ndarray | None:
+        try:
+            return load_image(path, size, resize, interpolation)
+        except Exception as exc:  # PIL raises many types for broken files
+            if strict:
+                raise UserError(f"cannot decode {path}: {exc}") from exc
+            return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = list(pool.map(decode, split.images))
+    ok = np.array([d is not None for d in decoded], dtype=bool)
+    failed = [p for p, good in zip(split.images, ok) if not good]
+    for path in failed:
+        warnings.warn(f"skipped an image that fails to decode: {path}", stacklevel=2)
+    if not ok.any():
+        raise UserError("none of the images could be decoded")
+    images = np.stack([d for d in decoded if d is not None])
+    return Split(images, split.labels[ok]), failed
+
+
+# --- dataset kinds ----------------------------------------------------------------------------
 
 def load_digits() -> Dataset:
     """scikit-learn's 1,797 real 8x8 digits: 300 train, 300 calibration pool, 1,197 evaluation.
@@ -41,47 +149,150 @@ def load_digits() -> Dataset:
     except ImportError as exc:
         raise UserError("the digits dataset needs scikit-learn: pip install 'ptqcal[torch]'") from exc
     bunch = sk_load_digits()
-    images = bunch.images.astype(np.float32)
-    labels = bunch.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(labels))
-    train, calib, evaluation = order[:300], order[300:600], order[600:]
-    everything = Split(images, labels)
-    return Dataset("digits", everything.take(calib), everything.take(evaluation), everything.take(train))
+    everything = Split(bunch.images.astype(np.float32), bunch.target.astype(np.int64))
+    order = np.random.default_rng(0).permutation(len(everything))
+    return Dataset("digits", eval=everything.take(order[600:]), calib_pool=everything.take(order[300:600]),
+                   train=everything.take(order[:300]))
 
 
 def load_npz(path: Path) -> Dataset:
     """An ``.npz`` with ``images`` (N, H, W[, C]) and ``labels`` (N,), plus optional
-    ``calib_images``/``calib_labels``; without them the first half is the calibration pool."""
+    ``calib_images``/``calib_labels``; without them calibration images are held out."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"dataset file not found: {path}")
     try:
         arrays = np.load(path)
-        images, labels = arrays["images"], arrays["labels"].astype(np.int64)
-    except (OSError, ValueError, KeyError) as exc:
+        evaluation = Split(arrays["images"], arrays["labels"].astype(np.int64))
+        calib = Split(arrays["calib_images"], arrays["calib_labels"].astype(np.int64)) \
+            if "calib_images" in arrays else None
+    except (OSError, ValueError, KeyError, EOFError) as exc:
         raise UserError(f"{path} is not an .npz with 'images' and 'labels' arrays") from exc
-    if len(images) != len(labels) or len(labels) < 2:
+    if len(evaluation.images) != len(evaluation.labels) or len(evaluation) < 2:
         raise UserError(f"{path}: 'images' and 'labels' must have the same length (>= 2)")
-    if "calib_images" in arrays:
-        calib = Split(arrays["calib_images"], arrays["calib_labels"].astype(np.int64))
-        return Dataset(path.stem, calib, Split(images, labels))
-    half = len(labels) // 2
-    return Dataset(path.stem, Split(images[:half], labels[:half]), Split(images[half:], labels[half:]))
+    return Dataset(path.stem, eval=evaluation, calib_pool=calib)
 
 
-def load_dataset(name: str) -> Dataset:
-    if name == "digits":
+def _cifar_folder(root: Path, classes: int) -> Path:
+    name = "cifar-100-python" if classes == 100 else "cifar-10-batches-py"
+    for candidate in (root / name, root):
+        if (candidate / ("test" if classes == 100 else "test_batch")).is_file():
+            return candidate
+    raise UserError(f"no {name} folder under {root}: give --data-dir (or --download when online)")
+
+
+def _read_cifar_pickles(files: list[Path], label_key: str) -> Split:
+    images, labels = [], []
+    for file in files:
+        with open(file, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(batch[label_key.encode()])
+    return Split(np.concatenate(images), np.asarray(labels, dtype=np.int64))
+
+
+def load_cifar(root: Path | None, classes: int = 100, download: bool = False) -> Dataset:
+    """The official python pickles: train split as calibration pool, test split evaluated."""
+    root = Path(root or os.environ.get(f"PTQCAL_CIFAR{classes}_DIR", "") or "data")
+    if download:
+        try:
+            from torchvision import datasets
+        except ImportError as exc:
+            raise UserError("--download needs torchvision: pip install 'ptqcal[torch]'") from exc
+        try:
+            (datasets.CIFAR100 if classes == 100 else datasets.CIFAR10)(str(root), download=True)
+        except Exception as exc:  # URLError, HTTPError, ...
+            raise UserError(f"could not download CIFAR-{classes} ({type(exc).__name__}); "
+                            "give --data-dir with the extracted pickles") from exc
+    folder = _cifar_folder(root, classes)
+    if classes == 100:
+        train = _read_cifar_pickles([folder / "train"], "fine_labels")
+        test = _read_cifar_pickles([folder / "test"], "fine_labels")
+    else:
+        train = _read_cifar_pickles(sorted(folder.glob("data_batch_*")), "labels")
+        test = _read_cifar_pickles([folder / "test_batch"], "labels")
+    return Dataset(f"cifar{classes}", eval=test, calib_pool=train)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_folder(root: Path, classes: list[str] | None = None) -> Split:
+    """Class sub-folders (sorted names, or ``classes`` order) of images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"dataset folder not found: {root}")
+    names = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for index, name in enumerate(names):
+        found = _images_under(root / name) if (root / name).is_dir() else []
+        paths += found
+        labels += [index] * len(found)
+    if not paths:
+        raise UserError(f"no images found in class sub-folders of {root}")
+    return Split(paths, np.asarray(labels, dtype=np.int64))
+
+
+def load_csv(path: Path) -> Split:
+    """Rows of ``path,label[,...]`` (a header row is allowed; extra columns are ignored); relative
+    paths are from the CSV's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"dataset file not found: {path}")
+    paths, labels = [], []
+    with open(path, newline="") as handle:
+        for number, row in enumerate(csv.reader(handle), start=1):
+            if not row or (number == 1 and len(row) > 1 and not row[1].strip().lstrip("-").isdigit()):
+                continue  # a header
+            try:
+                paths.append((path.parent / row[0].strip()).resolve())
+                labels.append(int(row[1]))
+            except (IndexError, ValueError):
+                raise UserError(f"{path}:{number}: expected 'path,label', got {row!r}") from None
+    if not paths:
+        raise UserError(f"no images listed in {path}")
+    return Split(paths, np.asarray(labels, dtype=np.int64))
+
+
+def load_imagenet(root: Path | None, labels_file: Path | None = None) -> Dataset:
+    """ILSVRC2012 validation images: class sub-folders named by WNID (sorted = torchvision's
+    class order), or a flat folder with a labels file (``name label`` or CSV rows). Calibration
+    images come from ``train/`` next to ``val/`` when present, else are held out of val."""
+    root = Path(root or os.environ.get("PTQCAL_IMAGENET_DIR", "") or "data/imagenet")
+    if not root.is_dir():
+        raise UserError(f"ImageNet folder not found: {root} (give --data-dir or $PTQCAL_IMAGENET_DIR)")
+    val = root / "val" if (root / "val").is_dir() else root
+    if labels_file is None:
+        evaluation = load_folder(val)
+    else:
+        if labels_file.suffix == ".csv":
+            evaluation = load_csv(labels_file)
+        else:
+            entries = [line.split() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+            evaluation = Split([val / name for name, _ in entries], np.array([int(l) for _, l in entries]))
+    train = root / "train"
+    calib = load_folder(train) if train.is_dir() and val != root else None
+    return Dataset("imagenet", eval=evaluation, calib_pool=calib)
+
+
+def load_dataset(kind: str, data: str | Path | None = None, labels: Path | None = None,
+                 download: bool = False) -> Dataset:
+    """A dataset by kind (see :data:`DATASET_KINDS`) and its location."""
+    if kind.endswith(".npz"):  # --dataset FILE.npz
+        kind, data = "npz", kind
+    if kind == "digits":
         return load_digits()
-    if name.endswith(".npz"):
-        return load_npz(Path(name))
-    raise UserError(f"unknown dataset {name!r}: use 'digits' or a path to an .npz file")
-
-
-def draw_calibration(pool: Split, size: int, seed: int) -> Split:
-    """A reproducible calibration subset of ``size`` images drawn from the pool with ``seed``."""
-    if size < 1:
-        raise UserError(f"--calib-size must be at least 1, got {size}")
-    if size > len(pool):
-        raise UserError(f"--calib-size {size} is larger than the calibration pool ({len(pool)} images)")
-    index = np.sort(np.random.default_rng(seed).choice(len(pool), size=size, replace=False))
-    return pool.take(index)
+    if kind in ("cifar100", "cifar10"):
+        return load_cifar(Path(data) if data else None, int(kind[5:]), download)
+    if kind == "imagenet":
+        return load_imagenet(Path(data) if data else None, labels)
+    if data is None:
+        raise UserError(f"--dataset {kind} needs --data-dir PATH")
+    if kind == "npz":
+        return load_npz(Path(data))
+    if kind == "folder":
+        return Dataset(Path(data).name, eval=load_folder(Path(data)))
+    if kind == "csv":
+        return Dataset(Path(data).stem, eval=load_csv(Path(data)))
+    raise UserError(f"unknown dataset {kind!r}: choose one of {', '.join(DATASET_KINDS)} or an .npz file")

@@ -9,16 +9,17 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .config import RunConfig
-from .data import Dataset, draw_calibration, load_dataset
+from .data import Dataset, Selection, Split, decode_images, load_dataset, select
 from .errors import UserError
 from .models import PreprocessCfg, get_model_entry, inspect_onnx
-from .models.registry import DIGITS_PREPROCESS
+from .models.registry import DIGITS_PREPROCESS, IMAGENET_PREPROCESS
 
 FLOAT_NAME = "float"
 FP16_NAME = "fp16"
@@ -38,13 +39,18 @@ def _log(message: str) -> None:
     print(f"[ptqcal] {message}", flush=True)
 
 
-def _onnx_preprocess(cfg: RunConfig, chw: tuple[int, int, int] | None, dataset: str) -> PreprocessCfg:
-    base = DIGITS_PREPROCESS if dataset == "digits" else PreprocessCfg(
-        input_size=chw or (3, 0, 0), mean=(0.0,), std=(1.0,), pixel_max=255.0)
-    if chw is not None and chw != base.input_size:
-        base = PreprocessCfg(chw, base.mean, base.std, base.pixel_max)
-    return PreprocessCfg(base.input_size, cfg.mean or base.mean, cfg.std or base.std,
-                         cfg.pixel_max or base.pixel_max)
+def _onnx_preprocess(cfg: RunConfig, chw: tuple[int, int, int] | None, dataset: Dataset) -> PreprocessCfg:
+    """A user's model: the graph's input size, the dataset's usual normalisation unless overridden."""
+    if dataset.name == "digits":
+        base = DIGITS_PREPROCESS
+    elif dataset.eval.is_files:
+        base = IMAGENET_PREPROCESS
+    else:
+        base = PreprocessCfg(input_size=chw or (3, 0, 0), mean=(0.0,), std=(1.0,))
+    size = chw or base.input_size
+    resize = cfg.resize if cfg.resize is not None else (base.resize if size == base.input_size else None)
+    return PreprocessCfg(size, cfg.mean or base.mean, cfg.std or base.std, cfg.pixel_max or base.pixel_max,
+                         resize or None, base.interpolation)
 
 
 def prepare_model(cfg: RunConfig, dataset: Dataset, work: Path) -> PreparedModel:
@@ -54,7 +60,7 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, work: Path) -> PreparedModel
         notes = ()
         if info.ends_in_softmax:
             notes = ("The model ends in Softmax: confidences are its probabilities (logits = log-probabilities).",)
-        preprocess = _onnx_preprocess(cfg, info.chw, dataset.name)
+        preprocess = _onnx_preprocess(cfg, info.chw, dataset)
         float_path = work / "model_float.onnx"
         shutil.copyfile(info.path, float_path)
         return PreparedModel(cfg.model_name, float_path, preprocess, info.num_classes, notes)
@@ -65,8 +71,9 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, work: Path) -> PreparedModel
         raise UserError(f"model {cfg.model!r} is a PyTorch model: pip install 'ptqcal[torch]', "
                         "or pass an .onnx file") from exc
     module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
-    check = entry.preprocess(dataset.eval.images[:64])
-    result = export_onnx(module, check, work / "model_float.onnx")
+    check, _ = decode_images(dataset.eval.take(np.arange(min(16, len(dataset.eval)))), entry.preprocess.input_size,
+                             entry.preprocess.resize, entry.preprocess.interpolation)
+    result = export_onnx(module, _preprocess(entry.preprocess, check.images), work / "model_float.onnx")
     note = f"Exported to ONNX with BatchNorm folded; max |logit difference| vs PyTorch on {result.num_checked} " \
            f"evaluation images: {result.max_abs_diff:.2e}."
     return PreparedModel(entry.name, result.path, entry.preprocess, entry.num_classes, (note,))
@@ -74,9 +81,17 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, work: Path) -> PreparedModel
 
 def _check_labels(dataset: Dataset, num_classes: int) -> None:
     for split in (dataset.calib_pool, dataset.eval):
-        if len(split) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
+        if split is not None and len(split) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
             raise UserError(f"dataset {dataset.name!r} has labels outside the model's {num_classes} classes "
                             f"(found {split.labels.min()}..{split.labels.max()})")
+
+
+def decode_selection(selection: Selection, preprocess: PreprocessCfg, strict: bool) -> tuple[Split, Split, list]:
+    """Pixels of the chosen images at the model's input size; undecodable files are dropped."""
+    args = (preprocess.input_size, preprocess.resize, preprocess.interpolation, strict)
+    calib, failed_calib = decode_images(selection.calib, *args)
+    evaluation, failed_eval = decode_images(selection.eval, *args)
+    return calib, evaluation, failed_calib + failed_eval
 
 
 def _preprocess(preprocess: PreprocessCfg, images: np.ndarray) -> np.ndarray:
@@ -101,6 +116,11 @@ def excluded_nodes(cfg: RunConfig, prepared: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys(chosen))
 
 
+def _load_dataset(cfg: RunConfig) -> Dataset:
+    kind = cfg.dataset or ("digits" if cfg.is_onnx_file else get_model_entry(cfg.model).default_dataset)
+    return load_dataset(kind, cfg.data_dir, cfg.labels, cfg.download)
+
+
 def run(cfg: RunConfig) -> Path:
     """Run the whole analysis; returns the path of ``report.md``. Nothing is left behind on error."""
     cfg.validate()
@@ -110,7 +130,7 @@ def run(cfg: RunConfig) -> Path:
     out = cfg.out_dir
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
         raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
-    dataset = load_dataset(cfg.dataset or ("digits" if cfg.is_onnx_file else get_model_entry(cfg.model).default_dataset))
+    dataset = _load_dataset(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would carry over to the finished run folder
@@ -135,24 +155,30 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
     started = time.perf_counter()
     model = prepare_model(cfg, dataset, work)
     _check_labels(dataset, model.num_classes)
-    calib = draw_calibration(dataset.calib_pool, cfg.calib_size, cfg.seed)
+    selection = select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size)
+    calib, evaluation, failed = decode_selection(selection, model.preprocess, cfg.strict)
     calib_inputs = _preprocess(model.preprocess, calib.images)
-    eval_inputs = _preprocess(model.preprocess, dataset.eval.images)
-    labels = dataset.eval.labels
+    _preprocess(model.preprocess, evaluation.images[:1])  # a size mismatch is a user error, said now
+    eval_images, labels = evaluation.images, evaluation.labels
     notes = list(model.notes)
+    if failed:
+        notes.append(f"{len(failed)} images failed to decode and were skipped: "
+                     + ", ".join(str(p) for p in failed[:5]) + (" …" if len(failed) > 5 else ""))
     _log(f"model {model.name}: {len(calib)} calibration / {len(labels)} evaluation images ({dataset.name})")
 
     session = make_session(model.float_path)
     input_name = session.get_inputs()[0].name
-    float_logits = predict(session, eval_inputs, cfg.batch_size, FLOAT_NAME, cfg.progress)
+    evaluate = partial(predict, inputs=eval_images, batch_size=cfg.batch_size, progress=cfg.progress,
+                       transform=model.preprocess)
+    float_logits = evaluate(session, desc=FLOAT_NAME)
     if float_logits.ndim != 2 or float_logits.shape[1] != model.num_classes or len(float_logits) != len(labels):
         raise UserError(f"{cfg.model}: output has shape {list(float_logits.shape)}, expected (N, classes)")
     results = [evaluate_logits(FLOAT_NAME, float_logits, labels)]
 
     if cfg.fp16:
         path = convert_fp16(model.float_path, work / "model_fp16.onnx")
-        results.append(evaluate_logits(FP16_NAME, predict(make_session(path), eval_inputs, cfg.batch_size,
-                                                          FP16_NAME, cfg.progress), labels, float_logits))
+        results.append(evaluate_logits(FP16_NAME, evaluate(make_session(path), desc=FP16_NAME), labels,
+                                       float_logits))
 
     prepared = prepare(model.float_path, work / "model_prepared.onnx")
     exclude = excluded_nodes(cfg, prepared)
@@ -163,14 +189,14 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
     _log(f"calibrated {len(histograms)} tensors in one pass ({cfg.calib_method}); reused for every precision")
 
     simulation_rows = []
-    check = eval_inputs[:SIMULATION_CHECK_IMAGES]
+    check = model.preprocess(eval_images[:SIMULATION_CHECK_IMAGES])
     for spec in specs:
         path = quantize_qdq(prepared, work / f"model_{spec.name}.onnx", ranges[spec.act_bits],
                             replace(spec, exclude=exclude))
         deployed = make_session(path, fused=True)
         simulated = make_session(path, fused=False)
         main = simulated if cfg.execution == "simulated" else deployed
-        logits = predict(main, eval_inputs, cfg.batch_size, spec.name, cfg.progress)
+        logits = evaluate(main, desc=spec.name)
         results.append(evaluate_logits(spec.name, logits, labels, float_logits))
         fused_check, simulated_check = predict(deployed, check, progress=False), predict(simulated, check, progress=False)
         simulation_rows.append((spec.name, float(np.max(np.abs(fused_check - simulated_check))),
@@ -195,8 +221,12 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
 
     _save_npz(work / "logits.npz", labels=labels, **{r.name: r.logits for r in results})
     run_info = {
-        "model": model.name, "dataset": dataset.name, "calibration images": len(calib),
-        "evaluation images": len(labels), "calibration": f"{cfg.calib_method} histogram ranges",
+        "model": model.name, "dataset": dataset.name,
+        "calibration images": f"{len(calib)} (seed {cfg.seed}, "
+                              + ("held out of the evaluation split)" if selection.held_out_from_eval
+                                 else "from the calibration pool, disjoint from evaluation)"),
+        "evaluation images": len(labels) if not failed else f"{len(labels)} ({len(failed)} undecodable skipped)",
+        "preprocessing": _describe(model.preprocess), "calibration": f"{cfg.calib_method} histogram ranges",
         "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
         "activations": "per-tensor asymmetric (uint8 container)", "seed": cfg.seed, "ptqcal": __version__,
         "python": platform.python_version(), "machine": platform.machine(),
@@ -212,6 +242,12 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
     report = work / "report.md"
     report.write_text(report_markdown(results, run_info, figures, notes))
     return report
+
+
+def _describe(p: PreprocessCfg) -> str:
+    resize = f"resize {p.resize} + centre crop {p.input_size[1]}x{p.input_size[2]}" if p.resize else \
+        f"{p.input_size[1]}x{p.input_size[2]}"
+    return f"{resize}, (x/{p.pixel_max:g} - {[round(m, 4) for m in p.mean]}) / {[round(s, 4) for s in p.std]}"
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -258,13 +294,15 @@ def compare_torch(cfg: RunConfig, work: Path | None = None) -> list[TorchAgreeme
 
     specs = [QuantSpec(w, a, cfg.weight_scale).validate() for a in cfg.act_bits for w in cfg.weight_bits]
     entry = get_model_entry(cfg.model)
-    dataset = load_dataset(cfg.dataset or entry.default_dataset)
+    dataset = _load_dataset(cfg)
     with tempfile.TemporaryDirectory(prefix="ptqcal-compare-") as tmp:
         model = prepare_model(cfg, dataset, Path(tmp))
         module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
-        calib = _preprocess(model.preprocess, draw_calibration(dataset.calib_pool, cfg.calib_size, cfg.seed).images)
-        inputs = _preprocess(model.preprocess, dataset.eval.images)
-        labels = dataset.eval.labels
+        calib_split, evaluation, _ = decode_selection(select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size),
+                                                      model.preprocess, cfg.strict)
+        calib = _preprocess(model.preprocess, calib_split.images)
+        inputs = _preprocess(model.preprocess, evaluation.images)
+        labels = evaluation.labels
         reader = ArrayDataReader("input", calib, 64)
         prepared = prepare(model.float_path, Path(tmp) / "prepared.onnx")
         histograms = collect_histograms(prepared, reader, progress=cfg.progress)

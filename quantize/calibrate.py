@@ -132,7 +132,8 @@ def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bi
             values = dict(zip(outputs, session.run(outputs, feed)))
             values.update(feed)
             for name, histogram in histograms.items():
-                histogram.update(values[name])
+                histogram.update(values.pop(name))  # free each output once counted: one batch alive at a time
+            del values, feed
             bar.update()
     return histograms
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from importlib import resources
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
 
 CALIB_METHODS = ("minmax", "mse", "percentile", "entropy")
+SHIPPED_CONFIGS = Path(str(resources.files("ptqcal.configs")))  # configs/ installed as ptqcal.configs
 EXECUTIONS = ("deployed", "simulated")
 
 
@@ -85,14 +87,23 @@ class RunConfig:
         return {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(self).items()}
 
 
+def config_keys() -> set[str]:
+    """Settings a config file may hold: the command line's, so ``precisions`` and not ``fp16``."""
+    return (RunConfig.fields() - {"fp16", "progress"}) | {"precisions"}
+
+
 def read_config_file(path: Path) -> dict:
     """Settings from a TOML file whose keys are ``ptqcal run``'s options (``weight-bits`` or
-    ``weight_bits``). ``$VARS`` in strings are expanded; an unset one is an error."""
+    ``weight_bits``). ``$VARS`` in strings are expanded; a setting whose variable is not set is
+    left out, so the command line (or the error for a missing path) decides."""
     import tomllib
 
     path = Path(path)
+    if not path.is_file() and path.suffix == "" and (SHIPPED_CONFIGS / f"{path}.toml").is_file():
+        path = SHIPPED_CONFIGS / f"{path}.toml"
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        shipped = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.toml")))
+        raise UserError(f"config file not found: {path} (shipped configs: {shipped})")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -100,12 +111,11 @@ def read_config_file(path: Path) -> dict:
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in RunConfig.fields() or name == "progress":
+        if name not in config_keys():
             raise UserError(f"{path}: unknown setting {key!r}")
         if isinstance(value, str):
-            expanded = os.path.expandvars(value)
-            if "$" in expanded:
-                raise UserError(f"{path}: {key} = {value!r} uses an environment variable that is not set")
-            value = expanded
+            value = os.path.expandvars(value)
+            if "$" in value:  # an unset variable: leave the setting to the command line
+                continue
         values[name] = value
     return values

@@ -178,7 +178,8 @@ def _cifar_folder(root: Path, classes: int) -> Path:
     for candidate in (root / name, root):
         if (candidate / ("test" if classes == 100 else "test_batch")).is_file():
             return candidate
-    raise UserError(f"no {name} folder under {root}: give --data-dir (or --download when online)")
+    raise UserError(f"no {name} folder under {root}: give --data-dir or $PTQCAL_CIFAR{classes}_DIR "
+                    "(or --download when online)")
 
 
 def _read_cifar_pickles(files: list[Path], label_key: str) -> Split:

@@ -139,3 +139,53 @@ def test_exclude_names_must_exist(tmp_path, capsys):
                           "--calib-size", "32", "--exclude", "no_such_node"], capsys)
     assert code == 2 and "no_such_node" in err[0] and len(err) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_config_file_sets_options_and_the_command_line_wins(tmp_path, monkeypatch):
+    import argparse
+
+    from ptqcal import cli
+
+    seen = {}
+    monkeypatch.setattr("ptqcal.pipeline.run", lambda cfg: seen.setdefault("cfg", cfg) and tmp_path / "r.md")
+    monkeypatch.setenv("MY_DATA", str(tmp_path / "data.npz"))
+    config = tmp_path / "c.toml"
+    config.write_text('weight-bits = [6, 5]\ncalib_size = 32\ndataset = "${MY_DATA}"\nmean = [0.5]\n'
+                      'weights = "${NOT_SET_ANYWHERE}"\nskip-first-layer = true\n')
+    assert cli.main(["run", "--config", str(config), "--calib-size", "16"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.weight_bits == (6, 5) and cfg.calib_size == 16 and cfg.dataset == str(tmp_path / "data.npz")
+    assert cfg.mean == (0.5,) and cfg.weights is None and cfg.skip_first_layer
+
+
+@pytest.mark.parametrize("text, message", [("bogus = 1\n", "unknown setting 'bogus'"),
+                                           ("weight-bits = [8\n", "not valid TOML"),
+                                           ("calib-size = 'many'\n", "calib_size")])
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys, text, message):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    code, err = _run_cli(["run", "--config", str(config)], capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_shipped_configs_parse():
+    from ptqcal.cli import build_parser
+    from ptqcal.config import SHIPPED_CONFIGS, read_config_file
+
+    run_options = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions}
+
+    names = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.toml"))
+    assert names == ["efficientnet_lite0_imagenet", "mobilenetv2_imagenet", "resnet20_cifar100",
+                     "resnet50_imagenet", "resnet56_cifar100"]
+    for name in names:
+        values = read_config_file(name)
+        assert values["calib_size"] == 1024 and values["calib_method"] == "mse"
+        assert set(values) <= run_options
+
+
+def test_a_folder_without_images_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "data" / "cls").mkdir(parents=True)
+    code, err = _run_cli(["run", "--model", str(tiny_onnx_classifier(tmp_path / "t.onnx")), "--dataset", "folder",
+                          "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and len(err) == 1 and "no images" in err[0]
+    assert not (tmp_path / "r").exists()

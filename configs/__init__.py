@@ -1,0 +1,1 @@
+"""Shipped run configurations: ``ptqcal run --config NAME`` or ``--config FILE.toml``."""

@@ -1,0 +1,96 @@
+"""Datasets: loaders, decoding as torchvision does it, reproducible disjoint selections."""
+
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ptqcal.data import (Dataset, Split, decode_images, load_cifar, load_csv, load_dataset, load_folder,
+                         load_image, select)
+from ptqcal.errors import UserError
+
+from conftest import SHARED
+
+
+def _write_images(folder, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index, (w, h) in enumerate(sizes):
+        path = folder / f"img{index}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_resize_and_crop_equal_torchvision(tmp_path):
+    transforms = pytest.importorskip("torchvision.transforms")
+    paths = _write_images(tmp_path, [(300, 400), (500, 256), (256, 256), (333, 999), (224, 300)])
+    real = sorted((SHARED / "data/imagenet_samples/images").glob("*.jpg"))[:10]
+    reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    for path in paths + real:
+        with Image.open(path) as image:
+            expected = np.asarray(reference(image.convert("RGB")))
+        np.testing.assert_array_equal(load_image(path, (3, 224, 224), resize=256), expected)
+
+
+def test_selection_is_reproducible_and_disjoint():
+    split = Split(np.arange(100).reshape(100, 1, 1), np.arange(100) % 10)
+    held_out = Dataset("d", eval=split)
+    a, b = select(held_out, 30, seed=5), select(held_out, 30, seed=5)
+    np.testing.assert_array_equal(a.calib.images, b.calib.images)
+    calib_ids, eval_ids = set(a.calib.images.ravel()), set(a.eval.images.ravel())
+    assert len(calib_ids) == 30 and len(eval_ids) == 70 and not calib_ids & eval_ids and a.held_out_from_eval
+    assert set(select(held_out, 30, seed=6).calib.images.ravel()) != calib_ids
+    pooled = Dataset("d", eval=split, calib_pool=Split(np.arange(100, 150).reshape(50, 1, 1), np.zeros(50, int)))
+    chosen = select(pooled, 20, seed=0, eval_size=40)
+    assert len(chosen.eval) == 40 and chosen.calib.images.min() >= 100 and not chosen.held_out_from_eval
+    with pytest.raises(UserError, match="larger than"):
+        select(pooled, 51, seed=0)
+
+
+def test_cifar_pickles(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 6), ("test", 4)):
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        batch = {b"data": images.transpose(0, 3, 1, 2).reshape(n, -1), b"fine_labels": list(range(n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+        if name == "test":
+            expected = images
+    dataset = load_cifar(tmp_path, 100)
+    assert len(dataset.calib_pool) == 6 and len(dataset.eval) == 4
+    np.testing.assert_array_equal(dataset.eval.images, expected)  # HWC pixels, as the pickles' CHW rows
+    np.testing.assert_array_equal(dataset.eval.labels, [0, 1, 2, 3])
+    with pytest.raises(UserError, match="cifar-100-python"):
+        load_cifar(tmp_path / "nowhere", 100)
+
+
+def test_folder_and_csv(tmp_path):
+    for name in ("b_cat", "a_dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        _write_images(tmp_path / "data" / name, [(40, 30), (30, 40)])
+    split = load_folder(tmp_path / "data")
+    assert list(split.labels) == [0, 0, 1, 1]  # sorted class names: a_dog = 0
+    assert split.images[0].parent.name == "a_dog"
+    (tmp_path / "list.csv").write_text("path,label,name\ndata/a_dog/img0.png,3,dog\ndata/b_cat/img1.png,7,cat\n")
+    listed = load_csv(tmp_path / "list.csv")
+    assert list(listed.labels) == [3, 7] and listed.images[1].name == "img1.png"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        load_folder(tmp_path / "empty")
+    with pytest.raises(UserError, match="needs --data-dir"):
+        load_dataset("folder")
+
+
+def test_undecodable_images_are_skipped_or_fatal_with_strict(tmp_path):
+    good = _write_images(tmp_path, [(40, 40), (50, 40)])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    split = Split(good + [broken], np.array([0, 1, 2]))
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        decoded, failed = decode_images(split, (3, 32, 32))
+    assert failed == [broken] and decoded.images.shape == (2, 32, 32, 3) and list(decoded.labels) == [0, 1]
+    with pytest.raises(UserError, match="broken.jpg"):
+        decode_images(split, (3, 32, 32), strict=True)

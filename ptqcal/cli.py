@@ -38,6 +38,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="the dataset's folder or file "
                         "($PTQCAL_CIFAR100_DIR, $PTQCAL_IMAGENET_DIR)")
     parser.add_argument("--labels", type=Path, help="labels file for a flat ImageNet val folder")
+    parser.add_argument("--calib-data", type=Path, help="a separate calibration pool, of the same kind as "
+                        "--dataset (default: the dataset's train split, or images held out of evaluation)")
     parser.add_argument("--download", action="store_true", help="download CIFAR with torchvision (online only)")
     parser.add_argument("--strict", action="store_true", help="stop at an image that fails to decode "
                         "(default: skip it, warn, and count it in the report)")
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.config is not None:
             args = _apply_config_file(parser, argv, args)
         cfg = RunConfig(model=args.model, weights=args.weights, dataset=args.dataset, data_dir=args.data_dir,
-                        labels=args.labels, download=args.download, strict=args.strict, eval_size=args.eval_size,
+                        labels=args.labels, calib_data=args.calib_data, download=args.download, strict=args.strict, eval_size=args.eval_size,
                         resize=args.resize,
                         weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits),
                         fp16="fp16" in args.precisions, weight_scale=args.weight_scale,

@@ -28,6 +28,7 @@ class RunConfig:
     dataset: str | None = None  # a kind (digits, cifar100, imagenet, folder, csv, npz) or FILE.npz
     data_dir: Path | None = None  # where the dataset lives (file or folder)
     labels: Path | None = None  # labels file for a flat ImageNet val folder
+    calib_data: Path | None = None  # a separate calibration pool of the same dataset kind
     download: bool = False  # CIFAR through torchvision, when online
     strict: bool = False  # an image that fails to decode is an error instead of a skipped warning
     eval_size: int | None = None  # evaluate on a seeded subset of this many images

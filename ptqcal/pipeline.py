@@ -118,7 +118,11 @@ def excluded_nodes(cfg: RunConfig, prepared: Path) -> tuple[str, ...]:
 
 def _load_dataset(cfg: RunConfig) -> Dataset:
     kind = cfg.dataset or ("digits" if cfg.is_onnx_file else get_model_entry(cfg.model).default_dataset)
-    return load_dataset(kind, cfg.data_dir, cfg.labels, cfg.download)
+    dataset = load_dataset(kind, cfg.data_dir, cfg.labels, cfg.download)
+    if cfg.calib_data is None:
+        return dataset
+    pool = load_dataset(kind, cfg.calib_data, cfg.labels)
+    return replace(dataset, calib_pool=pool.calib_pool if pool.calib_pool is not None else pool.eval)
 
 
 def run(cfg: RunConfig) -> Path:

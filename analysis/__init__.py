@@ -1,7 +1,12 @@
-"""The paper's figures and tables from computed results (no onnxruntime or torch needed)."""
+"""The paper's figures, tables and report from saved runs (numpy and matplotlib; no onnxruntime
+or torch)."""
 
-from .figures import SwapPanel, plot_reliability, plot_swap_panels, reliability_from_logits, save_figure
-from .report import markdown_table, metrics_csv, metrics_json, report_markdown
+from .figures import (MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
+                      plot_swap_panels, plot_temperature, plot_transitions, reliability_from_logits, save_figure)
+from .report import build_report, markdown_table, metrics_csv, metrics_json, report_markdown
+from .results import ConfigAnalysis, RunAnalysis, analyse_run
 
-__all__ = ["SwapPanel", "markdown_table", "metrics_csv", "metrics_json", "plot_reliability",
-           "plot_swap_panels", "reliability_from_logits", "report_markdown", "save_figure"]
+__all__ = ["ConfigAnalysis", "MarginCurves", "RunAnalysis", "SwapPanel", "TemperatureEffect", "TransitionTable",
+           "analyse_run", "build_report", "markdown_table", "metrics_csv", "metrics_json", "plot_margin",
+           "plot_reliability", "plot_swap_panels", "plot_temperature", "plot_transitions",
+           "reliability_from_logits", "report_markdown", "save_figure"]

@@ -1,8 +1,14 @@
-"""The paper's figures, plotted from computed results (compute with ptqcal.evaluate, plot here)."""
+"""The paper's figures and the ones it leaves out, each plotted from computed results.
+
+Every figure has a small data class built ``from_run`` (the computation) and a ``plot_*``
+function (the drawing), as scikit-learn's ``Display.from_predictions``: restyle or re-plot from
+saved runs without recomputing.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -13,49 +19,74 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ptqcal.evaluate import ConfigResult, ReliabilityCurve, reliability_curve, softmax  # noqa: E402
+from ptqcal.evaluate.metrics import swap_probability_by_margin  # noqa: E402
 
 FLOAT_COLOR = "#1f4e79"
+QUANT_COLOR = "#d1495b"
 FEW_SWAPS = 10
+STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.25,
+         "font.size": 9, "axes.titlesize": 10, "legend.frameon": False}
 
 
-def plot_reliability(curve: ReliabilityCurve, confidences: np.ndarray, title: str = "") -> Figure:
-    """Figure 1: reliability diagram over the confidence histogram, sharing the confidence axis."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]}, constrained_layout=True)
+def _colors(n: int) -> np.ndarray:
+    return plt.get_cmap("viridis")(np.linspace(0, 0.9, max(n, 1)))
+
+
+def _subplots(*args, **kwargs):
+    with plt.rc_context(STYLE):
+        return plt.subplots(*args, constrained_layout=True, **kwargs)
+
+
+# --- Figure 1: reliability -----------------------------------------------------------------------
+
+def plot_reliability(curve: ReliabilityCurve, confidences: np.ndarray, title: str = "",
+                     overlay: tuple[str, ReliabilityCurve, np.ndarray] | None = None) -> Figure:
+    """Reliability diagram (bars, with each bin's count) over the confidence histogram; an
+    optional second configuration (e.g. the lowest precision) is drawn as a line on both."""
+    fig, (top, bottom) = _subplots(2, 1, figsize=(5.2, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     centers = (curve.edges[:-1] + curve.edges[1:]) / 2
     width = np.diff(curve.edges)
     filled = curve.counts > 0
     top.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1, label="perfect calibration")
-    top.bar(centers[filled], curve.accuracy[filled], width=width[filled], color=FLOAT_COLOR,
-            edgecolor="white", alpha=0.85, label="accuracy")
+    top.bar(centers[filled], curve.accuracy[filled], width=width[filled], color=FLOAT_COLOR, edgecolor="white",
+            alpha=0.85, label=f"float accuracy (ECE {100 * curve.ece:.2f}%)")
     top.bar(centers[filled], (curve.confidence - curve.accuracy)[filled], bottom=curve.accuracy[filled],
-            width=width[filled], color="#d1495b", alpha=0.35, edgecolor="#d1495b", hatch="//",
-            label="gap to confidence")
+            width=width[filled], color=QUANT_COLOR, alpha=0.3, edgecolor=QUANT_COLOR, hatch="//",
+            label="gap to mean confidence")
+    for x, y, n in zip(centers[filled], curve.accuracy[filled], curve.counts[filled]):
+        top.text(x, min(y, 0.93) + 0.02, str(n), ha="center", fontsize=6.5, color="0.25")
+    bottom.hist(confidences, bins=curve.edges, color=FLOAT_COLOR, alpha=0.85, edgecolor="white", label="float")
+    if overlay is not None:
+        name, other, other_conf = overlay
+        ok = other.counts > 0
+        other_centers = (other.edges[:-1] + other.edges[1:]) / 2
+        top.plot(other_centers[ok], other.accuracy[ok], "o-", color=QUANT_COLOR, ms=3.5,
+                 label=f"{name} accuracy (ECE {100 * other.ece:.2f}%)")
+        bottom.hist(other_conf, bins=curve.edges, histtype="step", lw=1.6, color=QUANT_COLOR, label=name)
     top.set_ylabel("accuracy in bin")
-    top.set_ylim(0, 1)
+    top.set_ylim(0, 1.02)
     top.set_title(title or "Reliability")
-    top.text(0.03, 0.95, f"ECE = {100 * curve.ece:.2f}%  ({len(curve.edges) - 1} bins)",
-             transform=top.transAxes, va="top")
-    top.legend(loc="lower right", fontsize=8)
-    bottom.hist(confidences, bins=curve.edges, color=FLOAT_COLOR, alpha=0.85, edgecolor="white")
+    top.legend(loc="upper left", fontsize=7.5, frameon=True, framealpha=0.9, edgecolor="white")
     bottom.set_yscale("log")
     accuracy = np.sum(curve.accuracy[filled] * curve.counts[filled]) / curve.counts.sum()
-    bottom.axvline(accuracy, color="k", ls="--", lw=1, label=f"accuracy {100 * accuracy:.1f}%")
-    bottom.axvline(confidences.mean(), color="#d1495b", lw=1.5,
-                   label=f"mean confidence {100 * confidences.mean():.1f}%")
+    bottom.axvline(accuracy, color="k", ls="--", lw=1, label=f"float accuracy {100 * accuracy:.1f}%")
+    bottom.axvline(confidences.mean(), color=FLOAT_COLOR, lw=1.5,
+                   label=f"float mean confidence {100 * confidences.mean():.1f}%")
     bottom.set_xlabel("confidence (max softmax probability)")
     bottom.set_ylabel("# predictions (log)")
     bottom.set_xlim(0, 1)
-    bottom.legend(loc="upper left", fontsize=8)
+    bottom.legend(loc="upper left", fontsize=7.5)
     return fig
 
 
 def reliability_from_logits(logits: np.ndarray, labels: np.ndarray, title: str = "") -> Figure:
     probabilities = softmax(logits.astype(np.float64))
     confidences = probabilities.max(axis=1)
-    curve = reliability_curve(confidences, probabilities.argmax(axis=1) == labels)
-    return plot_reliability(curve, confidences, title)
+    return plot_reliability(reliability_curve(confidences, probabilities.argmax(axis=1) == labels),
+                            confidences, title)
 
+
+# --- Figure 2: swaps per precision ------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class SwapPanel:
@@ -67,6 +98,9 @@ class SwapPanel:
     delta_error_pp: list[float]
     ratio: list[float]
     swapped_confidences: list[np.ndarray]
+    swapped_std: list[float] | None = None  # spread over calibration repeats
+    delta_std: list[float] | None = None
+    ratio_std: list[float] | None = None
 
     @classmethod
     def from_results(cls, model: str, results: Sequence[ConfigResult]) -> "SwapPanel":
@@ -75,18 +109,36 @@ class SwapPanel:
                    [r.change.delta_top1_error_pp for r in quantized], [r.change.ratio for r in quantized],
                    [r.change.swapped_confidences for r in quantized])
 
+    @classmethod
+    def from_run(cls, run) -> "SwapPanel":
+        q = run.quantized
+        spread = all(c.spread for c in q) and bool(q)
+        return cls(run.name, [c.name for c in q], [c.metrics["swapped_pct"] for c in q],
+                   [c.metrics["delta_top1_error_pp"] for c in q], [c.metrics["delta_error_per_swapped"] for c in q],
+                   [c.change.swapped_confidences for c in q],
+                   [c.spread["swapped_pct"] for c in q] if spread else None,
+                   [c.spread["delta_top1_error_pp"] for c in q] if spread else None,
+                   [c.spread["delta_error_per_swapped"] for c in q] if spread else None)
+
+
+def _band(axis, x, values, std, color):
+    if std is not None:
+        values, std = np.asarray(values, float), np.asarray(std, float)
+        axis.fill_between(x, values - std, values + std, color=color, alpha=0.2, lw=0)
+
 
 def plot_swap_panels(panels: Sequence[SwapPanel]) -> Figure:
-    """Figure 2: per model (column), % swapped and delta error, their ratio, and the float
-    confidence of the swapped predictions per precision."""
-    fig, axes = plt.subplots(3, len(panels), figsize=(4.6 * len(panels), 9), squeeze=False,
-                             constrained_layout=True)
+    """Figure 2, one column per model: % swapped and Δ error per precision; their ratio; and the
+    float confidence of the swapped predictions. Bands: ± one std over calibration repeats."""
+    fig, axes = _subplots(3, len(panels), figsize=(4.6 * len(panels), 9), squeeze=False)
     bins = np.linspace(0, 1, 16)
     for column, panel in enumerate(panels):
         x = np.arange(len(panel.configs))
         top, middle, bottom = axes[:, column]
-        top.plot(x, panel.swapped_pct, "o-", color="#d1495b", label="% predictions swapped")
+        top.plot(x, panel.swapped_pct, "o-", color=QUANT_COLOR, label="% predictions swapped")
+        _band(top, x, panel.swapped_pct, panel.swapped_std, QUANT_COLOR)
         top.plot(x, panel.delta_error_pp, "s-", color=FLOAT_COLOR, label="Δ top-1 error (pp)")
+        _band(top, x, panel.delta_error_pp, panel.delta_std, FLOAT_COLOR)
         top.axhline(0, color="0.6", lw=0.8)
         top.set_ylabel("% of evaluation set")
         top.set_title(panel.model)
@@ -94,6 +146,7 @@ def plot_swap_panels(panels: Sequence[SwapPanel]) -> Figure:
         counts = np.array([len(c) for c in panel.swapped_confidences])
         ratio = np.array(panel.ratio, dtype=float)
         middle.plot(x, ratio, "-", color="#00798c")
+        _band(middle, x, ratio, panel.ratio_std, "#00798c")
         few = counts < FEW_SWAPS
         middle.plot(x[~few], ratio[~few], "o", color="#00798c")
         if few.any():
@@ -105,9 +158,8 @@ def plot_swap_panels(panels: Sequence[SwapPanel]) -> Figure:
         for axis in (top, middle):
             axis.set_xticks(x, panel.configs)
             axis.set_xlabel("precision")
-        colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(panel.configs), 1)))
         shown = FEW_SWAPS if counts.max(initial=0) >= FEW_SWAPS else 1  # hide histograms of a handful
-        for name, confidences, color in zip(panel.configs, panel.swapped_confidences, colors):
+        for name, confidences, color in zip(panel.configs, panel.swapped_confidences, _colors(len(panel.configs))):
             if len(confidences) >= shown:
                 bottom.hist(confidences, bins=bins, histtype="step", lw=1.8, color=color,
                             weights=np.full(len(confidences), 100 / len(confidences)),
@@ -122,6 +174,129 @@ def plot_swap_panels(panels: Sequence[SwapPanel]) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path) -> None:
-    fig.savefig(path, dpi=130)
+# --- Figure 3: transitions ---------------------------------------------------------------------
+
+TRANSITIONS = (("correct_to_wrong", "correct → wrong", QUANT_COLOR),
+               ("wrong_to_correct", "wrong → correct", "#66a182"),
+               ("wrong_to_other_wrong", "wrong → other wrong", "#edae49"))
+
+
+@dataclass(frozen=True)
+class TransitionTable:
+    model: str
+    configs: list[str]
+    percent: dict[str, list[float]]  # transition -> % of evaluation set per config
+
+    @classmethod
+    def from_run(cls, run) -> "TransitionTable":
+        q = run.quantized
+        return cls(run.name, [c.name for c in q], {key: [c.metrics[f"{key}_pct"] for c in q]
+                                                     for key, _, _ in TRANSITIONS})
+
+
+def plot_transitions(tables: Sequence[TransitionTable]) -> Figure:
+    """Swapped predictions by what happened to them, stacked per precision (they sum to % swapped)."""
+    fig, axes = _subplots(1, len(tables), figsize=(4.6 * len(tables), 3.6), squeeze=False)
+    for axis, table in zip(axes[0], tables):
+        x = np.arange(len(table.configs))
+        bottom = np.zeros(len(x))
+        for key, label, color in TRANSITIONS:
+            values = np.asarray(table.percent[key])
+            axis.bar(x, values, bottom=bottom, color=color, label=label, width=0.7)
+            bottom += values
+        axis.set_xticks(x, table.configs)
+        axis.set_xlabel("precision")
+        axis.set_ylabel("% of evaluation set")
+        axis.set_title(f"{table.model}: what the swaps were")
+        axis.legend(fontsize=8)
+    return fig
+
+
+# --- Figure 4: swap probability vs margin ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class MarginCurves:
+    model: str
+    configs: list[str]
+    centers: list[np.ndarray]  # float logit margin at the middle of each equal-mass bin
+    probability: list[np.ndarray]
+
+    @classmethod
+    def from_run(cls, run, n_bins: int = 20) -> "MarginCurves":
+        curves = [swap_probability_by_margin(c.change, n_bins) for c in run.quantized]
+        return cls(run.name, [c.name for c in run.quantized],
+                   [np.sqrt(np.maximum(c["edges"][:-1], 1e-3) * c["edges"][1:]) for c in curves],
+                   [c["swap_probability"] for c in curves])
+
+
+def plot_margin(curves: Sequence[MarginCurves]) -> Figure:
+    """How likely a prediction is to swap, by the float model's top-1 minus top-2 logit."""
+    fig, axes = _subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False)
+    for axis, curve in zip(axes[0], curves):
+        for name, x, p, color in zip(curve.configs, curve.centers, curve.probability, _colors(len(curve.configs))):
+            axis.plot(x, p, "o-", ms=3, color=color, label=name)
+        axis.set_xscale("log")
+        axis.set_xlabel("float logit margin (top-1 − top-2), 20 equal-mass bins")
+        axis.set_ylabel("P(prediction swapped)")
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_title(curve.model)
+        axis.legend(fontsize=8)
+    return fig
+
+
+# --- Figure 5: temperature scaling ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TemperatureEffect:
+    model: str
+    temperature: float
+    configs: list[str]
+    ece: list[float]
+    ece_scaled: list[float]
+    swapped_name: str
+    swapped_confidence: np.ndarray  # float confidence of that config's swaps, before scaling
+    swapped_confidence_scaled: np.ndarray
+
+    @classmethod
+    def from_run(cls, run) -> "TemperatureEffect | None":
+        if run.temperature is None or not run.quantized:
+            return None
+        chosen = max(run.quantized, key=lambda c: c.change.swapped.sum())
+        probabilities = softmax(run.float.logits.astype(np.float64) / run.temperature)
+        return cls(run.name, run.temperature, [c.name for c in run.configs], [c.metrics["ece"] for c in run.configs],
+                   [c.metrics["ece_temperature"] for c in run.configs], chosen.name,
+                   chosen.change.swapped_confidences, probabilities.max(1)[chosen.change.swapped])
+
+
+def plot_temperature(effects: Sequence[TemperatureEffect]) -> Figure:
+    """ECE before and after the float model's temperature, and where the swapped predictions'
+    confidences move (the swaps themselves do not change)."""
+    fig, axes = _subplots(2, len(effects), figsize=(4.6 * len(effects), 6.4), squeeze=False)
+    for column, effect in enumerate(effects):
+        top, bottom = axes[:, column]
+        x = np.arange(len(effect.configs))
+        top.bar(x - 0.2, effect.ece, 0.4, color=QUANT_COLOR, label="as is")
+        top.bar(x + 0.2, effect.ece_scaled, 0.4, color="#66a182", label=f"temperature T = {effect.temperature:.2f}")
+        top.set_xticks(x, effect.configs)
+        top.set_ylabel("ECE (%)")
+        top.set_title(f"{effect.model}: temperature scaling")
+        top.legend(fontsize=8)
+        bins = np.linspace(0, 1, 16)
+        bottom.hist(effect.swapped_confidence, bins=bins, histtype="step", lw=1.8, color=QUANT_COLOR,
+                    label="float confidence")
+        bottom.hist(effect.swapped_confidence_scaled, bins=bins, histtype="step", lw=1.8, color="#66a182",
+                    label=f"after temperature {effect.temperature:.2f}")
+        bottom.set_xlabel(f"confidence of the {len(effect.swapped_confidence)} predictions {effect.swapped_name} swaps")
+        bottom.set_ylabel("# predictions")
+        bottom.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> list[Path]:
+    """Write ``path`` (PNG) and the same figure as SVG beside it."""
+    path = Path(path)
+    written = [path.with_suffix(".png"), path.with_suffix(".svg")]
+    fig.savefig(written[0], dpi=130)
+    fig.savefig(written[1])
     plt.close(fig)
+    return written

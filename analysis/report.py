@@ -1,105 +1,297 @@
-"""Tables and the Markdown report of one run."""
+"""Tables, ``report.md`` and a self-contained ``report.html`` for one or several runs."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 import json
 import math
+import os
+import platform
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ptqcal.evaluate import ConfigResult
+from ptqcal import __version__
+from ptqcal.atomic import atomic_path
+
+from .figures import (MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
+                      plot_swap_panels, plot_temperature, plot_transitions, save_figure)
+from .results import HEADLINE, RunAnalysis, analyse_run, float_reliability
 
 COLUMNS = [
     ("config", "config", "{}"),
     ("top1_error", "top-1 err %", "{:.2f}"),
     ("top5_error", "top-5 err %", "{:.2f}"),
     ("nll", "NLL", "{:.4f}"),
+    ("brier", "Brier", "{:.4f}"),
     ("ece", "ECE %", "{:.2f}"),
+    ("ece_equal_mass", "ECE eq-mass %", "{:.2f}"),
+    ("mce", "MCE %", "{:.1f}"),
+    ("classwise_ece", "classwise ECE %", "{:.3f}"),
     ("mean_confidence", "mean conf %", "{:.2f}"),
+    ("ece_temperature", "ECE after T %", "{:.2f}"),
     ("swapped_pct", "% swapped", "{:.2f}"),
     ("delta_top1_error_pp", "Δ err (pp)", "{:+.2f}"),
     ("delta_error_per_swapped", "Δ err / % swapped", "{:.3f}"),
     ("mean_float_conf_swapped", "float conf of swapped %", "{:.1f}"),
+    ("correct_to_wrong_pct", "correct→wrong %", "{:.2f}"),
+    ("wrong_to_correct_pct", "wrong→correct %", "{:.2f}"),
+    ("wrong_to_other_wrong_pct", "wrong→wrong %", "{:.2f}"),
 ]
+FIGURES = {
+    "fig1_reliability": ("Figure 1 — calibration of the float model",
+                         "Bars: accuracy per confidence bin (number of predictions above each bar); hatched: the gap "
+                         "up to the bin's mean confidence, i.e. overconfidence; the line is the lowest precision. "
+                         "Below: how many predictions fall in each bin."),
+    "fig2_swaps": ("Figure 2 — what quantization changed",
+                   "Top: % of predictions swapped and the change in top-1 error per precision. Middle: their ratio; "
+                   "it stays low while only unsure predictions flip. Bottom: the float model's confidence in the "
+                   "predictions each precision swapped."),
+    "fig3_transitions": ("Figure 3 — what the swaps were",
+                         "Each bar is % swapped, split into predictions quantization broke, fixed, or moved from one "
+                         "wrong class to another; only the first two move the error."),
+    "fig4_margin": ("Figure 4 — which predictions swap",
+                    "The probability that a prediction swaps, against the float model's top-1 minus top-2 logit: "
+                    "small margins flip, large ones hold."),
+    "fig5_temperature": ("Figure 5 — post-hoc temperature scaling",
+                         "One temperature fitted on the float model's calibration-split logits, applied to every "
+                         "precision: ECE before and after, and where the swapped predictions' confidences move. "
+                         "Temperature changes no prediction, so the swaps stay the same."),
+}
 
 
 def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def metrics_rows(results: Sequence[ConfigResult]) -> list[dict[str, Any]]:
-    return [{key: _clean(value) for key, value in result.row().items()} for result in results]
+def metrics_rows(run: RunAnalysis) -> list[dict[str, Any]]:
+    rows = []
+    for config in run.configs:
+        row = {"model": run.name, "config": config.name}
+        row.update({k: _clean(v) for k, v in config.metrics.items()})
+        row.update({f"{k}_ci95": list(v) for k, v in config.intervals.items()})
+        row.update({f"{k}_std": _clean(v) for k, v in config.spread.items() if k in HEADLINE})
+        rows.append(row)
+    return rows
 
 
-def metrics_csv(results: Sequence[ConfigResult]) -> str:
+def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
+    keys = ["model"] + [key for key, _, _ in COLUMNS]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[key for key, _, _ in COLUMNS], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    for row in metrics_rows(results):
-        writer.writerow({key: "" if row.get(key) is None else row.get(key) for key, _, _ in COLUMNS})
+    for run in runs:
+        for row in metrics_rows(run):
+            writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in keys})
     return buffer.getvalue()
 
 
-def metrics_json(results: Sequence[ConfigResult], run_info: dict[str, Any]) -> str:
-    return json.dumps({"run": run_info, "configs": metrics_rows(results)}, indent=2)
+def metrics_json(runs: Sequence[RunAnalysis]) -> str:
+    return json.dumps({"runs": [{"model": r.name, "run": r.info.get("run", {}), "temperature": r.temperature,
+                                 "configs": metrics_rows(r)} for r in runs]}, indent=2)
 
 
-def markdown_table(results: Sequence[ConfigResult]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    for row in metrics_rows(results):
-        cells = ["–" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    text = fmt.format(value)
+    if row.get(f"{key}_std") is not None:
+        text += f" ± {row[f'{key}_std']:.2f}"
+    elif row.get(f"{key}_ci95") is not None:
+        lo, hi = row[f"{key}_ci95"]
+        text += f" [{lo:.1f}, {hi:.1f}]"
+    return text
+
+
+CHANGE_KEYS = {"swapped_pct", "delta_top1_error_pp", "delta_error_per_swapped", "mean_float_conf_swapped",
+               "correct_to_wrong_pct", "wrong_to_correct_pct", "wrong_to_other_wrong_pct"}
+
+
+def markdown_table(run: RunAnalysis, columns: Sequence[tuple[str, str, str]] = COLUMNS, quantized_only: bool = False) -> str:
+    rows = [r for r in metrics_rows(run) if not quantized_only or r["config"] != "float"]
+    present = [c for c in columns if c[0] == "config" or any(r.get(c[0]) is not None for r in rows)]
+    lines = ["| " + " | ".join(title for _, title, _ in present) + " |", "|" + "---|" * len(present)]
+    lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in present) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def sweep_reading(results: Sequence[ConfigResult], mild_ratio: float = 0.5) -> str:
+def markdown_tables(run: RunAnalysis) -> list[str]:
+    """Accuracy and calibration of every configuration; then what quantization changed."""
+    quality = [c for c in COLUMNS if c[0] not in CHANGE_KEYS]
+    change = [c for c in COLUMNS if c[0] == "config" or c[0] in CHANGE_KEYS]
+    tables = ["**Accuracy and calibration**", markdown_table(run, quality)]
+    if run.quantized:
+        tables += ["**What quantization changed** (against the float model on the same images)",
+                   markdown_table(run, change, quantized_only=True)]
+    return tables
+
+
+def sweep_reading(run: RunAnalysis, mild_ratio: float = 0.5) -> str:
     """One or two sentences on what the sweep shows, chosen from the numbers."""
-    floats = [r for r in results if r.change is None]
-    quantized = [r for r in results if r.change is not None and r.change.swapped.any()]
-    if not floats or not quantized:
-        return ""
-    overall = floats[0].metrics["mean_confidence"]
+    quantized = [c for c in run.quantized if c.change.swapped.any()]
+    if not quantized:
+        return "No precision swapped any prediction."
+    overall = run.float.metrics["mean_confidence"]
     sentences = []
-    mild = [r for r in quantized if r.change.ratio < mild_ratio]
+    mild = [c for c in quantized if c.metrics["delta_error_per_swapped"] < mild_ratio]
     if mild:
-        r = max(mild, key=lambda r: r.change.swapped_pct)
-        c = r.change.summary()
+        c = max(mild, key=lambda c: c.metrics["swapped_pct"]).metrics
+        name = max(mild, key=lambda c: c.metrics["swapped_pct"]).name
         sentences.append(
-            f"At {r.name}, {c['swapped_pct']:.2f}% of the predictions changed while the top-1 error moved by only "
-            f"{c['delta_top1_error_pp']:+.2f} pp (ratio {r.change.ratio:.2f}): the swapped predictions had a mean "
-            f"float confidence of {c['mean_float_conf_swapped']:.1f}%, against {overall:.1f}% over all predictions.")
-    severe = max(quantized, key=lambda r: r.change.ratio)
-    if severe.change.ratio >= mild_ratio and severe.change.swapped.sum() >= 10:
-        c = severe.change.summary()
+            f"At {name}, {c['swapped_pct']:.2f}% of the predictions changed while the top-1 error moved by only "
+            f"{c['delta_top1_error_pp']:+.2f} pp (ratio {c['delta_error_per_swapped']:.2f}): the swapped predictions had "
+            f"a mean float confidence of {c['mean_float_conf_swapped']:.1f}%, against {overall:.1f}% over all.")
+    severe = max(quantized, key=lambda c: c.metrics["delta_error_per_swapped"])
+    if severe.metrics["delta_error_per_swapped"] >= mild_ratio and severe.change.swapped.sum() >= 10:
         sentences.append(
-            f"At {severe.name} the ratio reaches {severe.change.ratio:.2f}: confident predictions start to flip "
-            f"(mean float confidence of the swapped ones {c['mean_float_conf_swapped']:.1f}%).")
+            f"At {severe.name} the ratio reaches {severe.metrics['delta_error_per_swapped']:.2f}: confident predictions "
+            f"start to flip (mean float confidence of the swapped ones {severe.metrics['mean_float_conf_swapped']:.1f}%).")
     return " ".join(sentences)
 
 
-def report_markdown(results: Sequence[ConfigResult], run_info: dict[str, Any], figures: dict[str, str],
-                    notes: Sequence[str] = ()) -> str:
-    info = "\n".join(f"- **{key}**: {value}" for key, value in run_info.items())
-    reading = sweep_reading(results)
-    parts = [
-        f"# ptqcal report: {run_info.get('model', '')}",
-        "## Run", info,
-        "## Metrics",
-        "Errors and ECE in %, NLL in nats. Swaps and Δ error are against the float model on the same images.",
-        markdown_table(results),
-        reading,
-        "## Figure 1 — float model calibration",
-        "Bars: accuracy per confidence bin; hatched: the gap up to the bin's mean confidence (overconfidence). "
-        "Below: how many predictions fall in each bin.",
-        f"![Figure 1]({figures['reliability']})",
-        "## Figure 2 — what quantization changed",
-        "Top: % of predictions swapped and the change in top-1 error per precision. Middle: their ratio. "
-        "Bottom: the float model's confidence in the predictions that quantization swapped.",
-        f"![Figure 2]({figures['swaps']})",
-    ]
-    if notes:
-        parts += ["## Notes", "\n".join(f"- {note}" for note in notes)]
-    return "\n\n".join(part for part in parts if part) + "\n"
+def environment() -> dict[str, str]:
+    import matplotlib
+    import numpy
+
+    info = {"ptqcal": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
+            "matplotlib": matplotlib.__version__, "platform": platform.platform(), "cpus": str(os.cpu_count())}
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        info["cpu"] = cpu.group(1) if cpu else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    return info
+
+
+def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
+    """All figures as PNG and SVG in ``out``; returns name -> PNG file name."""
+    written = {}
+    lead = runs[0]
+    lowest = lead.quantized[-1] if lead.quantized else None
+    curve, confidences = float_reliability(lead)
+    overlay = (lowest.name, *float_reliability(lead, lowest)) if lowest else None
+    save_figure(plot_reliability(curve, confidences, f"{lead.name}: float model", overlay), out / "fig1_reliability")
+    written["fig1_reliability"] = "fig1_reliability.png"
+    if any(r.quantized for r in runs):
+        with_q = [r for r in runs if r.quantized]
+        save_figure(plot_swap_panels([SwapPanel.from_run(r) for r in with_q]), out / "fig2_swaps")
+        save_figure(plot_transitions([TransitionTable.from_run(r) for r in with_q]), out / "fig3_transitions")
+        save_figure(plot_margin([MarginCurves.from_run(r) for r in with_q]), out / "fig4_margin")
+        written.update({k: f"{k}.png" for k in ("fig2_swaps", "fig3_transitions", "fig4_margin")})
+        effects = [e for e in (TemperatureEffect.from_run(r) for r in with_q) if e is not None]
+        if effects:
+            save_figure(plot_temperature(effects), out / "fig5_temperature")
+            written["fig5_temperature"] = "fig5_temperature.png"
+    return written
+
+
+def _run_section(run: RunAnalysis) -> list[str]:
+    info = run.info.get("run", {})
+    lines = [f"## {run.name}", "\n".join(f"- **{k}**: {v}" for k, v in info.items())]
+    if run.temperature is not None:
+        lines.append(f"- **temperature** (fitted on the float model's calibration-split logits): {run.temperature:.3f}")
+    lines += ["Errors, ECE and confidences in %, NLL in nats. Brackets: bootstrap 95% interval over evaluation "
+              "images; ± : std over calibration repeats.",
+              *markdown_tables(run), sweep_reading(run)]
+    if run.notes:
+        lines.append("\n".join(f"- {note}" for note in run.notes))
+    return lines
+
+
+def comparison(runs: Sequence[RunAnalysis]) -> list[str]:
+    """Several models side by side: float calibration, and how each holds up at its lowest precision."""
+    if len(runs) < 2 or not all(r.quantized for r in runs):
+        return []
+    lines = ["| model | float top-1 err % | float ECE % | float mean conf % | lowest precision | % swapped | "
+             "Δ err (pp) | Δ err / % swapped | float conf of swapped % |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        f, q = run.float.metrics, run.quantized[-1]
+        m = q.metrics
+        ratio = m["delta_error_per_swapped"]
+        lines.append(f"| {run.name} | {f['top1_error']:.2f} | {f['ece']:.2f} | {f['mean_confidence']:.2f} | {q.name} | "
+                     f"{m['swapped_pct']:.2f} | {m['delta_top1_error_pp']:+.2f} | "
+                     f"{'–' if math.isnan(ratio) else f'{ratio:.3f}'} | "
+                     f"{m['mean_float_conf_swapped']:.1f} |")
+    return ["## Comparison", "Each model's float calibration, and what its lowest precision changed.", "\n".join(lines)]
+
+
+def report_markdown(runs: Sequence[RunAnalysis], figures: dict[str, str]) -> str:
+    title = " vs ".join(r.name for r in runs)
+    parts = [f"# ptqcal report: {title}", *comparison(runs)]
+    for run in runs:
+        parts += _run_section(run)
+    for key, file in figures.items():
+        heading, reading = FIGURES[key]
+        parts += [f"## {heading}", reading, f"![{heading}]({file})"]
+    parts += ["## Environment", "\n".join(f"- **{k}**: {v}" for k, v in environment().items())]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _markdown_to_html(text: str, folder: Path) -> str:
+    """The report's small Markdown subset (headings, bullets, tables, images) as HTML, with images
+    embedded as data URIs so the page needs nothing else."""
+    out, table = [], []
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+
+    def flush_table():
+        if table:
+            head, *body = table
+            out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in body)
+                       + "</tbody></table>")
+            table.clear()
+
+    for block in text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("|"):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                if not all(set(c) <= {"-"} for c in cells):
+                    table.append(cells)
+                continue
+            flush_table()
+            if line.startswith("#"):
+                level = len(line) - len(line.lstrip("#"))
+                out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+            elif line.startswith("- "):
+                out.append(f"<li>{inline(line[2:])}</li>")
+            elif line.startswith("!["):
+                alt, src = re.match(r"!\[(.*)\]\((.*)\)", line).groups()
+                data = base64.b64encode((folder / src).read_bytes()).decode()
+                out.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>')
+            elif line.strip():
+                out.append(f"<p>{inline(line)}</p>")
+        flush_table()
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}"
+             "li{list-style:none;margin:.1em 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>ptqcal report</title><style>{style}</style>" \
+           f"</head><body>{''.join(out)}</body></html>\n"
+
+
+def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """Analyse saved runs and write metrics, figures (PNG + SVG), report.md and report.html.
+
+    Needs only the run folders' ``logits.npz`` and ``run.json``: no model is run, and neither
+    onnxruntime nor torch is imported.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [analyse_run(folder) for folder in run_dirs]
+    figures = write_figures(runs, out)
+    for name, text in (("metrics.csv", metrics_csv(runs)), ("metrics.json", metrics_json(runs))):
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
+    markdown = report_markdown(runs, figures)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(markdown)
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(_markdown_to_html(markdown, out))
+    return out / "report.md"

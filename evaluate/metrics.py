@@ -1,12 +1,15 @@
-"""Accuracy, likelihood, calibration and what quantization changed: pure numpy functions."""
+"""Accuracy, likelihood and calibration of one model: pure numpy functions and a streaming
+accumulator (torchmetrics-style ``update``/``compute``) that never holds more than a chunk of
+probabilities."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 ECE_BINS = 15
+CHUNK = 4096  # rows converted to float64 probabilities at a time
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -22,9 +25,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def top_k_error(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
     """Fraction of rows whose label is not among the ``k`` largest logits."""
+    return float(1.0 - np.mean(_in_top_k(logits, labels, k)))
+
+
+def _in_top_k(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     k = min(k, logits.shape[1])
     top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(1.0 - np.mean(np.any(top == labels[:, None], axis=1)))
+    return np.any(top == labels[:, None], axis=1)
 
 
 def nll(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -32,9 +39,16 @@ def nll(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(log_softmax(logits.astype(np.float64))[np.arange(len(labels)), labels]))
 
 
+def brier(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over samples of the squared distance between the probabilities and the one-hot label."""
+    onehot = np.zeros_like(probabilities)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(np.mean(np.sum((probabilities - onehot) ** 2, axis=1)))
+
+
 @dataclass(frozen=True)
 class ReliabilityCurve:
-    """Per-bin mean confidence, accuracy and count over equal-width confidence bins."""
+    """Per-bin mean confidence, accuracy and count."""
 
     edges: np.ndarray  # (bins + 1,)
     confidence: np.ndarray  # (bins,), NaN where a bin is empty
@@ -47,35 +61,130 @@ class ReliabilityCurve:
         gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
         return float(np.sum(gaps * self.counts[filled]) / self.counts.sum())
 
+    @property
+    def mce(self) -> float:
+        """Maximum calibration error: the largest gap of a non-empty bin."""
+        filled = self.counts > 0
+        return float(np.max(np.abs(self.accuracy[filled] - self.confidence[filled])))
 
-def reliability_curve(confidences: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> ReliabilityCurve:
-    """Bin predictions by confidence into (lo, hi] bins (the first bin also holds 0)."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    index = np.clip(np.searchsorted(edges, confidences, side="left") - 1, 0, n_bins - 1)
+
+def reliability_curve(confidences: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS,
+                      strategy: str = "uniform") -> ReliabilityCurve:
+    """Bin predictions by confidence: ``uniform`` equal-width (lo, hi] bins (the first also holds
+    0), or ``quantile`` bins holding equal numbers of predictions (equal mass)."""
+    confidences = np.asarray(confidences, dtype=np.float64)
+    if strategy == "uniform":
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        index = np.clip(np.searchsorted(edges, confidences, side="left") - 1, 0, n_bins - 1)
+    elif strategy == "quantile":
+        order = np.argsort(confidences, kind="stable")
+        index = np.empty(len(confidences), dtype=np.int64)
+        index[order] = np.arange(len(confidences)) * n_bins // max(len(confidences), 1)
+        edges = np.concatenate([[0.0], [confidences[index == b].max() if np.any(index == b) else np.nan
+                                        for b in range(n_bins)]])
+    else:
+        raise ValueError(f"unknown binning strategy {strategy!r}")
     counts = np.bincount(index, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         confidence = np.bincount(index, weights=confidences, minlength=n_bins) / counts
-        accuracy = np.bincount(index, weights=correct.astype(np.float64), minlength=n_bins) / counts
+        accuracy = np.bincount(index, weights=np.asarray(correct, dtype=np.float64), minlength=n_bins) / counts
     return ReliabilityCurve(edges, confidence, accuracy, counts)
 
 
-def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Top-label ECE with equal-width bins: sum over bins of |accuracy - confidence| x bin share."""
-    return reliability_curve(confidences, correct, n_bins).ece
+def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS,
+                               strategy: str = "uniform") -> float:
+    """Top-label ECE: sum over bins of |accuracy - confidence| x the bin's share of predictions."""
+    return reliability_curve(confidences, correct, n_bins, strategy).ece
+
+
+def classwise_ece(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Mean over classes of the ECE of "is it class k" with confidence p_k (Kull et al., 2019)."""
+    classes = probabilities.shape[1]
+    return float(np.mean([expected_calibration_error(probabilities[:, k], labels == k, n_bins)
+                          for k in range(classes)]))
+
+
+@dataclass
+class ClassificationAccumulator:
+    """Streaming state of a model's metrics: ``update`` chunk by chunk, ``compute`` at the end.
+
+    Keeps per-sample confidence, correctness and NLL (three floats a sample, for equal-mass bins
+    and bootstrap intervals) and per-class bin sums for the classwise ECE; never the logits.
+    """
+
+    n_bins: int = ECE_BINS
+    confidence: list = field(default_factory=list)
+    correct: list = field(default_factory=list)
+    in_top5: list = field(default_factory=list)
+    sample_nll: list = field(default_factory=list)
+    brier_sum: float = 0.0
+    class_bins: np.ndarray | None = None  # (classes, bins, 3): count, sum of p_k, sum of [label == k]
+
+    def update(self, logits: np.ndarray, labels: np.ndarray) -> None:
+        for start in range(0, len(labels), CHUNK):
+            chunk, y = logits[start:start + CHUNK].astype(np.float64), labels[start:start + CHUNK]
+            log_p = log_softmax(chunk)
+            p = np.exp(log_p)
+            self.confidence.append(p.max(axis=1))
+            self.correct.append(p.argmax(axis=1) == y)
+            self.in_top5.append(_in_top_k(chunk, y, 5))
+            self.sample_nll.append(-log_p[np.arange(len(y)), y])
+            self.brier_sum += brier(p, y) * len(y)
+            self._update_classwise(p, y)
+
+    def _update_classwise(self, p: np.ndarray, y: np.ndarray) -> None:
+        classes = p.shape[1]
+        if self.class_bins is None:
+            self.class_bins = np.zeros((classes, self.n_bins, 3))
+        edges = np.linspace(0.0, 1.0, self.n_bins + 1)
+        index = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, self.n_bins - 1)  # (n, classes)
+        flat = (np.arange(classes)[None, :] * self.n_bins + index).ravel()
+        hit = (y[:, None] == np.arange(classes)[None, :]).ravel().astype(np.float64)
+        size = classes * self.n_bins
+        self.class_bins[..., 0] += np.bincount(flat, minlength=size).reshape(classes, self.n_bins)
+        self.class_bins[..., 1] += np.bincount(flat, weights=p.ravel(), minlength=size).reshape(classes, self.n_bins)
+        self.class_bins[..., 2] += np.bincount(flat, weights=hit, minlength=size).reshape(classes, self.n_bins)
+
+    def per_sample(self) -> dict[str, np.ndarray]:
+        return {"confidence": np.concatenate(self.confidence), "correct": np.concatenate(self.correct),
+                "in_top5": np.concatenate(self.in_top5), "nll": np.concatenate(self.sample_nll)}
+
+    def compute(self) -> dict[str, float]:
+        """Errors, ECE, MCE and mean confidence in %, NLL in nats, Brier score."""
+        s = self.per_sample()
+        width = reliability_curve(s["confidence"], s["correct"], self.n_bins)
+        mass = reliability_curve(s["confidence"], s["correct"], self.n_bins, "quantile")
+        count, p_sum, hits = self.class_bins[..., 0], self.class_bins[..., 1], self.class_bins[..., 2]
+        per_class = np.abs(hits - p_sum).sum(axis=1) / count.sum(axis=1)
+        return {
+            "top1_error": 100 * float(1 - s["correct"].mean()),
+            "top5_error": 100 * float(1 - s["in_top5"].mean()),
+            "nll": float(s["nll"].mean()),
+            "brier": self.brier_sum / len(s["correct"]),
+            "ece": 100 * width.ece,
+            "ece_equal_mass": 100 * mass.ece,
+            "mce": 100 * width.mce,
+            "classwise_ece": 100 * float(per_class.mean()),
+            "mean_confidence": 100 * float(s["confidence"].mean()),
+        }
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Errors and calibration of one model; errors and ECE in %, NLL in nats."""
-    probabilities = softmax(logits.astype(np.float64))
-    confidences = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    return {
-        "top1_error": 100 * top_k_error(logits, labels, 1),
-        "top5_error": 100 * top_k_error(logits, labels, 5),
-        "nll": nll(logits, labels),
-        "ece": 100 * expected_calibration_error(confidences, correct),
-        "mean_confidence": 100 * float(confidences.mean()),
-    }
+    """All of :class:`ClassificationAccumulator`'s metrics for one set of logits."""
+    accumulator = ClassificationAccumulator()
+    accumulator.update(logits, labels)
+    return accumulator.compute()
+
+
+def bootstrap_interval(statistic, arrays: tuple[np.ndarray, ...], n_resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(*arrays)`` over resampled rows (seeded)."""
+    rng = np.random.default_rng(seed)
+    n = len(arrays[0])
+    values = [statistic(*(a[index] for a in arrays))
+              for index in (rng.integers(0, n, n) for _ in range(n_resamples))]
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
 @dataclass(frozen=True)
@@ -86,6 +195,9 @@ class QuantizationChange:
     delta_top1_error_pp: float  # quantized minus float top-1 error, percentage points
     swapped: np.ndarray  # (N,) bool
     float_confidence: np.ndarray  # (N,) the float model's confidence in its own prediction
+    float_correct: np.ndarray  # (N,) bool
+    quant_correct: np.ndarray  # (N,) bool
+    float_margin: np.ndarray  # (N,) float top-1 minus top-2 logit
 
     @property
     def ratio(self) -> float:
@@ -96,17 +208,61 @@ class QuantizationChange:
     def swapped_confidences(self) -> np.ndarray:
         return self.float_confidence[self.swapped]
 
+    def transitions(self) -> dict[str, int]:
+        """Swapped predictions by what happened to them; they add up to the swap count."""
+        s = self.swapped
+        return {"correct_to_wrong": int(np.sum(s & self.float_correct)),
+                "wrong_to_correct": int(np.sum(s & self.quant_correct)),
+                "wrong_to_other_wrong": int(np.sum(s & ~self.float_correct & ~self.quant_correct))}
+
     def summary(self) -> dict[str, float]:
-        return {"swapped_pct": self.swapped_pct, "delta_top1_error_pp": self.delta_top1_error_pp,
-                "delta_error_per_swapped": self.ratio,
-                "mean_float_conf_swapped": 100 * float(self.swapped_confidences.mean())
-                if self.swapped.any() else float("nan")}
+        n = len(self.swapped)
+        row = {"swapped_pct": self.swapped_pct, "delta_top1_error_pp": self.delta_top1_error_pp,
+               "delta_error_per_swapped": self.ratio,
+               "mean_float_conf_swapped": 100 * float(self.swapped_confidences.mean())
+               if self.swapped.any() else float("nan")}
+        row.update({f"{k}_pct": 100 * v / n for k, v in self.transitions().items()})
+        return row
+
+
+def logit_margin(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit of every row."""
+    top2 = np.partition(logits, -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
 
 
 def quantization_change(float_logits: np.ndarray, quant_logits: np.ndarray, labels: np.ndarray) -> QuantizationChange:
     float_pred = float_logits.argmax(axis=1)
     quant_pred = quant_logits.argmax(axis=1)
     swapped = float_pred != quant_pred
-    delta = 100 * (np.mean(quant_pred != labels) - np.mean(float_pred != labels))
-    confidence = softmax(float_logits.astype(np.float64)).max(axis=1)
-    return QuantizationChange(100 * float(swapped.mean()), float(delta), swapped, confidence)
+    float_correct, quant_correct = float_pred == labels, quant_pred == labels
+    delta = 100 * (np.mean(~quant_correct) - np.mean(~float_correct))
+    confidence = np.concatenate([softmax(float_logits[i:i + CHUNK].astype(np.float64)).max(axis=1)
+                                 for i in range(0, len(labels), CHUNK)]) if len(labels) else np.zeros(0)
+    return QuantizationChange(100 * float(swapped.mean()), float(delta), swapped, confidence, float_correct,
+                              quant_correct, logit_margin(float_logits))
+
+
+def changes_by_confidence(change: QuantizationChange, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Per float-confidence bin: how many predictions, the % swapped and the Δ error (pp) they add."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.searchsorted(edges, change.float_confidence, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins)
+    swapped = np.bincount(index, weights=change.swapped.astype(float), minlength=n_bins)
+    delta = np.bincount(index, weights=change.float_correct.astype(float) - change.quant_correct.astype(float),
+                        minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"edges": edges, "counts": counts, "swap_rate_pct": 100 * swapped / counts,
+                "delta_error_pp": 100 * delta / counts}
+
+
+def swap_probability_by_margin(change: QuantizationChange, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Swap probability per bin of the float logit margin (equal-mass bins)."""
+    margins = change.float_margin
+    edges = np.unique(np.quantile(margins, np.linspace(0, 1, n_bins + 1))) if len(margins) else np.zeros(2)
+    index = np.clip(np.searchsorted(edges, margins, side="right") - 1, 0, max(len(edges) - 2, 0))
+    bins = max(len(edges) - 1, 1)
+    counts = np.bincount(index, minlength=bins)
+    swapped = np.bincount(index, weights=change.swapped.astype(float), minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"edges": edges, "counts": counts, "swap_probability": swapped / counts}

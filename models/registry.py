@@ -107,17 +107,20 @@ def load_state_dict_strict(model: "nn.Module", weights: Path) -> "nn.Module":
     return model.eval()
 
 
-def _build_digits(weights: Path | None, train: Any, cache_dir: Path) -> "nn.Module":
-    from .digits import build_digits_resnet, cached_digits_resnet
+def _digits_builder(label_smoothing: float) -> Callable[[Path | None, Any, Path], "nn.Module"]:
+    def build(weights: Path | None, train: Any, cache_dir: Path) -> "nn.Module":
+        from .digits import TrainCfg, build_digits_resnet, cached_digits_resnet
 
-    if weights == RANDOM_WEIGHTS:
-        return build_digits_resnet().eval()
-    if weights is not None:
-        return load_state_dict_strict(build_digits_resnet(), weights)
-    if train is None:
-        raise UserError("digits_resnet8 trains on the 'digits' dataset; use --dataset digits or --weights")
-    model, _ = cached_digits_resnet(train.images, train.labels, cache_dir)
-    return model
+        if weights == RANDOM_WEIGHTS:
+            return build_digits_resnet().eval()
+        if weights is not None:
+            return load_state_dict_strict(build_digits_resnet(), weights)
+        if train is None:
+            raise UserError("the digits models train on the 'digits' dataset; use --dataset digits or --weights")
+        model, _ = cached_digits_resnet(train.images, train.labels, cache_dir, TrainCfg(label_smoothing=label_smoothing))
+        return model
+
+    return build
 
 
 def _cifar_resnet_builder(depth: int) -> Callable[[Path | None, Any, Path], "nn.Module"]:
@@ -132,8 +135,10 @@ def _cifar_resnet_builder(depth: int) -> Callable[[Path | None, Any, Path], "nn.
     return build
 
 
-register(ModelEntry("digits_resnet8", DIGITS_PREPROCESS, 10, "digits", _build_digits,
+register(ModelEntry("digits_resnet8", DIGITS_PREPROCESS, 10, "digits", _digits_builder(0.0),
                     "CIFAR-style ResNet8 trained here on scikit-learn's digits (the default)"))
+register(ModelEntry("digits_resnet8_ls", DIGITS_PREPROCESS, 10, "digits", _digits_builder(0.1),
+                    "the same, trained with label smoothing 0.1 (the default's comparison)"))
 for _depth in (20, 32, 44, 56):
     register(ModelEntry(f"cifar_resnet{_depth}", CIFAR100_PREPROCESS, 100, "cifar100",
                         _cifar_resnet_builder(_depth), f"CIFAR-100 ResNet{_depth} (weights from --weights)"))

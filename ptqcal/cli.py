@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .config import CALIB_METHODS, RunConfig, default_cache_dir
+from .config import CALIB_METHODS, DEFAULT_MODELS, RunConfig, default_cache_dir
 from .errors import UserError
 
 EXIT_USAGE = 2
@@ -29,8 +29,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="digits_resnet8",
-                     help="a registry name (see 'ptqcal models') or a path to an .onnx classifier")
+    parser.add_argument("--model", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME|FILE.onnx",
+                        help="registry names (see 'ptqcal models') or .onnx classifiers; several are compared "
+                             "in one report (the default compares plain and label-smoothed training)")
     parser.add_argument("--weights", type=Path, help="state dict (.pth) for a registry model")
     parser.add_argument("--config", type=Path, help="TOML file with any of these options (the command line wins)")
     parser.add_argument("--dataset", help="digits, cifar100, cifar10, imagenet, folder, csv, npz, or FILE.npz; "
@@ -66,6 +67,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     parser.add_argument("--out", type=Path, help="run folder (default: ptqcal_runs/<model>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    parser.add_argument("--repeats", type=int, default=1, metavar="K",
+                        help="re-draw the calibration images K times (seeds S..S+K-1): mean ± std and bands")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                      help="where trained built-in models are cached ($PTQCAL_CACHE_DIR)")
     parser.add_argument("--mean", type=_floats, help="per-channel mean on [0,1] pixels, for an .onnx model")
@@ -98,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "HistogramObserver MSE activation ranges, same calibration batches) built by ptqcal on ONNX "
                     "Runtime and by torch.ao FX; prints top-1 agreement and max logit difference per precision.")
     _add_run_options(compare)
+    report = commands.add_parser(
+        "report", help="rebuild the report of one or several saved runs (no model is run)",
+        description="Recompute every metric and figure from saved runs' logits and write report.md and "
+                    "report.html; several runs are compared side by side. Needs neither onnxruntime nor torch.")
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders written by 'ptqcal run'")
+    report.add_argument("--out", type=Path, help="where to write (default: the run folder, or ./ptqcal_report)")
     commands.add_parser("models", help="list the registry's models")
     return parser
 
@@ -125,6 +134,14 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv, args: argparse.Nam
     return parser.parse_args(argv)
 
 
+def _report(runs: list[Path], out: Path | None) -> int:
+    from .analysis import build_report
+
+    target = out or (runs[0] if len(runs) == 1 else Path("ptqcal_report"))
+    print(f"report: {build_report(runs, target)}")
+    return 0
+
+
 def _compare_torch(cfg: RunConfig) -> int:
     from .pipeline import compare_torch
 
@@ -149,12 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in list_models():
                 print(f"{name:18s} {get_model_entry(name).description}")
             return 0
+        if args.command == "report":
+            return _report(args.runs, args.out)
         if args.command not in ("run", "compare-torch"):
             parser.print_help()
             return EXIT_USAGE
         if args.config is not None:
             args = _apply_config_file(parser, argv, args)
-        cfg = RunConfig(model=args.model, weights=args.weights, dataset=args.dataset, data_dir=args.data_dir,
+        cfg = RunConfig(model=args.model[0], weights=args.weights, dataset=args.dataset, data_dir=args.data_dir,
                         labels=args.labels, calib_data=args.calib_data, download=args.download, strict=args.strict, eval_size=args.eval_size,
                         resize=args.resize,
                         weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits),
@@ -163,12 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         exclude=tuple(args.exclude), execution=args.execution, calib_size=args.calib_size,
                         calib_method=args.calib_method, out=args.out, seed=args.seed, batch_size=args.batch_size,
                         cache_dir=args.cache_dir, mean=args.mean, std=args.std, pixel_max=args.pixel_max,
-                        progress=not args.no_progress)
+                        repeats=args.repeats, progress=not args.no_progress)
         if args.command == "compare-torch":
+            if len(args.model) > 1:
+                raise UserError("compare-torch takes one --model")
             return _compare_torch(cfg)
-        from .pipeline import run
+        from .pipeline import run_models
 
-        report = run(cfg)
+        report = run_models(cfg, list(args.model))
     except UserError as exc:
         print(f"ptqcal: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -12,6 +12,7 @@ from .errors import UserError
 CALIB_METHODS = ("minmax", "mse", "percentile", "entropy")
 SHIPPED_CONFIGS = Path(str(resources.files("ptqcal.configs")))  # configs/ installed as ptqcal.configs
 EXECUTIONS = ("deployed", "simulated")
+DEFAULT_MODELS = ("digits_resnet8", "digits_resnet8_ls")  # plain and label-smoothed training
 
 
 def default_cache_dir() -> Path:
@@ -44,6 +45,7 @@ class RunConfig:
     calib_method: str = "mse"
     out: Path | None = None  # default: ptqcal_runs/<model>
     seed: int = 0
+    repeats: int = 1  # calibration draws (seed, seed + 1, ...): metrics as mean ± std
     batch_size: int = 256
     cache_dir: Path = field(default_factory=default_cache_dir)
     mean: tuple[float, ...] | None = None  # preprocessing overrides for an .onnx model
@@ -74,6 +76,8 @@ class RunConfig:
             raise UserError(f"unknown execution {self.execution!r}: choose {' or '.join(EXECUTIONS)}")
         if self.calib_method not in CALIB_METHODS:
             raise UserError(f"unknown calibration method {self.calib_method!r}: choose {', '.join(CALIB_METHODS)}")
+        if self.repeats < 1:
+            raise UserError(f"--repeats must be at least 1, got {self.repeats}")
         if self.calib_size < 1 or self.batch_size < 1 or (self.eval_size is not None and self.eval_size < 1):
             raise UserError("--calib-size, --eval-size and --batch-size must be positive")
         if self.weights is not None and self.is_onnx_file:

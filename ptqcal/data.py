@@ -60,22 +60,31 @@ class Selection:
     held_out_from_eval: bool
 
 
-def select(dataset: Dataset, calib_size: int, seed: int, eval_size: int | None = None) -> Selection:
-    """Draw ``calib_size`` calibration images with ``seed``; from the calibration pool, or held
-    out of the evaluation split when the dataset has no pool (the rest is evaluated)."""
-    pool = dataset.calib_pool if dataset.calib_pool is not None else dataset.eval
+def select(dataset: Dataset, calib_size: int, seed: int, eval_size: int | None = None,
+           repeat: int = 0, repeats: int = 1) -> Selection:
+    """Draw ``calib_size`` calibration images for calibration repeat ``repeat`` (seed + repeat).
+
+    They come from the calibration pool, or, when the dataset has none, from images held out of
+    the evaluation split (with ``seed``, the same for every repeat: ``calib_size`` of them for one
+    repeat, twice that for several). The evaluation images never change across repeats and never
+    overlap the calibration images.
+    """
     if calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {calib_size}")
-    spare = len(pool) - (1 if dataset.calib_pool is None else 0)
-    if calib_size > spare:
-        raise UserError(f"--calib-size {calib_size} is larger than the {spare} images available for calibration")
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(pool), size=calib_size, replace=False))
-    evaluation = dataset.eval
-    if dataset.calib_pool is None:
-        evaluation = evaluation.take(np.setdiff1d(np.arange(len(pool)), chosen))
+    evaluation, pool = dataset.eval, dataset.calib_pool
+    if pool is None:
+        held = calib_size if repeats == 1 else 2 * calib_size
+        if held >= len(evaluation):
+            raise UserError(f"--calib-size {calib_size} leaves no evaluation images: the dataset has "
+                            f"{len(evaluation)} images and no separate calibration pool")
+        order = np.random.default_rng(seed).permutation(len(evaluation))
+        pool, evaluation = evaluation.take(np.sort(order[:held])), evaluation.take(np.sort(order[held:]))
+    if calib_size > len(pool):
+        raise UserError(f"--calib-size {calib_size} is larger than the calibration pool ({len(pool)} images)")
     if eval_size is not None and eval_size < len(evaluation):
-        evaluation = evaluation.take(np.sort(rng.choice(len(evaluation), size=eval_size, replace=False)))
+        evaluation = evaluation.take(np.sort(np.random.default_rng(seed).choice(len(evaluation), eval_size,
+                                                                                replace=False)))
+    chosen = np.sort(np.random.default_rng(seed + repeat).choice(len(pool), size=calib_size, replace=False))
     return Selection(pool.take(chosen), evaluation, dataset.calib_pool is None)
 
 

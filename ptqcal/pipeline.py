@@ -22,6 +22,7 @@ from .models import PreprocessCfg, get_model_entry, inspect_onnx
 from .models.registry import DIGITS_PREPROCESS, IMAGENET_PREPROCESS
 
 FLOAT_NAME = "float"
+REPEAT_MARK = "#r"
 FP16_NAME = "fp16"
 SIMULATION_CHECK_IMAGES = 256
 
@@ -132,36 +133,66 @@ def run(cfg: RunConfig) -> Path:
 
     specs = [QuantSpec(w, a, cfg.weight_scale).validate() for a in cfg.act_bits for w in cfg.weight_bits]
     out = cfg.out_dir
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").exists())):
         raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
     dataset = _load_dataset(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would carry over to the finished run folder
     try:
-        report = _run_in(cfg, dataset, specs, work)
+        _run_in(cfg, dataset, specs, work)
+        from .analysis import build_report
+
+        build_report([work], work)
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return out / report.name
+    return out / "report.md"
 
 
-def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
-    from .analysis import (SwapPanel, metrics_csv, metrics_json, plot_swap_panels, reliability_from_logits,
-                           report_markdown, save_figure)
-    from .evaluate import evaluate_logits, make_session, predict
-    from .quantize import ArrayDataReader, collect_histograms, compute_ranges, prepare, quantize_qdq
+def run_models(cfg: RunConfig, models: list[str]) -> Path:
+    """Several models, each in ``out/<model>``, and one report comparing them in ``out``."""
+    if len(models) == 1:
+        return run(replace(cfg, model=models[0]))
+    out = cfg.out if cfg.out is not None else Path("ptqcal_runs") / "_vs_".join(Path(m).stem for m in models)
+    if out.exists() and any(out.iterdir()) and not (out / "report.md").exists():
+        raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
+    folders = []
+    for model in models:
+        folders.append(run(replace(cfg, model=model, out=out / Path(model).stem)).parent)
+    from .analysis import build_report
+
+    return build_report(folders, out)
+
+
+def _calibrate_and_quantize(cfg, model, specs, calib_inputs, input_name, exclude, prepared, work, suffix):
+    """One calibration pass and every quantized model of one repeat."""
+    from .quantize import ArrayDataReader, collect_histograms, compute_ranges, quantize_qdq
+
+    histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, 64), progress=cfg.progress)
+    ranges = {bits: compute_ranges(histograms, cfg.calib_method, bits, len(calib_inputs)) for bits in cfg.act_bits}
+    for bits, bit_ranges in ranges.items():
+        bit_ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json")
+    paths = {}
+    for spec in specs:
+        name = f"model_{spec.name}{suffix}.onnx"
+        paths[spec] = quantize_qdq(prepared, work / name, ranges[spec.act_bits], replace(spec, exclude=exclude))
+    return len(histograms), paths
+
+
+def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> None:
+    from .evaluate import make_session, predict
+    from .quantize import prepare
     from .quantize.fp16 import convert_fp16
 
     started = time.perf_counter()
     model = prepare_model(cfg, dataset, work)
     _check_labels(dataset, model.num_classes)
-    selection = select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size)
-    calib, evaluation, failed = decode_selection(selection, model.preprocess, cfg.strict)
-    calib_inputs = _preprocess(model.preprocess, calib.images)
+    selections = [select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size, r, cfg.repeats) for r in range(cfg.repeats)]
+    calib, evaluation, failed = decode_selection(selections[0], model.preprocess, cfg.strict)
     _preprocess(model.preprocess, evaluation.images[:1])  # a size mismatch is a user error, said now
     eval_images, labels = evaluation.images, evaluation.labels
     notes = list(model.notes)
@@ -174,46 +205,73 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
     input_name = session.get_inputs()[0].name
     evaluate = partial(predict, inputs=eval_images, batch_size=cfg.batch_size, progress=cfg.progress,
                        transform=model.preprocess)
-    float_logits = evaluate(session, desc=FLOAT_NAME)
-    if float_logits.ndim != 2 or float_logits.shape[1] != model.num_classes or len(float_logits) != len(labels):
-        raise UserError(f"{cfg.model}: output has shape {list(float_logits.shape)}, expected (N, classes)")
-    results = [evaluate_logits(FLOAT_NAME, float_logits, labels)]
-
+    logits = {FLOAT_NAME: evaluate(session, desc=FLOAT_NAME)}
+    if logits[FLOAT_NAME].ndim != 2 or logits[FLOAT_NAME].shape[1] != model.num_classes:
+        raise UserError(f"{cfg.model}: output has shape {list(logits[FLOAT_NAME].shape)}, expected (N, classes)")
+    calib_inputs = _preprocess(model.preprocess, calib.images)
+    calib_float = predict(session, calib_inputs, cfg.batch_size, progress=False)
     if cfg.fp16:
-        path = convert_fp16(model.float_path, work / "model_fp16.onnx")
-        results.append(evaluate_logits(FP16_NAME, evaluate(make_session(path), desc=FP16_NAME), labels,
-                                       float_logits))
+        logits[FP16_NAME] = evaluate(make_session(convert_fp16(model.float_path, work / "model_fp16.onnx")),
+                                     desc=FP16_NAME)
 
     prepared = prepare(model.float_path, work / "model_prepared.onnx")
     exclude = excluded_nodes(cfg, prepared)
-    histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, 64), progress=cfg.progress)
-    ranges = {bits: compute_ranges(histograms, cfg.calib_method, bits, len(calib)) for bits in cfg.act_bits}
-    for bits, bit_ranges in ranges.items():
-        bit_ranges.save(work / f"calibration_ranges_a{bits}.json")
-    _log(f"calibrated {len(histograms)} tensors in one pass ({cfg.calib_method}); reused for every precision")
-
     simulation_rows = []
     check = model.preprocess(eval_images[:SIMULATION_CHECK_IMAGES])
-    for spec in specs:
-        path = quantize_qdq(prepared, work / f"model_{spec.name}.onnx", ranges[spec.act_bits],
-                            replace(spec, exclude=exclude))
-        deployed = make_session(path, fused=True)
-        simulated = make_session(path, fused=False)
-        main = simulated if cfg.execution == "simulated" else deployed
-        logits = evaluate(main, desc=spec.name)
-        results.append(evaluate_logits(spec.name, logits, labels, float_logits))
-        fused_check, simulated_check = predict(deployed, check, progress=False), predict(simulated, check, progress=False)
-        simulation_rows.append((spec.name, float(np.max(np.abs(fused_check - simulated_check))),
-                                100 * float(np.mean(fused_check.argmax(1) == simulated_check.argmax(1)))))
-        _log(f"{spec.name}: top-1 error {results[-1].metrics['top1_error']:.2f}%, "
-             f"{results[-1].change.swapped_pct:.2f}% swapped")
+    for repeat, selection in enumerate(selections):
+        suffix = "" if repeat == 0 else f"{REPEAT_MARK}{repeat}"
+        if repeat:
+            calib_inputs = _preprocess(model.preprocess, decode_selection(selection, model.preprocess, cfg.strict)[0].images)
+        tensors, paths = _calibrate_and_quantize(cfg, model, specs, calib_inputs, input_name, exclude, prepared,
+                                                 work, suffix)
+        _log(f"calibrated {tensors} tensors in one pass ({cfg.calib_method}, repeat {repeat + 1}/{cfg.repeats}); "
+             "reused for every precision")
+        for spec, path in paths.items():
+            deployed, simulated = make_session(path, fused=True), make_session(path, fused=False)
+            logits[spec.name + suffix] = evaluate(simulated if cfg.execution == "simulated" else deployed,
+                                                  desc=spec.name + suffix)
+            if repeat == 0:
+                fused_check = predict(deployed, check, progress=False)
+                simulated_check = predict(simulated, check, progress=False)
+                simulation_rows.append((spec.name, float(np.max(np.abs(fused_check - simulated_check))),
+                                        100 * float(np.mean(fused_check.argmax(1) == simulated_check.argmax(1)))))
+            if repeat:
+                path.unlink()  # repeats keep their logits and ranges, not a model file each
+            swapped = 100 * np.mean(logits[spec.name + suffix].argmax(1) != logits[FLOAT_NAME].argmax(1))
+            _log(f"{spec.name + suffix}: top-1 error {100 * np.mean(logits[spec.name + suffix].argmax(1) != labels):.2f}%, "
+                 f"{swapped:.2f}% swapped")
     prepared.unlink()
 
-    notes.append(
-        f"Evaluated with the {cfg.execution} path. Deployed (ORT's fused integer kernels) vs simulated (float ops "
-        f"between Q/DQ) on the first {len(check)} evaluation images: "
-        + "; ".join(f"{name}: max |Δlogit| {diff:.2e}, top-1 agreement {agree:.1f}%"
-                    for name, diff, agree in simulation_rows) + ".")
+    notes += _notes(cfg, specs, exclude, simulation_rows, len(check))
+    _save_npz(work / "logits.npz", labels=labels, calib_labels=calib.labels, calib_float=calib_float, **logits)
+    info = {
+        "model": model.name,
+        "configs": list(logits),
+        "notes": notes,
+        "run": {
+            "model": model.name, "dataset": dataset.name,
+            "calibration images": f"{len(calib)} (seed {cfg.seed}"
+                                  + (f", {cfg.repeats} draws" if cfg.repeats > 1 else "") + ", "
+                                  + ("held out of the evaluation split)" if selections[0].held_out_from_eval
+                                     else "from the calibration pool, disjoint from evaluation)"),
+            "evaluation images": len(labels) if not failed else f"{len(labels)} ({len(failed)} undecodable skipped)",
+            "preprocessing": _describe(model.preprocess),
+            "calibration": f"{cfg.calib_method} histogram ranges",
+            "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
+            "activations": "per-tensor asymmetric (uint8 container)",
+            "execution": cfg.execution,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "config": cfg.to_dict(),
+    }
+    (work / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def _notes(cfg: RunConfig, specs: list, exclude: tuple[str, ...], simulation_rows: list, checked: int) -> list[str]:
+    notes = [f"Evaluated with the {cfg.execution} path. Deployed (ORT's fused integer kernels) vs simulated (float "
+             f"ops between Q/DQ) on the first {checked} evaluation images: "
+             + "; ".join(f"{name}: max |Δlogit| {diff:.2e}, top-1 agreement {agree:.1f}%"
+                         for name, diff, agree in simulation_rows) + "."]
     if any(s.weight_bits == 4 for s in specs):
         notes.append("int4 weights (QInt4, opset 21) have no integer Conv kernel on CPU: ORT dequantizes them "
                      "and runs those Convs in float, so a*w4 is simulated even on the deployed path.")
@@ -222,30 +280,7 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> Path:
                      "keeps ORT from fusing QLinearConv, so those configurations run the simulated path.")
     if exclude:
         notes.append(f"Kept in float: {', '.join(exclude)}.")
-
-    _save_npz(work / "logits.npz", labels=labels, **{r.name: r.logits for r in results})
-    run_info = {
-        "model": model.name, "dataset": dataset.name,
-        "calibration images": f"{len(calib)} (seed {cfg.seed}, "
-                              + ("held out of the evaluation split)" if selection.held_out_from_eval
-                                 else "from the calibration pool, disjoint from evaluation)"),
-        "evaluation images": len(labels) if not failed else f"{len(labels)} ({len(failed)} undecodable skipped)",
-        "preprocessing": _describe(model.preprocess), "calibration": f"{cfg.calib_method} histogram ranges",
-        "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
-        "activations": "per-tensor asymmetric (uint8 container)", "seed": cfg.seed, "ptqcal": __version__,
-        "python": platform.python_version(), "machine": platform.machine(),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    figures = {"reliability": "fig1_reliability.png", "swaps": "fig2_swaps.png"}
-    save_figure(reliability_from_logits(float_logits, labels, f"{model.name}: float model"),
-                work / figures["reliability"])
-    save_figure(plot_swap_panels([SwapPanel.from_results(model.name, results)]), work / figures["swaps"])
-    (work / "metrics.csv").write_text(metrics_csv(results))
-    (work / "metrics.json").write_text(metrics_json(results, run_info))
-    (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    report = work / "report.md"
-    report.write_text(report_markdown(results, run_info, figures, notes))
-    return report
+    return notes
 
 
 def _describe(p: PreprocessCfg) -> str:

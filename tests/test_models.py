@@ -101,9 +101,9 @@ def test_torchvision_resnet18_round_trip_from_a_folder(tmp_path, capsys):
     code = main(["run", "--model", "resnet18", "--weights", "random", "--dataset", "folder", "--data-dir",
                  str(root), "--calib-size", "4", "--weight-bits", "8", "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert [row["config"] for row in metrics["configs"]] == ["float", "a8w8"]
-    assert "4 (seed 0, held out of the evaluation split)" in metrics["run"]["calibration images"]
+    run = json.loads((out / "metrics.json").read_text())["runs"][0]
+    assert [row["config"] for row in run["configs"]] == ["float", "a8w8"]
+    assert "4 (seed 0, held out of the evaluation split)" in run["run"]["calibration images"]
     assert np.load(out / "logits.npz")["float"].shape == (8, 1000)
 
 
@@ -127,5 +127,5 @@ sys.exit(code)
 """
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr
-    run = json.loads((out / "metrics.json").read_text())["run"]
+    run = json.loads((out / "metrics.json").read_text())["runs"][0]["run"]
     assert "resize 180 + centre crop 160x160" in run["preprocessing"] and "[0.5, 0.5, 0.5]" in run["preprocessing"]

@@ -200,3 +200,20 @@ def test_a_folder_without_images_is_a_one_line_error(tmp_path, capsys):
                           "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and len(err) == 1 and "no images" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_repeats_redraw_calibration_and_keep_the_evaluation_set(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(model), "--out", str(out), "--no-progress", "--calib-size", "32",
+                 "--weight-bits", "8", "2", "--repeats", "3", "--calib-method", "minmax"])
+    assert code == 0, capsys.readouterr().err
+    logits = np.load(out / "logits.npz")
+    assert {"a8w2", "a8w2#r1", "a8w2#r2"} <= set(logits.files)
+    assert len(logits["a8w2#r2"]) == len(logits["float"])  # one evaluation set for every repeat
+    ranges = [json.loads((out / f"calibration_ranges_a8{s}.json").read_text())["ranges"]
+              for s in ("", "#r1", "#r2")]
+    assert ranges[0] != ranges[1] != ranges[2], "each repeat calibrates on other images"
+    assert " ± " in (out / "report.md").read_text()

@@ -81,3 +81,101 @@ def test_a_model_compared_with_itself_swaps_nothing():
     change = quantization_change(logits, logits.copy(), np.zeros(100, dtype=int))
     assert change.swapped_pct == 0 and change.delta_top1_error_pp == 0
     assert math.isnan(change.ratio)
+
+
+# --- the rest of issue 5's metrics ---------------------------------------------------------------
+
+from ptqcal.evaluate.metrics import (ClassificationAccumulator, bootstrap_interval, brier, changes_by_confidence,  # noqa: E402
+                                     classwise_ece, logit_margin, softmax, swap_probability_by_margin)
+from ptqcal.evaluate.temperature import fit_temperature  # noqa: E402
+
+
+def test_brier_hand_worked():
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]])
+    # (0.3² + 0.2² + 0.1²) = 0.14 and (0.5² + 0.25² + 0.75²) = 0.875
+    assert brier(probabilities, np.array([0, 2])) == pytest.approx((0.14 + 0.875) / 2)
+
+
+def test_equal_mass_bins_and_mce_hand_worked():
+    confidences = np.array([0.95, 0.9, 0.6, 0.55])
+    correct = np.array([True, True, False, True])
+    # 2 equal-mass bins: {0.55, 0.6} acc 0.5 conf 0.575; {0.9, 0.95} acc 1 conf 0.925
+    curve = reliability_curve(confidences, correct, 2, "quantile")
+    assert list(curve.counts) == [2, 2]
+    assert curve.ece == pytest.approx((0.075 + 0.075) / 2)
+    assert curve.mce == pytest.approx(0.075)
+    # 15 equal-width bins: (8/15, 9/15] holds 0.55 and 0.6 (gap 0.075), 0.9 alone (gap 0.1), 0.95 alone (0.05)
+    width = reliability_curve(confidences, correct, 15)
+    assert width.mce == pytest.approx(0.1)
+
+
+def test_classwise_ece_hand_worked():
+    probabilities = np.array([[0.8, 0.2], [0.3, 0.7]])
+    labels = np.array([0, 0])
+    # class 0: p = 0.8 (hit) gap 0.2, p = 0.3 (hit) gap 0.7 -> 0.45; class 1: p = 0.2 gap 0.2, 0.7 gap 0.7 -> 0.45
+    assert classwise_ece(probabilities, labels) == pytest.approx(0.45)
+
+
+def test_streaming_accumulator_equals_the_pure_functions():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(10_000, 7)) * 3
+    labels = rng.integers(0, 7, 10_000)
+    accumulator = ClassificationAccumulator()
+    for start in range(0, 10_000, 999):  # uneven chunks
+        accumulator.update(logits[start:start + 999], labels[start:start + 999])
+    streamed = accumulator.compute()
+    p = softmax(logits)
+    assert streamed["top1_error"] == pytest.approx(100 * top_k_error(logits, labels, 1))
+    assert streamed["top5_error"] == pytest.approx(100 * top_k_error(logits, labels, 5))
+    assert streamed["nll"] == pytest.approx(nll(logits, labels))
+    assert streamed["brier"] == pytest.approx(brier(p, labels))
+    assert streamed["ece"] == pytest.approx(100 * expected_calibration_error(p.max(1), p.argmax(1) == labels))
+    assert streamed["classwise_ece"] == pytest.approx(100 * classwise_ece(p, labels))
+
+
+def test_bootstrap_interval_covers_the_truth_and_is_seeded():
+    sample = np.random.default_rng(0).normal(5.0, 1.0, 2000)
+    lo, hi = bootstrap_interval(np.mean, (sample,), 500, seed=1)
+    assert lo < 5.0 < hi and hi - lo < 0.2
+    assert bootstrap_interval(np.mean, (sample,), 500, seed=1) == (lo, hi)
+
+
+def test_transitions_add_up_to_the_swaps():
+    rng = np.random.default_rng(4)
+    float_logits = rng.normal(size=(3000, 10)) * 2
+    quant_logits = float_logits + rng.normal(size=float_logits.shape)
+    labels = rng.integers(0, 10, 3000)
+    change = quantization_change(float_logits, quant_logits, labels)
+    transitions = change.transitions()
+    assert sum(transitions.values()) == change.swapped.sum() > 0
+    assert 100 * (transitions["correct_to_wrong"] - transitions["wrong_to_correct"]) / 3000 == \
+        pytest.approx(change.delta_top1_error_pp)
+    by_confidence = changes_by_confidence(change)
+    assert by_confidence["counts"].sum() == 3000
+    weights = by_confidence["counts"] / 3000
+    assert np.nansum(by_confidence["swap_rate_pct"] * weights) == pytest.approx(change.swapped_pct)
+    assert np.nansum(by_confidence["delta_error_pp"] * weights) == pytest.approx(change.delta_top1_error_pp)
+    curve = swap_probability_by_margin(change)
+    assert curve["counts"].sum() == 3000
+    assert curve["swap_probability"][0] > curve["swap_probability"][-1]  # small margins flip more
+
+
+def test_logit_margin():
+    np.testing.assert_allclose(logit_margin(np.array([[1.0, 5.0, 3.0], [2.0, 2.0, 0.0]])), [2.0, 0.0])
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(20_000, 10)) * 3
+    probabilities = softmax(logits / 2.5)  # labels drawn from a model whose true temperature is 2.5
+    labels = (rng.uniform(size=(20_000, 1)) > probabilities.cumsum(1)).sum(1)
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
+
+
+def test_ece_of_a_calibrated_model_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    eces = []
+    for n in (500, 5_000, 50_000):
+        confidence = rng.uniform(0.2, 1.0, n)
+        eces.append(expected_calibration_error(confidence, rng.uniform(size=n) < confidence))
+    assert eces[0] > eces[1] > eces[2] and eces[2] < 0.01

@@ -1,0 +1,96 @@
+"""`ptqcal report` rebuilds reports from saved runs, without onnxruntime or torch."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from ptqcal.analysis import analyse_run, build_report
+
+
+def _fake_run(folder, seed, repeats=1, classes=10, n=800):
+    """A run folder as `ptqcal run` writes it, with logits made here."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    float_logits = rng.normal(size=(n, classes)) + 4 * np.eye(classes)[labels] * rng.uniform(0, 1.5, (n, 1))
+    arrays = {"labels": labels, "float": float_logits.astype(np.float32),
+              "calib_labels": labels[:200], "calib_float": float_logits[:200].astype(np.float32)}
+    configs = ["float"]
+    for bits, noise in (("a8w8", 0.05), ("a8w4", 0.8)):
+        for repeat in range(repeats):
+            name = bits if repeat == 0 else f"{bits}#r{repeat}"
+            arrays[name] = (float_logits + rng.normal(0, noise, float_logits.shape)).astype(np.float32)
+            configs.append(name)
+    folder.mkdir(parents=True)
+    np.savez(folder / "logits.npz", **arrays)
+    (folder / "run.json").write_text(json.dumps({"model": folder.name, "configs": configs, "notes": ["made up"],
+                                                 "run": {"dataset": "synthetic", "evaluation images": n}}))
+    return folder
+
+
+def test_report_of_two_runs_without_onnxruntime_or_torch(tmp_path):
+    first, second = _fake_run(tmp_path / "resnet20", 0), _fake_run(tmp_path / "resnet56", 1)
+    out = tmp_path / "combined"
+    code = textwrap.dedent(f"""
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "onnxruntime"):
+                    raise ImportError(name + " is blocked in this test")
+
+        sys.meta_path.insert(0, Block())
+        from ptqcal.cli import main
+        code = main(["report", {str(first)!r}, {str(second)!r}, "--out", {str(out)!r}])
+        assert not {{"torch", "onnxruntime"}} & set(sys.modules), "imported a framework"
+        sys.exit(code)
+    """)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "http" not in html.replace("http-equiv", "")
+    report = (out / "report.md").read_text()
+    assert "resnet20 vs resnet56" in report and "## Comparison" in report
+    for figure in ("fig1_reliability", "fig2_swaps", "fig3_transitions", "fig4_margin", "fig5_temperature"):
+        assert (out / f"{figure}.png").stat().st_size > 0 and (out / f"{figure}.svg").stat().st_size > 0
+    runs = json.loads((out / "metrics.json").read_text())["runs"]
+    assert [r["model"] for r in runs] == ["resnet20", "resnet56"]
+
+
+def test_report_metrics_match_an_independent_computation(tmp_path):
+    run = analyse_run(_fake_run(tmp_path / "m", 2))
+    arrays = np.load(tmp_path / "m" / "logits.npz")
+    labels = arrays["labels"]
+    a8w4 = next(c for c in run.configs if c.name == "a8w4")
+    swapped = arrays["a8w4"].argmax(1) != arrays["float"].argmax(1)
+    assert a8w4.metrics["swapped_pct"] == pytest.approx(100 * swapped.mean())
+    delta = 100 * (np.mean(arrays["a8w4"].argmax(1) != labels) - np.mean(arrays["float"].argmax(1) != labels))
+    assert a8w4.metrics["delta_top1_error_pp"] == pytest.approx(delta)
+    lo, hi = a8w4.intervals["delta_top1_error_pp"]
+    assert lo <= delta <= hi
+    assert run.temperature is not None and run.temperature > 0
+    # temperature changes no prediction
+    assert a8w4.metrics["top1_error"] == pytest.approx(100 * np.mean(arrays["a8w4"].argmax(1) != labels))
+
+
+def test_repeats_give_mean_and_spread(tmp_path):
+    folder = _fake_run(tmp_path / "rep", 3, repeats=3)
+    run = analyse_run(folder)
+    a8w4 = next(c for c in run.configs if c.name == "a8w4")
+    assert len(a8w4.repeats) == 3
+    arrays = np.load(folder / "logits.npz")
+    swaps = [100 * np.mean(arrays[k].argmax(1) != arrays["float"].argmax(1)) for k in ("a8w4", "a8w4#r1", "a8w4#r2")]
+    assert a8w4.metrics["swapped_pct"] == pytest.approx(np.mean(swaps))
+    assert a8w4.spread["swapped_pct"] == pytest.approx(np.std(swaps))
+    report = build_report([folder], tmp_path / "out")
+    assert " ± " in report.read_text()
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from ptqcal.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a ptqcal run folder" in capsys.readouterr().err

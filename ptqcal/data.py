@@ -8,6 +8,7 @@ batch by batch when a model consumes them.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import pickle
 import warnings
@@ -147,6 +148,7 @@ def decode_images(split: Split, size: tuple[int, int, int], resize: int | None =
 
 # --- dataset kinds ----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
 def load_digits() -> Dataset:
     """scikit-learn's 1,797 real 8x8 digits: 300 train, 300 calibration pool, 1,197 evaluation.
 

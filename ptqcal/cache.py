@@ -53,6 +53,8 @@ class Cache:
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
+        for stale in self.root.glob(".*.tmp") if self.root.is_dir() else ():  # a killed run's partial write
+            stale.unlink(missing_ok=True)
 
     def path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / f"{kind}-{key}.{suffix}"

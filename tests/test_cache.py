@@ -1,0 +1,116 @@
+"""The run folder's cache: hits, misses, invalidation, and resuming after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ptqcal.cache import Cache, make_key
+from ptqcal.cli import main
+
+from conftest import tiny_onnx_classifier
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def test_cache_entries_are_computed_once(tmp_path):
+    cache = Cache(tmp_path)
+    calls = []
+    first = cache.array("x", make_key(1), lambda: calls.append(1) or np.arange(3))
+    again = cache.array("x", make_key(1), lambda: calls.append(1) or np.arange(5))
+    np.testing.assert_array_equal(first, again)
+    assert calls == [1] and (cache.hits, cache.misses) == (1, 1)
+    assert make_key(1) != make_key(2) and make_key({"a": 1, "b": 2}) == make_key({"b": 2, "a": 1})
+
+
+def test_a_failing_entry_leaves_nothing(tmp_path):
+    cache = Cache(tmp_path)
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cache.file("x", "k", "txt", broken)
+    assert not list(tmp_path.iterdir())
+
+
+def _run(model, out, *extra):
+    return main(["run", "--model", str(model), "--out", str(out), "--no-progress", "--calib-size", "48",
+                 "--calib-method", "minmax", *extra])
+
+
+def _computed(capsys) -> tuple[int, int]:
+    line = next(l for l in capsys.readouterr().out.splitlines() if "cache:" in l)
+    reused, computed = (int(w) for w in line.replace(",", "").split() if w.isdigit())
+    return reused, computed
+
+
+@pytest.mark.slow
+def test_hits_misses_and_invalidation(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    out = tmp_path / "run"
+    assert _run(model, out, "--weight-bits", "8", "4") == 0
+    reused, computed = _computed(capsys)
+    assert reused == 0 and computed > 0
+    first_metrics = (out / "metrics.json").read_bytes()
+
+    assert _run(model, out, "--weight-bits", "8", "4") == 0
+    assert _computed(capsys) == (computed, 0), "the same command recomputes nothing"
+    assert (out / "metrics.json").read_bytes() == first_metrics
+
+    assert _run(model, out, "--weight-bits", "8", "4", "6") == 0
+    reused, new = _computed(capsys)
+    # one quantized model, its logits and its two deployed/simulated check logits
+    assert new == 4 and reused == computed
+    assert (out / "model_a8w6.onnx").exists()
+
+    assert _run(model, out, "--weight-bits", "8", "4", "--seed", "1") == 0
+    reused, new = _computed(capsys)
+    # another calibration draw: float logits, export/prepared model and the float reference stay;
+    # calibration logits, histograms, both quantized models and their logits and checks are new
+    assert new == 1 + 1 + 2 * 4
+    assert reused >= 2
+
+
+def _wait_for(pattern: str, folder: Path, process: subprocess.Popen, timeout: float = 120) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if list(folder.glob(pattern)):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["histograms-*", "quantized-*", "logits-*"])
+def test_resume_after_sigkill_gives_identical_metrics(stage, tmp_path):
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    args = [sys.executable, "-m", "ptqcal", "run", "--model", str(model), "--no-progress", "--calib-size", "48",
+            "--weight-bits", "8", "6", "4", "3", "--calib-method", "mse"]
+    reference = tmp_path / "reference"
+    subprocess.run(args + ["--out", str(reference)], check=True, capture_output=True)
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reached = _wait_for(stage, out / "cache", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert reached, f"the run ended before writing {stage}"
+    # an entry being written when the kill came exists only under its hidden temporary name
+    entries = [p for p in (out / "cache").iterdir() if not p.name.startswith(".")]
+    assert entries and all(p.stat().st_size > 0 for p in entries)
+    assert not (out / "report.md").exists()
+
+    subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
+    assert not list((out / "cache").glob(".*.tmp"))
+    assert (out / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

@@ -51,13 +51,22 @@ class ArrayDataReader(CalibrationDataReader):
         return -(-len(self.inputs) // self.batch_size)
 
 
-def histc(x: np.ndarray, bins: int, lo: np.float32, hi: np.float32) -> np.ndarray:
-    """``torch.histc``: equal-width bins over [lo, hi], values outside ignored, hi in the last bin."""
-    x = x[(x >= lo) & (x <= hi)]
+def histc(x: np.ndarray, bins: int, lo: np.float32, hi: np.float32, inside: bool = False) -> np.ndarray:
+    """``torch.histc``: equal-width bins over [lo, hi], values outside ignored, hi in the last bin.
+
+    ``inside=True`` promises every value lies in [lo, hi] (as when the range was just widened to
+    cover them) and skips the masking copy.
+    """
+    if not inside:
+        x = x[(x >= lo) & (x <= hi)]
     if hi == lo:
-        return np.bincount(np.zeros(len(x), dtype=np.int64), minlength=bins).astype(np.float32)
-    index = ((x - lo) * np.float32(bins) / (hi - lo)).astype(np.int64)
-    return np.bincount(np.minimum(index, bins - 1), minlength=bins).astype(np.float32)
+        return np.bincount(np.zeros(len(x), dtype=np.intp), minlength=bins).astype(np.float32)
+    index = x - lo
+    index *= np.float32(bins)
+    index /= hi - lo
+    index = index.astype(np.intp)
+    np.minimum(index, bins - 1, out=index)
+    return np.bincount(index, minlength=bins).astype(np.float32)
 
 
 @dataclass
@@ -71,16 +80,20 @@ class TensorHistogram:
 
     def update(self, values: np.ndarray) -> None:
         x = np.asarray(values, dtype=np.float32).ravel()
-        x = x[np.isfinite(x)]
         if x.size == 0:
             return
         x_lo, x_hi = x.min(), x.max()
+        if not (np.isfinite(x_lo) and np.isfinite(x_hi)):  # rare: drop inf/NaN, as the observer does
+            x = x[np.isfinite(x)]
+            if x.size == 0:
+                return
+            x_lo, x_hi = x.min(), x.max()
         if self.counts is None:
             self.lo, self.hi = x_lo, x_hi
-            self.counts = histc(x, self.bins, x_lo, x_hi)
+            self.counts = histc(x, self.bins, x_lo, x_hi, inside=True)
             return
         new_lo, new_hi = min(self.lo, x_lo), max(self.hi, x_hi)
-        update = histc(x, self.bins, new_lo, new_hi)
+        update = histc(x, self.bins, new_lo, new_hi, inside=True)
         if new_lo == self.lo and new_hi == self.hi:
             self.counts = self.counts + update
         else:

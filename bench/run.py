@@ -1,0 +1,233 @@
+"""ptqcal's speed and memory, each measured against its baseline in the same run.
+
+    python bench/run.py [--quick]
+
+1. the paper's sweep (float + a8w8..a8w4) on a CIFAR ResNet56: ptqcal end to end (export, one
+   MSE calibration, QDQ graphs, deployed evaluation, report) vs PyTorch fake-quant done the
+   paper's way (torch.ao, HistogramObserver, per-channel symmetric weights, BN fused, a fresh
+   calibration per bit width), and a re-run of ptqcal on its cache;
+2. calibration memory and time: ptqcal's streaming histograms vs ORT's Percentile calibrator;
+3. inference images/s: deployed int8 (QLinearConv) vs float ORT vs PyTorch float, batch 1 and 256,
+   and ptqcal's evaluation loop vs bare ``session.run`` on pre-loaded arrays;
+4. ImageNet-sized input: EfficientNet-Lite0 on the real ImageNet samples, decoding in worker
+   threads vs one thread;
+5. model size on disk: float vs a8w8 vs a8w4.
+
+Real CIFAR-100 / ImageNet images come from ../shared (repeated with flips and shifts to the count)
+when present, else random pixels. ResNet56 has random weights (seed 0): speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("PTQCAL_SHARED", HERE.parents[1] / "shared"))
+sys.path.insert(0, str(HERE))
+warnings.filterwarnings("ignore")
+
+
+def cifar_images(count: int, seed: int) -> np.ndarray:
+    """``count`` CIFAR-sized uint8 images: the real ones in ../shared, flipped and shifted."""
+    files = [SHARED / "data/cifar100/test_head20.npz", SHARED / "data/cifar100/train_subset.npz"]
+    rng = np.random.default_rng(seed)
+    if not all(f.exists() for f in files):
+        return rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    base = np.concatenate([np.load(f)["images"] for f in files])
+    picks = base[rng.integers(0, len(base), count)]
+    flips = rng.uniform(size=count) < 0.5
+    picks[flips] = picks[flips, :, ::-1]
+    shifts = rng.integers(-4, 5, (count, 2))
+    return np.stack([np.roll(img, tuple(s), axis=(0, 1)) for img, s in zip(picks, shifts)])
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+# --- 1. the sweep ------------------------------------------------------------------------------------
+
+def torch_sweep(model, calib: np.ndarray, evaluation: np.ndarray, bits: list[int]) -> float:
+    """The paper's way: float eval, then for each bit width a fresh torch.ao calibration and a
+    fake-quant evaluation. Returns seconds."""
+    import torch
+
+    from ptqcal.models.registry import CIFAR100_PREPROCESS
+    from ptqcal.quantize.torch_reference import torch_fake_quant, torch_logits
+
+    start = time.perf_counter()
+    x_eval = CIFAR100_PREPROCESS(evaluation)
+    x_calib = CIFAR100_PREPROCESS(calib)
+    torch_logits(model, x_eval, 256)
+    for b in bits:
+        batches = [x_calib[i:i + 64] for i in range(0, len(x_calib), 64)]
+        torch_logits(torch_fake_quant(model, batches, b, 8), x_eval, 256)
+    return time.perf_counter() - start
+
+
+def sweep(quick: bool, folder: Path) -> dict[str, float]:
+    import torch
+
+    from ptqcal.config import RunConfig
+    from ptqcal.models import get_model_entry
+    from ptqcal.pipeline import run
+
+    n_calib, n_eval, bits = (256, 2000, [8, 4]) if quick else (1024, 10_000, [8, 7, 6, 5, 4])
+    data = folder / "cifar.npz"
+    np.savez(data, images=cifar_images(n_eval, 0), labels=np.zeros(n_eval, dtype=np.int64),
+             calib_images=cifar_images(n_calib, 1), calib_labels=np.zeros(n_calib, dtype=np.int64))
+    cfg = RunConfig(model="cifar_resnet56", weights=Path("random"), dataset=str(data), calib_size=n_calib,
+                    weight_bits=tuple(bits), out=folder / "run", progress=False, cache_dir=folder / "models")
+    _, ours = timed(run, cfg)
+    _, again = timed(run, cfg)
+    model = get_model_entry("cifar_resnet56").build(Path("random"), None, folder)
+    torch.set_num_threads(os.cpu_count() or 1)
+    baseline = torch_sweep(model, np.load(data)["calib_images"], np.load(data)["images"], bits)
+    print(f"  sweep of ResNet56, {n_calib} calibration / {n_eval} evaluation images, weights {bits}:")
+    print(f"    PyTorch fake-quant (paper's way): {baseline:7.1f} s")
+    print(f"    ptqcal end to end:                {ours:7.1f} s")
+    print(f"    ptqcal re-run on its cache:       {again:7.1f} s")
+    return {"sweep: PyTorch fake-quant / ptqcal": baseline / ours,
+            "sweep: ptqcal re-run / first run": again / ours}
+
+
+# --- 3. inference -------------------------------------------------------------------------------------
+
+def images_per_second(fn, batch: np.ndarray, seconds: float) -> float:
+    fn(batch)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn(batch)
+        count += len(batch)
+    return count / (time.perf_counter() - start)
+
+
+def inference(quick: bool, folder: Path) -> dict[str, float]:
+    import torch
+
+    from ptqcal.evaluate import make_session, optimized_op_types, predict
+
+    run_dir = folder / "run"
+    float_path, int8_path = run_dir / "model_float.onnx", run_dir / "model_a8w8.onnx"
+    assert "QLinearConv" in optimized_op_types(int8_path, folder), "a8w8 must run the deployed integer path"
+    from ptqcal.models import get_model_entry
+
+    model = get_model_entry("cifar_resnet56").build(Path("random"), None, folder)
+    sessions = {"float ORT": make_session(float_path), "a8w8 ORT (QLinearConv)": make_session(int8_path)}
+    seconds = 2.0 if quick else 6.0
+    rows = {}
+    rng = np.random.default_rng(0)
+    for batch_size in (1, 256):
+        x = rng.normal(size=(batch_size, 3, 32, 32)).astype(np.float32)
+        for name, session in sessions.items():
+            rows[name, batch_size] = images_per_second(lambda b, s=session: s.run(None, {"input": b}), x, seconds)
+        with torch.no_grad():
+            rows["PyTorch float", batch_size] = images_per_second(lambda b: model(torch.from_numpy(b)), x, seconds)
+    for (name, batch_size), value in rows.items():
+        print(f"  {name:24s} batch {batch_size:3d}: {value:9.0f} images/s")
+    # the evaluator's own overhead: predict() over uint8 pixels vs session.run on ready float batches
+    session = sessions["a8w8 ORT (QLinearConv)"]
+    from ptqcal.models.registry import CIFAR100_PREPROCESS
+
+    pixels = cifar_images(2048 if quick else 8192, 2)
+    ready = CIFAR100_PREPROCESS(pixels)
+    _, bare = timed(lambda: [session.run(None, {"input": ready[i:i + 256]}) for i in range(0, len(ready), 256)])
+    _, ours = timed(predict, session, pixels, 256, progress=False, transform=CIFAR100_PREPROCESS)
+    print(f"  evaluation loop: bare session.run {len(ready) / bare:.0f} images/s, ptqcal predict {len(ready) / ours:.0f}")
+    return {"inference: a8w8 / float ORT at batch 256": rows["a8w8 ORT (QLinearConv)", 256] / rows["float ORT", 256],
+            "inference: a8w8 / float ORT at batch 1": rows["a8w8 ORT (QLinearConv)", 1] / rows["float ORT", 1],
+            "inference: float ORT / PyTorch float at batch 256": rows["float ORT", 256] / rows["PyTorch float", 256],
+            "evaluator: ptqcal predict / bare session.run (throughput)": bare / ours}
+
+
+# --- 4. ImageNet-sized input ----------------------------------------------------------------------
+
+def imagenet(quick: bool, folder: Path) -> dict[str, float]:
+    labels = SHARED / "data/imagenet_samples/labels.csv"
+    if not labels.exists():
+        print("  skipped: ../shared/data/imagenet_samples is not here")
+        return {}
+    from ptqcal.data import decode_images, load_csv
+    from ptqcal.evaluate import make_session, predict
+    from ptqcal.export import export_onnx
+    from ptqcal.models import get_model_entry
+
+    entry = get_model_entry("efficientnet_lite0")
+    split = load_csv(labels)
+    cfg = entry.preprocess
+    sample, _ = decode_images(split.take(np.arange(8)), cfg.input_size, cfg.resize)
+    path = export_onnx(entry.build(None, None, folder), cfg(sample.images), folder / "lite0.onnx").path
+    session = make_session(path)
+    results = {}
+    for workers in (1, os.cpu_count() or 1):
+        cpu_before = time.process_time()
+        start = time.perf_counter()
+        decoded, _ = decode_images(split, cfg.input_size, cfg.resize, workers=workers)
+        decode_seconds = time.perf_counter() - start
+        predict(session, decoded.images, 64, progress=False, transform=cfg)
+        wall = time.perf_counter() - start
+        cpu = (time.process_time() - cpu_before) / wall / (os.cpu_count() or 1)
+        results[workers] = (len(decoded) / decode_seconds, len(decoded) / wall, cpu)
+        print(f"  EfficientNet-Lite0, {len(decoded)} images, {workers} decode thread(s): decode "
+              f"{results[workers][0]:.0f} images/s, decode + inference {results[workers][1]:.0f} images/s, "
+              f"CPU use {100 * cpu:.0f}%")
+    many = os.cpu_count() or 1
+    return {f"decode: {many} threads / 1 thread": results[many][0] / results[1][0],
+            f"decode + inference: {many} threads / 1 thread": results[many][1] / results[1][1]}
+
+
+# --- 5. sizes ----------------------------------------------------------------------------------------------
+
+def sizes(folder: Path) -> dict[str, float]:
+    run_dir = folder / "run"
+    float_size = (run_dir / "model_float.onnx").stat().st_size
+    out = {}
+    for name in ("a8w8", "a8w4"):
+        size = (run_dir / f"model_{name}.onnx").stat().st_size
+        print(f"  {name}: {size / 1e6:.2f} MB vs float {float_size / 1e6:.2f} MB")
+        out[f"size: {name} / float"] = size / float_size
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts, for CI (< 5 minutes)")
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    ratios: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="ptqcal-bench-") as tmp:
+        folder = Path(tmp)
+        print("1. sweep")
+        ratios.update(sweep(args.quick, folder))
+        print("2. calibration memory")
+        import calibration
+
+        counts = [128, 512] if args.quick else [256, 2048]
+        ratios.update(calibration.ratios(calibration.run(counts, 56)))
+        print("3. inference")
+        ratios.update(inference(args.quick, folder))
+        print("4. ImageNet-sized input")
+        ratios.update(imagenet(args.quick, folder))
+        print("5. model size")
+        ratios.update(sizes(folder))
+    print("\nratios")
+    for name, value in ratios.items():
+        print(f"  {name}: {value:.2f}x")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ptqcal.evaluate import ConfigResult, ReliabilityCurve, reliability_curve, softmax  # noqa: E402
-from ptqcal.evaluate.metrics import swap_probability_by_margin  # noqa: E402
+from ptqcal.evaluate.metrics import changes_by_confidence, swap_probability_by_margin  # noqa: E402
 
 FLOAT_COLOR = "#1f4e79"
 QUANT_COLOR = "#d1495b"
@@ -216,31 +216,46 @@ def plot_transitions(tables: Sequence[TransitionTable]) -> Figure:
 
 @dataclass(frozen=True)
 class MarginCurves:
+    """Which predictions swap: by the float logit margin and by the float confidence."""
+
     model: str
     configs: list[str]
     centers: list[np.ndarray]  # float logit margin at the middle of each equal-mass bin
     probability: list[np.ndarray]
+    confidence_edges: np.ndarray
+    swap_rate_pct: list[np.ndarray]  # per float-confidence bin
+    delta_error_pp: list[np.ndarray]
 
     @classmethod
     def from_run(cls, run, n_bins: int = 20) -> "MarginCurves":
         curves = [swap_probability_by_margin(c.change, n_bins) for c in run.quantized]
+        by_confidence = [changes_by_confidence(c.change) for c in run.quantized]
         return cls(run.name, [c.name for c in run.quantized],
                    [np.sqrt(np.maximum(c["edges"][:-1], 1e-3) * c["edges"][1:]) for c in curves],
-                   [c["swap_probability"] for c in curves])
+                   [c["swap_probability"] for c in curves], by_confidence[0]["edges"],
+                   [b["swap_rate_pct"] for b in by_confidence], [b["delta_error_pp"] for b in by_confidence])
 
 
 def plot_margin(curves: Sequence[MarginCurves]) -> Figure:
-    """How likely a prediction is to swap, by the float model's top-1 minus top-2 logit."""
-    fig, axes = _subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False)
-    for axis, curve in zip(axes[0], curves):
-        for name, x, p, color in zip(curve.configs, curve.centers, curve.probability, _colors(len(curve.configs))):
-            axis.plot(x, p, "o-", ms=3, color=color, label=name)
-        axis.set_xscale("log")
-        axis.set_xlabel("float logit margin (top-1 − top-2), 20 equal-mass bins")
-        axis.set_ylabel("P(prediction swapped)")
-        axis.set_ylim(-0.02, 1.02)
-        axis.set_title(curve.model)
-        axis.legend(fontsize=8)
+    """Top: how likely a prediction is to swap, by the float model's top-1 minus top-2 logit.
+    Bottom: the swap rate per float-confidence bin."""
+    fig, axes = _subplots(2, len(curves), figsize=(4.6 * len(curves), 6.6), squeeze=False)
+    for column, curve in enumerate(curves):
+        top, bottom = axes[:, column]
+        colors = _colors(len(curve.configs))
+        centers = (curve.confidence_edges[:-1] + curve.confidence_edges[1:]) / 2
+        for index, (name, color) in enumerate(zip(curve.configs, colors)):
+            top.plot(curve.centers[index], curve.probability[index], "o-", ms=3, color=color, label=name)
+            bottom.plot(centers, curve.swap_rate_pct[index], "o-", ms=3, color=color, label=name)
+        top.set_xscale("log")
+        top.set_xlabel("float logit margin (top-1 − top-2), 20 equal-mass bins")
+        top.set_ylabel("P(prediction swapped)")
+        top.set_ylim(-0.02, 1.02)
+        top.set_title(curve.model)
+        top.legend(fontsize=8)
+        bottom.set_xlabel("float confidence (10 equal-width bins)")
+        bottom.set_ylabel("% of the bin's predictions swapped")
+        bottom.set_xlim(0, 1)
     return fig
 
 

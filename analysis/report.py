@@ -19,6 +19,8 @@ from ptqcal.atomic import atomic_path
 
 from .figures import (MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
                       plot_swap_panels, plot_temperature, plot_transitions, save_figure)
+from ptqcal.evaluate.metrics import changes_by_confidence
+
 from .results import HEADLINE, RunAnalysis, analyse_run, float_reliability
 
 COLUMNS = [
@@ -40,6 +42,8 @@ COLUMNS = [
     ("correct_to_wrong_pct", "correct→wrong %", "{:.2f}"),
     ("wrong_to_correct_pct", "wrong→correct %", "{:.2f}"),
     ("wrong_to_other_wrong_pct", "wrong→wrong %", "{:.2f}"),
+    ("median_float_margin_swapped", "median margin swapped", "{:.2f}"),
+    ("median_float_margin_kept", "median margin kept", "{:.2f}"),
 ]
 FIGURES = {
     "fig1_reliability": ("Figure 1 — calibration of the float model",
@@ -54,8 +58,9 @@ FIGURES = {
                          "Each bar is % swapped, split into predictions quantization broke, fixed, or moved from one "
                          "wrong class to another; only the first two move the error."),
     "fig4_margin": ("Figure 4 — which predictions swap",
-                    "The probability that a prediction swaps, against the float model's top-1 minus top-2 logit: "
-                    "small margins flip, large ones hold."),
+                    "Top: the probability that a prediction swaps, against the float model's top-1 minus top-2 "
+                    "logit: small margins flip, large ones hold. Bottom: the share of each float-confidence bin "
+                    "that swaps."),
     "fig5_temperature": ("Figure 5 — post-hoc temperature scaling",
                          "One temperature fitted on the float model's calibration-split logits, applied to every "
                          "precision: ECE before and after, and where the swapped predictions' confidences move. "
@@ -74,8 +79,26 @@ def metrics_rows(run: RunAnalysis) -> list[dict[str, Any]]:
         row.update({k: _clean(v) for k, v in config.metrics.items()})
         row.update({f"{k}_ci95": list(v) for k, v in config.intervals.items()})
         row.update({f"{k}_std": _clean(v) for k, v in config.spread.items() if k in HEADLINE})
+        if config.change is not None:
+            bins = changes_by_confidence(config.change)
+            row["by_float_confidence"] = {key: [_clean(float(v)) for v in values] for key, values in bins.items()}
         rows.append(row)
     return rows
+
+
+def confidence_table(run: RunAnalysis) -> str:
+    """% of each float-confidence bin's predictions that each precision swapped."""
+    if not run.quantized:
+        return ""
+    bins = [changes_by_confidence(c.change) for c in run.quantized]
+    edges, counts = bins[0]["edges"], bins[0]["counts"]
+    head = "| float confidence | predictions | " + " | ".join(c.name for c in run.quantized) + " |"
+    lines = [head, "|" + "---|" * (2 + len(run.quantized))]
+    for i in range(len(counts)):
+        if counts[i]:
+            cells = [f"{b['swap_rate_pct'][i]:.1f}" for b in bins]
+            lines.append(f"| {edges[i]:.1f}–{edges[i + 1]:.1f} | {counts[i]} | " + " | ".join(cells) + " |")
+    return "\n".join(["**Which confidences flip** (% of the bin's predictions swapped)", "\n".join(lines)])
 
 
 def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
@@ -108,7 +131,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 CHANGE_KEYS = {"swapped_pct", "delta_top1_error_pp", "delta_error_per_swapped", "mean_float_conf_swapped",
-               "correct_to_wrong_pct", "wrong_to_correct_pct", "wrong_to_other_wrong_pct"}
+               "correct_to_wrong_pct", "wrong_to_correct_pct", "wrong_to_other_wrong_pct",
+               "median_float_margin_swapped", "median_float_margin_kept"}
 
 
 def markdown_table(run: RunAnalysis, columns: Sequence[tuple[str, str, str]] = COLUMNS, quantized_only: bool = False) -> str:
@@ -196,7 +220,7 @@ def _run_section(run: RunAnalysis) -> list[str]:
         lines.append(f"- **temperature** (fitted on the float model's calibration-split logits): {run.temperature:.3f}")
     lines += ["Errors, ECE and confidences in %, NLL in nats. Brackets: bootstrap 95% interval over evaluation "
               "images; ± : std over calibration repeats.",
-              *markdown_tables(run), sweep_reading(run)]
+              *markdown_tables(run), sweep_reading(run), confidence_table(run)]
     if run.notes:
         lines.append("\n".join(f"- {note}" for note in run.notes))
     return lines

@@ -222,6 +222,10 @@ class QuantizationChange:
                "mean_float_conf_swapped": 100 * float(self.swapped_confidences.mean())
                if self.swapped.any() else float("nan")}
         row.update({f"{k}_pct": 100 * v / n for k, v in self.transitions().items()})
+        row["median_float_margin_swapped"] = float(np.median(self.float_margin[self.swapped])) \
+            if self.swapped.any() else float("nan")
+        row["median_float_margin_kept"] = float(np.median(self.float_margin[~self.swapped])) \
+            if not self.swapped.all() else float("nan")
         return row
 
 

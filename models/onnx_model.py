@@ -62,3 +62,21 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
         num_classes=out_dims[1] if out_dims else 0,
         ends_in_softmax=producer is not None and producer.op_type == "Softmax",
     )
+
+
+def without_softmax(path: str | Path, out_path: str | Path) -> Path:
+    """The same classifier with its final Softmax removed, so that it outputs logits.
+
+    Confidence, NLL and temperature scaling all need logits; a graph that ends in Softmax has them
+    as the Softmax's input (keeping the output's name).
+    """
+    model = onnx.load(str(path))
+    output = model.graph.output[0]
+    softmax = next(n for n in model.graph.node if output.name in n.output and n.op_type == "Softmax")
+    logits = softmax.input[0]
+    model.graph.node.remove(softmax)
+    for node in model.graph.node:
+        node.output[:] = [output.name if name == logits else name for name in node.output]
+        node.input[:] = [output.name if name == logits else name for name in node.input]
+    onnx.save(model, str(out_path))
+    return Path(out_path)

@@ -21,7 +21,7 @@ from .cache import Cache, array_digest, file_digest, link_or_copy, make_key
 from .config import RunConfig
 from .data import Dataset, Selection, Split, decode_images, load_dataset, select
 from .errors import UserError
-from .models import PreprocessCfg, get_model_entry, inspect_onnx
+from .models import PreprocessCfg, get_model_entry, inspect_onnx, without_softmax
 from .models.registry import DIGITS_PREPROCESS, IMAGENET_PREPROCESS
 
 FLOAT_NAME = "float"
@@ -70,11 +70,13 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedMod
     (cached under the digest of its weights)."""
     if cfg.is_onnx_file:
         info = inspect_onnx(cfg.model)
-        notes = ()
+        path, notes = info.path, ()
         if info.ends_in_softmax:
-            notes = ("The model ends in Softmax: confidences are its probabilities (logits = log-probabilities).",)
-        return PreparedModel(cfg.model_name, info.path, _onnx_preprocess(cfg, info.chw, dataset), info.num_classes,
-                             notes)
+            path = cache.file("logits-graph", make_key(file_digest(info.path), _versions()), "onnx",
+                              lambda tmp: without_softmax(info.path, tmp))
+            notes = ("The model ends in Softmax; its last Softmax was removed so that every configuration is "
+                     "evaluated (and quantized) on its logits.",)
+        return PreparedModel(cfg.model_name, path, _onnx_preprocess(cfg, info.chw, dataset), info.num_classes, notes)
     entry = get_model_entry(cfg.model)
     key = make_key("export", entry.name, _weights_recipe(cfg, dataset), _versions(), _package_version("torch"))
     report = {}

@@ -217,3 +217,29 @@ def test_repeats_redraw_calibration_and_keep_the_evaluation_set(tmp_path, capsys
               for s in ("", "#r1", "#r2")]
     assert ranges[0] != ranges[1] != ranges[2], "each repeat calibrates on other images"
     assert " ± " in (out / "report.md").read_text()
+
+
+def test_a_model_ending_in_softmax_is_evaluated_on_its_logits(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    import onnxruntime as ort
+    from onnx import helper
+
+    plain = tiny_onnx_classifier(tmp_path / "plain.onnx", classes=10)
+    model = onnx.load(str(plain))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    gemm.output[0] = "scores"
+    model.graph.node.append(helper.make_node("Softmax", ["scores"], ["logits"], axis=1))
+    onnx.save(model, str(tmp_path / "softmax.onnx"))
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(tmp_path / "softmax.onnx"), "--out", str(out), "--no-progress",
+                 "--calib-size", "32", "--weight-bits", "8"])
+    assert code == 0, capsys.readouterr().err
+    from ptqcal.data import load_digits
+    from ptqcal.models.registry import DIGITS_PREPROCESS
+
+    saved = np.load(out / "logits.npz")
+    session = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
+    dataset = load_digits()
+    expected = session.run(None, {"input": DIGITS_PREPROCESS(dataset.eval.images)})[0]
+    np.testing.assert_allclose(saved["float"], expected, rtol=1e-5, atol=1e-5)  # logits, not probabilities
+    assert "Softmax was removed" in (out / "report.md").read_text()

@@ -94,3 +94,23 @@ def test_undecodable_images_are_skipped_or_fatal_with_strict(tmp_path):
     assert failed == [broken] and decoded.images.shape == (2, 32, 32, 3) and list(decoded.labels) == [0, 1]
     with pytest.raises(UserError, match="broken.jpg"):
         decode_images(split, (3, 32, 32), strict=True)
+
+
+def test_imagenet_class_folders_with_train_and_flat_with_labels(tmp_path):
+    from ptqcal.data import load_imagenet
+
+    for split, wnids in (("val", ["n02", "n01"]), ("train", ["n01", "n02"])):
+        for wnid in wnids:
+            (tmp_path / split / wnid).mkdir(parents=True)
+            _write_images(tmp_path / split / wnid, [(30, 30)])
+    dataset = load_imagenet(tmp_path)
+    assert list(dataset.eval.labels) == [0, 1] and dataset.eval.images[0].parent.name == "n01"  # sorted WNIDs
+    assert dataset.calib_pool is not None and len(dataset.calib_pool) == 2
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    paths = _write_images(flat, [(30, 30), (30, 30)])
+    (tmp_path / "labels.txt").write_text(f"{paths[0].name} 7\n{paths[1].name} 3\n")
+    flat_dataset = load_imagenet(flat, tmp_path / "labels.txt")
+    assert list(flat_dataset.eval.labels) == [7, 3] and flat_dataset.calib_pool is None
+    with pytest.raises(UserError, match="ImageNet folder not found"):
+        load_imagenet(tmp_path / "missing")

@@ -179,3 +179,11 @@ def test_ece_of_a_calibrated_model_shrinks_with_n():
         confidence = rng.uniform(0.2, 1.0, n)
         eces.append(expected_calibration_error(confidence, rng.uniform(size=n) < confidence))
     assert eces[0] > eces[1] > eces[2] and eces[2] < 0.01
+
+
+def test_margins_of_swapped_and_kept_predictions():
+    float_logits = np.array([[5.0, 0.0], [1.0, 0.9], [0.0, 3.0], [2.0, 1.8]])
+    quant_logits = np.array([[5.0, 0.0], [0.9, 1.0], [0.0, 3.0], [1.7, 1.8]])
+    summary = quantization_change(float_logits, quant_logits, np.array([0, 0, 1, 0])).summary()
+    assert summary["median_float_margin_swapped"] == pytest.approx(0.15)  # margins 0.1 and 0.2
+    assert summary["median_float_margin_kept"] == pytest.approx(4.0)  # margins 5 and 3

@@ -30,7 +30,7 @@ baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 if method == "ptqcal":
     from ptqcal.quantize import collect_histograms, compute_ranges
-    ranges = compute_ranges(collect_histograms(model, ArrayDataReader("input", images, 64), progress=False),
+    ranges = compute_ranges(collect_histograms(model, ArrayDataReader("input", images, 32), progress=False),
                             "percentile")
     count = len(ranges.ranges)
 else:
@@ -39,7 +39,7 @@ else:
     with tempfile.TemporaryDirectory() as tmp:
         calibrator = create_calibrator(model, augmented_model_path=f"{tmp}/augmented.onnx",
                                        calibrate_method=CalibrationMethod.Percentile)
-        calibrator.collect_data(ArrayDataReader("input", images, 64))
+        calibrator.collect_data(ArrayDataReader("input", images, 32))
         count = len(calibrator.compute_data().data)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -29,6 +29,7 @@ FP16_NAME = "fp16"
 REPEAT_MARK = "#r"
 SIMULATION_CHECK_IMAGES = 256
 HISTOGRAM_BINS = 2048
+CALIB_BATCH = 32  # images per calibration batch: every activation of a batch is in memory at once
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,7 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
         hist_key = make_key(file_digest(prepared), array_digest(calib_inputs), HISTOGRAM_BINS, versions)
 
         def collect(tmp: Path) -> None:
-            histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, 64),
+            histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, CALIB_BATCH),
                                             HISTOGRAM_BINS, cfg.progress)
             with open(tmp, "wb") as handle:
                 np.savez(handle, names=np.array(list(histograms), dtype=str),
@@ -488,7 +489,7 @@ def compare_torch(cfg: RunConfig, work: Path | None = None) -> list[TorchAgreeme
         calib = _preprocess(model.preprocess, calib_split.images)
         inputs = _preprocess(model.preprocess, evaluation.images)
         labels = evaluation.labels
-        reader = ArrayDataReader("input", calib, 64)
+        reader = ArrayDataReader("input", calib, CALIB_BATCH)
         prepared = prepare(model.float_path, Path(tmp) / "prepared.onnx")
         histograms = collect_histograms(prepared, reader, progress=cfg.progress)
         batches = [calib[i:i + reader.batch_size] for i in range(0, len(calib), reader.batch_size)]

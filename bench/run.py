@@ -23,7 +23,6 @@ import argparse
 import os
 import platform
 import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -63,8 +62,6 @@ def timed(fn, *args, **kwargs):
 def torch_sweep(model, calib: np.ndarray, evaluation: np.ndarray, bits: list[int]) -> float:
     """The paper's way: float eval, then for each bit width a fresh torch.ao calibration and a
     fake-quant evaluation. Returns seconds."""
-    import torch
-
     from ptqcal.models.registry import CIFAR100_PREPROCESS
     from ptqcal.quantize.torch_reference import torch_fake_quant, torch_logits
 

@@ -353,7 +353,7 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
         calib_inputs = _preprocess(model.preprocess, repeat_calib.images)
         hist_key = make_key(file_digest(prepared), array_digest(calib_inputs), HISTOGRAM_BINS, versions)
 
-        def collect(tmp: Path) -> None:
+        def collect(tmp: Path, calib_inputs: np.ndarray = calib_inputs) -> None:
             histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, CALIB_BATCH),
                                             HISTOGRAM_BINS, cfg.progress)
             with open(tmp, "wb") as handle:
@@ -373,7 +373,8 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
             for spec in (s for s in specs if s.act_bits == bits):
                 spec = replace(spec, exclude=exclude)
                 key = make_key(file_digest(prepared), ranges.ranges, asdict(spec), versions)
-                path = cache.file("quantized", key, "onnx", lambda tmp: quantize_qdq(prepared, tmp, ranges, spec))
+                path = cache.file("quantized", key, "onnx",
+                                  lambda tmp, ranges=ranges, spec=spec: quantize_qdq(prepared, tmp, ranges, spec))
                 name = spec.name + suffix
                 logits[name] = logits_of(path, name, fused=cfg.execution == "deployed")
                 if repeat == 0:

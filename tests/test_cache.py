@@ -1,7 +1,5 @@
 """The run folder's cache: hits, misses, invalidation, and resuming after SIGKILL."""
 
-import json
-import os
 import signal
 import subprocess
 import sys

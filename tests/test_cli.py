@@ -151,7 +151,6 @@ def test_exclude_names_must_exist(tmp_path, capsys):
 
 
 def test_config_file_sets_options_and_the_command_line_wins(tmp_path, monkeypatch):
-    import argparse
 
     from ptqcal import cli
 

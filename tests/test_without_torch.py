@@ -26,7 +26,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_quantize_evaluate_analysis_run_on_onnx_with_torch_blocked(tmp_path):
-    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
     completed = _run(f"""
         import numpy as np
         from pathlib import Path

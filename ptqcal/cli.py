@@ -174,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.config is not None:
             args = _apply_config_file(parser, argv, args)
         cfg = RunConfig(model=args.model[0], weights=args.weights, dataset=args.dataset, data_dir=args.data_dir,
-                        labels=args.labels, calib_data=args.calib_data, download=args.download, strict=args.strict, eval_size=args.eval_size,
-                        resize=args.resize,
+                        labels=args.labels, calib_data=args.calib_data, download=args.download, strict=args.strict,
+                        eval_size=args.eval_size, resize=args.resize,
                         weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits),
                         fp16="fp16" in args.precisions, weight_scale=args.weight_scale,
                         skip_first_layer=args.skip_first_layer, skip_last_layer=args.skip_last_layer,

@@ -302,8 +302,8 @@ def report_once(folders: list[Path], target: Path, previous: Path) -> Path:
 
 def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_work_dir) -> Path:
     from .evaluate import make_session, predict
-    from .quantize import (ArrayDataReader, TensorHistogram, collect_histograms, compute_ranges, prepare,
-                           quantize_qdq)
+    from .quantize import (ArrayDataReader, collect_histograms, compute_ranges, load_histograms, prepare,
+                           quantize_qdq, save_histograms)
     from .quantize.fp16 import convert_fp16
 
     started = time.perf_counter()
@@ -352,19 +352,12 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
         repeat_calib = calib if repeat == 0 else decode_selection(selection, model.preprocess, cfg.strict, cache)[0]
         calib_inputs = _preprocess(model.preprocess, repeat_calib.images)
         hist_key = make_key(file_digest(prepared), array_digest(calib_inputs), HISTOGRAM_BINS, versions)
+        reader = ArrayDataReader(input_name, calib_inputs, CALIB_BATCH)
 
-        def collect(tmp: Path, calib_inputs: np.ndarray = calib_inputs) -> None:
-            histograms = collect_histograms(prepared, ArrayDataReader(input_name, calib_inputs, CALIB_BATCH),
-                                            HISTOGRAM_BINS, cfg.progress)
-            with open(tmp, "wb") as handle:
-                np.savez(handle, names=np.array(list(histograms), dtype=str),
-                         lo=np.array([h.lo for h in histograms.values()], dtype=np.float32),
-                         hi=np.array([h.hi for h in histograms.values()], dtype=np.float32),
-                         counts=np.stack([h.counts for h in histograms.values()]))
+        def collect(tmp: Path, reader: ArrayDataReader = reader) -> None:
+            save_histograms(collect_histograms(prepared, reader, HISTOGRAM_BINS, cfg.progress), tmp)
 
-        with np.load(cache.file("histograms", hist_key, "npz", collect)) as stored:
-            histograms = {str(n): TensorHistogram(HISTOGRAM_BINS, lo, hi, counts)
-                          for n, lo, hi, counts in zip(stored["names"], stored["lo"], stored["hi"], stored["counts"])}
+        histograms = load_histograms(cache.file("histograms", hist_key, "npz", collect))
         _log(f"calibrated {len(histograms)} tensors in one pass ({cfg.calib_method}, repeat {repeat + 1}/"
              f"{cfg.repeats}); reused for every precision")
         for bits in cfg.act_bits:
@@ -391,28 +384,29 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
         link_or_copy(source, work / name)
     notes += _notes(cfg, specs, exclude, simulation_rows, len(check))
     _save_npz(work / "logits.npz", labels=labels, calib_labels=calib.labels, calib_float=calib_float, **logits)
-    info = {
-        "model": model.name,
-        "configs": list(logits),
-        "notes": notes,
-        "run": {
-            "model": model.name, "dataset": dataset.name,
-            "calibration images": f"{len(calib)} (seed {cfg.seed}"
-                                  + (f", {cfg.repeats} draws" if cfg.repeats > 1 else "") + ", "
-                                  + ("held out of the evaluation split)" if selections[0].held_out_from_eval
-                                     else "from the calibration pool, disjoint from evaluation)"),
-            "evaluation images": len(labels) if not failed else f"{len(labels)} ({len(failed)} undecodable skipped)",
-            "preprocessing": _describe(model.preprocess),
-            "calibration": f"{cfg.calib_method} histogram ranges",
-            "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
-            "activations": "per-tensor asymmetric (uint8 container)",
-            "execution": cfg.execution,
-        },
-        "seconds": round(time.perf_counter() - started, 1),
-        "config": cfg.to_dict(),
-    }
+    info = {"model": model.name, "configs": list(logits), "notes": notes,
+            "run": _run_summary(cfg, model, dataset, len(calib), len(labels), len(failed),
+                                selections[0].held_out_from_eval),
+            "seconds": round(time.perf_counter() - started, 1), "config": cfg.to_dict()}
     (work / "run.json").write_text(json.dumps(info, indent=2))
     return work
+
+
+def _run_summary(cfg: RunConfig, model: PreparedModel, dataset: Dataset, n_calib: int, n_eval: int,
+                 n_failed: int, held_out: bool) -> dict:
+    """What the report's header says about a run."""
+    draws = f", {cfg.repeats} draws" if cfg.repeats > 1 else ""
+    source = "held out of the evaluation split" if held_out else "from the calibration pool, disjoint from evaluation"
+    return {
+        "model": model.name, "dataset": dataset.name,
+        "calibration images": f"{n_calib} (seed {cfg.seed}{draws}, {source})",
+        "evaluation images": n_eval if not n_failed else f"{n_eval} ({n_failed} undecodable skipped)",
+        "preprocessing": _describe(model.preprocess),
+        "calibration": f"{cfg.calib_method} histogram ranges",
+        "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
+        "activations": "per-tensor asymmetric (uint8 container)",
+        "execution": cfg.execution,
+    }
 
 
 def _notes(cfg: RunConfig, specs: list, exclude: tuple[str, ...], simulation_rows: list, checked: int) -> list[str]:

@@ -183,3 +183,19 @@ def compute_ranges(histograms: dict[str, TensorHistogram], method: str, bits: in
     ranges = {name: range_from_histogram(h.counts, h.lo, h.hi, method, bits, percentile)
               for name, h in histograms.items() if h.counts is not None}
     return CalibrationRanges(method, bits, num_images, ranges)
+
+
+def save_histograms(histograms: dict[str, TensorHistogram], path: str | Path) -> None:
+    """All of a calibration pass in one ``.npz``: any method and bit width can be computed later."""
+    with open(path, "wb") as handle:
+        np.savez(handle, names=np.array(list(histograms), dtype=str),
+                 lo=np.array([h.lo for h in histograms.values()], dtype=np.float32),
+                 hi=np.array([h.hi for h in histograms.values()], dtype=np.float32),
+                 counts=np.stack([h.counts for h in histograms.values()]))
+
+
+def load_histograms(path: str | Path) -> dict[str, TensorHistogram]:
+    with np.load(path) as stored:
+        bins = stored["counts"].shape[1]
+        return {str(name): TensorHistogram(bins, lo, hi, counts)
+                for name, lo, hi, counts in zip(stored["names"], stored["lo"], stored["hi"], stored["counts"])}

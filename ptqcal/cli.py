@@ -64,6 +64,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-method", choices=CALIB_METHODS, default="mse",
                      help="activation range: min/max, the L2 search of PyTorch's HistogramObserver, "
                           "a percentile, or KL entropy")
+    parser.add_argument("--calib-ranges", type=Path, metavar="FILE.json",
+                        help="reuse the activation ranges a run saved (calibration_ranges_a8.json) instead of "
+                             "calibrating")
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     parser.add_argument("--out", type=Path, help="run folder (default: ptqcal_runs/<model>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
@@ -175,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = _apply_config_file(parser, argv, args)
         cfg = RunConfig(model=args.model[0], weights=args.weights, dataset=args.dataset, data_dir=args.data_dir,
                         labels=args.labels, calib_data=args.calib_data, download=args.download, strict=args.strict,
-                        eval_size=args.eval_size, resize=args.resize,
+                        eval_size=args.eval_size, resize=args.resize, calib_ranges=args.calib_ranges,
                         weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits),
                         fp16="fp16" in args.precisions, weight_scale=args.weight_scale,
                         skip_first_layer=args.skip_first_layer, skip_last_layer=args.skip_last_layer,

@@ -43,6 +43,7 @@ class RunConfig:
     execution: str = "deployed"  # "deployed": ORT's fused integer kernels; "simulated": float ops between Q/DQ
     calib_size: int = 256
     calib_method: str = "mse"
+    calib_ranges: Path | None = None  # reuse the ranges an earlier run saved instead of calibrating
     out: Path | None = None  # default: ptqcal_runs/<model>
     seed: int = 0
     repeats: int = 1  # calibration draws (seed, seed + 1, ...): metrics as mean ± std

@@ -347,21 +347,23 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
     input_name = make_session(prepared).get_inputs()[0].name
     check = eval_images[:SIMULATION_CHECK_IMAGES]
     simulation_rows = []
+    given_ranges = _given_ranges(cfg, prepared) if cfg.calib_ranges is not None else None
     for repeat, selection in enumerate(selections):
         suffix = "" if repeat == 0 else f"{REPEAT_MARK}{repeat}"
-        repeat_calib = calib if repeat == 0 else decode_selection(selection, model.preprocess, cfg.strict, cache)[0]
-        calib_inputs = _preprocess(model.preprocess, repeat_calib.images)
-        hist_key = make_key(file_digest(prepared), array_digest(calib_inputs), HISTOGRAM_BINS, versions)
-        reader = ArrayDataReader(input_name, calib_inputs, CALIB_BATCH)
+        if given_ranges is None:
+            repeat_calib = calib if repeat == 0 else decode_selection(selection, model.preprocess, cfg.strict, cache)[0]
+            calib_inputs = _preprocess(model.preprocess, repeat_calib.images)
+            hist_key = make_key(file_digest(prepared), array_digest(calib_inputs), HISTOGRAM_BINS, versions)
+            reader = ArrayDataReader(input_name, calib_inputs, CALIB_BATCH)
 
-        def collect(tmp: Path, reader: ArrayDataReader = reader) -> None:
-            save_histograms(collect_histograms(prepared, reader, HISTOGRAM_BINS, cfg.progress), tmp)
+            def collect(tmp: Path, reader: ArrayDataReader = reader) -> None:
+                save_histograms(collect_histograms(prepared, reader, HISTOGRAM_BINS, cfg.progress), tmp)
 
-        histograms = load_histograms(cache.file("histograms", hist_key, "npz", collect))
-        _log(f"calibrated {len(histograms)} tensors in one pass ({cfg.calib_method}, repeat {repeat + 1}/"
-             f"{cfg.repeats}); reused for every precision")
+            histograms = load_histograms(cache.file("histograms", hist_key, "npz", collect))
+            _log(f"calibrated {len(histograms)} tensors in one pass ({cfg.calib_method}, repeat {repeat + 1}/"
+                 f"{cfg.repeats}); reused for every precision")
         for bits in cfg.act_bits:
-            ranges = compute_ranges(histograms, cfg.calib_method, bits, len(calib_inputs))
+            ranges = given_ranges or compute_ranges(histograms, cfg.calib_method, bits, len(calib_inputs))
             ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json")
             for spec in (s for s in specs if s.act_bits == bits):
                 spec = replace(spec, exclude=exclude)
@@ -392,6 +394,26 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
     return work
 
 
+def _given_ranges(cfg: RunConfig, prepared: Path):
+    """Ranges saved by an earlier run (``--calib-ranges``), checked against this model's tensors."""
+    import onnx
+
+    from .quantize import CalibrationRanges, calibration_tensors
+
+    try:
+        ranges = CalibrationRanges.load(cfg.calib_ranges)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{cfg.calib_ranges} is not a calibration ranges file ({type(exc).__name__})") from exc
+    if cfg.act_bits != (ranges.bits,) or cfg.repeats != 1:
+        raise UserError(f"{cfg.calib_ranges} holds {ranges.bits}-bit ranges: use --act-bits {ranges.bits} "
+                        "and no --repeats with it")
+    missing = set(calibration_tensors(onnx.load(str(prepared)))) - set(ranges.ranges)
+    if missing:
+        raise UserError(f"{cfg.calib_ranges} does not fit this model: no range for {', '.join(sorted(missing)[:3])}"
+                        + (" …" if len(missing) > 3 else ""))
+    return ranges
+
+
 def _run_summary(cfg: RunConfig, model: PreparedModel, dataset: Dataset, n_calib: int, n_eval: int,
                  n_failed: int, held_out: bool) -> dict:
     """What the report's header says about a run."""
@@ -402,7 +424,7 @@ def _run_summary(cfg: RunConfig, model: PreparedModel, dataset: Dataset, n_calib
         "calibration images": f"{n_calib} (seed {cfg.seed}{draws}, {source})",
         "evaluation images": n_eval if not n_failed else f"{n_eval} ({n_failed} undecodable skipped)",
         "preprocessing": _describe(model.preprocess),
-        "calibration": f"{cfg.calib_method} histogram ranges",
+        "calibration": f"ranges from {cfg.calib_ranges}" if cfg.calib_ranges else f"{cfg.calib_method} histogram ranges",
         "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
         "activations": "per-tensor asymmetric (uint8 container)",
         "execution": cfg.execution,

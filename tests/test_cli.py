@@ -242,3 +242,28 @@ def test_a_model_ending_in_softmax_is_evaluated_on_its_logits(tmp_path, capsys):
     expected = session.run(None, {"input": DIGITS_PREPROCESS(dataset.eval.images)})[0]
     np.testing.assert_allclose(saved["float"], expected, rtol=1e-5, atol=1e-5)  # logits, not probabilities
     assert "Softmax was removed" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_saved_ranges_are_reused_without_calibrating(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    import ptqcal.quantize as quantize
+
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    first = tmp_path / "first"
+    assert main(["run", "--model", str(model), "--out", str(first), "--no-progress", "--calib-size", "32",
+                 "--weight-bits", "8"]) == 0
+    monkeypatch.setattr(quantize, "collect_histograms", lambda *a, **k: pytest.fail("calibrated again"))
+    second = tmp_path / "second"
+    saved = first / "calibration_ranges_a8.json"
+    assert main(["run", "--model", str(model), "--out", str(second), "--no-progress", "--calib-size", "32",
+                 "--weight-bits", "8", "--calib-ranges", str(saved)]) == 0
+    np.testing.assert_array_equal(np.load(first / "logits.npz")["a8w8"], np.load(second / "logits.npz")["a8w8"])
+    capsys.readouterr()
+    other = tiny_onnx_classifier(tmp_path / "other.onnx", classes=10)
+    ranges = json.loads(saved.read_text())
+    ranges["ranges"] = {"not_a_tensor": [0.0, 1.0]}
+    (tmp_path / "bad.json").write_text(json.dumps(ranges))
+    code, err = _run_cli(["run", "--model", str(other), "--out", str(tmp_path / "third"), "--no-progress",
+                          "--calib-ranges", str(tmp_path / "bad.json")], capsys)
+    assert code == 2 and "does not fit this model" in err[0] and not (tmp_path / "third").exists()

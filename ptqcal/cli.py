@@ -146,7 +146,7 @@ def _report(runs: list[Path], out: Path | None) -> int:
 
 
 def _compare_torch(cfg: RunConfig) -> int:
-    from .pipeline import compare_torch
+    from .compare import compare_torch
 
     rows = compare_torch(cfg)
     print(f"{'config':8s} {'top-1 agreement %':>18s} {'max |Δlogit|':>13s} {'ORT err %':>10s} {'torch err %':>12s}")

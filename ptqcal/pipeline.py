@@ -91,7 +91,7 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedMod
         module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
         sample, _ = decode_images(dataset.eval.take(np.arange(min(16, len(dataset.eval)))),
                                   entry.preprocess.input_size, entry.preprocess.resize, entry.preprocess.interpolation)
-        result = export_onnx(module, _preprocess(entry.preprocess, sample.images), tmp)
+        result = export_onnx(module, normalise(entry.preprocess, sample.images), tmp)
         report.update(max_abs_diff=result.max_abs_diff, num_checked=result.num_checked)
 
     path = cache.file("float", key, "onnx", export)
@@ -173,7 +173,8 @@ def decode_selection(selection: Selection, preprocess: PreprocessCfg, strict: bo
     return calib, evaluation, failed_calib + failed_eval
 
 
-def _preprocess(preprocess: PreprocessCfg, images: np.ndarray) -> np.ndarray:
+def normalise(preprocess: PreprocessCfg, images: np.ndarray) -> np.ndarray:
+    """Pixels to model input; a size that does not fit the model is the user's mistake."""
     try:
         return preprocess(images)
     except ValueError as exc:
@@ -195,7 +196,8 @@ def excluded_nodes(cfg: RunConfig, prepared: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys(chosen))
 
 
-def _load_dataset(cfg: RunConfig) -> Dataset:
+def load_run_dataset(cfg: RunConfig) -> Dataset:
+    """The dataset a run evaluates, with ``--calib-data`` as its calibration pool when given."""
     kind = cfg.dataset or ("digits" if cfg.is_onnx_file else get_model_entry(cfg.model).default_dataset)
     dataset = load_dataset(kind, cfg.data_dir, cfg.labels, cfg.download)
     if cfg.calib_data is None:
@@ -218,7 +220,7 @@ def run(cfg: RunConfig) -> Path:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").exists()
                                               and not (out / "cache").is_dir())):
         raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
-    dataset = _load_dataset(cfg)
+    dataset = load_run_dataset(cfg)
     cache = Cache(out / "cache")
     created: list[Path] = [] if out.exists() else [out]
     try:
@@ -311,7 +313,7 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
     _check_labels(dataset, model.num_classes)
     selections = [select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size, r, cfg.repeats) for r in range(cfg.repeats)]
     calib, evaluation, failed = decode_selection(selections[0], model.preprocess, cfg.strict, cache)
-    _preprocess(model.preprocess, evaluation.images[:1])  # a size mismatch is a user error, said now
+    normalise(model.preprocess, evaluation.images[:1])  # a size mismatch is a user error, said now
     eval_images, labels = evaluation.images, evaluation.labels
     eval_key = make_key(array_digest(eval_images), array_digest(labels), asdict(model.preprocess))
     notes = list(model.notes)
@@ -352,7 +354,7 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
         suffix = "" if repeat == 0 else f"{REPEAT_MARK}{repeat}"
         if given_ranges is None:
             repeat_calib = calib if repeat == 0 else decode_selection(selection, model.preprocess, cfg.strict, cache)[0]
-            calib_inputs = _preprocess(model.preprocess, repeat_calib.images)
+            calib_inputs = normalise(model.preprocess, repeat_calib.images)
             hist_key = make_key(file_digest(prepared), array_digest(calib_inputs), HISTOGRAM_BINS, versions)
             reader = ArrayDataReader(input_name, calib_inputs, CALIB_BATCH)
 
@@ -456,72 +458,3 @@ def _describe(p: PreprocessCfg) -> str:
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with open(path, "wb") as handle:
         np.savez_compressed(handle, **arrays)
-
-
-# Ops whose output torch.ao quantizes with their input's scale and zero point
-TORCH_SHARED_QPARAM_OPS = ("GlobalAveragePool", "AveragePool", "MaxPool", "Flatten", "Reshape")
-
-
-def share_input_ranges(graph, ranges):
-    """Give the outputs of :data:`TORCH_SHARED_QPARAM_OPS` their input's range, as torch.ao does
-    (ORT calibrates them separately: a pooled tensor gets a range of its own, 3x finer on ResNet20)."""
-    from .quantize import CalibrationRanges
-
-    shared = dict(ranges.ranges)
-    for node in graph.node:  # graph order, so chains (pool -> flatten) inherit from the start
-        if node.op_type in TORCH_SHARED_QPARAM_OPS and node.input[0] in shared:
-            shared[node.output[0]] = shared[node.input[0]]
-    return CalibrationRanges(ranges.method, ranges.bits, ranges.num_images, shared)
-
-
-@dataclass(frozen=True)
-class TorchAgreement:
-    config: str
-    top1_agreement_pct: float  # ONNX Runtime vs PyTorch quantized predictions
-    max_abs_logit_diff: float
-    onnx_top1_error: float
-    torch_top1_error: float
-
-
-def compare_torch(cfg: RunConfig, work: Path | None = None) -> list[TorchAgreement]:
-    """Quantize a registry model with ptqcal (ONNX Runtime) and with ``torch.ao`` on the same
-    calibration batches, and measure how far the two quantized models agree."""
-    cfg.validate()
-    if cfg.is_onnx_file:
-        raise UserError("compare-torch needs a PyTorch model from the registry, not an .onnx file")
-    import onnx
-
-    from .evaluate import make_session, predict
-    from .quantize import ArrayDataReader, QuantSpec, collect_histograms, compute_ranges, prepare, quantize_qdq
-    from .quantize.torch_reference import torch_fake_quant, torch_logits
-
-    specs = [QuantSpec(w, a, cfg.weight_scale).validate() for a in cfg.act_bits for w in cfg.weight_bits]
-    entry = get_model_entry(cfg.model)
-    dataset = _load_dataset(cfg)
-    with tempfile.TemporaryDirectory(prefix="ptqcal-compare-") as tmp:
-        model = prepare_model(cfg, dataset, Cache(Path(tmp)))
-        module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
-        calib_split, evaluation, _ = decode_selection(select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size),
-                                                      model.preprocess, cfg.strict)
-        calib = _preprocess(model.preprocess, calib_split.images)
-        inputs = _preprocess(model.preprocess, evaluation.images)
-        labels = evaluation.labels
-        reader = ArrayDataReader("input", calib, CALIB_BATCH)
-        prepared = prepare(model.float_path, Path(tmp) / "prepared.onnx")
-        histograms = collect_histograms(prepared, reader, progress=cfg.progress)
-        batches = [calib[i:i + reader.batch_size] for i in range(0, len(calib), reader.batch_size)]
-        rows = []
-        graph = onnx.load(str(prepared), load_external_data=False).graph
-        for spec in specs:
-            ranges = share_input_ranges(graph, compute_ranges(histograms, "mse", spec.act_bits, len(calib)))
-            # like torch.ao's reference model: logits quantized, biases float
-            path = quantize_qdq(prepared, Path(tmp) / f"{spec.name}.onnx", ranges,
-                                replace(spec, quantize_outputs=True, quantize_bias=False))
-            ours = predict(make_session(path, fused=cfg.execution == "deployed"), inputs, cfg.batch_size,
-                           spec.name, cfg.progress)
-            theirs = torch_logits(torch_fake_quant(module, batches, spec.weight_bits, spec.act_bits), inputs)
-            rows.append(TorchAgreement(spec.name, 100 * float(np.mean(ours.argmax(1) == theirs.argmax(1))),
-                                       float(np.max(np.abs(ours - theirs))),
-                                       100 * float(np.mean(ours.argmax(1) != labels)),
-                                       100 * float(np.mean(theirs.argmax(1) != labels))))
-    return rows

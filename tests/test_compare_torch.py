@@ -23,7 +23,7 @@ def cifar120(tmp_path_factory):
 @pytest.mark.slow
 def test_onnx_and_torch_a8w8_agree_on_real_cifar100(cifar120, tmp_path):
     from ptqcal.config import RunConfig
-    from ptqcal.pipeline import compare_torch
+    from ptqcal.compare import compare_torch
 
     weights = shared_file("models/cifar100_resnet20.pth")
     rows = compare_torch(RunConfig(model="cifar_resnet20", weights=weights, dataset=str(cifar120), calib_size=100,

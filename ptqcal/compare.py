@@ -1,0 +1,85 @@
+"""``ptqcal compare-torch``: the same quantization built by ONNX Runtime and by ``torch.ao``."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .cache import Cache
+from .config import RunConfig
+from .data import select
+from .errors import UserError
+from .models import get_model_entry
+from .pipeline import CALIB_BATCH, decode_selection, load_run_dataset, normalise, prepare_model
+
+
+# Ops whose output torch.ao quantizes with their input's scale and zero point
+TORCH_SHARED_QPARAM_OPS = ("GlobalAveragePool", "AveragePool", "MaxPool", "Flatten", "Reshape")
+
+
+def share_input_ranges(graph, ranges):
+    """Give the outputs of :data:`TORCH_SHARED_QPARAM_OPS` their input's range, as torch.ao does
+    (ORT calibrates them separately: a pooled tensor gets a range of its own, 3x finer on ResNet20)."""
+    from .quantize import CalibrationRanges
+
+    shared = dict(ranges.ranges)
+    for node in graph.node:  # graph order, so chains (pool -> flatten) inherit from the start
+        if node.op_type in TORCH_SHARED_QPARAM_OPS and node.input[0] in shared:
+            shared[node.output[0]] = shared[node.input[0]]
+    return CalibrationRanges(ranges.method, ranges.bits, ranges.num_images, shared)
+
+
+@dataclass(frozen=True)
+class TorchAgreement:
+    config: str
+    top1_agreement_pct: float  # ONNX Runtime vs PyTorch quantized predictions
+    max_abs_logit_diff: float
+    onnx_top1_error: float
+    torch_top1_error: float
+
+
+def compare_torch(cfg: RunConfig, work: Path | None = None) -> list[TorchAgreement]:
+    """Quantize a registry model with ptqcal (ONNX Runtime) and with ``torch.ao`` on the same
+    calibration batches, and measure how far the two quantized models agree."""
+    cfg.validate()
+    if cfg.is_onnx_file:
+        raise UserError("compare-torch needs a PyTorch model from the registry, not an .onnx file")
+    import onnx
+
+    from .evaluate import make_session, predict
+    from .quantize import ArrayDataReader, QuantSpec, collect_histograms, compute_ranges, prepare, quantize_qdq
+    from .quantize.torch_reference import torch_fake_quant, torch_logits
+
+    specs = [QuantSpec(w, a, cfg.weight_scale).validate() for a in cfg.act_bits for w in cfg.weight_bits]
+    entry = get_model_entry(cfg.model)
+    dataset = load_run_dataset(cfg)
+    with tempfile.TemporaryDirectory(prefix="ptqcal-compare-") as tmp:
+        model = prepare_model(cfg, dataset, Cache(Path(tmp)))
+        module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
+        calib_split, evaluation, _ = decode_selection(select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size),
+                                                      model.preprocess, cfg.strict)
+        calib = normalise(model.preprocess, calib_split.images)
+        inputs = normalise(model.preprocess, evaluation.images)
+        labels = evaluation.labels
+        reader = ArrayDataReader("input", calib, CALIB_BATCH)
+        prepared = prepare(model.float_path, Path(tmp) / "prepared.onnx")
+        histograms = collect_histograms(prepared, reader, progress=cfg.progress)
+        batches = [calib[i:i + reader.batch_size] for i in range(0, len(calib), reader.batch_size)]
+        rows = []
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        for spec in specs:
+            ranges = share_input_ranges(graph, compute_ranges(histograms, "mse", spec.act_bits, len(calib)))
+            # like torch.ao's reference model: logits quantized, biases float
+            path = quantize_qdq(prepared, Path(tmp) / f"{spec.name}.onnx", ranges,
+                                replace(spec, quantize_outputs=True, quantize_bias=False))
+            ours = predict(make_session(path, fused=cfg.execution == "deployed"), inputs, cfg.batch_size,
+                           spec.name, cfg.progress)
+            theirs = torch_logits(torch_fake_quant(module, batches, spec.weight_bits, spec.act_bits), inputs)
+            rows.append(TorchAgreement(spec.name, 100 * float(np.mean(ours.argmax(1) == theirs.argmax(1))),
+                                       float(np.max(np.abs(ours - theirs))),
+                                       100 * float(np.mean(ours.argmax(1) != labels)),
+                                       100 * float(np.mean(theirs.argmax(1) != labels))))
+    return rows

@@ -4,8 +4,9 @@
 
 1. the paper's sweep (float + a8w8..a8w4) on a CIFAR ResNet56: ptqcal end to end (export, one
    MSE calibration, QDQ graphs, deployed evaluation, report) vs PyTorch fake-quant done the
-   paper's way (torch.ao, HistogramObserver, per-channel symmetric weights, BN fused, a fresh
-   calibration per bit width), and a re-run of ptqcal on its cache;
+   paper's way (FakeQuantize modules with HistogramObserver activations and per-channel symmetric
+   weights, BN folded, a fresh calibration per bit width), vs torch.ao's faster reference quantized
+   model, and a re-run of ptqcal on its cache;
 2. calibration memory and time: ptqcal's streaming histograms vs ORT's Percentile calibrator;
 3. inference images/s: deployed int8 (QLinearConv) vs float ORT vs PyTorch float, batch 1 and 256,
    and ptqcal's evaluation loop vs bare ``session.run`` on pre-loaded arrays;
@@ -59,19 +60,54 @@ def timed(fn, *args, **kwargs):
 
 # --- 1. the sweep ------------------------------------------------------------------------------------
 
-def torch_sweep(model, calib: np.ndarray, evaluation: np.ndarray, bits: list[int]) -> float:
-    """The paper's way: float eval, then for each bit width a fresh torch.ao calibration and a
-    fake-quant evaluation. Returns seconds."""
+def fake_quant_model(model, weight_bits: int, act_bits: int = 8):
+    """The paper's simulation: FakeQuantize modules (HistogramObserver activations, per-channel
+    symmetric weights) inserted by ``prepare_qat_fx``, whose Conv-BN modules fold BatchNorm with
+    its running statistics in eval mode."""
+    import copy
+
+    import torch
+    from torch.ao.quantization import (FakeQuantize, HistogramObserver, PerChannelMinMaxObserver, QConfig,
+                                       QConfigMapping)
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    qconfig = QConfig(
+        activation=FakeQuantize.with_args(observer=HistogramObserver, quant_min=0, quant_max=2 ** act_bits - 1,
+                                          dtype=torch.quint8, reduce_range=False),
+        weight=FakeQuantize.with_args(observer=PerChannelMinMaxObserver, quant_min=-(2 ** (weight_bits - 1)),
+                                      quant_max=2 ** (weight_bits - 1) - 1, dtype=torch.qint8,
+                                      qscheme=torch.per_channel_symmetric, ch_axis=0))
+    example = (torch.zeros(1, 3, 32, 32),)
+    return prepare_qat_fx(copy.deepcopy(model).train(), QConfigMapping().set_global(qconfig), example).eval()
+
+
+def torch_sweep(model, calib: np.ndarray, evaluation: np.ndarray, bits: list[int], reference: bool = False) -> float:
+    """Float evaluation, then for each bit width a fresh calibration and a simulated evaluation:
+    with FakeQuantize modules (the paper's way), or with torch.ao's reference quantized model.
+    Returns seconds."""
+    import torch
+    from torch.ao.quantization import disable_fake_quant, disable_observer, enable_fake_quant, enable_observer
+
     from ptqcal.models.registry import CIFAR100_PREPROCESS
     from ptqcal.quantize.torch_reference import torch_fake_quant, torch_logits
 
     start = time.perf_counter()
-    x_eval = CIFAR100_PREPROCESS(evaluation)
-    x_calib = CIFAR100_PREPROCESS(calib)
+    x_eval, x_calib = CIFAR100_PREPROCESS(evaluation), CIFAR100_PREPROCESS(calib)
+    batches = [x_calib[i:i + 64] for i in range(0, len(x_calib), 64)]
     torch_logits(model, x_eval, 256)
     for b in bits:
-        batches = [x_calib[i:i + 64] for i in range(0, len(x_calib), 64)]
-        torch_logits(torch_fake_quant(model, batches, b, 8), x_eval, 256)
+        if reference:
+            torch_logits(torch_fake_quant(model, batches, b, 8), x_eval, 256)
+            continue
+        simulated = fake_quant_model(model, b)
+        simulated.apply(enable_observer)
+        simulated.apply(disable_fake_quant)
+        with torch.no_grad():
+            for batch in batches:
+                simulated(torch.from_numpy(batch))
+        simulated.apply(disable_observer)
+        simulated.apply(enable_fake_quant)
+        torch_logits(simulated, x_eval, 256)
     return time.perf_counter() - start
 
 
@@ -92,12 +128,16 @@ def sweep(quick: bool, folder: Path) -> dict[str, float]:
     _, again = timed(run, cfg)
     model = get_model_entry("cifar_resnet56").build(Path("random"), None, folder)
     torch.set_num_threads(os.cpu_count() or 1)
-    baseline = torch_sweep(model, np.load(data)["calib_images"], np.load(data)["images"], bits)
+    calib, evaluation = np.load(data)["calib_images"], np.load(data)["images"]
+    baseline = torch_sweep(model, calib, evaluation, bits)
+    reference = torch_sweep(model, calib, evaluation, bits, reference=True)
     print(f"  sweep of ResNet56, {n_calib} calibration / {n_eval} evaluation images, weights {bits}:")
-    print(f"    PyTorch fake-quant (paper's way): {baseline:7.1f} s")
-    print(f"    ptqcal end to end:                {ours:7.1f} s")
-    print(f"    ptqcal re-run on its cache:       {again:7.1f} s")
+    print(f"    PyTorch fake-quant, FakeQuantize modules (the paper's way): {baseline:7.1f} s")
+    print(f"    PyTorch, torch.ao reference quantized model:                {reference:7.1f} s")
+    print(f"    ptqcal end to end:                                          {ours:7.1f} s")
+    print(f"    ptqcal re-run on its cache:                                 {again:7.1f} s")
     return {"sweep: PyTorch fake-quant / ptqcal": baseline / ours,
+            "sweep: PyTorch reference model / ptqcal": reference / ours,
             "sweep: ptqcal re-run / first run": again / ours}
 
 

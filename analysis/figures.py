@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -24,6 +25,7 @@ from ptqcal.evaluate.metrics import changes_by_confidence, swap_probability_by_m
 FLOAT_COLOR = "#1f4e79"
 QUANT_COLOR = "#d1495b"
 FEW_SWAPS = 10
+MIN_BIN = 5  # predictions a confidence bin needs before its swap rate is drawn
 STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.25,
          "font.size": 9, "axes.titlesize": 10, "legend.frameon": False}
 
@@ -227,13 +229,16 @@ class MarginCurves:
     delta_error_pp: list[np.ndarray]
 
     @classmethod
-    def from_run(cls, run, n_bins: int = 20) -> "MarginCurves":
+    def from_run(cls, run, n_bins: int | None = None) -> "MarginCurves":
+        # up to 20 equal-mass bins, each of at least 50 predictions
+        n_bins = n_bins or min(20, max(2, len(run.labels) // 50))
         curves = [swap_probability_by_margin(c.change, n_bins) for c in run.quantized]
         by_confidence = [changes_by_confidence(c.change) for c in run.quantized]
         return cls(run.name, [c.name for c in run.quantized],
                    [np.sqrt(np.maximum(c["edges"][:-1], 1e-3) * c["edges"][1:]) for c in curves],
                    [c["swap_probability"] for c in curves], by_confidence[0]["edges"],
-                   [b["swap_rate_pct"] for b in by_confidence], [b["delta_error_pp"] for b in by_confidence])
+                   [np.where(b["counts"] >= MIN_BIN, b["swap_rate_pct"], np.nan) for b in by_confidence],
+                   [b["delta_error_pp"] for b in by_confidence])
 
 
 def plot_margin(curves: Sequence[MarginCurves]) -> Figure:
@@ -248,12 +253,14 @@ def plot_margin(curves: Sequence[MarginCurves]) -> Figure:
             top.plot(curve.centers[index], curve.probability[index], "o-", ms=3, color=color, label=name)
             bottom.plot(centers, curve.swap_rate_pct[index], "o-", ms=3, color=color, label=name)
         top.set_xscale("log")
-        top.set_xlabel("float logit margin (top-1 − top-2), 20 equal-mass bins")
+        top.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        top.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        top.set_xlabel(f"float logit margin (top-1 − top-2), {len(curve.centers[0])} equal-mass bins")
         top.set_ylabel("P(prediction swapped)")
         top.set_ylim(-0.02, 1.02)
         top.set_title(curve.model)
         top.legend(fontsize=8)
-        bottom.set_xlabel("float confidence (10 equal-width bins)")
+        bottom.set_xlabel(f"float confidence (10 equal-width bins; bins of fewer than {MIN_BIN} left out)")
         bottom.set_ylabel("% of the bin's predictions swapped")
         bottom.set_xlim(0, 1)
     return fig

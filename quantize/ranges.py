@@ -116,14 +116,17 @@ def entropy_range(counts: np.ndarray, lo: float, hi: float, dst_nbins: int = 256
             return n
         best, best_kl = n, float("inf")
         for keep in range(dst_nbins, n + 1, stride):
-            p = hist[:keep].astype(np.float64).copy()
+            p = hist[:keep].astype(np.float64)
             p[-1] += hist[keep:].sum()
-            groups = np.array_split(np.arange(keep), dst_nbins)
-            q = np.zeros(keep)
-            for group in groups:
-                nonzero = hist[group] > 0
-                if nonzero.any():
-                    q[group[nonzero]] = hist[group].sum() / nonzero.sum()
+            # merge into dst_nbins groups (np.array_split's sizes), spread each group's mass over its
+            # non-empty bins
+            sizes = np.full(dst_nbins, keep // dst_nbins)
+            sizes[:keep % dst_nbins] += 1
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            nonzero = hist[:keep] > 0
+            mass = np.add.reduceat(hist[:keep].astype(np.float64), starts)
+            filled = np.add.reduceat(nonzero.astype(np.float64), starts)
+            q = np.repeat(np.divide(mass, filled, out=np.zeros_like(mass), where=filled > 0), sizes) * nonzero
             divergence = _kl(p, q)
             if divergence < best_kl:
                 best, best_kl = keep, divergence

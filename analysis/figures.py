@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ptqcal.evaluate import ConfigResult, ReliabilityCurve, reliability_curve, softmax  # noqa: E402
+from ptqcal.evaluate import ConfigResult, ReliabilityCurve, reliability_of_logits  # noqa: E402
 from ptqcal.evaluate.metrics import changes_by_confidence, swap_probability_by_margin  # noqa: E402
 
 FLOAT_COLOR = "#1f4e79"
@@ -79,13 +79,6 @@ def plot_reliability(curve: ReliabilityCurve, confidences: np.ndarray, title: st
     bottom.set_xlim(0, 1)
     bottom.legend(loc="upper left", fontsize=7.5)
     return fig
-
-
-def reliability_from_logits(logits: np.ndarray, labels: np.ndarray, title: str = "") -> Figure:
-    probabilities = softmax(logits.astype(np.float64))
-    confidences = probabilities.max(axis=1)
-    return plot_reliability(reliability_curve(confidences, probabilities.argmax(axis=1) == labels),
-                            confidences, title)
 
 
 # --- Figure 2: swaps per precision ------------------------------------------------------------------
@@ -284,10 +277,10 @@ class TemperatureEffect:
         if run.temperature is None or not run.quantized:
             return None
         chosen = max(run.quantized, key=lambda c: c.change.swapped.sum())
-        probabilities = softmax(run.float.logits.astype(np.float64) / run.temperature)
+        _, scaled = reliability_of_logits(run.float.logits, run.labels, run.temperature)
         return cls(run.name, run.temperature, [c.name for c in run.configs], [c.metrics["ece"] for c in run.configs],
                    [c.metrics["ece_temperature"] for c in run.configs], chosen.name,
-                   chosen.change.swapped_confidences, probabilities.max(1)[chosen.change.swapped])
+                   chosen.change.swapped_confidences, scaled[chosen.change.swapped])
 
 
 def plot_temperature(effects: Sequence[TemperatureEffect]) -> Figure:

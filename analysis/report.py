@@ -163,8 +163,8 @@ def sweep_reading(run: RunAnalysis, mild_ratio: float = 0.5) -> str:
     sentences = []
     mild = [c for c in quantized if c.metrics["delta_error_per_swapped"] < mild_ratio]
     if mild:
-        c = max(mild, key=lambda c: c.metrics["swapped_pct"]).metrics
-        name = max(mild, key=lambda c: c.metrics["swapped_pct"]).name
+        most = max(mild, key=lambda c: c.metrics["swapped_pct"])
+        c, name = most.metrics, most.name
         sentences.append(
             f"At {name}, {c['swapped_pct']:.2f}% of the predictions changed while the top-1 error moved by only "
             f"{c['delta_top1_error_pp']:+.2f} pp (ratio {c['delta_error_per_swapped']:.2f}): the swapped predictions had "

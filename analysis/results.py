@@ -15,8 +15,8 @@ import numpy as np
 
 from ptqcal.errors import UserError
 from ptqcal.evaluate.metrics import (QuantizationChange, ReliabilityCurve, bootstrap_interval,
-                                     classification_metrics, expected_calibration_error, quantization_change,
-                                     reliability_curve, softmax)
+                                     expected_calibration_error, reliability_of_logits, softmax)
+from ptqcal.evaluate.results import evaluate_logits
 from ptqcal.evaluate.temperature import fit_temperature
 
 FLOAT = "float"
@@ -66,10 +66,8 @@ def load_run(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 def _with_temperature(logits: np.ndarray, labels: np.ndarray, temperature: float | None) -> dict[str, float]:
     if temperature is None:
         return {}
-    probabilities = softmax(logits.astype(np.float64) / temperature)
-    confidence = probabilities.max(axis=1)
-    return {"ece_temperature": 100 * expected_calibration_error(confidence, probabilities.argmax(1) == labels),
-            "mean_confidence_temperature": 100 * float(confidence.mean())}
+    curve, confidence = reliability_of_logits(logits, labels, temperature)
+    return {"ece_temperature": 100 * curve.ece, "mean_confidence_temperature": 100 * float(confidence.mean())}
 
 
 def _intervals(logits: np.ndarray, labels: np.ndarray, change: QuantizationChange | None,
@@ -89,12 +87,10 @@ def _intervals(logits: np.ndarray, labels: np.ndarray, change: QuantizationChang
 
 
 def _config_metrics(logits, labels, float_logits, temperature):
-    change = None if float_logits is None else quantization_change(float_logits, logits, labels)
-    metrics = classification_metrics(logits, labels)
+    result = evaluate_logits("", logits, labels, float_logits)
+    metrics = {k: v for k, v in result.row().items() if k != "config"}
     metrics.update(_with_temperature(logits, labels, temperature))
-    if change is not None:
-        metrics.update(change.summary())
-    return metrics, change
+    return metrics, result.change
 
 
 def analyse_run(folder: str | Path, seed: int = 0) -> RunAnalysis:
@@ -132,7 +128,4 @@ def analyse_run(folder: str | Path, seed: int = 0) -> RunAnalysis:
 def float_reliability(run: RunAnalysis, config: ConfigAnalysis | None = None,
                       temperature: float | None = None) -> tuple[ReliabilityCurve, np.ndarray]:
     """The reliability curve and confidences of a configuration (the float model by default)."""
-    logits = (config or run.float).logits.astype(np.float64)
-    probabilities = softmax(logits / (temperature or 1.0))
-    confidence = probabilities.max(axis=1)
-    return reliability_curve(confidence, probabilities.argmax(1) == run.labels), confidence
+    return reliability_of_logits((config or run.float).logits, run.labels, temperature or 1.0)

@@ -91,6 +91,14 @@ def reliability_curve(confidences: np.ndarray, correct: np.ndarray, n_bins: int 
     return ReliabilityCurve(edges, confidence, accuracy, counts)
 
 
+def reliability_of_logits(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
+                          n_bins: int = ECE_BINS) -> tuple[ReliabilityCurve, np.ndarray]:
+    """The top-label reliability curve of ``softmax(logits / temperature)`` and its confidences."""
+    probabilities = softmax(logits.astype(np.float64) / temperature)
+    confidence = probabilities.max(axis=1)
+    return reliability_curve(confidence, probabilities.argmax(axis=1) == labels, n_bins), confidence
+
+
 def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS,
                                strategy: str = "uniform") -> float:
     """Top-label ECE: sum over bins of |accuracy - confidence| x the bin's share of predictions."""

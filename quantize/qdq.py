@@ -74,15 +74,6 @@ def weight_scales(weight: np.ndarray, axis: int, bits: int, convention: str = "t
     return np.where(scale > 0, scale, np.float32(1.0))  # an all-zero channel keeps scale 1
 
 
-def fake_quantize_weight(weight: np.ndarray, axis: int, bits: int, convention: str = "torch") -> np.ndarray:
-    """What DequantizeLinear(QuantizeLinear(w)) of a b-bit per-channel symmetric quantizer gives."""
-    qmin, qmax = weight_grid(bits)
-    shape = [1] * weight.ndim
-    shape[axis] = -1
-    scale = weight_scales(weight, axis, bits, convention).reshape(shape)
-    return (np.clip(np.rint(weight / scale), qmin, qmax) * scale).astype(np.float32)
-
-
 def activation_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
     """Scale and zero point of a b-bit asymmetric quantizer whose range includes 0 (as PyTorch's)."""
     qmax = 2 ** bits - 1

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,6 +13,16 @@ from onnx import TensorProto, helper
 from ptqcal.cli import build_parser, main
 
 from conftest import tiny_onnx_classifier
+
+
+def _run_tiny(tmp_path: Path, out_name: str, *args: str) -> tuple[int, Path]:
+    """`ptqcal run` of a 10-class tiny ONNX classifier on the digits, into tmp_path / out_name."""
+    pytest.importorskip("sklearn")
+    model = tmp_path / "tiny.onnx"
+    if not model.exists():
+        tiny_onnx_classifier(model, classes=10)
+    out = tmp_path / out_name
+    return main(["run", "--model", str(model), "--out", str(out), "--no-progress", *args]), out
 
 
 def _run_cli(args, capsys):
@@ -116,14 +127,10 @@ def test_default_run_end_to_end(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_fp16_activation_sweep_and_layer_choices(tmp_path, capsys):
-    pytest.importorskip("sklearn")
     import onnx
 
-    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
-    out = tmp_path / "run"
-    code = main(["run", "--model", str(model), "--out", str(out), "--no-progress", "--calib-size", "64",
-                 "--precisions", "fp16", "--weight-bits", "8", "3", "--act-bits", "8", "4",
-                 "--skip-last-layer", "--execution", "simulated"])
+    code, out = _run_tiny(tmp_path, "run", "--calib-size", "64", "--precisions", "fp16", "--weight-bits", "8", "3",
+                          "--act-bits", "8", "4", "--skip-last-layer", "--execution", "simulated")
     assert code == 0, capsys.readouterr().err
     configs = [row["config"] for row in json.loads((out / "metrics.json").read_text())["runs"][0]["configs"]]
     assert configs == ["float", "fp16", "a8w8", "a8w3", "a4w8", "a4w3"]
@@ -203,11 +210,8 @@ def test_a_folder_without_images_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_repeats_redraw_calibration_and_keep_the_evaluation_set(tmp_path, capsys):
-    pytest.importorskip("sklearn")
-    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
-    out = tmp_path / "run"
-    code = main(["run", "--model", str(model), "--out", str(out), "--no-progress", "--calib-size", "32",
-                 "--weight-bits", "8", "2", "--repeats", "3", "--calib-method", "minmax"])
+    code, out = _run_tiny(tmp_path, "run", "--calib-size", "32", "--weight-bits", "8", "2", "--repeats", "3",
+                          "--calib-method", "minmax")
     assert code == 0, capsys.readouterr().err
     logits = np.load(out / "logits.npz")
     assert {"a8w2", "a8w2#r1", "a8w2#r2"} <= set(logits.files)
@@ -246,18 +250,15 @@ def test_a_model_ending_in_softmax_is_evaluated_on_its_logits(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_saved_ranges_are_reused_without_calibrating(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("sklearn")
     import ptqcal.quantize as quantize
 
-    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
-    first = tmp_path / "first"
-    assert main(["run", "--model", str(model), "--out", str(first), "--no-progress", "--calib-size", "32",
-                 "--weight-bits", "8"]) == 0
+    code, first = _run_tiny(tmp_path, "first", "--calib-size", "32", "--weight-bits", "8")
+    assert code == 0
     monkeypatch.setattr(quantize, "collect_histograms", lambda *a, **k: pytest.fail("calibrated again"))
-    second = tmp_path / "second"
     saved = first / "calibration_ranges_a8.json"
-    assert main(["run", "--model", str(model), "--out", str(second), "--no-progress", "--calib-size", "32",
-                 "--weight-bits", "8", "--calib-ranges", str(saved)]) == 0
+    code, second = _run_tiny(tmp_path, "second", "--calib-size", "32", "--weight-bits", "8",
+                             "--calib-ranges", str(saved))
+    assert code == 0
     np.testing.assert_array_equal(np.load(first / "logits.npz")["a8w8"], np.load(second / "logits.npz")["a8w8"])
     capsys.readouterr()
     other = tiny_onnx_classifier(tmp_path / "other.onnx", classes=10)

@@ -7,6 +7,7 @@ torch: not part of ``ptqcal.quantize``'s torch-free API.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Iterable
 
@@ -36,11 +37,15 @@ def qconfig(weight_bits: int, act_bits: int) -> QConfig:
 
 def torch_fake_quant(model: torch.nn.Module, calib_batches: Iterable[np.ndarray], weight_bits: int,
                      act_bits: int = 8) -> torch.nn.Module:
-    """A calibrated PyTorch reference-quantized copy of ``model`` (runs in float between Q/DQ)."""
+    """A calibrated PyTorch reference-quantized copy of ``model`` (runs in float between Q/DQ).
+
+    ``model`` itself is left as it was: FX shares the parameters of modules it does not fuse
+    (a Linear's weight), and the reference weights are fake-quantized in place below.
+    """
     batches = [torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)) for b in calib_batches]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices
-        prepared = prepare_fx(model.eval(), QConfigMapping().set_global(qconfig(weight_bits, act_bits)),
+        prepared = prepare_fx(copy.deepcopy(model).eval(), QConfigMapping().set_global(qconfig(weight_bits, act_bits)),
                               (batches[0][:1],))
         with torch.no_grad():
             for batch in batches:

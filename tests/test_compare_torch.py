@@ -20,6 +20,23 @@ def cifar120(tmp_path_factory):
     return path
 
 
+def test_torch_reference_leaves_the_float_model_untouched():
+    import torch
+
+    from ptqcal.quantize.torch_reference import torch_fake_quant
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10)).eval()
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    batches = [np.random.default_rng(i).standard_normal((4, 3, 8, 8)).astype(np.float32) for i in range(2)]
+    reference = torch_fake_quant(model, batches, weight_bits=4)
+    for name, value in model.state_dict().items():  # FX shares the Linear's weight with the reference
+        assert torch.equal(value, before[name]), name
+    codes = reference.get_submodule("4").weight / reference.get_submodule("4").weight_scale[:, None]
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
+
+
 @pytest.mark.slow
 def test_onnx_and_torch_a8w8_agree_on_real_cifar100(cifar120, tmp_path):
     from ptqcal.config import RunConfig

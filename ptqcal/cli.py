@@ -145,14 +145,22 @@ def _report(runs: list[Path], out: Path | None) -> int:
     return 0
 
 
+COMPARE_COLUMNS = (("config", "config", "s"), ("agree %", "top1_agreement_pct", ".2f"),
+                   ("max |Δlogit|", "max_abs_logit_diff", ".3f"), ("ORT err %", "onnx_top1_error", ".2f"),
+                   ("torch err %", "torch_top1_error", ".2f"), ("ORT swapped %", "onnx_swapped_pct", ".2f"),
+                   ("torch swapped %", "torch_swapped_pct", ".2f"),
+                   ("disagree margin ≤", "disagreement_max_float_margin", ".3f"))
+
+
 def _compare_torch(cfg: RunConfig) -> int:
     from .compare import compare_torch
 
     rows = compare_torch(cfg)
-    print(f"{'config':8s} {'top-1 agreement %':>18s} {'max |Δlogit|':>13s} {'ORT err %':>10s} {'torch err %':>12s}")
+    print("  ".join(f"{header:>{len(header)}s}" for header, _, _ in COMPARE_COLUMNS))
     for row in rows:
-        print(f"{row.config:8s} {row.top1_agreement_pct:18.2f} {row.max_abs_logit_diff:13.4f} "
-              f"{row.onnx_top1_error:10.2f} {row.torch_top1_error:12.2f}")
+        print("  ".join(f"{getattr(row, field):>{len(header)}{fmt}}" for header, field, fmt in COMPARE_COLUMNS))
+    print("swapped: predictions changed from the float model's; disagree margin: the largest float top-1 minus "
+          "top-2 logit among the images ORT and PyTorch disagree on")
     return 0
 
 

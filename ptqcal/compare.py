@@ -39,6 +39,27 @@ class TorchAgreement:
     max_abs_logit_diff: float
     onnx_top1_error: float
     torch_top1_error: float
+    onnx_swapped_pct: float  # predictions each quantized model changed from the float model's
+    torch_swapped_pct: float
+    # the largest float top-1 minus top-2 logit among the images the two disagree on (0 if none):
+    # two faithful quantizers should part only where the float model itself barely decides
+    disagreement_max_float_margin: float
+
+
+def torch_agreement(config: str, float_logits: np.ndarray, onnx_logits: np.ndarray, torch_logits: np.ndarray,
+                    labels: np.ndarray) -> TorchAgreement:
+    from .evaluate.metrics import logit_margin
+
+    def pct(mask: np.ndarray) -> float:
+        return 100 * float(np.mean(mask))
+
+    predicted = {name: logits.argmax(1) for name, logits in
+                 (("float", float_logits), ("onnx", onnx_logits), ("torch", torch_logits))}
+    disagree = predicted["onnx"] != predicted["torch"]
+    return TorchAgreement(config, pct(~disagree), float(np.max(np.abs(onnx_logits - torch_logits))),
+                          pct(predicted["onnx"] != labels), pct(predicted["torch"] != labels),
+                          pct(predicted["onnx"] != predicted["float"]), pct(predicted["torch"] != predicted["float"]),
+                          float(logit_margin(float_logits)[disagree].max(initial=0.0)))
 
 
 def compare_torch(cfg: RunConfig, work: Path | None = None) -> list[TorchAgreement]:
@@ -63,23 +84,19 @@ def compare_torch(cfg: RunConfig, work: Path | None = None) -> list[TorchAgreeme
                                                       model.preprocess, cfg.strict)
         calib = normalise(model.preprocess, calib_split.images)
         inputs = normalise(model.preprocess, evaluation.images)
-        labels = evaluation.labels
         reader = ArrayDataReader("input", calib, CALIB_BATCH)
         prepared = prepare(model.float_path, Path(tmp) / "prepared.onnx")
         histograms = collect_histograms(prepared, reader, progress=cfg.progress)
         batches = [calib[i:i + reader.batch_size] for i in range(0, len(calib), reader.batch_size)]
+        float_logits = predict(make_session(model.float_path), inputs, cfg.batch_size, "float", cfg.progress)
         rows = []
         graph = onnx.load(str(prepared), load_external_data=False).graph
         for spec in specs:
             ranges = share_input_ranges(graph, compute_ranges(histograms, "mse", spec.act_bits, len(calib)))
-            # like torch.ao's reference model: logits quantized, biases float
-            path = quantize_qdq(prepared, Path(tmp) / f"{spec.name}.onnx", ranges,
-                                replace(spec, quantize_outputs=True, quantize_bias=False))
+            # biases float, like torch.ao's reference model; logits float on both sides, as ptqcal deploys them
+            path = quantize_qdq(prepared, Path(tmp) / f"{spec.name}.onnx", ranges, replace(spec, quantize_bias=False))
             ours = predict(make_session(path, fused=cfg.execution == "deployed"), inputs, cfg.batch_size,
                            spec.name, cfg.progress)
             theirs = torch_logits(torch_fake_quant(module, batches, spec.weight_bits, spec.act_bits), inputs)
-            rows.append(TorchAgreement(spec.name, 100 * float(np.mean(ours.argmax(1) == theirs.argmax(1))),
-                                       float(np.max(np.abs(ours - theirs))),
-                                       100 * float(np.mean(ours.argmax(1) != labels)),
-                                       100 * float(np.mean(theirs.argmax(1) != labels))))
+            rows.append(torch_agreement(spec.name, float_logits, ours, theirs, evaluation.labels))
     return rows

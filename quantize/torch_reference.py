@@ -36,7 +36,7 @@ def qconfig(weight_bits: int, act_bits: int) -> QConfig:
 
 
 def torch_fake_quant(model: torch.nn.Module, calib_batches: Iterable[np.ndarray], weight_bits: int,
-                     act_bits: int = 8) -> torch.nn.Module:
+                     act_bits: int = 8, quantize_logits: bool = False) -> torch.nn.Module:
     """A calibrated PyTorch reference-quantized copy of ``model`` (runs in float between Q/DQ).
 
     ``model`` itself is left as it was: FX shares the parameters of modules it does not fuse
@@ -52,7 +52,25 @@ def torch_fake_quant(model: torch.nn.Module, calib_batches: Iterable[np.ndarray]
                 prepared(batch)
         reference = convert_to_reference_fx(prepared)
     clamp_reference_weights(reference)
+    if not quantize_logits:
+        dequantize_outputs(reference)
     return reference
+
+
+def dequantize_outputs(reference: torch.fx.GraphModule) -> None:
+    """Return the float outputs instead of their quantize -> dequantize, like ptqcal's float logits."""
+    output = next(node for node in reference.graph.nodes if node.op == "output")
+
+    def unquantized(node):
+        if isinstance(node, torch.fx.Node) and node.target == "dequantize":
+            quantize = node.args[0]
+            if isinstance(quantize, torch.fx.Node) and quantize.target is torch.quantize_per_tensor:
+                return quantize.args[0]
+        return node
+
+    output.args = torch.fx.node.map_arg(output.args, unquantized)
+    reference.graph.eliminate_dead_code()
+    reference.recompile()
 
 
 def clamp_reference_weights(reference: torch.nn.Module) -> None:

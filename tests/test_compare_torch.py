@@ -5,7 +5,7 @@ import pytest
 
 from conftest import shared_file
 
-pytest.importorskip("torch")
+from ptqcal.compare import torch_agreement
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,20 @@ def cifar120(tmp_path_factory):
     return path
 
 
-def test_torch_reference_leaves_the_float_model_untouched():
-    import torch
+def test_torch_agreement_counts_by_hand():
+    float_logits = np.array([[3.0, 0.0, 0.0], [0.0, 1.0, 0.8], [0.0, 0.0, 2.0], [1.0, 0.9, 0.0]])
+    onnx_logits = np.array([[3.0, 0.0, 0.0], [0.0, 0.9, 1.0], [0.0, 0.0, 2.0], [0.9, 1.0, 0.0]])
+    torch_logits = np.array([[2.5, 0.0, 0.0], [0.0, 1.0, 0.9], [0.0, 0.0, 2.0], [0.9, 1.0, 0.0]])
+    row = torch_agreement("a8w8", float_logits, onnx_logits, torch_logits, labels=np.array([0, 1, 1, 0]))
+    assert row.top1_agreement_pct == 75.0  # they part on image 1 only
+    assert row.max_abs_logit_diff == pytest.approx(0.5)
+    assert (row.onnx_top1_error, row.torch_top1_error) == (75.0, 50.0)
+    assert (row.onnx_swapped_pct, row.torch_swapped_pct) == (50.0, 25.0)
+    assert row.disagreement_max_float_margin == pytest.approx(0.2)  # image 1: 1.0 - 0.8
 
+
+def test_torch_reference_leaves_the_float_model_untouched():
+    torch = pytest.importorskip("torch")
     from ptqcal.quantize.torch_reference import torch_fake_quant
 
     torch.manual_seed(0)
@@ -39,6 +50,7 @@ def test_torch_reference_leaves_the_float_model_untouched():
 
 @pytest.mark.slow
 def test_onnx_and_torch_a8w8_agree_on_real_cifar100(cifar120, tmp_path):
+    pytest.importorskip("torch")
     from ptqcal.config import RunConfig
     from ptqcal.compare import compare_torch
 
@@ -46,10 +58,31 @@ def test_onnx_and_torch_a8w8_agree_on_real_cifar100(cifar120, tmp_path):
     rows = compare_torch(RunConfig(model="cifar_resnet20", weights=weights, dataset=str(cifar120), calib_size=100,
                                    weight_bits=(8, 6), act_bits=(8,), progress=False, cache_dir=tmp_path))
     by_name = {row.config: row for row in rows}
-    # The quantized ResNet20 is chaotic at the last bit: ORT against itself with 1e-6 input noise
-    # agrees on 98.3% of these images, torch against itself likewise. Two faithful implementations
-    # that differ in float rounding order land a little under that floor.
-    assert by_name["a8w8"].top1_agreement_pct >= 95.0
-    assert by_name["a8w8"].max_abs_logit_diff < 2.0
-    assert abs(by_name["a8w8"].onnx_top1_error - by_name["a8w8"].torch_top1_error) <= 3.0
+    a8w8 = by_name["a8w8"]
+    # The quantized ResNet20 is chaotic at the last bit: with identical weights and activation
+    # scales, one-step differences from float rounding on 0.0006% of the first layer's outputs
+    # grow to a quarter of the logits' codes. On 960 flipped/shifted copies of these images ONNX
+    # and PyTorch agree on 97.7%, about as often as each keeps the float model's prediction.
+    assert a8w8.top1_agreement_pct >= 95.0
+    assert a8w8.max_abs_logit_diff < 2.0
+    assert abs(a8w8.onnx_top1_error - a8w8.torch_top1_error) <= 3.0
+    assert abs(a8w8.onnx_swapped_pct - a8w8.torch_swapped_pct) <= 3.0
+    # ... and they part only on images the float model barely decides (median margin here: 3.8)
+    assert a8w8.disagreement_max_float_margin < 1.0
     assert by_name["a8w6"].top1_agreement_pct >= 90.0
+
+
+def test_compare_torch_command_prints_one_row_per_configuration(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from ptqcal.cli import COMPARE_COLUMNS, main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, images=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), labels=rng.integers(0, 100, 24))
+    code = main(["compare-torch", "--model", "cifar_resnet20", "--weights", "random", "--dataset", str(data),
+                 "--calib-size", "8", "--weight-bits", "8", "4", "--no-progress", "--cache-dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[0].split() == " ".join(header for header, _, _ in COMPARE_COLUMNS).split()
+    assert [line.split()[0] for line in lines[1:3]] == ["a8w8", "a8w4"]
+    assert all(0 <= float(value) <= 100 for value in lines[1].split()[1:2])

@@ -59,11 +59,11 @@ def test_onnx_and_torch_a8w8_agree_on_real_cifar100(cifar120, tmp_path):
                                    weight_bits=(8, 6), act_bits=(8,), progress=False, cache_dir=tmp_path))
     by_name = {row.config: row for row in rows}
     a8w8 = by_name["a8w8"]
-    # The quantized ResNet20 is chaotic at the last bit: with identical weights and activation
-    # scales, one-step differences from float rounding on 0.0006% of the first layer's outputs
-    # grow to a quarter of the logits' codes. On 960 flipped/shifted copies of these images ONNX
-    # and PyTorch agree on 97.7%, about as often as each keeps the float model's prediction.
-    assert a8w8.top1_agreement_pct >= 95.0
+    # 2 of the 120 images. The quantized ResNet20 is chaotic at the last bit: with identical weights
+    # and activation scales, one-step differences from float rounding on 0.0006% of the first
+    # layer's outputs grow to a quarter of the logits' codes, so this holds with little to spare
+    # (97.9% on 960 flipped/shifted copies of these images).
+    assert a8w8.top1_agreement_pct >= 98.0
     assert a8w8.max_abs_logit_diff < 2.0
     assert abs(a8w8.onnx_top1_error - a8w8.torch_top1_error) <= 3.0
     assert abs(a8w8.onnx_swapped_pct - a8w8.torch_swapped_pct) <= 3.0

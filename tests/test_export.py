@@ -28,10 +28,26 @@ def test_export_reports_the_difference_it_measured(digits_model, digits_inputs, 
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_folded_weights_are_bit_for_bit_torchs_own_folding(tmp_path):
+    """torch.ao quantizes weights folded by fuse_conv_bn_eval: the ONNX graph must start from the same bits."""
+    torch.manual_seed(0)
+    conv, norm = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.1, 3), norm.weight.uniform_(0.5, 2)
+    model = torch.nn.Sequential(conv, norm, torch.nn.ReLU()).eval()
+    export_onnx(model, np.ones((2, 3, 8, 8), np.float32), tmp_path / "m.onnx")
+    expected = torch.nn.utils.fuse_conv_bn_eval(conv, norm)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    weight, bias = (initializers[name] for name in next(n for n in graph.node if n.op_type == "Conv").input[1:])
+    np.testing.assert_array_equal(weight, expected.weight.detach().numpy())
+    np.testing.assert_array_equal(bias, expected.bias.detach().numpy())
+
+
 def test_unfoldable_batchnorm_and_softmax_are_rejected(tmp_path):
-    norm_after_pool = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    norm_after_relu = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.BatchNorm1d(3))
     with pytest.raises(ValueError, match="BatchNorm"):
-        export_onnx(norm_after_pool.eval(), np.ones((2, 4), np.float32), tmp_path / "bn.onnx")
+        export_onnx(norm_after_relu.eval(), np.ones((2, 4), np.float32), tmp_path / "bn.onnx")
     assert not (tmp_path / "bn.onnx").exists()
     softmax = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1))
     with pytest.raises(ValueError, match="Softmax"):

@@ -1,3 +1,3 @@
 """ptqcal: what post-training quantization does to a classifier's predictions and calibration."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +12,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.fx
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ptqcal.atomic import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
+FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -51,19 +56,34 @@ def export_onnx(model: torch.nn.Module, check_inputs: np.ndarray, path: str | Pa
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with each Conv -> BatchNorm pair folded by ``fuse_conv_bn_eval``.
+    """A copy of ``model`` with each Conv -> BatchNorm (and Linear -> BatchNorm1d) pair folded.
 
-    That is the function torch.ao's quantization fusion calls, so the exported weights are bit for
-    bit the ones a torch.ao-quantized copy of the model starts from; the exporter's own folding
-    differs in the last bit, which moves rounding ties of the quantized weights. A model FX cannot
-    trace is returned as it is, and the exporter folds it.
+    The folding is torch's ``fuse_conv_bn_eval`` / ``fuse_linear_bn_eval``, what torch.ao's
+    quantization fusion calls, so the exported weights are bit for bit the ones a torch.ao-quantized
+    copy of the model starts from; the exporter's own folding differs in the last bit, which moves
+    rounding ties of the quantized weights. FX only finds the pairs: the folded layers replace the
+    originals in place (the BatchNorm becomes an Identity), so the ONNX node names keep the module
+    path (``/layer1/layer1.0/conv1/Conv``). A model FX cannot trace is returned as it is, and the
+    exporter folds it.
     """
-    from torch.fx.experimental.optimization import fuse
-
     try:
-        return fuse(model)
+        graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - FX tracing fails in many ways (TraceError, TypeError, ...)
         return model
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    folded = copy.deepcopy(model)
+    modules = dict(folded.named_modules())
+    for node in graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
+                and calls[node.target] == 1 and calls[source.target] == 1):
+            continue
+        layer, norm = modules[source.target], modules[node.target]
+        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and isinstance(layer, FOLDABLE):
+            fuse = fuse_linear_bn_eval if isinstance(layer, torch.nn.Linear) else fuse_conv_bn_eval
+            folded.set_submodule(source.target, fuse(layer, norm))
+            folded.set_submodule(node.target, torch.nn.Identity())
+    return folded
 
 
 def check_graph(model: onnx.ModelProto) -> None:

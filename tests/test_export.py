@@ -34,12 +34,14 @@ def test_folded_weights_are_bit_for_bit_torchs_own_folding(tmp_path):
     conv, norm = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
     with torch.no_grad():
         norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.1, 3), norm.weight.uniform_(0.5, 2)
-    model = torch.nn.Sequential(conv, norm, torch.nn.ReLU()).eval()
+    model = torch.nn.Sequential(torch.nn.Sequential(conv, norm), torch.nn.ReLU()).eval()
     export_onnx(model, np.ones((2, 3, 8, 8), np.float32), tmp_path / "m.onnx")
     expected = torch.nn.utils.fuse_conv_bn_eval(conv, norm)
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    weight, bias = (initializers[name] for name in next(n for n in graph.node if n.op_type == "Conv").input[1:])
+    node = next(n for n in graph.node if n.op_type == "Conv")
+    assert node.name == "/0/0.0/Conv"  # the module path survives the folding (--exclude names it)
+    weight, bias = (initializers[name] for name in node.input[1:])
     np.testing.assert_array_equal(weight, expected.weight.detach().numpy())
     np.testing.assert_array_equal(bias, expected.bias.detach().numpy())
 

@@ -79,7 +79,8 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                 and calls[node.target] == 1 and calls[source.target] == 1):
             continue
         layer, norm = modules[source.target], modules[node.target]
-        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and isinstance(layer, FOLDABLE):
+        if (isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None
+                and isinstance(layer, FOLDABLE)):  # without running statistics BatchNorm cannot fold
             fuse = fuse_linear_bn_eval if isinstance(layer, torch.nn.Linear) else fuse_conv_bn_eval
             folded.set_submodule(source.target, fuse(layer, norm))
             folded.set_submodule(node.target, torch.nn.Identity())

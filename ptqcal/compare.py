@@ -62,12 +62,19 @@ def torch_agreement(config: str, float_logits: np.ndarray, onnx_logits: np.ndarr
                           float(logit_margin(float_logits)[disagree].max(initial=0.0)))
 
 
-def compare_torch(cfg: RunConfig, work: Path | None = None) -> list[TorchAgreement]:
+def compare_torch(cfg: RunConfig) -> list[TorchAgreement]:
     """Quantize a registry model with ptqcal (ONNX Runtime) and with ``torch.ao`` on the same
     calibration batches, and measure how far the two quantized models agree."""
     cfg.validate()
     if cfg.is_onnx_file:
         raise UserError("compare-torch needs a PyTorch model from the registry, not an .onnx file")
+    unmatched = [option for option, used in (
+        ("--calib-method " + cfg.calib_method, cfg.calib_method != "mse"), ("--calib-ranges", cfg.calib_ranges),
+        ("--precisions fp16", cfg.fp16), ("--skip-first-layer", cfg.skip_first_layer),
+        ("--skip-last-layer", cfg.skip_last_layer), ("--exclude", cfg.exclude)) if used]
+    if unmatched:  # the torch.ao side is HistogramObserver's MSE ranges over every layer
+        raise UserError(f"compare-torch builds the mse calibration of every layer on both sides; drop "
+                        f"{', '.join(unmatched)}")
     import onnx
 
     from .evaluate import make_session, predict

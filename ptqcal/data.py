@@ -282,7 +282,7 @@ def load_imagenet(root: Path | None, labels_file: Path | None = None) -> Dataset
             evaluation = load_csv(labels_file)
         else:
             entries = [line.split() for line in Path(labels_file).read_text().splitlines() if line.strip()]
-            evaluation = Split([val / name for name, _ in entries], np.array([int(l) for _, l in entries]))
+            evaluation = Split([val / name for name, _ in entries], np.array([int(label) for _, label in entries]))
     train = root / "train"
     calib = load_folder(train) if train.is_dir() and val != root else None
     return Dataset("imagenet", eval=evaluation, calib_pool=calib)

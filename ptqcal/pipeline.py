@@ -426,7 +426,8 @@ def _run_summary(cfg: RunConfig, model: PreparedModel, dataset: Dataset, n_calib
         "calibration images": f"{n_calib} (seed {cfg.seed}{draws}, {source})",
         "evaluation images": n_eval if not n_failed else f"{n_eval} ({n_failed} undecodable skipped)",
         "preprocessing": _describe(model.preprocess),
-        "calibration": f"ranges from {cfg.calib_ranges}" if cfg.calib_ranges else f"{cfg.calib_method} histogram ranges",
+        "calibration": f"ranges from {cfg.calib_ranges}" if cfg.calib_ranges
+        else f"{cfg.calib_method} histogram ranges",
         "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
         "activations": "per-tensor asymmetric (uint8 container)",
         "execution": cfg.execution,

@@ -45,7 +45,7 @@ def _run(model, out, *extra):
 
 
 def _computed(capsys) -> tuple[int, int]:
-    line = next(l for l in capsys.readouterr().out.splitlines() if "cache:" in l)
+    line = next(text for text in capsys.readouterr().out.splitlines() if "cache:" in text)
     reused, computed = (int(w) for w in line.replace(",", "").split() if w.isdigit())
     return reused, computed
 

@@ -86,3 +86,12 @@ def test_compare_torch_command_prints_one_row_per_configuration(tmp_path, capsys
     assert lines[0].split() == " ".join(header for header, _, _ in COMPARE_COLUMNS).split()
     assert [line.split()[0] for line in lines[1:3]] == ["a8w8", "a8w4"]
     assert all(0 <= float(value) <= 100 for value in lines[1].split()[1:2])
+
+
+def test_compare_torch_refuses_options_the_torch_side_cannot_match(capsys):
+    from ptqcal.cli import main
+
+    code = main(["compare-torch", "--model", "cifar_resnet20", "--calib-method", "minmax", "--skip-first-layer"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1
+    assert "--calib-method minmax" in error[0] and "--skip-first-layer" in error[0]

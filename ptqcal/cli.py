@@ -153,7 +153,7 @@ COMPARE_COLUMNS = (("config", "config", "s"), ("agree %", "top1_agreement_pct", 
 
 
 def _compare_torch(cfg: RunConfig) -> int:
-    from .compare import compare_torch
+    from .compare import compare_torch, save_agreements
 
     rows = compare_torch(cfg)
     print("  ".join(f"{header:>{len(header)}s}" for header, _, _ in COMPARE_COLUMNS))
@@ -161,6 +161,8 @@ def _compare_torch(cfg: RunConfig) -> int:
         print("  ".join(f"{getattr(row, field):>{len(header)}{fmt}}" for header, field, fmt in COMPARE_COLUMNS))
     print("swapped: predictions changed from the float model's; disagree margin: the largest float top-1 minus "
           "top-2 logit among the images ORT and PyTorch disagree on")
+    if cfg.out is not None:
+        print(f"written: {save_agreements(rows, cfg.out)}")
     return 0
 
 

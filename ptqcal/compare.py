@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .cache import Cache
 from .config import RunConfig
 from .data import select
@@ -71,10 +73,11 @@ def compare_torch(cfg: RunConfig) -> list[TorchAgreement]:
     unmatched = [option for option, used in (
         ("--calib-method " + cfg.calib_method, cfg.calib_method != "mse"), ("--calib-ranges", cfg.calib_ranges),
         ("--precisions fp16", cfg.fp16), ("--skip-first-layer", cfg.skip_first_layer),
-        ("--skip-last-layer", cfg.skip_last_layer), ("--exclude", cfg.exclude)) if used]
-    if unmatched:  # the torch.ao side is HistogramObserver's MSE ranges over every layer
-        raise UserError(f"compare-torch builds the mse calibration of every layer on both sides; drop "
-                        f"{', '.join(unmatched)}")
+        ("--skip-last-layer", cfg.skip_last_layer), ("--exclude", cfg.exclude),
+        ("--weight-scale ort", cfg.weight_scale != "torch"), (f"--repeats {cfg.repeats}", cfg.repeats > 1)) if used]
+    if unmatched:  # the torch.ao side: HistogramObserver ranges, PyTorch's weight scales, every layer, one draw
+        raise UserError(f"compare-torch builds one mse calibration of every layer with PyTorch's weight scales "
+                        f"on both sides; drop {', '.join(unmatched)}")
     import onnx
 
     from .evaluate import make_session, predict
@@ -107,3 +110,13 @@ def compare_torch(cfg: RunConfig) -> list[TorchAgreement]:
             theirs = torch_logits(torch_fake_quant(module, batches, spec.weight_bits, spec.act_bits), inputs)
             rows.append(torch_agreement(spec.name, float_logits, ours, theirs, evaluation.labels))
     return rows
+
+
+def save_agreements(rows: list[TorchAgreement], out_dir: Path) -> Path:
+    """``compare_torch.csv`` (one row per configuration) in ``out_dir``, written whole or not at all."""
+    path = out_dir / "compare_torch.csv"
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[field.name for field in fields(TorchAgreement)])
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in rows)
+    return path

@@ -1,5 +1,7 @@
 """ONNX Runtime's quantized graphs against torch.ao's, on the paper authors' CIFAR-100 ResNet20."""
 
+import csv
+
 import numpy as np
 import pytest
 
@@ -80,18 +82,24 @@ def test_compare_torch_command_prints_one_row_per_configuration(tmp_path, capsys
     data = tmp_path / "tiny.npz"
     np.savez(data, images=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), labels=rng.integers(0, 100, 24))
     code = main(["compare-torch", "--model", "cifar_resnet20", "--weights", "random", "--dataset", str(data),
-                 "--calib-size", "8", "--weight-bits", "8", "4", "--no-progress", "--cache-dir", str(tmp_path)])
+                 "--calib-size", "8", "--weight-bits", "8", "4", "--no-progress", "--cache-dir", str(tmp_path),
+                 "--out", str(tmp_path / "out")])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
     assert lines[0].split() == " ".join(header for header, _, _ in COMPARE_COLUMNS).split()
     assert [line.split()[0] for line in lines[1:3]] == ["a8w8", "a8w4"]
-    assert all(0 <= float(value) <= 100 for value in lines[1].split()[1:2])
+    with open(tmp_path / "out" / "compare_torch.csv") as handle:
+        saved = list(csv.DictReader(handle))
+    assert [row["config"] for row in saved] == ["a8w8", "a8w4"]
+    assert [f"{float(row['top1_agreement_pct']):.2f}" for row in saved] == [line.split()[1] for line in lines[1:3]]
 
 
 def test_compare_torch_refuses_options_the_torch_side_cannot_match(capsys):
     from ptqcal.cli import main
 
-    code = main(["compare-torch", "--model", "cifar_resnet20", "--calib-method", "minmax", "--skip-first-layer"])
+    code = main(["compare-torch", "--model", "cifar_resnet20", "--calib-method", "minmax", "--skip-first-layer",
+                 "--weight-scale", "ort"])
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1
-    assert "--calib-method minmax" in error[0] and "--skip-first-layer" in error[0]
+    for option in ("--calib-method minmax", "--skip-first-layer", "--weight-scale ort"):
+        assert option in error[0]

@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize a registry model with ONNX Runtime and with torch.ao and report their agreement",
         description="Cross-framework check: the same quantization (per-channel symmetric weights, "
                     "HistogramObserver MSE activation ranges, same calibration batches) built by ptqcal on ONNX "
-                    "Runtime and by torch.ao FX; prints top-1 agreement and max logit difference per precision.")
+                    "Runtime and by torch.ao FX; prints per precision the top-1 agreement, the max logit difference, "
+                    "each side's error and swaps from float, and the largest float margin among disagreements "
+                    "(--out DIR also writes DIR/compare_torch.csv).")
     _add_run_options(compare)
     report = commands.add_parser(
         "report", help="rebuild the report of one or several saved runs (no model is run)",

@@ -16,11 +16,11 @@ from typing import Any, Sequence
 
 from ptqcal import __version__
 from ptqcal.atomic import atomic_path
+from ptqcal.evaluate.metrics import changes_by_confidence
+from ptqcal.evaluate.results import FLOAT_NAME
 
 from .figures import (MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
                       plot_swap_panels, plot_temperature, plot_transitions, save_figure)
-from ptqcal.evaluate.metrics import changes_by_confidence
-
 from .results import HEADLINE, RunAnalysis, analyse_run, float_reliability
 
 COLUMNS = [
@@ -135,8 +135,9 @@ CHANGE_KEYS = {"swapped_pct", "delta_top1_error_pp", "delta_error_per_swapped", 
                "median_float_margin_swapped", "median_float_margin_kept"}
 
 
-def markdown_table(run: RunAnalysis, columns: Sequence[tuple[str, str, str]] = COLUMNS, quantized_only: bool = False) -> str:
-    rows = [r for r in metrics_rows(run) if not quantized_only or r["config"] != "float"]
+def markdown_table(run: RunAnalysis, columns: Sequence[tuple[str, str, str]] = COLUMNS,
+                   quantized_only: bool = False) -> str:
+    rows = [r for r in metrics_rows(run) if not quantized_only or r["config"] != FLOAT_NAME]
     present = [c for c in columns if c[0] == "config" or any(r.get(c[0]) is not None for r in rows)]
     lines = ["| " + " | ".join(title for _, title, _ in present) + " |", "|" + "---|" * len(present)]
     lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in present) + " |" for r in rows]
@@ -167,13 +168,15 @@ def sweep_reading(run: RunAnalysis, mild_ratio: float = 0.5) -> str:
         c, name = most.metrics, most.name
         sentences.append(
             f"At {name}, {c['swapped_pct']:.2f}% of the predictions changed while the top-1 error moved by only "
-            f"{c['delta_top1_error_pp']:+.2f} pp (ratio {c['delta_error_per_swapped']:.2f}): the swapped predictions had "
-            f"a mean float confidence of {c['mean_float_conf_swapped']:.1f}%, against {overall:.1f}% over all.")
+            f"{c['delta_top1_error_pp']:+.2f} pp (ratio {c['delta_error_per_swapped']:.2f}): the swapped "
+            f"predictions had a mean float confidence of {c['mean_float_conf_swapped']:.1f}%, against "
+            f"{overall:.1f}% over all.")
     severe = max(quantized, key=lambda c: c.metrics["delta_error_per_swapped"])
     if severe.metrics["delta_error_per_swapped"] >= mild_ratio and severe.change.swapped.sum() >= 10:
         sentences.append(
-            f"At {severe.name} the ratio reaches {severe.metrics['delta_error_per_swapped']:.2f}: confident predictions "
-            f"start to flip (mean float confidence of the swapped ones {severe.metrics['mean_float_conf_swapped']:.1f}%).")
+            f"At {severe.name} the ratio reaches {severe.metrics['delta_error_per_swapped']:.2f}: confident "
+            f"predictions start to flip (mean float confidence of the swapped ones "
+            f"{severe.metrics['mean_float_conf_swapped']:.1f}%).")
     return " ".join(sentences)
 
 
@@ -307,8 +310,8 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     onnxruntime nor torch is imported.
     """
     out = Path(out)
+    runs = [analyse_run(folder) for folder in run_dirs]  # a wrong folder fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    runs = [analyse_run(folder) for folder in run_dirs]
     figures = write_figures(runs, out)
     for name, text in (("metrics.csv", metrics_csv(runs)), ("metrics.json", metrics_json(runs))):
         with atomic_path(out / name) as tmp:

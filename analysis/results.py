@@ -16,11 +16,9 @@ import numpy as np
 from ptqcal.errors import UserError
 from ptqcal.evaluate.metrics import (QuantizationChange, ReliabilityCurve, bootstrap_interval,
                                      expected_calibration_error, reliability_of_logits, softmax)
-from ptqcal.evaluate.results import evaluate_logits
+from ptqcal.evaluate.results import FLOAT_NAME, REPEAT_MARK, evaluate_logits
 from ptqcal.evaluate.temperature import fit_temperature
 
-FLOAT = "float"
-REPEAT_MARK = "#r"
 BOOTSTRAP_RESAMPLES = 500
 HEADLINE = ("top1_error", "ece", "swapped_pct", "delta_top1_error_pp")
 
@@ -98,14 +96,14 @@ def analyse_run(folder: str | Path, seed: int = 0) -> RunAnalysis:
     quantization changed, and temperature scaling, for every configuration of a run."""
     info, arrays = load_run(folder)
     labels = arrays["labels"]
-    float_logits = arrays[FLOAT]
+    float_logits = arrays[FLOAT_NAME]
     temperature = None
     if "calib_float" in arrays and len(arrays["calib_labels"]):
         temperature = fit_temperature(arrays["calib_float"], arrays["calib_labels"])
     names = [n for n in info["configs"] if REPEAT_MARK not in n]
     configs = []
     for name in names:
-        is_float = name == FLOAT
+        is_float = name == FLOAT_NAME
         metrics, change = _config_metrics(arrays[name], labels, None if is_float else float_logits, temperature)
         analysis = ConfigAnalysis(name, arrays[name], metrics, change,
                                   _intervals(arrays[name], labels, change, seed))

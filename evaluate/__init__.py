@@ -6,8 +6,7 @@ functions import it on first use.
 
 from .metrics import (ECE_BINS, QuantizationChange, ReliabilityCurve, classification_metrics,
                       expected_calibration_error, log_softmax, nll, quantization_change, reliability_curve,
-                      reliability_of_logits,
-                      softmax, top_k_error)
+                      reliability_of_logits, softmax, top_k_error)
 from .results import ConfigResult, evaluate_logits
 
 _RUNNER = {"make_session", "optimized_op_types", "predict"}
@@ -24,5 +23,4 @@ def __getattr__(name: str):
 __all__ = ["ECE_BINS", "ConfigResult", "QuantizationChange", "ReliabilityCurve", "classification_metrics",
            "evaluate_logits", "expected_calibration_error", "log_softmax", "make_session", "nll",
            "optimized_op_types", "predict", "quantization_change", "reliability_curve", "reliability_of_logits",
-           "softmax",
-           "top_k_error"]
+           "softmax", "top_k_error"]

@@ -68,6 +68,12 @@ class ReliabilityCurve:
         return float(np.max(np.abs(self.accuracy[filled] - self.confidence[filled])))
 
 
+def _equal_width_bin(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin index of each value in ``n_bins`` (lo, hi] bins over [0, 1] (the first also holds 0)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, values, side="left") - 1, 0, n_bins - 1)
+
+
 def reliability_curve(confidences: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS,
                       strategy: str = "uniform") -> ReliabilityCurve:
     """Bin predictions by confidence: ``uniform`` equal-width (lo, hi] bins (the first also holds
@@ -75,7 +81,7 @@ def reliability_curve(confidences: np.ndarray, correct: np.ndarray, n_bins: int 
     confidences = np.asarray(confidences, dtype=np.float64)
     if strategy == "uniform":
         edges = np.linspace(0.0, 1.0, n_bins + 1)
-        index = np.clip(np.searchsorted(edges, confidences, side="left") - 1, 0, n_bins - 1)
+        index = _equal_width_bin(confidences, n_bins)
     elif strategy == "quantile":
         order = np.argsort(confidences, kind="stable")
         index = np.empty(len(confidences), dtype=np.int64)
@@ -144,8 +150,7 @@ class ClassificationAccumulator:
         classes = p.shape[1]
         if self.class_bins is None:
             self.class_bins = np.zeros((classes, self.n_bins, 3))
-        edges = np.linspace(0.0, 1.0, self.n_bins + 1)
-        index = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, self.n_bins - 1)  # (n, classes)
+        index = _equal_width_bin(p, self.n_bins)  # (n, classes)
         flat = (np.arange(classes)[None, :] * self.n_bins + index).ravel()
         hit = (y[:, None] == np.arange(classes)[None, :]).ravel().astype(np.float64)
         size = classes * self.n_bins
@@ -258,7 +263,7 @@ def quantization_change(float_logits: np.ndarray, quant_logits: np.ndarray, labe
 def changes_by_confidence(change: QuantizationChange, n_bins: int = 10) -> dict[str, np.ndarray]:
     """Per float-confidence bin: how many predictions, the % swapped and the Δ error (pp) they add."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    index = np.clip(np.searchsorted(edges, change.float_confidence, side="left") - 1, 0, n_bins - 1)
+    index = _equal_width_bin(change.float_confidence, n_bins)
     counts = np.bincount(index, minlength=n_bins)
     swapped = np.bincount(index, weights=change.swapped.astype(float), minlength=n_bins)
     delta = np.bincount(index, weights=change.float_correct.astype(float) - change.quant_correct.astype(float),

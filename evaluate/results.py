@@ -8,6 +8,11 @@ import numpy as np
 
 from .metrics import QuantizationChange, classification_metrics, quantization_change
 
+# How a run names its configurations (``logits.npz`` keys): the float reference, and calibration
+# repeats after the first as ``a8w4#r1``, ``a8w4#r2``...
+FLOAT_NAME = "float"
+REPEAT_MARK = "#r"
+
 
 @dataclass(frozen=True)
 class ConfigResult:

@@ -126,7 +126,8 @@ def _digits_builder(label_smoothing: float) -> Callable[[Path | None, Any, Path]
             return load_state_dict_strict(build_digits_resnet(), weights)
         if train is None:
             raise UserError("the digits models train on the 'digits' dataset; use --dataset digits or --weights")
-        model, _ = cached_digits_resnet(train.images, train.labels, cache_dir, TrainCfg(label_smoothing=label_smoothing))
+        model, _ = cached_digits_resnet(train.images, train.labels, cache_dir,
+                                        TrainCfg(label_smoothing=label_smoothing))
         return model
 
     return build
@@ -136,10 +137,10 @@ def _cifar_resnet_builder(depth: int) -> Callable[[Path | None, Any, Path], "nn.
     def build(weights: Path | None, train: Any, cache_dir: Path) -> "nn.Module":
         from .resnet import CifarResNet
 
-        _seeded_init()
-        model = CifarResNet(depth=depth, num_classes=100)
         if weights is None:
             raise UserError(f"cifar_resnet{depth} needs trained weights: pass --weights PATH.pth")
+        _seeded_init()
+        model = CifarResNet(depth=depth, num_classes=100)
         return model.eval() if weights == RANDOM_WEIGHTS else load_state_dict_strict(model, weights)
 
     return build

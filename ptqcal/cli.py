@@ -1,4 +1,4 @@
-"""Command line: ``ptqcal run`` and ``ptqcal models``."""
+"""Command line: ``ptqcal run``, ``compare-torch``, ``report`` and ``models``."""
 
 from __future__ import annotations
 
@@ -46,24 +46,24 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         "(default: skip it, warn, and count it in the report)")
     parser.add_argument("--eval-size", type=int, metavar="N", help="evaluate a seeded subset of N images")
     parser.add_argument("--weight-bits", type=int, nargs="+", default=[8, 7, 6, 5, 4], metavar="B",
-                     help="weight bit widths to sweep, 2..8 (per-channel symmetric; 4 is native int4)")
+                        help="weight bit widths to sweep, 2..8 (per-channel symmetric; 4 is native int4)")
     parser.add_argument("--act-bits", type=int, nargs="+", default=[8], metavar="B",
-                     help="activation bit widths, 2..8 (per-tensor asymmetric); several sweep activations too")
+                        help="activation bit widths, 2..8 (per-tensor asymmetric); several sweep activations too")
     parser.add_argument("--precisions", nargs="+", choices=["fp16"], default=[],
-                     help="extra precisions: fp16 adds the float16 graph (float32 inputs/outputs)")
+                        help="extra precisions: fp16 adds the float16 graph (float32 inputs/outputs)")
     parser.add_argument("--weight-scale", choices=["torch", "ort"], default="torch",
-                     help="per-channel scale: PyTorch's max|w|/((qmax-qmin)/2) or ORT's max|w|/qmax")
+                        help="per-channel scale: PyTorch's max|w|/((qmax-qmin)/2) or ORT's max|w|/qmax")
     parser.add_argument("--skip-first-layer", action="store_true", help="keep the first Conv/Gemm in float")
     parser.add_argument("--skip-last-layer", action="store_true", help="keep the last Conv/Gemm/MatMul in float")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in float")
     parser.add_argument("--execution", choices=["deployed", "simulated"], default="deployed",
-                     help="deployed: ORT fuses Q/DQ into integer kernels (QLinearConv); simulated: float ops "
-                          "between Q/DQ. Both are compared on a subset in the report")
+                        help="deployed: ORT fuses Q/DQ into integer kernels (QLinearConv); simulated: float ops "
+                             "between Q/DQ. Both are compared on a subset in the report")
     parser.add_argument("--calib-size", type=int, default=256, metavar="N",
-                     help="calibration images, drawn with --seed from the calibration pool")
+                        help="calibration images, drawn with --seed from the calibration pool")
     parser.add_argument("--calib-method", choices=CALIB_METHODS, default="mse",
-                     help="activation range: min/max, the L2 search of PyTorch's HistogramObserver, "
-                          "a percentile, or KL entropy")
+                        help="activation range: min/max, the L2 search of PyTorch's HistogramObserver, "
+                             "a percentile, or KL entropy")
     parser.add_argument("--calib-ranges", type=Path, metavar="FILE.json",
                         help="reuse the activation ranges a run saved (calibration_ranges_a8.json) instead of "
                              "calibrating")
@@ -73,7 +73,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1, metavar="K",
                         help="re-draw the calibration images K times (seeds S..S+K-1): mean ± std and bands")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                     help="where trained built-in models are cached ($PTQCAL_CACHE_DIR)")
+                        help="where trained built-in models are cached ($PTQCAL_CACHE_DIR)")
     parser.add_argument("--mean", type=_floats, help="per-channel mean on [0,1] pixels, for an .onnx model")
     parser.add_argument("--std", type=_floats, help="per-channel std on [0,1] pixels, for an .onnx model")
     parser.add_argument("--pixel-max", type=float, help="raw pixel value that maps to 1.0, for an .onnx model")
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         repeats=args.repeats, progress=not args.no_progress)
         if args.command == "compare-torch":
             if len(args.model) > 1:
-                raise UserError("compare-torch takes one --model")
+                raise UserError("compare-torch takes one --model: a registry name")
             return _compare_torch(cfg)
         from .pipeline import run_models
 

@@ -50,17 +50,13 @@ class TorchAgreement:
 
 def torch_agreement(config: str, float_logits: np.ndarray, onnx_logits: np.ndarray, torch_logits: np.ndarray,
                     labels: np.ndarray) -> TorchAgreement:
-    from .evaluate.metrics import logit_margin
+    from .evaluate.metrics import logit_margin, quantization_change, top_k_error
 
-    def pct(mask: np.ndarray) -> float:
-        return 100 * float(np.mean(mask))
-
-    predicted = {name: logits.argmax(1) for name, logits in
-                 (("float", float_logits), ("onnx", onnx_logits), ("torch", torch_logits))}
-    disagree = predicted["onnx"] != predicted["torch"]
-    return TorchAgreement(config, pct(~disagree), float(np.max(np.abs(onnx_logits - torch_logits))),
-                          pct(predicted["onnx"] != labels), pct(predicted["torch"] != labels),
-                          pct(predicted["onnx"] != predicted["float"]), pct(predicted["torch"] != predicted["float"]),
+    disagree = onnx_logits.argmax(1) != torch_logits.argmax(1)
+    return TorchAgreement(config, 100 * float(np.mean(~disagree)), float(np.max(np.abs(onnx_logits - torch_logits))),
+                          100 * top_k_error(onnx_logits, labels), 100 * top_k_error(torch_logits, labels),
+                          quantization_change(float_logits, onnx_logits, labels).swapped_pct,
+                          quantization_change(float_logits, torch_logits, labels).swapped_pct,
                           float(logit_margin(float_logits)[disagree].max(initial=0.0)))
 
 

@@ -267,6 +267,25 @@ def load_csv(path: Path) -> Split:
     return Split(paths, np.asarray(labels, dtype=np.int64))
 
 
+def _load_name_label_file(path: Path, folder: Path) -> Split:
+    """Lines of ``file_name label`` naming images in ``folder``."""
+    if not path.is_file():
+        raise UserError(f"labels file not found: {path}")
+    names, labels = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            name, label = line.split()
+            labels.append(int(label))
+        except ValueError:
+            raise UserError(f"{path}:{number}: expected 'file_name label', got {line!r}") from None
+        names.append(folder / name)
+    if not names:
+        raise UserError(f"no images listed in {path}")
+    return Split(names, np.asarray(labels, dtype=np.int64))
+
+
 def load_imagenet(root: Path | None, labels_file: Path | None = None) -> Dataset:
     """ILSVRC2012 validation images: class sub-folders named by WNID (sorted = torchvision's
     class order), or a flat folder with a labels file (``name label`` or CSV rows). Calibration
@@ -277,12 +296,10 @@ def load_imagenet(root: Path | None, labels_file: Path | None = None) -> Dataset
     val = root / "val" if (root / "val").is_dir() else root
     if labels_file is None:
         evaluation = load_folder(val)
+    elif Path(labels_file).suffix == ".csv":
+        evaluation = load_csv(labels_file)
     else:
-        if labels_file.suffix == ".csv":
-            evaluation = load_csv(labels_file)
-        else:
-            entries = [line.split() for line in Path(labels_file).read_text().splitlines() if line.strip()]
-            evaluation = Split([val / name for name, _ in entries], np.array([int(label) for _, label in entries]))
+        evaluation = _load_name_label_file(Path(labels_file), val)
     train = root / "train"
     calib = load_folder(train) if train.is_dir() and val != root else None
     return Dataset("imagenet", eval=evaluation, calib_pool=calib)

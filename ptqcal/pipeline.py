@@ -21,14 +21,12 @@ from .cache import Cache, array_digest, file_digest, link_or_copy, make_key
 from .config import RunConfig
 from .data import Dataset, Selection, Split, decode_images, load_dataset, select
 from .errors import UserError
+from .evaluate.results import FLOAT_NAME, REPEAT_MARK
 from .models import PreprocessCfg, get_model_entry, inspect_onnx, without_softmax
-from .models.registry import DIGITS_PREPROCESS, IMAGENET_PREPROCESS
+from .models.registry import DIGITS_PREPROCESS, IMAGENET_PREPROCESS, RANDOM_WEIGHTS
 
-FLOAT_NAME = "float"
 FP16_NAME = "fp16"
-REPEAT_MARK = "#r"
 SIMULATION_CHECK_IMAGES = 256
-HISTOGRAM_BINS = 2048
 CALIB_BATCH = 32  # images per calibration batch: every activation of a batch is in memory at once
 
 
@@ -115,7 +113,7 @@ def _weights_recipe(cfg: RunConfig, dataset: Dataset) -> list:
     needs no torch): the weights file, or the training data of a built-in model, or the
     package that ships them."""
     if cfg.weights is not None:
-        if str(cfg.weights) == "random":
+        if cfg.weights == RANDOM_WEIGHTS:
             return ["random"]
         if not Path(cfg.weights).is_file():
             raise UserError(f"weights file not found: {cfg.weights}")
@@ -147,23 +145,18 @@ def decode_split(split: Split, preprocess: PreprocessCfg, strict: bool, cache: C
     args = (preprocess.input_size, preprocess.resize, preprocess.interpolation, strict)
     if cache is None or not split.is_files:
         return decode_images(split, *args)
-    key = _split_key(split, preprocess)
-    if cache.path(kind, key, "npz").exists():
-        with np.load(cache.path(kind, key, "npz")) as stored:
-            cache.hits += 1
-            failed = [Path(p) for p in stored["failed"]]
-            if failed and strict:
-                raise UserError(f"cannot decode {failed[0]}")
-            return Split(stored["images"], stored["labels"]), failed
-    decoded, failed = decode_images(split, *args)
 
     def write(tmp: Path) -> None:
+        decoded, failed = decode_images(split, *args)
         with open(tmp, "wb") as handle:
             np.savez(handle, images=decoded.images, labels=decoded.labels,
                      failed=np.array([str(p) for p in failed], dtype=str))
 
-    cache.file(kind, key, "npz", write)
-    return decoded, failed
+    with np.load(cache.file(kind, _split_key(split, preprocess), "npz", write)) as stored:
+        failed = [Path(p) for p in stored["failed"]]
+        if failed and strict:  # cached by a lenient run
+            raise UserError(f"cannot decode {failed[0]}")
+        return Split(stored["images"], stored["labels"]), failed
 
 
 def decode_selection(selection: Selection, preprocess: PreprocessCfg, strict: bool,
@@ -306,6 +299,7 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
     from .evaluate import make_session, predict
     from .quantize import (ArrayDataReader, collect_histograms, compute_ranges, load_histograms, prepare,
                            quantize_qdq, save_histograms)
+    from .quantize.calibrate import DEFAULT_BINS
     from .quantize.fp16 import convert_fp16
 
     started = time.perf_counter()
@@ -355,11 +349,11 @@ def _run_in(cfg: RunConfig, dataset: Dataset, specs: list, cache: Cache, new_wor
         if given_ranges is None:
             repeat_calib = calib if repeat == 0 else decode_selection(selection, model.preprocess, cfg.strict, cache)[0]
             calib_inputs = normalise(model.preprocess, repeat_calib.images)
-            hist_key = make_key(file_digest(prepared), array_digest(calib_inputs), HISTOGRAM_BINS, versions)
+            hist_key = make_key(file_digest(prepared), array_digest(calib_inputs), DEFAULT_BINS, versions)
             reader = ArrayDataReader(input_name, calib_inputs, CALIB_BATCH)
 
             def collect(tmp: Path, reader: ArrayDataReader = reader) -> None:
-                save_histograms(collect_histograms(prepared, reader, HISTOGRAM_BINS, cfg.progress), tmp)
+                save_histograms(collect_histograms(prepared, reader, DEFAULT_BINS, cfg.progress), tmp)
 
             histograms = load_histograms(cache.file("histograms", hist_key, "npz", collect))
             _log(f"calibrated {len(histograms)} tensors in one pass ({cfg.calib_method}, repeat {repeat + 1}/"

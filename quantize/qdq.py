@@ -11,7 +11,6 @@ QuantizeLinear saturates only at the container's 0..255.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from ptqcal.atomic import atomic_path
 from ptqcal.errors import UserError
 
 from .calibrate import CalibrationRanges
@@ -110,22 +110,24 @@ def name_nodes(model: onnx.ModelProto) -> bool:
     return renamed
 
 
-def weight_axes(model: onnx.ModelProto) -> dict[str, int]:
-    """Weight initializer -> output-channel axis, for every Conv/Gemm/MatMul with a constant weight."""
+def weighted_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The Conv/Gemm/MatMul nodes with a constant weight, in graph order."""
     initializers = {init.name for init in model.graph.initializer}
-    axes = {}
-    for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in initializers:
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            axes[node.input[1]] = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
-    return axes
+    return [n for n in model.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in initializers]
+
+
+def weight_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """Weight initializer -> output-channel axis."""
+    def axis(node: onnx.NodeProto) -> int:
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
+
+    return {node.input[1]: axis(node) for node in weighted_nodes(model)}
 
 
 def weight_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the Conv/Gemm/MatMul nodes with constant weights, in graph order."""
-    initializers = {init.name for init in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in initializers]
+    """Names of the nodes with constant weights, in graph order."""
+    return [node.name for node in weighted_nodes(model)]
 
 
 def _overrides(model: onnx.ModelProto, ranges: CalibrationRanges, spec: QuantSpec) -> dict:
@@ -197,8 +199,8 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
         set_weight_codes(quantized, model, spec.weight_bits)
         if spec.act_bits < 8:
             clip_activations(quantized, spec.act_bits)
-        onnx.save(quantized, str(partial))
-        os.replace(partial, out_path)
+    with atomic_path(out_path) as target:  # beside out_path: /tmp may be another file system
+        onnx.save(quantized, str(target))
     return out_path
 
 
@@ -216,8 +218,7 @@ def set_weight_codes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, b
     """
     qmin, qmax = weight_grid(bits)
     float_inits = {init.name: init for init in float_model.graph.initializer}
-    float_weight_of = {n.name: n.input[1] for n in float_model.graph.node
-                       if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in float_inits}
+    float_weight_of = {n.name: n.input[1] for n in weighted_nodes(float_model)}
     initializers = {init.name: init for init in quantized.graph.initializer}
     producers = {out: node for node in quantized.graph.node for out in node.output}
     for node in quantized.graph.node:

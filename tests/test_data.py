@@ -114,3 +114,8 @@ def test_imagenet_class_folders_with_train_and_flat_with_labels(tmp_path):
     assert list(flat_dataset.eval.labels) == [7, 3] and flat_dataset.calib_pool is None
     with pytest.raises(UserError, match="ImageNet folder not found"):
         load_imagenet(tmp_path / "missing")
+    (tmp_path / "bad.txt").write_text(f"{paths[0].name} 7\n{paths[1].name}\n")
+    with pytest.raises(UserError, match=r"bad.txt:2: expected 'file_name label'"):
+        load_imagenet(flat, tmp_path / "bad.txt")
+    with pytest.raises(UserError, match="labels file not found"):
+        load_imagenet(flat, tmp_path / "nope.txt")

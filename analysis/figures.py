@@ -2,7 +2,11 @@
 
 Every figure has a small data class built ``from_run`` (the computation) and a ``plot_*``
 function (the drawing), as scikit-learn's ``Display.from_predictions``: restyle or re-plot from
-saved runs without recomputing.
+saved runs without recomputing. Each ``plot_*`` draws into the axes it is given (``ax=``) or into a
+new figure, and returns the figure. Figures are drawn with matplotlib's object API, so nothing
+here picks a backend or touches pyplot's global state.
+
+The data classes hold fractions, like every result; percent is applied here, where it is drawn.
 """
 
 from __future__ import annotations
@@ -13,14 +17,12 @@ from typing import Sequence
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from ptqcal.evaluate import ConfigResult, ReliabilityCurve, reliability_of_logits  # noqa: E402
-from ptqcal.evaluate.metrics import changes_by_confidence, swap_probability_by_margin  # noqa: E402
+from ptqcal.evaluate import ReliabilityCurve, reliability_of_logits
+from ptqcal.evaluate.metrics import changes_by_confidence, swap_probability_by_margin
 
 FLOAT_COLOR = "#1f4e79"
 QUANT_COLOR = "#d1495b"
@@ -31,21 +33,33 @@ STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True
 
 
 def _colors(n: int) -> np.ndarray:
-    return plt.get_cmap("viridis")(np.linspace(0, 0.9, max(n, 1)))
+    return matplotlib.colormaps["viridis"](np.linspace(0, 0.9, max(n, 1)))
 
 
-def _subplots(*args, **kwargs):
-    with plt.rc_context(STYLE):
-        return plt.subplots(*args, constrained_layout=True, **kwargs)
+def _axes(ax, rows: int, columns: int, figsize: tuple[float, float], **kwargs) -> tuple[Figure, np.ndarray]:
+    """The given axes as a (rows, columns) grid, or a new figure's (no pyplot: nothing global)."""
+    if ax is not None:
+        grid = np.asarray(ax, dtype=object).reshape(rows, columns)
+        return grid[0, 0].figure, grid
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=figsize, layout="constrained")
+        return fig, np.asarray(fig.subplots(rows, columns, squeeze=False, **kwargs), dtype=object)
+
+
+def _percent(values) -> np.ndarray:
+    return 100 * np.asarray(values, dtype=float)
 
 
 # --- Figure 1: reliability -----------------------------------------------------------------------
 
 def plot_reliability(curve: ReliabilityCurve, confidences: np.ndarray, title: str = "",
-                     overlay: tuple[str, ReliabilityCurve, np.ndarray] | None = None) -> Figure:
+                     overlay: tuple[str, ReliabilityCurve, np.ndarray] | None = None,
+                     ax: Sequence[Axes] | None = None) -> Figure:
     """Reliability diagram (bars, with each bin's count) over the confidence histogram; an
-    optional second configuration (e.g. the lowest precision) is drawn as a line on both."""
-    fig, (top, bottom) = _subplots(2, 1, figsize=(5.2, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    optional second configuration (e.g. the lowest precision) is drawn as a line on both.
+    ``ax``: two axes (diagram, histogram) to draw into."""
+    fig, grid = _axes(ax, 2, 1, (5.2, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    top, bottom = grid[:, 0]
     centers = (curve.edges[:-1] + curve.edges[1:]) / 2
     width = np.diff(curve.edges)
     filled = curve.counts > 0
@@ -89,51 +103,53 @@ class SwapPanel:
 
     model: str
     configs: list[str]
-    swapped_pct: list[float]
-    delta_error_pp: list[float]
+    swapped: list[float]  # fractions; the mean over calibration draws
+    delta_error: list[float]
     ratio: list[float]
-    swapped_confidences: list[np.ndarray]
-    swapped_std: list[float] | None = None  # spread over calibration repeats
+    swapped_confidences: list[np.ndarray]  # of the first draw
+    swapped_std: list[float] | None = None  # spread over calibration draws
     delta_std: list[float] | None = None
     ratio_std: list[float] | None = None
 
     @classmethod
-    def from_results(cls, model: str, results: Sequence[ConfigResult]) -> "SwapPanel":
-        quantized = [r for r in results if r.change is not None]
-        return cls(model, [r.name for r in quantized], [r.change.swapped_pct for r in quantized],
-                   [r.change.delta_top1_error_pp for r in quantized], [r.change.ratio for r in quantized],
-                   [r.change.swapped_confidences for r in quantized])
+    def from_results(cls, model: str, results: Sequence) -> "SwapPanel":
+        """From :class:`~ptqcal.evaluate.ConfigResult` s (the float one is skipped)."""
+        q = [r for r in results if r.change is not None]
+        spread = bool(q) and all(c.spread is not None for c in q)
+
+        def column(source, key):
+            return [getattr(getattr(c, source), key) for c in q]
+
+        return cls(model, [c.name for c in q], column("metrics", "swapped"), column("metrics", "delta_top1_error"),
+                   column("metrics", "delta_error_per_swapped"), [c.change.swapped_confidences for c in q],
+                   column("spread", "swapped") if spread else None,
+                   column("spread", "delta_top1_error") if spread else None,
+                   column("spread", "delta_error_per_swapped") if spread else None)
 
     @classmethod
     def from_run(cls, run) -> "SwapPanel":
-        q = run.quantized
-        spread = all(c.spread for c in q) and bool(q)
-        return cls(run.name, [c.name for c in q], [c.metrics["swapped_pct"] for c in q],
-                   [c.metrics["delta_top1_error_pp"] for c in q], [c.metrics["delta_error_per_swapped"] for c in q],
-                   [c.change.swapped_confidences for c in q],
-                   [c.spread["swapped_pct"] for c in q] if spread else None,
-                   [c.spread["delta_top1_error_pp"] for c in q] if spread else None,
-                   [c.spread["delta_error_per_swapped"] for c in q] if spread else None)
+        return cls.from_results(run.name, run.configs)
 
 
-def _band(axis, x, values, std, color):
+def _band(axis, x, values, std, color, scale: float = 1.0):
     if std is not None:
-        values, std = np.asarray(values, float), np.asarray(std, float)
+        values, std = scale * np.asarray(values, float), scale * np.asarray(std, float)
         axis.fill_between(x, values - std, values + std, color=color, alpha=0.2, lw=0)
 
 
-def plot_swap_panels(panels: Sequence[SwapPanel]) -> Figure:
+def plot_swap_panels(panels: Sequence[SwapPanel], ax: Sequence[Axes] | None = None) -> Figure:
     """Figure 2, one column per model: % swapped and Δ error per precision; their ratio; and the
-    float confidence of the swapped predictions. Bands: ± one std over calibration repeats."""
-    fig, axes = _subplots(3, len(panels), figsize=(4.6 * len(panels), 9), squeeze=False)
+    float confidence of the swapped predictions (first calibration draw). Bands: ± one std over
+    calibration draws. ``ax``: 3 x len(panels) axes to draw into."""
+    fig, axes = _axes(ax, 3, len(panels), (4.6 * len(panels), 9))
     bins = np.linspace(0, 1, 16)
     for column, panel in enumerate(panels):
         x = np.arange(len(panel.configs))
         top, middle, bottom = axes[:, column]
-        top.plot(x, panel.swapped_pct, "o-", color=QUANT_COLOR, label="% predictions swapped")
-        _band(top, x, panel.swapped_pct, panel.swapped_std, QUANT_COLOR)
-        top.plot(x, panel.delta_error_pp, "s-", color=FLOAT_COLOR, label="Δ top-1 error (pp)")
-        _band(top, x, panel.delta_error_pp, panel.delta_std, FLOAT_COLOR)
+        top.plot(x, _percent(panel.swapped), "o-", color=QUANT_COLOR, label="% predictions swapped")
+        _band(top, x, panel.swapped, panel.swapped_std, QUANT_COLOR, 100)
+        top.plot(x, _percent(panel.delta_error), "s-", color=FLOAT_COLOR, label="Δ top-1 error (pp)")
+        _band(top, x, panel.delta_error, panel.delta_std, FLOAT_COLOR, 100)
         top.axhline(0, color="0.6", lw=0.8)
         top.set_ylabel("% of evaluation set")
         top.set_title(panel.model)
@@ -159,7 +175,8 @@ def plot_swap_panels(panels: Sequence[SwapPanel]) -> Figure:
                 bottom.hist(confidences, bins=bins, histtype="step", lw=1.8, color=color,
                             weights=np.full(len(confidences), 100 / len(confidences)),
                             label=f"{name} ({len(confidences)} swapped)")
-        bottom.set_xlabel("float model's confidence of swapped predictions")
+        bottom.set_xlabel("float model's confidence of swapped predictions"
+                          + (" (first calibration draw)" if panel.swapped_std is not None else ""))
         bottom.set_ylabel("% of that precision's swaps")
         bottom.set_xlim(0, 1)
         if bottom.get_legend_handles_labels()[0]:
@@ -180,23 +197,24 @@ TRANSITIONS = (("correct_to_wrong", "correct → wrong", QUANT_COLOR),
 class TransitionTable:
     model: str
     configs: list[str]
-    percent: dict[str, list[float]]  # transition -> % of evaluation set per config
+    shares: dict[str, list[float]]  # transition -> fraction of the evaluation set per config
 
     @classmethod
     def from_run(cls, run) -> "TransitionTable":
         q = run.quantized
-        return cls(run.name, [c.name for c in q], {key: [c.metrics[f"{key}_pct"] for c in q]
+        return cls(run.name, [c.name for c in q], {key: [getattr(c.metrics, key) for c in q]
                                                      for key, _, _ in TRANSITIONS})
 
 
-def plot_transitions(tables: Sequence[TransitionTable]) -> Figure:
-    """Swapped predictions by what happened to them, stacked per precision (they sum to % swapped)."""
-    fig, axes = _subplots(1, len(tables), figsize=(4.6 * len(tables), 3.6), squeeze=False)
+def plot_transitions(tables: Sequence[TransitionTable], ax: Sequence[Axes] | None = None) -> Figure:
+    """Swapped predictions by what happened to them, stacked per precision (they sum to % swapped).
+    ``ax``: one axis per table to draw into."""
+    fig, axes = _axes(ax, 1, len(tables), (4.6 * len(tables), 3.6))
     for axis, table in zip(axes[0], tables):
         x = np.arange(len(table.configs))
         bottom = np.zeros(len(x))
         for key, label, color in TRANSITIONS:
-            values = np.asarray(table.percent[key])
+            values = _percent(table.shares[key])
             axis.bar(x, values, bottom=bottom, color=color, label=label, width=0.7)
             bottom += values
         axis.set_xticks(x, table.configs)
@@ -218,8 +236,8 @@ class MarginCurves:
     centers: list[np.ndarray]  # float logit margin at the middle of each equal-mass bin
     probability: list[np.ndarray]
     confidence_edges: np.ndarray
-    swap_rate_pct: list[np.ndarray]  # per float-confidence bin
-    delta_error_pp: list[np.ndarray]
+    swap_rate: list[np.ndarray]  # fraction of each float-confidence bin
+    delta_error: list[np.ndarray]
 
     @classmethod
     def from_run(cls, run, n_bins: int | None = None) -> "MarginCurves":
@@ -230,21 +248,21 @@ class MarginCurves:
         return cls(run.name, [c.name for c in run.quantized],
                    [np.sqrt(np.maximum(c["edges"][:-1], 1e-3) * c["edges"][1:]) for c in curves],
                    [c["swap_probability"] for c in curves], by_confidence[0]["edges"],
-                   [np.where(b["counts"] >= MIN_BIN, b["swap_rate_pct"], np.nan) for b in by_confidence],
-                   [b["delta_error_pp"] for b in by_confidence])
+                   [np.where(b["counts"] >= MIN_BIN, b["swap_rate"], np.nan) for b in by_confidence],
+                   [b["delta_error"] for b in by_confidence])
 
 
-def plot_margin(curves: Sequence[MarginCurves]) -> Figure:
+def plot_margin(curves: Sequence[MarginCurves], ax: Sequence[Axes] | None = None) -> Figure:
     """Top: how likely a prediction is to swap, by the float model's top-1 minus top-2 logit.
-    Bottom: the swap rate per float-confidence bin."""
-    fig, axes = _subplots(2, len(curves), figsize=(4.6 * len(curves), 6.6), squeeze=False)
+    Bottom: the swap rate per float-confidence bin. ``ax``: 2 x len(curves) axes."""
+    fig, axes = _axes(ax, 2, len(curves), (4.6 * len(curves), 6.6))
     for column, curve in enumerate(curves):
         top, bottom = axes[:, column]
         colors = _colors(len(curve.configs))
         centers = (curve.confidence_edges[:-1] + curve.confidence_edges[1:]) / 2
         for index, (name, color) in enumerate(zip(curve.configs, colors)):
             top.plot(curve.centers[index], curve.probability[index], "o-", ms=3, color=color, label=name)
-            bottom.plot(centers, curve.swap_rate_pct[index], "o-", ms=3, color=color, label=name)
+            bottom.plot(centers, _percent(curve.swap_rate[index]), "o-", ms=3, color=color, label=name)
         top.set_xscale("log")
         top.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         top.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -266,7 +284,7 @@ class TemperatureEffect:
     model: str
     temperature: float
     configs: list[str]
-    ece: list[float]
+    ece: list[float]  # fractions
     ece_scaled: list[float]
     swapped_name: str
     swapped_confidence: np.ndarray  # float confidence of that config's swaps, before scaling
@@ -277,21 +295,21 @@ class TemperatureEffect:
         if run.temperature is None or not run.quantized:
             return None
         chosen = max(run.quantized, key=lambda c: c.change.swapped.sum())
-        _, scaled = reliability_of_logits(run.float.logits, run.labels, run.temperature)
-        return cls(run.name, run.temperature, [c.name for c in run.configs], [c.metrics["ece"] for c in run.configs],
-                   [c.metrics["ece_temperature"] for c in run.configs], chosen.name,
+        _, scaled = reliability_of_logits(run.reference.logits, run.labels, run.temperature)
+        return cls(run.name, run.temperature, [c.name for c in run.configs], [c.metrics.ece for c in run.configs],
+                   [c.metrics.ece_temperature for c in run.configs], chosen.name,
                    chosen.change.swapped_confidences, scaled[chosen.change.swapped])
 
 
-def plot_temperature(effects: Sequence[TemperatureEffect]) -> Figure:
+def plot_temperature(effects: Sequence[TemperatureEffect], ax: Sequence[Axes] | None = None) -> Figure:
     """ECE before and after the float model's temperature, and where the swapped predictions'
-    confidences move (the swaps themselves do not change)."""
-    fig, axes = _subplots(2, len(effects), figsize=(4.6 * len(effects), 6.4), squeeze=False)
+    confidences move (the swaps themselves do not change). ``ax``: 2 x len(effects) axes."""
+    fig, axes = _axes(ax, 2, len(effects), (4.6 * len(effects), 6.4))
     for column, effect in enumerate(effects):
         top, bottom = axes[:, column]
         x = np.arange(len(effect.configs))
-        top.bar(x - 0.2, effect.ece, 0.4, color=QUANT_COLOR, label="as is")
-        top.bar(x + 0.2, effect.ece_scaled, 0.4, color="#66a182", label=f"temperature T = {effect.temperature:.2f}")
+        top.bar(x - 0.2, _percent(effect.ece), 0.4, color=QUANT_COLOR, label="as is")
+        top.bar(x + 0.2, _percent(effect.ece_scaled), 0.4, color="#66a182", label=f"temperature T = {effect.temperature:.2f}")
         top.set_xticks(x, effect.configs)
         top.set_ylabel("ECE (%)")
         top.set_title(f"{effect.model}: temperature scaling")
@@ -313,5 +331,4 @@ def save_figure(fig: Figure, path: str | Path) -> list[Path]:
     written = [path.with_suffix(".png"), path.with_suffix(".svg")]
     fig.savefig(written[0], dpi=130)
     fig.savefig(written[1])
-    plt.close(fig)
     return written

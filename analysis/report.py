@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 from ptqcal import __version__
 from ptqcal.atomic import atomic_path
-from ptqcal.evaluate.metrics import changes_by_confidence
+from ptqcal.evaluate.metrics import FRACTION, Metrics, changes_by_confidence, reliability_of_logits
 from ptqcal.evaluate.results import FLOAT_NAME
 
 from .figures import (MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
                       plot_swap_panels, plot_temperature, plot_transitions, save_figure)
-from .results import HEADLINE, RunAnalysis, analyse_run, float_reliability
+from .results import HEADLINE, RunAnalysis, analyse_run
 
 COLUMNS = [
     ("config", "config", "{}"),
@@ -35,13 +35,13 @@ COLUMNS = [
     ("classwise_ece", "classwise ECE %", "{:.3f}"),
     ("mean_confidence", "mean conf %", "{:.2f}"),
     ("ece_temperature", "ECE after T %", "{:.2f}"),
-    ("swapped_pct", "% swapped", "{:.2f}"),
-    ("delta_top1_error_pp", "Δ err (pp)", "{:+.2f}"),
+    ("swapped", "% swapped", "{:.2f}"),
+    ("delta_top1_error", "Δ err (pp)", "{:+.2f}"),
     ("delta_error_per_swapped", "Δ err / % swapped", "{:.3f}"),
     ("mean_float_conf_swapped", "float conf of swapped %", "{:.1f}"),
-    ("correct_to_wrong_pct", "correct→wrong %", "{:.2f}"),
-    ("wrong_to_correct_pct", "wrong→correct %", "{:.2f}"),
-    ("wrong_to_other_wrong_pct", "wrong→wrong %", "{:.2f}"),
+    ("correct_to_wrong", "correct→wrong %", "{:.2f}"),
+    ("wrong_to_correct", "wrong→correct %", "{:.2f}"),
+    ("wrong_to_other_wrong", "wrong→wrong %", "{:.2f}"),
     ("median_float_margin_swapped", "median margin swapped", "{:.2f}"),
     ("median_float_margin_kept", "median margin kept", "{:.2f}"),
 ]
@@ -73,17 +73,26 @@ def _clean(value: Any) -> Any:
 
 
 def metrics_rows(run: RunAnalysis) -> list[dict[str, Any]]:
+    """One row per configuration, in fractions (as :class:`~ptqcal.evaluate.Metrics`): the
+    metrics, their bootstrap intervals (``_ci95``), their std over calibration draws (``_std``)
+    and, for quantized ones, the swap rate per float-confidence bin."""
     rows = []
     for config in run.configs:
         row = {"model": run.name, "config": config.name}
-        row.update({k: _clean(v) for k, v in config.metrics.items()})
+        row.update({k: _clean(v) for k, v in config.metrics.as_dict().items()})
         row.update({f"{k}_ci95": list(v) for k, v in config.intervals.items()})
-        row.update({f"{k}_std": _clean(v) for k, v in config.spread.items() if k in HEADLINE})
+        if config.spread is not None:
+            row.update({f"{k}_std": _clean(getattr(config.spread, k)) for k in HEADLINE})
         if config.change is not None:
             bins = changes_by_confidence(config.change)
             row["by_float_confidence"] = {key: [_clean(float(v)) for v in values] for key, values in bins.items()}
         rows.append(row)
     return rows
+
+
+def _shown(key: str, value: float) -> float:
+    """A metric as drawn: fractions in percent (or percentage points), others as they are."""
+    return 100 * value if key in Metrics.__dataclass_fields__ and Metrics.unit(key) == FRACTION else value
 
 
 def confidence_table(run: RunAnalysis) -> str:
@@ -96,12 +105,13 @@ def confidence_table(run: RunAnalysis) -> str:
     lines = [head, "|" + "---|" * (2 + len(run.quantized))]
     for i in range(len(counts)):
         if counts[i]:
-            cells = [f"{b['swap_rate_pct'][i]:.1f}" for b in bins]
+            cells = [f"{100 * b['swap_rate'][i]:.1f}" for b in bins]
             lines.append(f"| {edges[i]:.1f}–{edges[i + 1]:.1f} | {counts[i]} | " + " | ".join(cells) + " |")
     return "\n".join(["**Which confidences flip** (% of the bin's predictions swapped)", "\n".join(lines)])
 
 
 def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
+    """The table of every run's configurations as CSV, in fractions like ``metrics.json``."""
     keys = ["model"] + [key for key, _, _ in COLUMNS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
@@ -113,7 +123,9 @@ def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
 
 
 def metrics_json(runs: Sequence[RunAnalysis]) -> str:
-    return json.dumps({"runs": [{"model": r.name, "run": r.info.get("run", {}), "temperature": r.temperature,
+    """Every metric of every run as JSON (fractions; ``units`` names each metric's unit)."""
+    units = {key: Metrics.unit(key) for key in Metrics.__dataclass_fields__}
+    return json.dumps({"units": units, "runs": [{"model": r.name, "run": r.record.summary, "temperature": r.temperature,
                                  "configs": metrics_rows(r)} for r in runs]}, indent=2)
 
 
@@ -121,22 +133,23 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "–"
-    text = fmt.format(value)
+    text = fmt.format(_shown(key, value))
     if row.get(f"{key}_std") is not None:
-        text += f" ± {row[f'{key}_std']:.2f}"
+        text += f" ± {_shown(key, row[f'{key}_std']):.2f}"
     elif row.get(f"{key}_ci95") is not None:
-        lo, hi = row[f"{key}_ci95"]
+        lo, hi = (_shown(key, v) for v in row[f"{key}_ci95"])
         text += f" [{lo:.1f}, {hi:.1f}]"
     return text
 
 
-CHANGE_KEYS = {"swapped_pct", "delta_top1_error_pp", "delta_error_per_swapped", "mean_float_conf_swapped",
-               "correct_to_wrong_pct", "wrong_to_correct_pct", "wrong_to_other_wrong_pct",
+CHANGE_KEYS = {"swapped", "delta_top1_error", "delta_error_per_swapped", "mean_float_conf_swapped",
+               "correct_to_wrong", "wrong_to_correct", "wrong_to_other_wrong",
                "median_float_margin_swapped", "median_float_margin_kept"}
 
 
 def markdown_table(run: RunAnalysis, columns: Sequence[tuple[str, str, str]] = COLUMNS,
                    quantized_only: bool = False) -> str:
+    """A Markdown table of ``columns`` (key, title, format) for every configuration, in percent."""
     rows = [r for r in metrics_rows(run) if not quantized_only or r["config"] != FLOAT_NAME]
     present = [c for c in columns if c[0] == "config" or any(r.get(c[0]) is not None for r in rows)]
     lines = ["| " + " | ".join(title for _, title, _ in present) + " |", "|" + "---|" * len(present)]
@@ -160,27 +173,28 @@ def sweep_reading(run: RunAnalysis, mild_ratio: float = 0.5) -> str:
     quantized = [c for c in run.quantized if c.change.swapped.any()]
     if not quantized:
         return "No precision swapped any prediction."
-    overall = run.float.metrics["mean_confidence"]
+    overall = run.reference.metrics.mean_confidence
     sentences = []
-    mild = [c for c in quantized if c.metrics["delta_error_per_swapped"] < mild_ratio]
+    mild = [c for c in quantized if c.metrics.delta_error_per_swapped < mild_ratio]
     if mild:
-        most = max(mild, key=lambda c: c.metrics["swapped_pct"])
-        c, name = most.metrics, most.name
+        most = max(mild, key=lambda c: c.metrics.swapped)
+        m = most.metrics
         sentences.append(
-            f"At {name}, {c['swapped_pct']:.2f}% of the predictions changed while the top-1 error moved by only "
-            f"{c['delta_top1_error_pp']:+.2f} pp (ratio {c['delta_error_per_swapped']:.2f}): the swapped "
-            f"predictions had a mean float confidence of {c['mean_float_conf_swapped']:.1f}%, against "
-            f"{overall:.1f}% over all.")
-    severe = max(quantized, key=lambda c: c.metrics["delta_error_per_swapped"])
-    if severe.metrics["delta_error_per_swapped"] >= mild_ratio and severe.change.swapped.sum() >= 10:
+            f"At {most.name}, {100 * m.swapped:.2f}% of the predictions changed while the top-1 error moved by only "
+            f"{100 * m.delta_top1_error:+.2f} pp (ratio {m.delta_error_per_swapped:.2f}): the swapped "
+            f"predictions had a mean float confidence of {100 * m.mean_float_conf_swapped:.1f}%, against "
+            f"{100 * overall:.1f}% over all.")
+    severe = max(quantized, key=lambda c: c.metrics.delta_error_per_swapped)
+    if severe.metrics.delta_error_per_swapped >= mild_ratio and severe.change.swapped.sum() >= 10:
         sentences.append(
-            f"At {severe.name} the ratio reaches {severe.metrics['delta_error_per_swapped']:.2f}: confident "
+            f"At {severe.name} the ratio reaches {severe.metrics.delta_error_per_swapped:.2f}: confident "
             f"predictions start to flip (mean float confidence of the swapped ones "
-            f"{severe.metrics['mean_float_conf_swapped']:.1f}%).")
+            f"{100 * severe.metrics.mean_float_conf_swapped:.1f}%).")
     return " ".join(sentences)
 
 
 def environment() -> dict[str, str]:
+    """Versions and machine the report was written with."""
     import matplotlib
     import numpy
 
@@ -199,8 +213,8 @@ def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
     written = {}
     lead = runs[0]
     lowest = lead.quantized[-1] if lead.quantized else None
-    curve, confidences = float_reliability(lead)
-    overlay = (lowest.name, *float_reliability(lead, lowest)) if lowest else None
+    curve, confidences = reliability_of_logits(lead.reference.logits, lead.labels)
+    overlay = (lowest.name, *reliability_of_logits(lowest.logits, lead.labels)) if lowest else None
     save_figure(plot_reliability(curve, confidences, f"{lead.name}: float model", overlay), out / "fig1_reliability")
     written["fig1_reliability"] = "fig1_reliability.png"
     if any(r.quantized for r in runs):
@@ -217,7 +231,7 @@ def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
 
 
 def _run_section(run: RunAnalysis) -> list[str]:
-    info = run.info.get("run", {})
+    info = run.record.summary
     lines = [f"## {run.name}", "\n".join(f"- **{k}**: {v}" for k, v in info.items())]
     if run.temperature is not None:
         lines.append(f"- **temperature** (fitted on the float model's calibration-split logits): {run.temperature:.3f}")
@@ -236,17 +250,18 @@ def comparison(runs: Sequence[RunAnalysis]) -> list[str]:
     lines = ["| model | float top-1 err % | float ECE % | float mean conf % | lowest precision | % swapped | "
              "Δ err (pp) | Δ err / % swapped | float conf of swapped % |", "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        f, q = run.float.metrics, run.quantized[-1]
+        f, q = run.reference.metrics, run.quantized[-1]
         m = q.metrics
-        ratio = m["delta_error_per_swapped"]
-        lines.append(f"| {run.name} | {f['top1_error']:.2f} | {f['ece']:.2f} | {f['mean_confidence']:.2f} | {q.name} | "
-                     f"{m['swapped_pct']:.2f} | {m['delta_top1_error_pp']:+.2f} | "
+        ratio = m.delta_error_per_swapped
+        lines.append(f"| {run.name} | {100 * f.top1_error:.2f} | {100 * f.ece:.2f} | {100 * f.mean_confidence:.2f} | "
+                     f"{q.name} | {100 * m.swapped:.2f} | {100 * m.delta_top1_error:+.2f} | "
                      f"{'–' if math.isnan(ratio) else f'{ratio:.3f}'} | "
-                     f"{m['mean_float_conf_swapped']:.1f} |")
+                     f"{100 * m.mean_float_conf_swapped:.1f} |")
     return ["## Comparison", "Each model's float calibration, and what its lowest precision changed.", "\n".join(lines)]
 
 
 def report_markdown(runs: Sequence[RunAnalysis], figures: dict[str, str]) -> str:
+    """The whole report as Markdown, with ``figures`` (name -> PNG file name) embedded by name."""
     title = " vs ".join(r.name for r in runs)
     parts = [f"# ptqcal report: {title}", *comparison(runs)]
     for run in runs:

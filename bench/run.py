@@ -88,8 +88,8 @@ def torch_sweep(model, calib: np.ndarray, evaluation: np.ndarray, bits: list[int
     import torch
     from torch.ao.quantization import disable_fake_quant, disable_observer, enable_fake_quant, enable_observer
 
-    from ptqcal.models.registry import CIFAR100_PREPROCESS
-    from ptqcal.quantize.torch_reference import torch_fake_quant, torch_logits
+    from ptqcal.models.preprocess import CIFAR100_PREPROCESS
+    from ptqcal.torch_reference import torch_fake_quant, torch_logits
 
     start = time.perf_counter()
     x_eval, x_calib = CIFAR100_PREPROCESS(evaluation), CIFAR100_PREPROCESS(calib)
@@ -177,7 +177,7 @@ def inference(quick: bool, folder: Path) -> dict[str, float]:
         print(f"  {name:24s} batch {batch_size:3d}: {value:9.0f} images/s")
     # the evaluator's own overhead: predict() over uint8 pixels vs session.run on ready float batches
     session = sessions["a8w8 ORT (QLinearConv)"]
-    from ptqcal.models.registry import CIFAR100_PREPROCESS
+    from ptqcal.models.preprocess import CIFAR100_PREPROCESS
 
     pixels = cifar_images(2048 if quick else 8192, 2)
     ready = CIFAR100_PREPROCESS(pixels)

@@ -4,7 +4,7 @@ probabilities."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -118,6 +118,71 @@ def classwise_ece(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = E
                           for k in range(classes)]))
 
 
+FRACTION, NATS, LOGITS, RATIO = "fraction", "nats", "logits", "ratio"
+
+
+def _metric(unit: str, default=None):
+    return field(default=default, metadata={"unit": unit})
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Accuracy, calibration and, for a quantized model, what it changed against the float model.
+
+    Every rate is a fraction in [0, 1] (``field.metadata["unit"] == "fraction"``); percent appears
+    only where a table or figure is drawn. Change fields are ``None`` for the float reference,
+    temperature fields ``None`` when no temperature was fitted.
+    """
+
+    top1_error: float = _metric(FRACTION)
+    top5_error: float = _metric(FRACTION)
+    nll: float = _metric(NATS)  # mean negative log-likelihood of the labels
+    brier: float = _metric(RATIO)  # mean squared distance to the one-hot label, in [0, 2]
+    ece: float = _metric(FRACTION)  # top-label ECE, 15 equal-width bins
+    ece_equal_mass: float = _metric(FRACTION)
+    mce: float = _metric(FRACTION)
+    classwise_ece: float = _metric(FRACTION)
+    mean_confidence: float = _metric(FRACTION)
+    swapped: float | None = _metric(FRACTION)  # share of top-1 predictions that changed
+    delta_top1_error: float | None = _metric(FRACTION)  # quantized minus float top-1 error
+    delta_error_per_swapped: float | None = _metric(RATIO)  # NaN without swaps
+    mean_float_conf_swapped: float | None = _metric(FRACTION)
+    correct_to_wrong: float | None = _metric(FRACTION)  # shares of all predictions; they sum to swapped
+    wrong_to_correct: float | None = _metric(FRACTION)
+    wrong_to_other_wrong: float | None = _metric(FRACTION)
+    median_float_margin_swapped: float | None = _metric(LOGITS)  # float top-1 minus top-2 logit
+    median_float_margin_kept: float | None = _metric(LOGITS)
+    ece_temperature: float | None = _metric(FRACTION)  # after the float model's temperature
+    mean_confidence_temperature: float | None = _metric(FRACTION)
+
+    @staticmethod
+    def unit(name: str) -> str:
+        """The unit of field ``name``: ``fraction``, ``nats``, ``logits`` or ``ratio``."""
+        return Metrics.__dataclass_fields__[name].metadata["unit"]
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def with_change(self, change: "QuantizationChange") -> "Metrics":
+        """These metrics plus what ``change`` says quantization changed."""
+        return replace(self, **change.summary())
+
+    @staticmethod
+    def aggregate(draws: "list[Metrics]", statistic=np.mean) -> "Metrics":
+        """Field by field ``statistic`` over draws (e.g. calibration repeats), skipping NaN (a ratio
+        without swaps); ``None`` stays ``None``."""
+        values = {}
+        for f in fields(Metrics):
+            column = [getattr(d, f.name) for d in draws]
+            if any(v is None for v in column):
+                values[f.name] = None
+                continue
+            array = np.asarray(column, dtype=float)
+            kept = array[~np.isnan(array)]
+            values[f.name] = float(statistic(kept)) if len(kept) else float("nan")
+        return Metrics(**values)
+
+
 @dataclass
 class ClassificationAccumulator:
     """Streaming state of a model's metrics: ``update`` chunk by chunk, ``compute`` at the end.
@@ -162,27 +227,27 @@ class ClassificationAccumulator:
         return {"confidence": np.concatenate(self.confidence), "correct": np.concatenate(self.correct),
                 "in_top5": np.concatenate(self.in_top5), "nll": np.concatenate(self.sample_nll)}
 
-    def compute(self) -> dict[str, float]:
-        """Errors, ECE, MCE and mean confidence in %, NLL in nats, Brier score."""
+    def compute(self) -> Metrics:
+        """Errors, ECE, MCE and mean confidence as fractions, NLL in nats, Brier score."""
         s = self.per_sample()
         width = reliability_curve(s["confidence"], s["correct"], self.n_bins)
         mass = reliability_curve(s["confidence"], s["correct"], self.n_bins, "quantile")
         count, p_sum, hits = self.class_bins[..., 0], self.class_bins[..., 1], self.class_bins[..., 2]
         per_class = np.abs(hits - p_sum).sum(axis=1) / count.sum(axis=1)
-        return {
-            "top1_error": 100 * float(1 - s["correct"].mean()),
-            "top5_error": 100 * float(1 - s["in_top5"].mean()),
-            "nll": float(s["nll"].mean()),
-            "brier": self.brier_sum / len(s["correct"]),
-            "ece": 100 * width.ece,
-            "ece_equal_mass": 100 * mass.ece,
-            "mce": 100 * width.mce,
-            "classwise_ece": 100 * float(per_class.mean()),
-            "mean_confidence": 100 * float(s["confidence"].mean()),
-        }
+        return Metrics(
+            top1_error=float(1 - s["correct"].mean()),
+            top5_error=float(1 - s["in_top5"].mean()),
+            nll=float(s["nll"].mean()),
+            brier=self.brier_sum / len(s["correct"]),
+            ece=width.ece,
+            ece_equal_mass=mass.ece,
+            mce=width.mce,
+            classwise_ece=float(per_class.mean()),
+            mean_confidence=float(s["confidence"].mean()),
+        )
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> Metrics:
     """All of :class:`ClassificationAccumulator`'s metrics for one set of logits."""
     accumulator = ClassificationAccumulator()
     accumulator.update(logits, labels)
@@ -204,8 +269,8 @@ def bootstrap_interval(statistic, arrays: tuple[np.ndarray, ...], n_resamples: i
 class QuantizationChange:
     """What a quantized model changed relative to the float model on the same inputs."""
 
-    swapped_pct: float  # % of top-1 predictions that changed
-    delta_top1_error_pp: float  # quantized minus float top-1 error, percentage points
+    swap_rate: float  # share of top-1 predictions that changed
+    delta_top1_error: float  # quantized minus float top-1 error (fraction)
     swapped: np.ndarray  # (N,) bool
     float_confidence: np.ndarray  # (N,) the float model's confidence in its own prediction
     float_correct: np.ndarray  # (N,) bool
@@ -214,8 +279,8 @@ class QuantizationChange:
 
     @property
     def ratio(self) -> float:
-        """Delta error / % swapped: how much of the churn turned into extra error (NaN if no swaps)."""
-        return self.delta_top1_error_pp / self.swapped_pct if self.swapped_pct > 0 else float("nan")
+        """Δ error / swap rate: how much of the churn turned into extra error (NaN if no swaps)."""
+        return self.delta_top1_error / self.swap_rate if self.swap_rate > 0 else float("nan")
 
     @property
     def swapped_confidences(self) -> np.ndarray:
@@ -229,12 +294,13 @@ class QuantizationChange:
                 "wrong_to_other_wrong": int(np.sum(s & ~self.float_correct & ~self.quant_correct))}
 
     def summary(self) -> dict[str, float]:
+        """The :class:`Metrics` change fields (fractions; margins in logits)."""
         n = len(self.swapped)
-        row = {"swapped_pct": self.swapped_pct, "delta_top1_error_pp": self.delta_top1_error_pp,
+        row = {"swapped": self.swap_rate, "delta_top1_error": self.delta_top1_error,
                "delta_error_per_swapped": self.ratio,
-               "mean_float_conf_swapped": 100 * float(self.swapped_confidences.mean())
+               "mean_float_conf_swapped": float(self.swapped_confidences.mean())
                if self.swapped.any() else float("nan")}
-        row.update({f"{k}_pct": 100 * v / n for k, v in self.transitions().items()})
+        row.update({k: v / n for k, v in self.transitions().items()})
         row["median_float_margin_swapped"] = float(np.median(self.float_margin[self.swapped])) \
             if self.swapped.any() else float("nan")
         row["median_float_margin_kept"] = float(np.median(self.float_margin[~self.swapped])) \
@@ -249,19 +315,21 @@ def logit_margin(logits: np.ndarray) -> np.ndarray:
 
 
 def quantization_change(float_logits: np.ndarray, quant_logits: np.ndarray, labels: np.ndarray) -> QuantizationChange:
+    """What ``quant_logits`` changed against ``float_logits`` on the same ``labels``, per image."""
     float_pred = float_logits.argmax(axis=1)
     quant_pred = quant_logits.argmax(axis=1)
     swapped = float_pred != quant_pred
     float_correct, quant_correct = float_pred == labels, quant_pred == labels
-    delta = 100 * (np.mean(~quant_correct) - np.mean(~float_correct))
+    delta = np.mean(~quant_correct) - np.mean(~float_correct)
     confidence = np.concatenate([softmax(float_logits[i:i + CHUNK].astype(np.float64)).max(axis=1)
                                  for i in range(0, len(labels), CHUNK)]) if len(labels) else np.zeros(0)
-    return QuantizationChange(100 * float(swapped.mean()), float(delta), swapped, confidence, float_correct,
+    return QuantizationChange(float(swapped.mean()), float(delta), swapped, confidence, float_correct,
                               quant_correct, logit_margin(float_logits))
 
 
 def changes_by_confidence(change: QuantizationChange, n_bins: int = 10) -> dict[str, np.ndarray]:
-    """Per float-confidence bin: how many predictions, the % swapped and the Δ error (pp) they add."""
+    """Per float-confidence bin: how many predictions, the share swapped and the Δ error they add
+    (fractions of the bin)."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     index = _equal_width_bin(change.float_confidence, n_bins)
     counts = np.bincount(index, minlength=n_bins)
@@ -269,8 +337,7 @@ def changes_by_confidence(change: QuantizationChange, n_bins: int = 10) -> dict[
     delta = np.bincount(index, weights=change.float_correct.astype(float) - change.quant_correct.astype(float),
                         minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"edges": edges, "counts": counts, "swap_rate_pct": 100 * swapped / counts,
-                "delta_error_pp": 100 * delta / counts}
+        return {"edges": edges, "counts": counts, "swap_rate": swapped / counts, "delta_error": delta / counts}
 
 
 def swap_probability_by_margin(change: QuantizationChange, n_bins: int = 10) -> dict[str, np.ndarray]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import numpy as np
 
-from .metrics import QuantizationChange, classification_metrics, quantization_change
+from .metrics import Metrics, QuantizationChange, classification_metrics, quantization_change, reliability_of_logits
 
 # How a run names its configurations (``logits.npz`` keys): the float reference, and calibration
 # repeats after the first as ``a8w4#r1``, ``a8w4#r2``...
@@ -14,21 +15,96 @@ FLOAT_NAME = "float"
 REPEAT_MARK = "#r"
 
 
+class Execution(StrEnum):
+    """Which of ORT's paths evaluates a quantized model."""
+
+    DEPLOYED = "deployed"  # ORT fuses Q/DQ into integer kernels (QLinearConv, ...): what ships
+    SIMULATED = "simulated"  # float ops between Q/DQ (basic graph optimisations only)
+
+
 @dataclass(frozen=True)
 class ConfigResult:
-    name: str  # "float", "a8w8", ...
+    """One configuration of a run, evaluated.
+
+    Attributes
+    ----------
+    name : str
+        ``"float"``, ``"a8w8"``, ``"fp16"``, ...
+    logits : ndarray, shape (N, classes)
+        The first calibration draw's logits on the evaluation images.
+    metrics : Metrics
+        Fractions; with several calibration draws, the mean over draws.
+    change : QuantizationChange or None
+        Per-image change against the float model, of the first draw (``None`` for the float
+        reference). Figures of per-image quantities (which confidences swap) draw this one.
+    draws : tuple of Metrics
+        Every draw's metrics, first draw first; one entry when the calibration was drawn once.
+    spread : Metrics or None
+        Standard deviation over draws; ``None`` with a single draw.
+    intervals : dict of str to (float, float)
+        Bootstrap 95% intervals over evaluation images of the first draw, by metric name (fractions).
+    """
+
+    name: str
     logits: np.ndarray
-    metrics: dict[str, float]
-    change: QuantizationChange | None = None  # None for the float reference
+    metrics: Metrics
+    change: QuantizationChange | None = None
+    draws: tuple[Metrics, ...] = ()
+    spread: Metrics | None = None
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def row(self) -> dict[str, float | str]:
-        row: dict[str, float | str] = {"config": self.name, **self.metrics}
-        if self.change is not None:
-            row.update(self.change.summary())
-        return row
+    @property
+    def is_quantized(self) -> bool:
+        return self.change is not None
+
+    def with_draws(self, others: list["ConfigResult"]) -> "ConfigResult":
+        """This (the first draw) with more calibration draws of the same configuration: metrics
+        become the mean over all draws, ``spread`` their standard deviation."""
+        if not others:
+            return self
+        draws = (self.metrics, *(other.metrics for other in others))
+        return replace(self, metrics=Metrics.aggregate(list(draws)), draws=draws,
+                       spread=Metrics.aggregate(list(draws), np.std))
 
 
-def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray,
-                    float_logits: np.ndarray | None = None) -> ConfigResult:
+def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | None = None,
+                    temperature: float | None = None) -> ConfigResult:
+    """Metrics of ``logits`` against ``labels``; with ``float_logits``, also what quantization
+    changed; with ``temperature``, also the ECE and mean confidence after scaling by it.
+
+    Parameters
+    ----------
+    name : str
+        The configuration's name.
+    logits, float_logits : ndarray, shape (N, classes)
+        This configuration's and the float reference's logits on the same images.
+    labels : ndarray, shape (N,)
+        Integer class labels.
+    temperature : float, optional
+        A temperature fitted on other images (it changes no prediction).
+    """
+    metrics = classification_metrics(logits, labels)
     change = None if float_logits is None else quantization_change(float_logits, logits, labels)
-    return ConfigResult(name, logits, classification_metrics(logits, labels), change)
+    if change is not None:
+        metrics = metrics.with_change(change)
+    if temperature is not None:
+        curve, confidence = reliability_of_logits(logits, labels, temperature)
+        metrics = replace(metrics, ece_temperature=curve.ece, mean_confidence_temperature=float(confidence.mean()))
+    return ConfigResult(name, logits, metrics, change, (metrics,))
+
+
+@dataclass(frozen=True)
+class PathAgreement:
+    """How far ORT's fused integer kernels (deployed) and float ops between Q/DQ (simulated)
+    agree for one quantized model on the same images."""
+
+    config: str
+    images: int
+    max_abs_logit_diff: float
+    top1_agreement: float  # fraction of images with the same top-1 prediction
+
+
+def compare_paths(config: str, deployed: np.ndarray, simulated: np.ndarray) -> PathAgreement:
+    """Compare the deployed and simulated logits of one quantized model on the same images."""
+    return PathAgreement(config, len(deployed), float(np.max(np.abs(deployed - simulated))),
+                         float(np.mean(deployed.argmax(1) == simulated.argmax(1))))

@@ -48,3 +48,4 @@ def optimized_op_types(model_path: str | Path, work_dir: str | Path, fused: bool
     target = Path(work_dir) / (Path(model_path).stem + ".optimized.onnx")
     make_session(model_path, fused=fused, optimized_model_path=target)
     return {node.op_type for node in onnx.load(str(target)).graph.node}
+

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ptqcal.atomic import atomic_path
 
-from .registry import DIGITS_PREPROCESS
+from .preprocess import DIGITS_PREPROCESS
 from .resnet import CifarResNet
 
 
@@ -37,14 +37,15 @@ def build_digits_resnet() -> CifarResNet:
 
 def train_digits_resnet(images: np.ndarray, labels: np.ndarray, cfg: TrainCfg = TrainCfg()) -> CifarResNet:
     """Train deterministically (fixed seed, one-cycle SGD) and return the model in eval mode."""
-    torch.manual_seed(cfg.seed)
-    model = build_digits_resnet()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):  # the initialisation is seeded without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        model = build_digits_resnet()
     x = torch.from_numpy(DIGITS_PREPROCESS(images))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     steps_per_epoch = -(-len(y) // cfg.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(cfg.seed)
     model.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(len(y), generator=generator)
@@ -75,3 +76,17 @@ def cached_digits_resnet(images: np.ndarray, labels: np.ndarray, cache_dir: Path
     with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
     return model, path
+
+
+def build_digits_model(weights: Path | None, train, cache_dir: Path, label_smoothing: float = 0.0) -> CifarResNet:
+    """The registry's ``digits_resnet8`` (and ``_ls``): trained here on ``train`` (cached in
+    ``cache_dir``), or loaded from ``weights`` (or ``random``)."""
+    from .weights import ModelError, random_or_loaded
+
+    if weights is not None:
+        return random_or_loaded(build_digits_resnet, weights)
+    if train is None:
+        raise ModelError("the digits models train on the digits dataset's train split; this dataset has none "
+                         "(use the digits dataset, or give trained weights)", setting="dataset")
+    model, _ = cached_digits_resnet(train.images, train.labels, cache_dir, TrainCfg(label_smoothing=label_smoothing))
+    return model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,5 +37,14 @@ class PreprocessCfg:
         x = (x / np.float32(self.pixel_max) - mean) / std
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+# What the built-in models were trained with (one place: the registry, the ONNX models' defaults
+# and the digits trainer read them from here).
+DIGITS_PREPROCESS = PreprocessCfg(input_size=(1, 8, 8), mean=(0.3,), std=(0.4,), pixel_max=16.0)
+CIFAR100_PREPROCESS = PreprocessCfg(input_size=(3, 32, 32), mean=(0.5071, 0.4867, 0.4408),
+                                    std=(0.2675, 0.2565, 0.2761))
+IMAGENET_PREPROCESS = PreprocessCfg(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406),
+                                    std=(0.229, 0.224, 0.225), resize=256)
+# TF-style (x * 255 - 127) / 128 on [0, 1] pixels
+EFFICIENTNET_LITE_PREPROCESS = PreprocessCfg(input_size=(3, 224, 224), mean=(127 / 255,) * 3,
+                                             std=(128 / 255,) * 3, resize=256)

@@ -62,3 +62,12 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def build_cifar_resnet(weights, train, cache_dir, depth: int, num_classes: int = 100) -> CifarResNet:
+    """The registry's ``cifar_resnet{depth}``: needs trained weights (or ``random``)."""
+    from .weights import ModelError, random_or_loaded
+
+    if weights is None:
+        raise ModelError(f"cifar_resnet{depth} needs trained weights (a state dict file)", setting="weights")
+    return random_or_loaded(lambda: CifarResNet(depth=depth, num_classes=num_classes), weights)

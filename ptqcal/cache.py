@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,12 +50,14 @@ def make_key(*parts: Any) -> str:
 
 
 class Cache:
+    """Content-addressed entries in one folder; ``hits``/``misses`` count lookups."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
         for stale in self.root.glob(".*.tmp") if self.root.is_dir() else ():  # a killed run's partial write
-            stale.unlink(missing_ok=True)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     def path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / f"{kind}-{key}.{suffix}"
@@ -68,6 +71,24 @@ class Cache:
         self.misses += 1
         with atomic_path(target) as tmp:
             create(tmp)
+        return target
+
+    def folder(self, kind: str, key: str, create: Callable[[Path], Any]) -> Path:
+        """An entry of several files that belong together (written whole or not at all): the
+        folder's path, calling ``create(tmp_folder)`` to fill it first if it is missing."""
+        target = self.root / f"{kind}-{key}"
+        if target.is_dir():
+            self.hits += 1
+            return target
+        self.misses += 1
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}.", suffix=".tmp", dir=self.root))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the entry
+        try:
+            create(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def array(self, kind: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:

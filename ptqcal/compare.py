@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import steps
 from .atomic import atomic_path
 from .cache import Cache
-from .config import RunConfig
-from .data import select
+from .config import RunConfig, flag_of
 from .errors import UserError
 from .models import get_model_entry
-from .pipeline import CALIB_BATCH, decode_selection, load_run_dataset, normalise, prepare_model
 
 
 # Ops whose output torch.ao quantizes with their input's scale and zero point
@@ -36,13 +35,15 @@ def share_input_ranges(graph, ranges):
 
 @dataclass(frozen=True)
 class TorchAgreement:
+    """How far ptqcal's ORT model and torch.ao's agree for one configuration (fractions)."""
+
     config: str
-    top1_agreement_pct: float  # ONNX Runtime vs PyTorch quantized predictions
+    top1_agreement: float  # ONNX Runtime vs PyTorch quantized predictions
     max_abs_logit_diff: float
     onnx_top1_error: float
     torch_top1_error: float
-    onnx_swapped_pct: float  # predictions each quantized model changed from the float model's
-    torch_swapped_pct: float
+    onnx_swapped: float  # predictions each quantized model changed from the float model's
+    torch_swapped: float
     # the largest float top-1 minus top-2 logit among the images the two disagree on (0 if none):
     # two faithful quantizers should part only where the float model itself barely decides
     disagreement_max_float_margin: float
@@ -52,12 +53,27 @@ def torch_agreement(config: str, float_logits: np.ndarray, onnx_logits: np.ndarr
                     labels: np.ndarray) -> TorchAgreement:
     from .evaluate.metrics import logit_margin, quantization_change, top_k_error
 
+    """Agreement of two quantized models' logits, each also against the float model's."""
     disagree = onnx_logits.argmax(1) != torch_logits.argmax(1)
-    return TorchAgreement(config, 100 * float(np.mean(~disagree)), float(np.max(np.abs(onnx_logits - torch_logits))),
-                          100 * top_k_error(onnx_logits, labels), 100 * top_k_error(torch_logits, labels),
-                          quantization_change(float_logits, onnx_logits, labels).swapped_pct,
-                          quantization_change(float_logits, torch_logits, labels).swapped_pct,
+    return TorchAgreement(config, float(np.mean(~disagree)), float(np.max(np.abs(onnx_logits - torch_logits))),
+                          top_k_error(onnx_logits, labels), top_k_error(torch_logits, labels),
+                          quantization_change(float_logits, onnx_logits, labels).swap_rate,
+                          quantization_change(float_logits, torch_logits, labels).swap_rate,
                           float(logit_margin(float_logits)[disagree].max(initial=0.0)))
+
+
+def _refuse_unmatched(cfg: RunConfig) -> None:
+    """The torch.ao side builds HistogramObserver ranges, PyTorch's weight scales, every layer, one draw."""
+    unmatched = [text for text, used in (
+        (f"{flag_of('calib_method')} {cfg.calib_method}", cfg.calib_method != "mse"),
+        (flag_of("calib_ranges"), cfg.calib_ranges is not None), (f"{flag_of('precisions')} fp16", cfg.fp16),
+        (flag_of("skip_first_layer"), cfg.skip_first_layer), (flag_of("skip_last_layer"), cfg.skip_last_layer),
+        (flag_of("exclude"), bool(cfg.exclude)),
+        (f"{flag_of('weight_scale')} {cfg.weight_scale}", cfg.weight_scale != "torch"),
+        (f"{flag_of('repeats')} {cfg.repeats}", cfg.repeats > 1)) if used]
+    if unmatched:
+        raise UserError(f"compare-torch builds one mse calibration of every layer with PyTorch's weight scales "
+                        f"on both sides; drop {', '.join(unmatched)}")
 
 
 def compare_torch(cfg: RunConfig) -> list[TorchAgreement]:
@@ -66,45 +82,36 @@ def compare_torch(cfg: RunConfig) -> list[TorchAgreement]:
     cfg.validate()
     if cfg.is_onnx_file:
         raise UserError("compare-torch needs a PyTorch model from the registry, not an .onnx file")
-    unmatched = [option for option, used in (
-        ("--calib-method " + cfg.calib_method, cfg.calib_method != "mse"), ("--calib-ranges", cfg.calib_ranges),
-        ("--precisions fp16", cfg.fp16), ("--skip-first-layer", cfg.skip_first_layer),
-        ("--skip-last-layer", cfg.skip_last_layer), ("--exclude", cfg.exclude),
-        ("--weight-scale ort", cfg.weight_scale != "torch"), (f"--repeats {cfg.repeats}", cfg.repeats > 1)) if used]
-    if unmatched:  # the torch.ao side: HistogramObserver ranges, PyTorch's weight scales, every layer, one draw
-        raise UserError(f"compare-torch builds one mse calibration of every layer with PyTorch's weight scales "
-                        f"on both sides; drop {', '.join(unmatched)}")
+    _refuse_unmatched(cfg)
+    try:
+        from .torch_reference import torch_fake_quant, torch_logits
+    except ImportError as exc:
+        raise UserError("compare-torch needs PyTorch: pip install 'ptqcal[torch]'") from exc
     import onnx
 
-    from .evaluate import make_session, predict
-    from .quantize import ArrayDataReader, QuantSpec, collect_histograms, compute_ranges, prepare, quantize_qdq
-    from .quantize.torch_reference import torch_fake_quant, torch_logits
+    from .quantize import QuantSpec, compute_ranges
 
-    specs = [QuantSpec(w, a, cfg.weight_scale).validate() for a in cfg.act_bits for w in cfg.weight_bits]
-    entry = get_model_entry(cfg.model)
-    dataset = load_run_dataset(cfg)
+    dataset = steps.load_run_dataset(cfg)
     with tempfile.TemporaryDirectory(prefix="ptqcal-compare-") as tmp:
-        model = prepare_model(cfg, dataset, Cache(Path(tmp)))
-        module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
-        calib_split, evaluation, _ = decode_selection(select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size),
-                                                      model.preprocess, cfg.strict)
-        calib = normalise(model.preprocess, calib_split.images)
-        inputs = normalise(model.preprocess, evaluation.images)
-        reader = ArrayDataReader("input", calib, CALIB_BATCH)
-        prepared = prepare(model.float_path, Path(tmp) / "prepared.onnx")
-        histograms = collect_histograms(prepared, reader, progress=cfg.progress)
-        batches = [calib[i:i + reader.batch_size] for i in range(0, len(calib), reader.batch_size)]
-        float_logits = predict(make_session(model.float_path), inputs, cfg.batch_size, "float", cfg.progress)
-        rows = []
+        cache = Cache(Path(tmp))
+        model = steps.prepare_model(cfg, dataset, cache)
+        module = get_model_entry(cfg.model).build(cfg.weights, dataset.train, cfg.cache_dir)
+        images = steps.draw_images(dataset, cfg, model.preprocess, None)
+        calib = steps.normalise(model.preprocess, images.calib.images)
+        inputs = steps.normalise(model.preprocess, images.eval.images)
+        prepared = steps.prepare_for_quantization(cache, model.float_path)
+        histograms = steps.calibrate(cache, prepared, model.input_name, calib, cfg.progress)
+        batches = [calib[i:i + steps.CALIB_BATCH] for i in range(0, len(calib), steps.CALIB_BATCH)]
+        float_logits = steps.model_logits(cache, model.float_path, inputs, None, cfg, "float")
         graph = onnx.load(str(prepared), load_external_data=False).graph
-        for spec in specs:
+        rows = []
+        for spec in (QuantSpec(w, a, cfg.weight_scale) for a in cfg.act_bits for w in cfg.weight_bits):
             ranges = share_input_ranges(graph, compute_ranges(histograms, "mse", spec.act_bits, len(calib)))
             # biases float, like torch.ao's reference model; logits float on both sides, as ptqcal deploys them
-            path = quantize_qdq(prepared, Path(tmp) / f"{spec.name}.onnx", ranges, replace(spec, quantize_bias=False))
-            ours = predict(make_session(path, fused=cfg.execution == "deployed"), inputs, cfg.batch_size,
-                           spec.name, cfg.progress)
+            path = steps.quantize_config(cache, prepared, ranges, replace(spec, quantize_bias=False))
+            ours = steps.model_logits(cache, path, inputs, None, cfg, spec.name, cfg.execution == "deployed")
             theirs = torch_logits(torch_fake_quant(module, batches, spec.weight_bits, spec.act_bits), inputs)
-            rows.append(torch_agreement(spec.name, float_logits, ours, theirs, evaluation.labels))
+            rows.append(torch_agreement(spec.name, float_logits, ours, theirs, images.eval.labels))
     return rows
 
 

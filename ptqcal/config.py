@@ -1,18 +1,27 @@
-"""The settings of one ``ptqcal run``, with their defaults and validation."""
+"""The settings of one ``ptqcal run``: each field's default, help and parsing in one place.
+
+The command line (:mod:`ptqcal.cli`) and config files are generated from the field metadata of
+:class:`RunConfig`, so a default or a choice is written once, here, or in the stage that owns it
+(calibration methods and weight-scale conventions are the quantize stage's enums).
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import Enum
 from importlib import resources
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from .errors import UserError
+from .evaluate.results import Execution
+from .quantize.ranges import CalibMethod
+from .quantize.spec import QuantSpec, WeightScale
 
-CALIB_METHODS = ("minmax", "mse", "percentile", "entropy")
 SHIPPED_CONFIGS = Path(str(resources.files("ptqcal.configs")))  # configs/ installed as ptqcal.configs
-EXECUTIONS = ("deployed", "simulated")
 DEFAULT_MODELS = ("digits_resnet8", "digits_resnet8_ls")  # plain and label-smoothed training
+PRECISIONS = ("fp16",)
 
 
 def default_cache_dir() -> Path:
@@ -22,38 +31,70 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ptqcal"
 
 
+def _setting(default: Any, help: str, parse: Callable[[str], Any] | type | None = None, *, many: bool = False,
+             metavar: str | None = None, flag: str | None = None, **extra) -> Any:
+    """A RunConfig field: its default, its help, how one value is parsed (``many``: a list)."""
+    metadata = {"help": help, "parse": parse, "many": many, "metavar": metavar, "flag": flag, **extra}
+    if callable(default) and not isinstance(default, (type, Enum)):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunConfig:
-    model: str = "digits_resnet8"  # a registry name or a path to an .onnx file
-    weights: Path | None = None
-    dataset: str | None = None  # a kind (digits, cifar100, imagenet, folder, csv, npz) or FILE.npz
-    data_dir: Path | None = None  # where the dataset lives (file or folder)
-    labels: Path | None = None  # labels file for a flat ImageNet val folder
-    calib_data: Path | None = None  # a separate calibration pool of the same dataset kind
-    download: bool = False  # CIFAR through torchvision, when online
-    strict: bool = False  # an image that fails to decode is an error instead of a skipped warning
-    eval_size: int | None = None  # evaluate on a seeded subset of this many images
-    weight_bits: tuple[int, ...] = (8, 7, 6, 5, 4)
-    act_bits: tuple[int, ...] = (8,)
-    fp16: bool = False  # add half precision to the sweep
-    weight_scale: str = "torch"  # "torch": max|w| / ((qmax - qmin) / 2); "ort": max|w| / qmax
-    skip_first_layer: bool = False
-    skip_last_layer: bool = False
-    exclude: tuple[str, ...] = ()  # node names kept in float
-    execution: str = "deployed"  # "deployed": ORT's fused integer kernels; "simulated": float ops between Q/DQ
-    calib_size: int = 256
-    calib_method: str = "mse"
-    calib_ranges: Path | None = None  # reuse the ranges an earlier run saved instead of calibrating
-    out: Path | None = None  # default: ptqcal_runs/<model>
-    seed: int = 0
-    repeats: int = 1  # calibration draws (seed, seed + 1, ...): metrics as mean ± std
-    batch_size: int = 256
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    mean: tuple[float, ...] | None = None  # preprocessing overrides for an .onnx model
-    std: tuple[float, ...] | None = None
-    pixel_max: float | None = None
-    resize: int | None = None  # short side before the centre crop, for an .onnx model (0: none)
-    progress: bool = True
+    """Everything one ``ptqcal run`` of one model needs; ``validate`` checks it."""
+
+    model: str = _setting(DEFAULT_MODELS[0], "registry names (see 'ptqcal models') or .onnx classifiers; several "
+                          "are compared in one report (the default: plain and label-smoothed digits ResNets)",
+                          str, many=True, metavar="NAME|FILE.onnx")
+    weights: Path | None = _setting(None, "state dict (.pth) for a registry model ('random': untrained)", Path)
+    dataset: str | None = _setting(None, "digits, cifar100, cifar10, imagenet, folder, csv, npz, or FILE.npz "
+                                   "(default: the model's own dataset)", str)
+    data_dir: Path | None = _setting(None, "the dataset's folder or file ($PTQCAL_CIFAR100_DIR, "
+                                     "$PTQCAL_IMAGENET_DIR)", Path)
+    labels: Path | None = _setting(None, "labels file for a flat ImageNet val folder", Path)
+    calib_data: Path | None = _setting(None, "a separate calibration pool, of the same kind as --dataset "
+                                       "(default: the dataset's train split, or images held out of evaluation)", Path)
+    download: bool = _setting(False, "download CIFAR with torchvision (online only)")
+    strict: bool = _setting(False, "stop at an image that fails to decode (default: skip it, warn, and count it "
+                            "in the report)")
+    eval_size: int | None = _setting(None, "evaluate a seeded subset of N images", int, metavar="N")
+    weight_bits: tuple[int, ...] = _setting((8, 7, 6, 5, 4), "weight bit widths to sweep, 2..8 (per-channel "
+                                            "symmetric; 4 is native int4)", int, many=True, metavar="B")
+    act_bits: tuple[int, ...] = _setting((8,), "activation bit widths, 2..8 (per-tensor asymmetric); several "
+                                         "sweep activations too", int, many=True, metavar="B")
+    precisions: tuple[str, ...] = _setting((), "extra precisions: fp16 adds the float16 graph (float32 "
+                                           "inputs/outputs)", str, many=True, choices=PRECISIONS)
+    weight_scale: WeightScale = _setting(WeightScale.TORCH, "per-channel scale: PyTorch's max|w|/((qmax-qmin)/2) "
+                                         "or ORT's max|w|/qmax", WeightScale)
+    skip_first_layer: bool = _setting(False, "keep the first Conv/Gemm in float")
+    skip_last_layer: bool = _setting(False, "keep the last Conv/Gemm/MatMul in float")
+    exclude: tuple[str, ...] = _setting((), "ONNX node names to keep in float", str, many=True, metavar="NODE")
+    execution: Execution = _setting(Execution.DEPLOYED, "deployed: ORT fuses Q/DQ into integer kernels "
+                                    "(QLinearConv); simulated: float ops between Q/DQ. Both are compared on a "
+                                    "subset in the report", Execution)
+    calib_size: int = _setting(256, "calibration images, drawn with --seed from the calibration pool", int,
+                               metavar="N")
+    calib_method: CalibMethod = _setting(CalibMethod.MSE, "activation range: min/max, the L2 search of PyTorch's "
+                                         "HistogramObserver, a percentile, or KL entropy", CalibMethod)
+    calib_ranges: Path | None = _setting(None, "reuse the activation ranges a run saved "
+                                         "(calibration_ranges_a8.json) instead of calibrating", Path,
+                                         metavar="FILE.json")
+    batch_size: int = _setting(256, "evaluation batch size", int)
+    out: Path | None = _setting(None, "run folder (default: ptqcal_runs/<model>)", Path)
+    seed: int = _setting(0, "seed of the calibration draw", int)
+    repeats: int = _setting(1, "re-draw the calibration images K times (seeds S..S+K-1): mean ± std and bands",
+                            int, metavar="K")
+    cache_dir: Path = _setting(default_cache_dir, "where trained built-in models are cached ($PTQCAL_CACHE_DIR)",
+                               Path)
+    mean: tuple[float, ...] | None = _setting(None, "per-channel mean on [0,1] pixels, for an .onnx model", float,
+                                              many=True, metavar="M[,M,...]", comma=True)
+    std: tuple[float, ...] | None = _setting(None, "per-channel std on [0,1] pixels, for an .onnx model", float,
+                                             many=True, metavar="S[,S,...]", comma=True)
+    pixel_max: float | None = _setting(None, "raw pixel value that maps to 1.0, for an .onnx model", float)
+    resize: int | None = _setting(None, "short side before the centre crop, for an .onnx model (0: resize "
+                                  "straight to the input size)", int)
+    progress: bool = _setting(True, "hide progress bars", flag="--no-progress", in_file=False)
 
     @property
     def is_onnx_file(self) -> bool:
@@ -67,41 +108,85 @@ class RunConfig:
     def out_dir(self) -> Path:
         return self.out if self.out is not None else Path("ptqcal_runs") / self.model_name
 
+    @property
+    def fp16(self) -> bool:
+        return "fp16" in self.precisions
+
     def validate(self) -> "RunConfig":
-        for label, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
+        """Raise :class:`UserError` (naming the flag) for settings that cannot work together."""
+        for name, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
             if not bits:
-                raise UserError(f"give at least one {label} bit width")
+                raise UserError(f"{flag_of(name)}: give at least one bit width")
             if len(set(bits)) != len(bits):
-                raise UserError(f"repeated {label} bit width in {list(bits)}")
-        if self.execution not in EXECUTIONS:
-            raise UserError(f"unknown execution {self.execution!r}: choose {' or '.join(EXECUTIONS)}")
-        if self.calib_method not in CALIB_METHODS:
-            raise UserError(f"unknown calibration method {self.calib_method!r}: choose {', '.join(CALIB_METHODS)}")
-        if self.repeats < 1:
-            raise UserError(f"--repeats must be at least 1, got {self.repeats}")
-        if self.calib_size < 1 or self.batch_size < 1 or (self.eval_size is not None and self.eval_size < 1):
-            raise UserError("--calib-size, --eval-size and --batch-size must be positive")
+                raise UserError(f"{flag_of(name)}: repeated bit width in {list(bits)}")
+        for weight_bits in self.weight_bits:  # every configuration of the sweep must be one a stage can build
+            for act_bits in self.act_bits:
+                QuantSpec(weight_bits, act_bits, self.weight_scale).validate()
+        for name in ("repeats", "calib_size", "batch_size", "eval_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{flag_of(name)} must be at least 1, got {value}")
         if self.weights is not None and self.is_onnx_file:
             raise UserError("--weights is for registry models; an .onnx file carries its own weights")
+        if self.calib_ranges is not None and self.repeats > 1:
+            raise UserError("--calib-ranges reuses one calibration: drop --repeats")
         return self
 
-    @classmethod
-    def fields(cls) -> set[str]:
-        return set(cls.__dataclass_fields__)
-
     def to_dict(self) -> dict:
-        return {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(self).items()}
+        """The settings as JSON values (paths and enums as strings)."""
+        return {key: (str(value) if isinstance(value, Path) else value.value if isinstance(value, Enum) else value)
+                for key, value in asdict(self).items()}
 
 
-def config_keys() -> set[str]:
-    """Settings a config file may hold: the command line's, so ``precisions`` and not ``fp16``."""
-    return (RunConfig.fields() - {"fp16", "progress"}) | {"precisions"}
+def settings() -> list:
+    """The dataclass fields of :class:`RunConfig`, each with its metadata."""
+    return list(fields(RunConfig))
+
+
+def default_of(setting) -> Any:
+    return setting.default_factory() if setting.default is MISSING else setting.default
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of setting ``name`` (``calib_size`` -> ``--calib-size``)."""
+    setting = RunConfig.__dataclass_fields__[name]
+    return setting.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def parse_value(setting, value: Any, where: str) -> Any:
+    """One setting's value from the command line (strings) or a config file (TOML values), typed
+    as the field is; :class:`UserError` naming ``where`` when it does not parse."""
+    meta = setting.metadata
+    parse = meta.get("parse")
+    if parse is None:  # a switch
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if meta.get("many"):
+        items = value if isinstance(value, (list, tuple)) else \
+            (str(value).split(",") if meta.get("comma") else [value])
+        return tuple(_parse_one(parse, item, where, meta.get("choices")) for item in items)
+    return _parse_one(parse, value, where, meta.get("choices"))
+
+
+def _parse_one(parse, value: Any, where: str, choices) -> Any:
+    try:
+        if parse is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError(f"not an integer: {value!r}")
+        result = parse(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError) as exc:
+        options = [e.value for e in parse] if isinstance(parse, type) and issubclass(parse, Enum) else None
+        hint = f" (choose {', '.join(options)})" if options else ""
+        raise UserError(f"{where}: invalid value {value!r}{hint}") from exc
+    if choices and result not in choices:
+        raise UserError(f"{where}: invalid value {value!r} (choose {', '.join(choices)})")
+    return result
 
 
 def read_config_file(path: Path) -> dict:
     """Settings from a TOML file whose keys are ``ptqcal run``'s options (``weight-bits`` or
-    ``weight_bits``). ``$VARS`` in strings are expanded; a setting whose variable is not set is
-    left out, so the command line (or the error for a missing path) decides."""
+    ``weight_bits``), typed. ``$VARS`` in strings are expanded; a setting whose variable is not
+    set is left out, so the command line (or the error for a missing path) decides."""
     import tomllib
 
     path = Path(path)
@@ -112,16 +197,17 @@ def read_config_file(path: Path) -> dict:
         raise UserError(f"config file not found: {path} (shipped configs: {shipped})")
     try:
         raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid TOML: {exc}") from exc
+    known = {s.name: s for s in settings() if s.metadata.get("in_file", True)}
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in config_keys():
+        if name not in known:
             raise UserError(f"{path}: unknown setting {key!r}")
         if isinstance(value, str):
             value = os.path.expandvars(value)
             if "$" in value:  # an unset variable: leave the setting to the command line
                 continue
-        values[name] = value
+        values[name] = parse_value(known[name], value, f"{path}: {key}")
     return values

@@ -13,7 +13,7 @@ import os
 import pickle
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,6 @@ class Dataset:
     eval: Split
     calib_pool: Split | None = None  # None: calibration images are held out of ``eval``
     train: Split | None = None  # only for datasets a built-in model is trained on
-    notes: tuple[str, ...] = field(default=())
 
 
 @dataclass(frozen=True)

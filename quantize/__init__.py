@@ -1,10 +1,25 @@
-"""ONNX Runtime static QDQ quantization with a streaming histogram calibrator."""
+"""ONNX Runtime static QDQ quantization with a streaming histogram calibrator.
 
-from .calibrate import (ArrayDataReader, CalibrationRanges, TensorHistogram, calibration_tensors,
-                        collect_histograms, compute_ranges, load_histograms, save_histograms)
-from .qdq import QuantSpec, prepare, quantize_qdq
-from .ranges import RANGE_METHODS, mse_range
+What a configuration is (:mod:`.spec`) and how ranges are chosen (:mod:`.ranges`) import without
+onnxruntime; the calibrator and the quantizer import it on first use.
+"""
 
-__all__ = ["RANGE_METHODS", "ArrayDataReader", "CalibrationRanges", "QuantSpec", "TensorHistogram",
-           "calibration_tensors", "collect_histograms", "compute_ranges", "load_histograms", "mse_range",
-           "prepare", "quantize_qdq", "save_histograms"]
+from .ranges import RANGE_METHODS, CalibMethod, mse_range
+from .spec import BIT_WIDTHS, QuantizeError, QuantSpec, WeightScale
+
+_LAZY = {"ArrayDataReader": "calibrate", "CalibrationRanges": "calibrate", "TensorHistogram": "calibrate",
+         "calibration_tensors": "calibrate", "collect_histograms": "calibrate", "compute_ranges": "calibrate",
+         "load_histograms": "calibrate", "save_histograms": "calibrate", "prepare": "qdq",
+         "quantize_qdq": "qdq", "layers_to_exclude": "qdq", "weight_layer_names": "qdq"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BIT_WIDTHS", "RANGE_METHODS", "CalibMethod", "QuantSpec", "QuantizeError", "WeightScale", "mse_range",
+           *_LAZY]

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ptqcal.atomic import atomic_path
 
-from .ranges import RANGE_METHODS, range_from_histogram
+from .ranges import CalibMethod, range_from_histogram
+from .spec import QuantizeError
 
 DEFAULT_BINS = 2048
 UPSAMPLE_RATE = 16  # as HistogramObserver: sub-bins used when re-binning onto a wider range
@@ -170,16 +171,32 @@ class CalibrationRanges:
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationRanges":
-        payload = json.loads(Path(path).read_text())
-        ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in payload["ranges"].items()}
-        return cls(payload["method"], int(payload["bits"]), int(payload["num_images"]), ranges)
+        """Ranges saved by :meth:`save`; :class:`QuantizeError` for anything else."""
+        try:
+            payload = json.loads(Path(path).read_text())
+            ranges = {str(k): (float(lo), float(hi)) for k, (lo, hi) in payload["ranges"].items()}
+            return cls(str(payload["method"]), int(payload["bits"]), int(payload["num_images"]), ranges)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise QuantizeError(f"{path} is not a calibration ranges file ({type(exc).__name__})",
+                                setting="calib_ranges") from exc
+
+    def check_fits(self, model: onnx.ModelProto, act_bits: tuple[int, ...]) -> "CalibrationRanges":
+        """Raise :class:`QuantizeError` unless these ranges cover every calibration tensor of
+        ``model`` and were computed for the only activation bit width asked for."""
+        if tuple(act_bits) != (self.bits,):
+            raise QuantizeError(f"the saved ranges are {self.bits}-bit ranges: quantize activations to "
+                                f"{self.bits} bits only, with one calibration draw", setting="calib_ranges")
+        missing = sorted(set(calibration_tensors(model)) - set(self.ranges))
+        if missing:
+            raise QuantizeError(f"the saved ranges do not fit this model: no range for {', '.join(missing[:3])}"
+                                + (" …" if len(missing) > 3 else ""), setting="calib_ranges")
+        return self
 
 
 def compute_ranges(histograms: dict[str, TensorHistogram], method: str, bits: int = 8,
                    num_images: int = 0, percentile: float = 99.99) -> CalibrationRanges:
     """Turn collected histograms into ranges with one of :data:`RANGE_METHODS`."""
-    if method not in RANGE_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}: choose one of {', '.join(RANGE_METHODS)}")
+    method = CalibMethod(method).value  # ValueError for an unknown one
     ranges = {name: range_from_histogram(h.counts, h.lo, h.hi, method, bits, percentile)
               for name, h in histograms.items() if h.counts is not None}
     return CalibrationRanges(method, bits, num_images, ranges)

@@ -10,9 +10,7 @@ QuantizeLinear saturates only at the container's 0..255.
 
 from __future__ import annotations
 
-import logging
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_dtypes
@@ -24,52 +22,19 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ptqcal.atomic import atomic_path
-from ptqcal.errors import UserError
-
 from .calibrate import CalibrationRanges
+from .spec import QuantizeError, QuantSpec, WeightScale, weight_grid
 
-BIT_WIDTHS = range(2, 9)
 INT4_OPSET = 21
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
-# PyTorch's per_channel_symmetric: max|w| / ((qmax - qmin) / 2); ORT's symmetric: max|w| / qmax.
-WEIGHT_SCALE_CONVENTIONS = ("torch", "ort")
 
 
-@dataclass(frozen=True)
-class QuantSpec:
-    """One point of the sweep: per-channel symmetric weights, per-tensor asymmetric activations."""
-
-    weight_bits: int
-    act_bits: int = 8
-    weight_scale: str = "torch"
-    exclude: tuple[str, ...] = field(default=(), compare=False)  # node names left in float
-    quantize_outputs: bool = False  # also quantize the logits (ORT's default; off so they stay float)
-    quantize_bias: bool = True  # int32 biases (needed by the integer kernels); False keeps them float
-
-    @property
-    def name(self) -> str:
-        return f"a{self.act_bits}w{self.weight_bits}"
-
-    def validate(self) -> "QuantSpec":
-        for label, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
-            if bits not in BIT_WIDTHS:
-                raise UserError(f"{label} bit width {bits} is not supported: choose 2 to 8")
-        if self.weight_scale not in WEIGHT_SCALE_CONVENTIONS:
-            raise UserError(f"unknown weight scale convention {self.weight_scale!r}: choose torch or ort")
-        return self
-
-
-def weight_grid(bits: int) -> tuple[int, int]:
-    """The signed b-bit integer range [-2^(b-1), 2^(b-1) - 1]."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-
-def weight_scales(weight: np.ndarray, axis: int, bits: int, convention: str = "torch") -> np.ndarray:
+def weight_scales(weight: np.ndarray, axis: int, bits: int, convention: str = WeightScale.TORCH) -> np.ndarray:
     """Per-channel symmetric scales of a b-bit quantizer along ``axis``."""
     qmin, qmax = weight_grid(bits)
     reduce = tuple(i for i in range(weight.ndim) if i != axis)
     absmax = np.max(np.abs(weight), axis=reduce).astype(np.float32)
-    divisor = (qmax - qmin) / 2 if convention == "torch" else qmax
+    divisor = (qmax - qmin) / 2 if WeightScale(convention) is WeightScale.TORCH else qmax
     scale = absmax / np.float32(divisor)  # in float32 like PyTorch's observers, so ties round alike
     return np.where(scale > 0, scale, np.float32(1.0))  # an all-zero channel keeps scale 1
 
@@ -125,9 +90,23 @@ def weight_axes(model: onnx.ModelProto) -> dict[str, int]:
     return {node.input[1]: axis(node) for node in weighted_nodes(model)}
 
 
-def weight_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes with constant weights, in graph order."""
+def weight_layer_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes with constant weights, in graph order."""
     return [node.name for node in weighted_nodes(model)]
+
+
+def layers_to_exclude(model: onnx.ModelProto, names: tuple[str, ...] = (), first: bool = False,
+                      last: bool = False) -> tuple[str, ...]:
+    """Node names to keep in float: ``names``, plus the first and/or last weight layer.
+
+    Raises :class:`QuantizeError` for a name that is no node of ``model``.
+    """
+    unknown = sorted(set(names) - {node.name for node in model.graph.node})
+    if unknown:
+        raise QuantizeError(f"no node of the model is named {', '.join(unknown)}", setting="exclude")
+    layers = weight_layer_names(model)
+    chosen = list(names) + ([layers[0]] if first and layers else []) + ([layers[-1]] if last and layers else [])
+    return tuple(dict.fromkeys(chosen))
 
 
 def _overrides(model: onnx.ModelProto, ranges: CalibrationRanges, spec: QuantSpec) -> dict:
@@ -158,7 +137,9 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
     out_path = Path(out_path)
     data = {name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
             for name, (lo, hi) in ranges.ranges.items()}
-    with tempfile.TemporaryDirectory(prefix="ptqcal-quant-") as tmp:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # ORT's intermediate files live beside the target (inside the run's cache), never in $TMPDIR
+    with tempfile.TemporaryDirectory(prefix=".ptqcal-quant-", dir=out_path.parent) as tmp:
         model = onnx.load(str(prepared_path))
         if spec.weight_bits == 4 and _opset(model) < INT4_OPSET:
             # Below opset 21 ORT writes int4 as com.microsoft contrib Q/DQ ops; the standard INT4
@@ -166,33 +147,25 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
             model = version_converter.convert_version(model, INT4_OPSET)
             prepared_path = Path(tmp) / "prepared_opset21.onnx"
             onnx.save(model, str(prepared_path))
-        unknown = sorted(set(spec.exclude) - {n.name for n in model.graph.node})
-        if unknown:
-            raise UserError(f"--exclude names no node of the model: {', '.join(unknown)}")
+        layers_to_exclude(model, spec.exclude)  # every name must be a node
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
         partial = Path(tmp) / "model.onnx"
-        logger = logging.getLogger()
-        level = logger.level
-        logger.setLevel(logging.ERROR)  # ORT logs a pre-processing hint at WARNING on every call
-        try:
-            quantize_static(
-                str(prepared_path), str(partial), calibration_data_reader=None,
-                calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,
-                quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
-                weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
-                activation_type=QuantType.QUInt8,
-                # Every weight gets explicit symmetric scales (zero point 0) in the overrides. ORT's
-                # "symmetric" would also narrow the clip to [-(2^(b-1)-1), 2^(b-1)-1], dropping the
-                # code -2^(b-1) that PyTorch's quantizer uses: so WeightSymmetric is off.
-                extra_options={"WeightSymmetric": False, "ActivationSymmetric": False,
-                               "TensorQuantOverrides": _overrides(model, ranges, spec),
-                               # keep our b-bit weight scales even where the int32 bias scale is tiny
-                               "QDQDisableWeightAdjustForInt32Bias": True,
-                               "QuantizeBias": spec.quantize_bias},
+        quantize_static(
+            str(prepared_path), str(partial), calibration_data_reader=None,
+            calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,
+            quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
+            weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            # Every weight gets explicit symmetric scales (zero point 0) in the overrides. ORT's
+            # "symmetric" would also narrow the clip to [-(2^(b-1)-1), 2^(b-1)-1], dropping the
+            # code -2^(b-1) that PyTorch's quantizer uses: so WeightSymmetric is off.
+            extra_options={"WeightSymmetric": False, "ActivationSymmetric": False,
+                           "TensorQuantOverrides": _overrides(model, ranges, spec),
+                           # keep our b-bit weight scales even where the int32 bias scale is tiny
+                           "QDQDisableWeightAdjustForInt32Bias": True,
+                           "QuantizeBias": spec.quantize_bias},
             )
-        finally:
-            logger.setLevel(level)
         quantized = onnx.load(str(partial))
         if not spec.quantize_outputs:
             keep_outputs_float(quantized)

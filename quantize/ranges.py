@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import numpy as np
 
-RANGE_METHODS = ("minmax", "mse", "percentile", "entropy")
+
+class CalibMethod(StrEnum):
+    """How an activation's clipping range is chosen from its histogram."""
+
+    MINMAX = "minmax"  # the observed min and max
+    MSE = "mse"  # the L2 search of PyTorch's HistogramObserver
+    PERCENTILE = "percentile"  # the 0.01% tails cut
+    ENTROPY = "entropy"  # TensorRT's KL-divergence search
+
+
+RANGE_METHODS = tuple(method.value for method in CalibMethod)
 
 
 def range_from_histogram(counts: np.ndarray, lo: float, hi: float, method: str, bits: int = 8,

@@ -8,7 +8,7 @@ from PIL import Image
 
 from ptqcal.data import (Dataset, Split, decode_images, load_cifar, load_csv, load_dataset, load_folder,
                          load_image, select)
-from ptqcal.errors import UserError
+from ptqcal.errors import InputError
 
 from conftest import SHARED
 
@@ -45,7 +45,7 @@ def test_selection_is_reproducible_and_disjoint():
     pooled = Dataset("d", eval=split, calib_pool=Split(np.arange(100, 150).reshape(50, 1, 1), np.zeros(50, int)))
     chosen = select(pooled, 20, seed=0, eval_size=40)
     assert len(chosen.eval) == 40 and chosen.calib.images.min() >= 100 and not chosen.held_out_from_eval
-    with pytest.raises(UserError, match="larger than"):
+    with pytest.raises(InputError, match="larger than"):
         select(pooled, 51, seed=0)
 
 
@@ -63,7 +63,7 @@ def test_cifar_pickles(tmp_path):
     assert len(dataset.calib_pool) == 6 and len(dataset.eval) == 4
     np.testing.assert_array_equal(dataset.eval.images, expected)  # HWC pixels, as the pickles' CHW rows
     np.testing.assert_array_equal(dataset.eval.labels, [0, 1, 2, 3])
-    with pytest.raises(UserError, match="cifar-100-python"):
+    with pytest.raises(InputError, match="cifar-100-python"):
         load_cifar(tmp_path / "nowhere", 100)
 
 
@@ -78,9 +78,9 @@ def test_folder_and_csv(tmp_path):
     listed = load_csv(tmp_path / "list.csv")
     assert list(listed.labels) == [3, 7] and listed.images[1].name == "img1.png"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no images"):
+    with pytest.raises(InputError, match="no images"):
         load_folder(tmp_path / "empty")
-    with pytest.raises(UserError, match="needs --data-dir"):
+    with pytest.raises(InputError, match="needs --data-dir"):
         load_dataset("folder")
 
 
@@ -92,7 +92,7 @@ def test_undecodable_images_are_skipped_or_fatal_with_strict(tmp_path):
     with pytest.warns(UserWarning, match="broken.jpg"):
         decoded, failed = decode_images(split, (3, 32, 32))
     assert failed == [broken] and decoded.images.shape == (2, 32, 32, 3) and list(decoded.labels) == [0, 1]
-    with pytest.raises(UserError, match="broken.jpg"):
+    with pytest.raises(InputError, match="broken.jpg"):
         decode_images(split, (3, 32, 32), strict=True)
 
 
@@ -112,10 +112,10 @@ def test_imagenet_class_folders_with_train_and_flat_with_labels(tmp_path):
     (tmp_path / "labels.txt").write_text(f"{paths[0].name} 7\n{paths[1].name} 3\n")
     flat_dataset = load_imagenet(flat, tmp_path / "labels.txt")
     assert list(flat_dataset.eval.labels) == [7, 3] and flat_dataset.calib_pool is None
-    with pytest.raises(UserError, match="ImageNet folder not found"):
+    with pytest.raises(InputError, match="ImageNet folder not found"):
         load_imagenet(tmp_path / "missing")
     (tmp_path / "bad.txt").write_text(f"{paths[0].name} 7\n{paths[1].name}\n")
-    with pytest.raises(UserError, match=r"bad.txt:2: expected 'file_name label'"):
+    with pytest.raises(InputError, match=r"bad.txt:2: expected 'file_name label'"):
         load_imagenet(flat, tmp_path / "bad.txt")
-    with pytest.raises(UserError, match="labels file not found"):
+    with pytest.raises(InputError, match="labels file not found"):
         load_imagenet(flat, tmp_path / "nope.txt")

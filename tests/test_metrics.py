@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ptqcal.evaluate import (classification_metrics, expected_calibration_error, nll, quantization_change,
+from ptqcal.evaluate import (Metrics, classification_metrics, expected_calibration_error, nll, quantization_change,
                              reliability_curve, top_k_error)
 
 
@@ -58,10 +58,13 @@ def test_top_k_error():
 def test_classification_metrics_units():
     logits = logits_of([[0.8, 0.2], [0.4, 0.6]])
     metrics = classification_metrics(logits, np.array([0, 0]))
-    assert metrics["top1_error"] == pytest.approx(50.0)
-    assert metrics["mean_confidence"] == pytest.approx(70.0)
+    # fractions, not percent
+    assert metrics.top1_error == pytest.approx(0.5)
+    assert metrics.mean_confidence == pytest.approx(0.7)
     # bins: 0.8 correct (gap 0.2), 0.6 wrong (gap 0.6), weights 1/2 each
-    assert metrics["ece"] == pytest.approx(100 * (0.2 + 0.6) / 2)
+    assert metrics.ece == pytest.approx((0.2 + 0.6) / 2)
+    assert metrics.swapped is None  # no reference: nothing changed
+    assert Metrics.unit("ece") == "fraction" and Metrics.unit("nll") == "nats"
 
 
 def test_quantization_change_hand_worked():
@@ -70,8 +73,8 @@ def test_quantization_change_hand_worked():
     labels = np.array([0, 1, 0, 1])
     change = quantization_change(logits_of(float_probs), logits_of(quant_probs), labels)
     # swapped: rows 1 and 3; float wrong on row 2 only (25%), quantized wrong on rows 1, 2, 3 (75%)
-    assert change.swapped_pct == pytest.approx(50.0)
-    assert change.delta_top1_error_pp == pytest.approx(50.0)
+    assert change.swap_rate == pytest.approx(0.5)
+    assert change.delta_top1_error == pytest.approx(0.5)
     assert change.ratio == pytest.approx(1.0)
     np.testing.assert_allclose(change.swapped_confidences, [0.5, 0.6])
 
@@ -79,7 +82,7 @@ def test_quantization_change_hand_worked():
 def test_a_model_compared_with_itself_swaps_nothing():
     logits = np.random.default_rng(1).normal(size=(100, 10))
     change = quantization_change(logits, logits.copy(), np.zeros(100, dtype=int))
-    assert change.swapped_pct == 0 and change.delta_top1_error_pp == 0
+    assert change.swap_rate == 0 and change.delta_top1_error == 0
     assert math.isnan(change.ratio)
 
 
@@ -125,12 +128,12 @@ def test_streaming_accumulator_equals_the_pure_functions():
         accumulator.update(logits[start:start + 999], labels[start:start + 999])
     streamed = accumulator.compute()
     p = softmax(logits)
-    assert streamed["top1_error"] == pytest.approx(100 * top_k_error(logits, labels, 1))
-    assert streamed["top5_error"] == pytest.approx(100 * top_k_error(logits, labels, 5))
-    assert streamed["nll"] == pytest.approx(nll(logits, labels))
-    assert streamed["brier"] == pytest.approx(brier(p, labels))
-    assert streamed["ece"] == pytest.approx(100 * expected_calibration_error(p.max(1), p.argmax(1) == labels))
-    assert streamed["classwise_ece"] == pytest.approx(100 * classwise_ece(p, labels))
+    assert streamed.top1_error == pytest.approx(top_k_error(logits, labels, 1))
+    assert streamed.top5_error == pytest.approx(top_k_error(logits, labels, 5))
+    assert streamed.nll == pytest.approx(nll(logits, labels))
+    assert streamed.brier == pytest.approx(brier(p, labels))
+    assert streamed.ece == pytest.approx(expected_calibration_error(p.max(1), p.argmax(1) == labels))
+    assert streamed.classwise_ece == pytest.approx(classwise_ece(p, labels))
 
 
 def test_bootstrap_interval_covers_the_truth_and_is_seeded():
@@ -148,13 +151,13 @@ def test_transitions_add_up_to_the_swaps():
     change = quantization_change(float_logits, quant_logits, labels)
     transitions = change.transitions()
     assert sum(transitions.values()) == change.swapped.sum() > 0
-    assert 100 * (transitions["correct_to_wrong"] - transitions["wrong_to_correct"]) / 3000 == \
-        pytest.approx(change.delta_top1_error_pp)
+    assert (transitions["correct_to_wrong"] - transitions["wrong_to_correct"]) / 3000 == \
+        pytest.approx(change.delta_top1_error)
     by_confidence = changes_by_confidence(change)
     assert by_confidence["counts"].sum() == 3000
     weights = by_confidence["counts"] / 3000
-    assert np.nansum(by_confidence["swap_rate_pct"] * weights) == pytest.approx(change.swapped_pct)
-    assert np.nansum(by_confidence["delta_error_pp"] * weights) == pytest.approx(change.delta_top1_error_pp)
+    assert np.nansum(by_confidence["swap_rate"] * weights) == pytest.approx(change.swap_rate)
+    assert np.nansum(by_confidence["delta_error"] * weights) == pytest.approx(change.delta_top1_error)
     curve = swap_probability_by_margin(change)
     assert curve["counts"].sum() == 3000
     assert curve["swap_probability"][0] > curve["swap_probability"][-1]  # small margins flip more

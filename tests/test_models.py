@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ptqcal.cli import main
-from ptqcal.errors import UserError
+from ptqcal.errors import InputError
 from ptqcal.models import get_model_entry, list_models
 
 from conftest import SHARED, shared_file
@@ -22,7 +22,7 @@ def test_registry_lists_the_papers_models():
                  "efficientnet_lite0"):
         assert name in list_models()
     assert get_model_entry("resnet18").num_classes == 1000  # any torchvision classifier by name
-    with pytest.raises(UserError, match="unknown model"):
+    with pytest.raises(InputError, match="unknown model"):
         get_model_entry("resnet_9000")
 
 
@@ -48,7 +48,7 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
                                                     tmp_path).state_dict()
     state["extra.weight"] = state.pop("fc.weight")
     torch.save(state, bad)
-    with pytest.raises(UserError, match=r"missing: fc\.weight; unexpected: extra\.weight"):
+    with pytest.raises(InputError, match=r"missing: fc\.weight; unexpected: extra\.weight"):
         get_model_entry("cifar_resnet20").build(bad, None, tmp_path)
 
 
@@ -58,7 +58,7 @@ def test_weights_of_another_shape_are_named(tmp_path):
 
     path = tmp_path / "ten.pth"
     torch.save(CifarResNet(20, 10).state_dict(), path)
-    with pytest.raises(UserError, match=r"wrong shape: fc\.bias, fc\.weight"):
+    with pytest.raises(InputError, match=r"wrong shape: fc\.bias, fc\.weight"):
         load_state_dict_strict(CifarResNet(20, 100), path)
 
 

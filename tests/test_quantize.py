@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from ptqcal.evaluate import make_session, optimized_op_types, predict
 from ptqcal.quantize import (ArrayDataReader, CalibrationRanges, QuantSpec, collect_histograms, compute_ranges,
                              prepare, quantize_qdq)
-from ptqcal.errors import UserError
+from ptqcal.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,9 @@ def test_quantized_model_tracks_the_float_model(quantized, digits_onnx, digits_i
     bits, path = quantized
     eval_inputs = digits_inputs[1]
     float_pred = predict(make_session(digits_onnx), eval_inputs, progress=False).argmax(1)
-    quant_pred = predict(make_session(path), eval_inputs, progress=False).argmax(1)
+    # the simulated path: the quantizer's arithmetic, not this CPU's integer kernels (on AVX2 without
+    # VNNI ORT's uint8 x int8 kernels saturate; test_cpu_kernels covers that)
+    quant_pred = predict(make_session(path, fused=False), eval_inputs, progress=False).argmax(1)
     agreement = np.mean(float_pred == quant_pred)
     assert agreement > {8: 0.99, 7: 0.99, 6: 0.98, 5: 0.97, 4: 0.95, 3: 0.9, 2: 0.3}[bits]
 
@@ -145,7 +147,7 @@ def test_ort_scale_convention_is_max_over_qmax(prepared, ranges, tmp_path):
 
 def test_unsupported_bit_widths_are_rejected():
     for bits in (1, 9, 16):
-        with pytest.raises(UserError, match="bit width"):
+        with pytest.raises(InputError, match="bit width"):
             QuantSpec(bits).validate()
-        with pytest.raises(UserError, match="activation"):
+        with pytest.raises(InputError, match="activation"):
             QuantSpec(8, bits).validate()

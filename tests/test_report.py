@@ -66,25 +66,41 @@ def test_report_metrics_match_an_independent_computation(tmp_path):
     labels = arrays["labels"]
     a8w4 = next(c for c in run.configs if c.name == "a8w4")
     swapped = arrays["a8w4"].argmax(1) != arrays["float"].argmax(1)
-    assert a8w4.metrics["swapped_pct"] == pytest.approx(100 * swapped.mean())
-    delta = 100 * (np.mean(arrays["a8w4"].argmax(1) != labels) - np.mean(arrays["float"].argmax(1) != labels))
-    assert a8w4.metrics["delta_top1_error_pp"] == pytest.approx(delta)
-    lo, hi = a8w4.intervals["delta_top1_error_pp"]
+    assert a8w4.metrics.swapped == pytest.approx(swapped.mean())
+    delta = np.mean(arrays["a8w4"].argmax(1) != labels) - np.mean(arrays["float"].argmax(1) != labels)
+    assert a8w4.metrics.delta_top1_error == pytest.approx(delta)
+    lo, hi = a8w4.intervals["delta_top1_error"]
     assert lo <= delta <= hi
-    assert run.temperature is not None and run.temperature > 0
-    # temperature changes no prediction
-    assert a8w4.metrics["top1_error"] == pytest.approx(100 * np.mean(arrays["a8w4"].argmax(1) != labels))
+    # the temperature is the one that minimises the calibration images' NLL: no nearby one does better
+    T = run.temperature
+    calib_logits, calib_labels = arrays["calib_float"].astype(np.float64), arrays["calib_labels"]
+
+    def calib_nll(t):
+        z = calib_logits / t
+        z = z - z.max(1, keepdims=True)
+        return np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), calib_labels])
+
+    assert calib_nll(T) <= min(calib_nll(0.95 * T), calib_nll(1.05 * T))
+    # the ECE after temperature is that of softmax(logits / T), binned here by hand in 15 bins
+    p = np.exp(arrays["a8w4"] / T - (arrays["a8w4"] / T).max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    confidence, correct = p.max(1), p.argmax(1) == labels
+    bins = np.minimum((confidence * 15).astype(int) - (confidence * 15 == (confidence * 15).astype(int)), 14)
+    ece = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * np.mean(bins == b)
+              for b in range(15) if np.any(bins == b))
+    assert a8w4.metrics.ece_temperature == pytest.approx(ece)
 
 
 def test_repeats_give_mean_and_spread(tmp_path):
     folder = _fake_run(tmp_path / "rep", 3, repeats=3)
     run = analyse_run(folder)
     a8w4 = next(c for c in run.configs if c.name == "a8w4")
-    assert len(a8w4.repeats) == 3
+    assert len(a8w4.draws) == 3
     arrays = np.load(folder / "logits.npz")
-    swaps = [100 * np.mean(arrays[k].argmax(1) != arrays["float"].argmax(1)) for k in ("a8w4", "a8w4#r1", "a8w4#r2")]
-    assert a8w4.metrics["swapped_pct"] == pytest.approx(np.mean(swaps))
-    assert a8w4.spread["swapped_pct"] == pytest.approx(np.std(swaps))
+    swaps = [np.mean(arrays[k].argmax(1) != arrays["float"].argmax(1)) for k in ("a8w4", "a8w4#r1", "a8w4#r2")]
+    assert a8w4.metrics.swapped == pytest.approx(np.mean(swaps))
+    assert a8w4.spread.swapped == pytest.approx(np.std(swaps))
+    assert [d.swapped for d in a8w4.draws] == pytest.approx(swaps)
     report = build_report([folder], tmp_path / "out")
     assert " ± " in report.read_text()
 

@@ -42,7 +42,7 @@ def test_quantize_evaluate_analysis_run_on_onnx_with_torch_blocked(tmp_path):
                               f.argmax(1), f)
         a.save_figure(a.plot_swap_panels([a.SwapPanel.from_results("tiny", [r])]), work / "f.png")
         assert "torch" not in sys.modules
-        print("ok", r.change.swapped_pct)
+        print("ok", r.change.swap_rate)
     """)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.startswith("ok")

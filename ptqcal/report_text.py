@@ -1,0 +1,77 @@
+"""The sentences a run record carries into its report: the header lines and the notes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .config import RunConfig
+from .evaluate import PathAgreement
+from .models import PreprocessCfg
+
+# Deployed and simulated paths of one model should agree on nearly every prediction; below this
+# the report explains where the difference comes from.
+PATH_AGREEMENT_FLOOR = 0.98
+
+
+def run_summary(cfg: RunConfig, model, dataset_name: str, images) -> dict[str, str | int]:
+    """What the report's header says about a run."""
+    draws = f", {cfg.repeats} draws" if cfg.repeats > 1 else ""
+    source = "held out of the evaluation split" if images.held_out_from_eval \
+        else "from the calibration pool, disjoint from evaluation"
+    n_eval, n_failed = len(images.eval), len(images.failed)
+    return {
+        "model": model.name, "dataset": dataset_name,
+        "calibration images": f"{len(images.calib)} (seed {cfg.seed}{draws}, {source})",
+        "evaluation images": n_eval if not n_failed else f"{n_eval} ({n_failed} undecodable skipped)",
+        "preprocessing": describe_preprocess(model.preprocess),
+        "calibration": f"ranges from {cfg.calib_ranges}" if cfg.calib_ranges
+        else f"{cfg.calib_method} histogram ranges",
+        "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
+        "activations": "per-tensor asymmetric (uint8 container)",
+        "execution": cfg.execution,
+    }
+
+
+def describe_preprocess(p: PreprocessCfg) -> str:
+    resize = f"resize {p.resize} + centre crop {p.input_size[1]}x{p.input_size[2]}" if p.resize else \
+        f"{p.input_size[1]}x{p.input_size[2]}"
+    return f"{resize}, (x/{p.pixel_max:g} - {[round(m, 4) for m in p.mean]}) / {[round(s, 4) for s in p.std]}"
+
+
+def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgreement],
+              failed: Sequence[Path]) -> list[str]:
+    """Notes on how the run was evaluated and what it could not do."""
+    notes = []
+    if failed:
+        notes.append(f"{len(failed)} images failed to decode and were skipped: "
+                     + ", ".join(str(p) for p in failed[:5]) + (" …" if len(failed) > 5 else ""))
+    if checks:
+        notes.append(f"Evaluated with the {cfg.execution} path. Deployed (ORT's fused integer kernels) vs simulated "
+                     f"(float ops between Q/DQ) on the first {checks[0].images} evaluation images: "
+                     + "; ".join(f"{c.config}: max |Δlogit| {c.max_abs_logit_diff:.2e}, top-1 agreement "
+                                 f"{100 * c.top1_agreement:.1f}%" for c in checks) + ".")
+    notes += _kernel_notes(checks)
+    if any(bits == 4 for bits in cfg.weight_bits):
+        notes.append("int4 weights (QInt4, opset 21) have no integer Conv kernel on CPU: ORT dequantizes them "
+                     "and runs those Convs in float, so a*w4 is simulated even on the deployed path.")
+    if any(bits < 8 for bits in cfg.act_bits):
+        notes.append("Activations below 8 bits are clipped to their b-bit range before QuantizeLinear; the Clip "
+                     "keeps ORT from fusing QLinearConv, so those configurations run the simulated path.")
+    if exclude:
+        notes.append(f"Kept in float: {', '.join(exclude)}.")
+    return notes
+
+
+def _kernel_notes(checks: Sequence[PathAgreement]) -> list[str]:
+    """Why the deployed path parts from the simulated one, when it does at full 8-bit weights."""
+    from .evaluate.cpu import has_vnni
+
+    parted = [c.config for c in checks if c.top1_agreement < PATH_AGREEMENT_FLOOR and c.config.endswith("w8")]
+    if not parted or has_vnni() is not False:
+        return []
+    return [f"On this CPU the deployed {', '.join(parted)} parts from the simulated one: it has AVX2 but no VNNI, "
+            "so ORT's uint8 x int8 kernels multiply with VPMADDUBSW, whose pairwise int16 sums saturate when "
+            "8-bit weights meet large activations. CPUs with VNNI (AVX512-VNNI, AVX-VNNI) sum in int32 and do not "
+            "saturate; 7-bit weights (a8w7) never do. The simulated path is what such a "
+            "CPU computes."]

@@ -1,0 +1,227 @@
+"""The named steps of a run, each composing stages and cached under the key of its inputs.
+
+``ptqcal run`` (:mod:`ptqcal.pipeline`), ``compare-torch`` and later features call these steps
+instead of repeating them. Every step takes typed inputs and a :class:`~ptqcal.cache.Cache` and
+returns a typed result; a step whose inputs did not change costs one file lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .cache import Cache, array_digest, file_digest, make_key
+from .config import RunConfig
+from .data import Dataset, Split, decode_images, load_dataset, select
+from .errors import UserError
+from .models import PreprocessCfg, PreprocessOverrides, get_model_entry, inspect_onnx, onnx_preprocess, without_softmax
+
+CALIB_BATCH = 32  # images per calibration batch: every activation of a batch is in memory at once
+EXPORT_CHECK_IMAGES = 16  # evaluation images the exported graph is checked on against PyTorch
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The float ONNX model a run evaluates as its reference, with how to feed it."""
+
+    name: str
+    float_path: Path
+    preprocess: PreprocessCfg
+    num_classes: int
+    input_name: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Images:
+    """One calibration draw and the evaluation images, decoded to the model's input size (uint8
+    or float pixels, not yet normalised)."""
+
+    calib: Split
+    eval: Split
+    failed: tuple[Path, ...]  # undecodable files that were skipped
+    held_out_from_eval: bool  # calibration images came out of the evaluation split
+
+
+def versions() -> dict[str, str]:
+    """The tool versions that decide a cached result (part of every key)."""
+    import onnx
+    import onnxruntime
+
+    return {"ptqcal": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
+
+
+def load_run_dataset(cfg: RunConfig) -> Dataset:
+    """The dataset a run evaluates, with ``calib_data`` as its calibration pool when given."""
+    kind = cfg.dataset or ("digits" if cfg.is_onnx_file else get_model_entry(cfg.model).default_dataset)
+    dataset = load_dataset(kind, cfg.data_dir, cfg.labels, cfg.download)
+    if cfg.calib_data is None:
+        return dataset
+    pool = load_dataset(kind, cfg.calib_data, cfg.labels)
+    return replace(dataset, calib_pool=pool.calib_pool if pool.calib_pool is not None else pool.eval)
+
+
+def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedModel:
+    """A user's ``.onnx`` file as it is (without a final Softmax), or a registry model exported
+    with BatchNorm folded and checked against PyTorch (cached under the digest of its weights)."""
+    if not cfg.is_onnx_file:
+        return _export_registry_model(cfg, dataset, cache)
+    info = inspect_onnx(cfg.model)
+    path, notes = info.path, ()
+    if info.ends_in_softmax:
+        path = cache.file("logits-graph", make_key(file_digest(info.path), versions()), "onnx",
+                          lambda tmp: without_softmax(info.path, tmp))
+        notes = ("The model ends in Softmax; its last Softmax was removed so that every configuration is "
+                 "evaluated (and quantized) on its logits.",)
+    given = PreprocessOverrides(cfg.mean, cfg.std, cfg.pixel_max, cfg.resize)
+    preprocess = onnx_preprocess(info, dataset.name, dataset.eval.is_files, given)
+    return PreparedModel(cfg.model_name, path, preprocess, info.num_classes, info.input_name, notes)
+
+
+def _export_registry_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedModel:
+    entry = get_model_entry(cfg.model)
+    train = None if dataset.train is None else make_key(array_digest(dataset.train.images),
+                                                        array_digest(dataset.train.labels))
+    key = make_key("export", entry.name, entry.weights_recipe(cfg.weights, train), versions(),
+                   _package_version("torch"))
+
+    def export(folder: Path) -> None:  # the model and its check are one entry: a kill keeps both or neither
+        try:
+            from .export import export_onnx
+        except ImportError as exc:
+            raise UserError(f"model {cfg.model!r} is a PyTorch model: pip install 'ptqcal[torch]', "
+                            "or pass an .onnx file") from exc
+        module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
+        sample, _ = decode_images(dataset.eval.take(np.arange(min(EXPORT_CHECK_IMAGES, len(dataset.eval)))),
+                                  entry.preprocess.input_size, entry.preprocess.resize, entry.preprocess.interpolation)
+        result = export_onnx(module, normalise(entry.preprocess, sample.images), folder / "model.onnx")
+        (folder / "check.json").write_text(f'{{"max_abs_diff": {result.max_abs_diff!r}, '
+                                           f'"num_checked": {result.num_checked}}}')
+
+    folder = cache.folder("float", key, export)
+    check = _read_json(folder / "check.json")
+    note = (f"Exported to ONNX with BatchNorm folded; max |logit difference| vs PyTorch on {check['num_checked']} "
+            f"evaluation images: {check['max_abs_diff']:.2e}.")
+    from .export import INPUT_NAME
+
+    return PreparedModel(entry.name, folder / "model.onnx", entry.preprocess, entry.num_classes, INPUT_NAME, (note,))
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_labels(dataset: Dataset, num_classes: int) -> None:
+    """Every label of the evaluation and calibration images must be one of the model's classes."""
+    for split in (dataset.calib_pool, dataset.eval):
+        if split is not None and len(split) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
+            raise UserError(f"dataset {dataset.name!r} has labels outside the model's {num_classes} classes "
+                            f"(found {split.labels.min()}..{split.labels.max()})")
+
+
+def normalise(preprocess: PreprocessCfg, images: np.ndarray) -> np.ndarray:
+    """Pixels to model input; a size that does not fit the model is the user's mistake."""
+    try:
+        return preprocess(images)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cache: Cache | None,
+                repeat: int = 0) -> Images:
+    """Calibration draw ``repeat`` (seed + repeat) and the evaluation images, decoded (image files
+    are decoded once and cached: decoding is the slow part of an ImageNet-sized run)."""
+    selection = select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size, repeat, cfg.repeats)
+    calib, failed_calib = _decode_split(selection.calib, preprocess, cfg.strict, cache, "calib-pixels")
+    evaluation, failed_eval = _decode_split(selection.eval, preprocess, cfg.strict, cache, "eval-pixels")
+    return Images(calib, evaluation, tuple(failed_calib + failed_eval), selection.held_out_from_eval)
+
+
+def _decode_split(split: Split, preprocess: PreprocessCfg, strict: bool, cache: Cache | None,
+                  kind: str) -> tuple[Split, list]:
+    args = (preprocess.input_size, preprocess.resize, preprocess.interpolation, strict)
+    if cache is None or not split.is_files:
+        return decode_images(split, *args)
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p), -1, -1)
+             for p in split.images]
+    key = make_key("files", files, array_digest(split.labels), asdict(preprocess))
+
+    def write(tmp: Path) -> None:
+        decoded, failed = decode_images(split, *args)
+        with open(tmp, "wb") as handle:
+            np.savez(handle, images=decoded.images, labels=decoded.labels,
+                     failed=np.array([str(p) for p in failed], dtype=str))
+
+    with np.load(cache.file(kind, key, "npz", write)) as stored:
+        failed = [Path(p) for p in stored["failed"]]
+        if failed and strict:  # cached by a lenient run
+            raise UserError(f"cannot decode {failed[0]}")
+        return Split(stored["images"], stored["labels"]), failed
+
+
+def model_logits(cache: Cache, path: Path, images: np.ndarray, preprocess: PreprocessCfg | None, cfg: RunConfig,
+                 desc: str, fused: bool = True, kind: str = "logits") -> np.ndarray:
+    """The logits of the model at ``path`` on ``images`` (normalised batch by batch with
+    ``preprocess``), on ORT's fused integer kernels or (``fused=False``) the simulated path."""
+    from .evaluate import make_session, predict
+
+    key = make_key(file_digest(path), array_digest(images), asdict(preprocess) if preprocess else None, fused,
+                   cfg.batch_size, versions())
+    return cache.array(kind, key, lambda: predict(make_session(path, fused=fused), images, cfg.batch_size, desc,
+                                                  cfg.progress, preprocess))
+
+
+def prepare_for_quantization(cache: Cache, float_path: Path) -> Path:
+    """ORT's ``quant_pre_process`` of the float model (shape inference, graph optimisation)."""
+    from .quantize import prepare
+
+    return cache.file("prepared", make_key(file_digest(float_path), versions()), "onnx",
+                      lambda tmp: prepare(float_path, tmp))
+
+
+def calibrate(cache: Cache, prepared: Path, input_name: str, inputs: np.ndarray, progress: bool) -> dict:
+    """Histograms of every activation of ``prepared`` over normalised ``inputs``, in one pass;
+    every range method and activation bit width is computed from them."""
+    from .quantize import ArrayDataReader, collect_histograms, load_histograms, save_histograms
+    from .quantize.calibrate import DEFAULT_BINS
+
+    key = make_key(file_digest(prepared), array_digest(inputs), DEFAULT_BINS, versions())
+
+    def collect(tmp: Path) -> None:
+        reader = ArrayDataReader(input_name, inputs, CALIB_BATCH)
+        save_histograms(collect_histograms(prepared, reader, DEFAULT_BINS, progress), tmp)
+
+    return load_histograms(cache.file("histograms", key, "npz", collect))
+
+
+def quantize_config(cache: Cache, prepared: Path, ranges, spec) -> Path:
+    """The QDQ model of ``spec`` (a :class:`~ptqcal.quantize.QuantSpec`) with ``ranges``."""
+    from .quantize import quantize_qdq
+
+    key = make_key(file_digest(prepared), ranges.ranges, asdict(spec), versions())
+    return cache.file("quantized", key, "onnx", lambda tmp: quantize_qdq(prepared, tmp, ranges, spec))
+
+
+def check_deployment(cache: Cache, path: Path, name: str, images: np.ndarray, preprocess: PreprocessCfg,
+                     cfg: RunConfig):
+    """How far the deployed (fused integer kernels) and simulated paths of one quantized model
+    agree on ``images`` (a :class:`~ptqcal.evaluate.PathAgreement`)."""
+    from .evaluate import compare_paths
+
+    deployed, simulated = (model_logits(cache, path, images, preprocess, cfg, "check", fused, "check-logits")
+                           for fused in (True, False))
+    return compare_paths(name, deployed, simulated)

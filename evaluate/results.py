@@ -53,10 +53,6 @@ class ConfigResult:
     spread: Metrics | None = None
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    @property
-    def is_quantized(self) -> bool:
-        return self.change is not None
-
     def with_draws(self, others: list["ConfigResult"]) -> "ConfigResult":
         """This (the first draw) with more calibration draws of the same configuration: metrics
         become the mean over all draws, ``spread`` their standard deviation."""

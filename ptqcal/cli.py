@@ -131,6 +131,18 @@ def _compare_torch(cfg: RunConfig, models: list[str]) -> int:
     return 0
 
 
+def _report(folders: list[Path], out: Path | None) -> Path:
+    """Rebuild the report of saved runs (a comparison folder stands for the runs it combines)."""
+    from .runfolder import COMPARISON, REPORT, comparison_parts, marker_kind, write_report, writing
+
+    runs = [part for folder in folders
+            for part in (comparison_parts(folder) if marker_kind(folder) == COMPARISON else [folder])]
+    if out is None:
+        out = folders[0] if len(folders) == 1 and marker_kind(folders[0]) else Path("ptqcal_report")
+    with writing(out, marker_kind(out) or REPORT):
+        return write_report(runs, out)
+
+
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "models":
         from .models import get_model_entry, list_models
@@ -139,10 +151,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{name:18s} {get_model_entry(name).description}")
         return 0
     if args.command == "report":
-        from .analysis import build_report
-
-        target = args.out or (args.runs[0] if len(args.runs) == 1 else Path("ptqcal_report"))
-        print(f"report: {build_report(args.runs, target)}")
+        print(f"report: {_report(args.runs, args.out)}")
         return 0
     if args.command not in ("run", "compare-torch"):
         parser.print_help()

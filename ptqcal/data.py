@@ -192,14 +192,39 @@ def _cifar_folder(root: Path, classes: int) -> Path:
                     "(or --download when online)")
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the official CIFAR files hold: dicts, lists, strings, bytes, ints and
+    uint8 numpy arrays. Any other global a pickle names (the way a crafted file runs code) is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR file holds")
+        if module == "numpy.core.multiarray":  # what numpy 1 wrote; numpy 2 keeps it in numpy._core
+            module = "numpy._core.multiarray"
+        return super().find_class(module, name)
+
+
 def _read_cifar_pickles(files: list[Path], label_key: str) -> Split:
     images, labels = [], []
     for file in files:
-        with open(file, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.extend(batch[label_key.encode()])
-    return Split(np.concatenate(images), np.asarray(labels, dtype=np.int64))
+        try:
+            with open(file, "rb") as handle:
+                batch = _CifarUnpickler(handle, encoding="bytes").load()
+            data = batch[b"data"]
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                raise ValueError("its 'data' is not an (N, 3072) uint8 array")
+            batch_labels = np.asarray(batch[label_key.encode()])
+            if batch_labels.dtype.kind not in "iu" or batch_labels.shape != (len(data),):
+                raise ValueError(f"its {label_key!r} are not {len(data)} integers")
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, IndexError,
+                AttributeError) as exc:
+            raise UserError(f"{file} is not a CIFAR python file: {exc}") from None
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(batch_labels)
+    return Split(np.concatenate(images), np.concatenate(labels).astype(np.int64))
 
 
 def load_cifar(root: Path | None, classes: int = 100, download: bool = False) -> Dataset:

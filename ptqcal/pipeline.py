@@ -8,9 +8,7 @@ computes only itself, and a killed run resumes.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,10 +18,11 @@ import numpy as np
 from . import steps
 from .cache import Cache, link_or_copy
 from .config import RunConfig
-from .errors import InputError, UserError
+from .errors import UserError
 from .evaluate import FLOAT_NAME, REPEAT_MARK, PathAgreement, RunRecord
 from .quantize import QuantSpec
 from .report_text import run_notes, run_summary
+from .runfolder import COMPARISON, RUN, check_target, new_work_dir, report_once, swap_in, write_marker, writing
 
 FP16_NAME = "fp16"
 SIMULATION_CHECK_IMAGES = 256
@@ -131,88 +130,35 @@ def run(cfg: RunConfig) -> Path:
     """
     cfg.validate()
     out = cfg.out_dir
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "run.json").exists()
-                                              and not (out / "cache").is_dir())):
-        raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
-    dataset = steps.load_run_dataset(cfg)
-    cache = Cache(out / "cache")
-    created: list[Path] = [] if out.exists() else [out]
-    try:
-        work = measure(cfg, dataset, cache, lambda: created.append(_new_work_dir(out)) or created[-1])
-        report_once([work], work, previous=out)
-        _swap_in(work, out)
-    except InputError:
-        for folder in created:  # a mistake in the input leaves nothing behind, not even a cache
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    except BaseException:  # a crash or a kill keeps the cache entries already written: the next run resumes
-        for folder in created[1:] if created and created[0] == out else created:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
+    with writing(out, RUN):
+        dataset = steps.load_run_dataset(cfg)
+        cache = Cache(out / "cache")
+        works: list[Path] = []
+        try:
+            work = measure(cfg, dataset, cache, lambda: works.append(new_work_dir(out)) or works[-1])
+            write_marker(work, RUN)
+            report_once([work], work, previous=out)
+            swap_in(work, out)
+        finally:  # a crash or a kill keeps the cache entries already written: the next run resumes
+            for folder in works:
+                if folder.exists():
+                    shutil.rmtree(folder, ignore_errors=True)
     _log(f"cache: {cache.hits} reused, {cache.misses} computed")
     return out / "report.md"
-
-
-def _new_work_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    work.chmod(0o755)  # mkdtemp's 0700 would carry over to the finished run folder
-    return work
-
-
-def _swap_in(work: Path, out: Path) -> None:
-    """Replace ``out`` by ``work``, keeping ``out``'s cache: three renames."""
-    if (out / "cache").is_dir():
-        os.replace(out / "cache", work / "cache")
-    if out.exists():
-        trash = out.with_name(f".{out.name}.partial-old")
-        os.replace(out, trash)
-        os.replace(work, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(work, out)
 
 
 def run_models(cfg: RunConfig, models: list[str]) -> Path:
     """Several models, each in ``out/<model>``, and one report comparing them in ``out``."""
     if len(models) == 1:
         return run(replace(cfg, model=models[0]))
-    out = cfg.out if cfg.out is not None else Path("ptqcal_runs") / "_vs_".join(Path(m).stem for m in models)
-    if out.exists() and any(out.iterdir()) and not (out / "report.md").exists():
-        raise UserError(f"{out} exists and is not a ptqcal run folder; choose another --out")
-    folders = [run(replace(cfg, model=model, out=out / Path(model).stem)).parent for model in models]
-    return report_once(folders, out, previous=out)
-
-
-REPORT_FILES = ("report.md", "report.html", "metrics.csv", "metrics.json", "fig*.png", "fig*.svg")
-
-
-def report_once(folders: list[Path], target: Path, previous: Path) -> Path:
-    """Build the report of ``folders`` into ``target``, or reuse ``previous``'s when it was built
-    from the same logits and settings (drawing the figures is the slow part of a cached re-run)."""
-    from . import __version__
-    from .analysis import build_report
-    from .cache import array_digest, make_key
-
-    parts = []
-    for folder in folders:
-        record = RunRecord.load(folder)
-        parts.append([record.model, record.summary, record.notes, record.settings,
-                      {k: array_digest(v) for k, v in record.logits.items()}, array_digest(record.labels),
-                      array_digest(record.calib_float), array_digest(record.calib_labels)])
-    key = make_key(parts, __version__)
-    stamp = previous / "cache" / f"report-{key}.done"
-    if stamp.exists():
-        if previous.resolve() != target.resolve():
-            for pattern in REPORT_FILES:
-                for file in previous.glob(pattern):
-                    link_or_copy(file, target / file.name)
-        return target / "report.md"
-    report = build_report(folders, target)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    for old in stamp.parent.glob("report-*.done"):
-        old.unlink()
-    stamp.touch()
-    return report
+    stems = [Path(m).stem for m in models]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise UserError(f"several models are named {', '.join(twice)}: each model's run folder is its name; "
+                        "rename a copy or run them separately")
+    out = cfg.out if cfg.out is not None else Path("ptqcal_runs") / "_vs_".join(stems)
+    for stem in stems:
+        check_target(out / stem, (RUN,))
+    with writing(out, COMPARISON, stems):
+        folders = [run(replace(cfg, model=model, out=out / stem)).parent for model, stem in zip(models, stems)]
+        return report_once(folders, out, previous=out)

@@ -78,7 +78,7 @@ def test_user_errors_are_one_line_exit_2_and_leave_nothing(case, tmp_path, capsy
 def test_refuses_to_overwrite_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
     code, err = _run_cli(["run", "--out", str(tmp_path)], capsys)
-    assert code == 2 and "not a ptqcal run folder" in err[0]
+    assert code == 2 and "ptqcal did not make it" in err[0]
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 

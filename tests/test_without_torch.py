@@ -62,3 +62,18 @@ def test_cli_runs_a_user_onnx_model_with_torch_blocked(tmp_path):
     """)
     assert completed.returncode == 0, completed.stderr
     assert (out / "report.md").exists() and (out / "fig2_swaps.png").exists()
+
+
+def test_every_module_of_quantize_evaluate_and_analysis_imports_with_torch_blocked():
+    completed = _run("""
+        import importlib, pkgutil
+        import ptqcal.quantize, ptqcal.evaluate, ptqcal.analysis
+        names = [f"{package.__name__}.{info.name}" for package in (ptqcal.quantize, ptqcal.evaluate, ptqcal.analysis)
+                 for info in pkgutil.iter_modules(package.__path__)]
+        for name in names:
+            importlib.import_module(name)
+        assert "torch" not in sys.modules
+        print(len(names))
+    """)
+    assert completed.returncode == 0, completed.stderr
+    assert int(completed.stdout) >= 14  # every module was found and imported

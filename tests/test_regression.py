@@ -1,0 +1,65 @@
+"""Nothing moved: the default run and the authors' ResNet20 on the shared real images give the
+numbers ptqcal 0.2.0 gave (a check against the previous release's output, not a source of truth;
+the truths are tested elsewhere). 0.2.0 wrote percent; 0.3 writes fractions."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_file
+
+from ptqcal.evaluate.cpu import has_vnni
+from ptqcal.evaluate.metrics import FRACTION, Metrics
+
+HERE = Path(__file__).parent / "regression"
+RENAMED = {"swapped_pct": "swapped", "delta_top1_error_pp": "delta_top1_error",
+           "correct_to_wrong_pct": "correct_to_wrong", "wrong_to_correct_pct": "wrong_to_correct",
+           "wrong_to_other_wrong_pct": "wrong_to_other_wrong"}
+
+
+def _same_numbers(previous_file: Path, metrics_file: Path) -> int:
+    previous = json.loads(previous_file.read_text())
+    if has_vnni() != previous["vnni"]:  # ORT's integer kernels differ by CPU (see test_cpu_kernels.py)
+        pytest.skip("recorded on a CPU whose integer kernels differ from this one's")
+    runs = {run["model"]: {c["config"]: c for c in run["configs"]}
+            for run in json.loads(metrics_file.read_text())["runs"]}
+    compared = 0
+    for model, configs in previous["runs"].items():
+        assert list(runs[model]) == list(configs)
+        for config, values in configs.items():
+            for old_key, old in values.items():
+                key = RENAMED.get(old_key, old_key)
+                expected = old / 100 if Metrics.unit(key) == FRACTION else old
+                now = runs[model][config][key]
+                assert now is not None and math.isclose(now, expected, rel_tol=1e-9, abs_tol=1e-12), \
+                    f"{model} {config} {key}: {now} != {expected}"
+                compared += 1
+    return compared
+
+
+@pytest.mark.slow
+def test_the_default_run_gives_the_previous_releases_numbers(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from ptqcal.cli import main
+
+    assert main(["run", "--out", str(tmp_path / "run"), "--no-progress", "--cache-dir", str(tmp_path / "m")]) == 0
+    assert _same_numbers(HERE / "default_run.json", tmp_path / "run" / "metrics.json") > 200
+
+
+@pytest.mark.slow
+def test_the_authors_resnet20_gives_the_previous_releases_numbers(tmp_path):
+    from ptqcal.cli import main
+
+    test = np.load(shared_file("data/cifar100/test_head20.npz"))
+    train = np.load(shared_file("data/cifar100/train_subset.npz"))
+    weights = shared_file("models/cifar100_resnet20.pth")
+    data = tmp_path / "c120.npz"
+    np.savez(data, images=np.concatenate([test["images"], train["images"]]),
+             labels=np.concatenate([test["labels"], train["labels"]]),
+             calib_images=train["images"], calib_labels=train["labels"])
+    assert main(["run", "--model", "cifar_resnet20", "--weights", str(weights), "--dataset", str(data),
+                 "--calib-size", "100", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert _same_numbers(HERE / "resnet20_cifar120.json", tmp_path / "run" / "metrics.json") > 100

@@ -31,7 +31,7 @@ class ExportResult:
 
 
 def export_onnx(model: torch.nn.Module, check_inputs: np.ndarray, path: str | Path,
-                opset: int = DEFAULT_OPSET) -> ExportResult:
+                opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> ExportResult:
     """Export ``model`` in eval mode and verify the graph and its logits.
 
     BatchNorm is folded by :func:`fold_batchnorm`, then by the TorchScript exporter
@@ -49,7 +49,11 @@ def export_onnx(model: torch.nn.Module, check_inputs: np.ndarray, path: str | Pa
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True)
         expected = model(x).numpy()
-        check_graph(onnx.load(str(tmp)))
+        graph = onnx.load(str(tmp))
+        check_graph(graph)
+        if metadata:  # e.g. the preprocessing, so that the file alone says how to feed it
+            onnx.helper.set_model_props(graph, metadata)
+            onnx.save(graph, str(tmp))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         actual = session.run(None, {INPUT_NAME: x.numpy()})[0]
     return ExportResult(path, float(np.max(np.abs(actual - expected))), len(x))

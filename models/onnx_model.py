@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
 
-from .preprocess import DIGITS_PREPROCESS, IMAGENET_PREPROCESS, PreprocessCfg
+from .preprocess import METADATA_KEY, PRESETS, PreprocessCfg, PreprocessError, preset
 from .weights import ModelError
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class OnnxModelInfo:
     output_name: str
     num_classes: int
     ends_in_softmax: bool  # outputs are probabilities, not logits
+    preprocess_metadata: str | None = None  # what ptqcal stored at export (METADATA_KEY), if anything
 
     @property
     def chw(self) -> tuple[int, int, int] | None:
@@ -55,6 +58,13 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
     out_dims = _dims(output)
     if out_dims is not None and (len(out_dims) != 2 or out_dims[1] is None):
         raise ModelError(f"{path}: output {output.name!r} has shape {list(out_dims)}, expected (N, classes)")
+    for value, role in ((inputs[0], "input"), (output, "output")):
+        elem = value.type.tensor_type.elem_type
+        if elem not in FLOAT_TYPES:
+            kind = onnx.TensorProto.DataType.Name(elem) if elem else "untyped"
+            raise ModelError(f"{path}: its {role} {value.name!r} holds {kind} values; ptqcal needs a float image "
+                             f"input and float logits")
+    _check_external_data(model, path)
     in_dims = _dims(inputs[0]) or ()
     producer = next((n for n in model.graph.node if output.name in n.output), None)
     return OnnxModelInfo(
@@ -64,7 +74,23 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
         output_name=output.name,
         num_classes=out_dims[1] if out_dims else 0,
         ends_in_softmax=producer is not None and producer.op_type == "Softmax",
+        preprocess_metadata=next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None),
     )
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Weights stored beside the model must stay inside its folder (a model file never makes
+    ptqcal read a file elsewhere)."""
+    folder = path.parent.resolve()
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or not target.is_relative_to(folder):
+            raise ModelError(f"{path}: tensor {init.name!r} points at {location!r}, outside the model's folder")
+        if not target.is_file():
+            raise ModelError(f"{path}: tensor {init.name!r} is stored in {location!r}, which is missing")
 
 
 def without_softmax(path: str | Path, out_path: str | Path) -> Path:
@@ -87,7 +113,7 @@ def without_softmax(path: str | Path, out_path: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class PreprocessOverrides:
-    """Preprocessing given for a user's model; ``None`` keeps the default."""
+    """Preprocessing given for a user's model; ``None`` keeps what the preset or the model says."""
 
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -95,19 +121,29 @@ class PreprocessOverrides:
     resize: int | None = None  # short side before the centre crop (0: resize straight to the input size)
 
 
-def onnx_preprocess(info: OnnxModelInfo, dataset_kind: str, image_files: bool,
-                    given: PreprocessOverrides = PreprocessOverrides()) -> PreprocessCfg:
-    """A user's model's preprocessing: the graph's input size, and the normalisation ``given``,
-    else the usual one of the data (the digits model's for digits, ImageNet's for image files,
-    none for arrays)."""
+def onnx_preprocess(info: OnnxModelInfo, given: PreprocessOverrides = PreprocessOverrides(),
+                    preset_name: str | None = None) -> PreprocessCfg:
+    """A user's model's preprocessing, never guessed: from a named preset, else the preprocessing
+    ptqcal stored in the model's metadata when it exported it, else a mean and std given; the
+    values ``given`` override. Raises :class:`ModelError` when none of them says."""
     chw = info.chw
-    if dataset_kind == "digits":
-        base = DIGITS_PREPROCESS
-    elif image_files:
-        base = IMAGENET_PREPROCESS
-    else:
-        base = PreprocessCfg(input_size=chw or (3, 0, 0), mean=(0.0,), std=(1.0,))
-    size = chw or base.input_size
-    resize = given.resize if given.resize is not None else (base.resize if size == base.input_size else None)
-    return PreprocessCfg(size, given.mean or base.mean, given.std or base.std, given.pixel_max or base.pixel_max,
-                         resize or None, base.interpolation)
+    if chw is None:
+        raise ModelError(f"{info.path.name}: the graph does not fix its input's channels, height and width "
+                         f"(shape {list(info.input_shape)}); export it with a fixed input size", setting="model")
+    try:
+        if preset_name is not None:
+            base = preset(preset_name, chw)
+        elif info.preprocess_metadata is not None:
+            base = PreprocessCfg.from_metadata(info.preprocess_metadata, chw)
+        elif given.mean is not None and given.std is not None:
+            base = PreprocessCfg(chw, given.mean, given.std)
+        else:
+            raise PreprocessError(f"the preprocessing of {info.path.name} is not known (its metadata carries none): "
+                                  f"name a preset ({', '.join(PRESETS)}) or give the mean and std it was trained "
+                                  "with", "preprocess")
+        chosen = replace(base, mean=given.mean or base.mean, std=given.std or base.std,
+                         pixel_max=given.pixel_max or base.pixel_max,
+                         resize=base.resize if given.resize is None else (given.resize or None))
+        return chosen.check()
+    except PreprocessError as exc:
+        raise ModelError(str(exc), setting=exc.setting) from None

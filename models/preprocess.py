@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+
+MAX_PIXELS = 50_000_000  # per image: a model that asks for more is refused before anything is decoded
+METADATA_KEY = "ptqcal.preprocess"  # ONNX metadata_props entry ptqcal writes on export and reads back
+
+
+class PreprocessError(ValueError):
+    """Preprocessing that cannot be applied (raised as the models stage's ModelError by callers)."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,43 @@ class PreprocessCfg:
     pixel_max: float = 255.0
     resize: int | None = None  # short side, before a centre crop to input_size (images only)
     interpolation: str = "bilinear"
+
+    def check(self) -> "PreprocessCfg":
+        """Raise :class:`PreprocessError` for constants that cannot normalise (a zero or non-finite
+        std, a non-positive pixel_max, per-channel values that do not match the channels)."""
+        channels, height, width = self.input_size
+        if min(self.input_size) < 1:
+            raise PreprocessError(f"input size (C, H, W) = {self.input_size} has an empty dimension", "input_size")
+        if height * width > MAX_PIXELS:
+            raise PreprocessError(f"the model asks for {height}x{width} images ({height * width / 1e6:.0f} "
+                                  f"megapixels); more than {MAX_PIXELS // 1_000_000} megapixels is refused",
+                                  "input_size")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) not in (1, channels) or not all(math.isfinite(v) for v in values):
+                raise PreprocessError(f"{name} {list(values)} must be 1 or {channels} finite numbers for a "
+                                      f"{channels}-channel input", name)
+        if any(v == 0 for v in self.std):
+            raise PreprocessError(f"std {list(self.std)} has a zero", "std")
+        if not (math.isfinite(self.pixel_max) and self.pixel_max > 0):
+            raise PreprocessError(f"pixel_max must be a positive number, got {self.pixel_max}", "pixel_max")
+        if self.resize is not None and self.resize < 1:
+            raise PreprocessError(f"resize must be a positive size, got {self.resize}", "resize")
+        return self
+
+    def to_metadata(self) -> str:
+        """The JSON ptqcal stores in an exported model's ``metadata_props``."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "input_size"})
+
+    @classmethod
+    def from_metadata(cls, text: str, input_size: tuple[int, int, int]) -> "PreprocessCfg":
+        try:
+            values = json.loads(text)
+            return cls(input_size, tuple(float(v) for v in values["mean"]), tuple(float(v) for v in values["std"]),
+                       float(values["pixel_max"]), None if values["resize"] is None else int(values["resize"]),
+                       str(values.get("interpolation", "bilinear")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PreprocessError(f"the model's {METADATA_KEY} metadata is not readable ({exc})") from exc
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Normalise ``(N, H, W, C)`` or ``(N, H, W)`` raw pixels into ``(N, C, H, W)`` float32."""
@@ -48,3 +98,27 @@ IMAGENET_PREPROCESS = PreprocessCfg(input_size=(3, 224, 224), mean=(0.485, 0.456
 # TF-style (x * 255 - 127) / 128 on [0, 1] pixels
 EFFICIENTNET_LITE_PREPROCESS = PreprocessCfg(input_size=(3, 224, 224), mean=(127 / 255,) * 3,
                                              std=(128 / 255,) * 3, resize=256)
+
+
+# Named preprocessing a user's model can be given (the graph supplies the input size). ``resize`` is
+# the short side before the centre crop, for 224-pixel inputs; other sizes keep the same ratio.
+PRESETS = {
+    "imagenet": IMAGENET_PREPROCESS,  # torchvision: (x/255 - mean) / std
+    "inception": PreprocessCfg((3, 299, 299), (0.5,), (0.5,), resize=342),  # x/127.5 - 1
+    "tf": EFFICIENTNET_LITE_PREPROCESS,  # (x - 127) / 128
+    "cifar100": CIFAR100_PREPROCESS,
+    "digits": DIGITS_PREPROCESS,
+    "unit": PreprocessCfg((3, 0, 0), (0.0,), (1.0,)),  # x / 255, no normalisation
+    "none": PreprocessCfg((3, 0, 0), (0.0,), (1.0,), pixel_max=1.0),  # raw pixel values
+}
+
+
+def preset(name: str, input_size: tuple[int, int, int]) -> PreprocessCfg:
+    """Preset ``name`` for a model whose input is ``input_size`` (C, H, W)."""
+    if name not in PRESETS:
+        raise PreprocessError(f"unknown preprocessing {name!r}: choose {', '.join(PRESETS)}", "preprocess")
+    base = PRESETS[name]
+    resize = None
+    if base.resize is not None and base.input_size[1]:
+        resize = round(base.resize * input_size[1] / base.input_size[1])
+    return replace(base, input_size=input_size, resize=resize)

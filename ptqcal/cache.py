@@ -3,7 +3,10 @@
 Entries are files named ``<kind>-<key>.<suffix>`` in ``<run>/cache/``. A key hashes the inputs
 (file digests, array bytes, settings) and the versions of the tools that computed it, so a
 changed input misses and everything downstream of it misses with it. Entries are written to a
-temporary name and renamed: a killed run leaves whole entries or none.
+temporary name and renamed: a killed run leaves whole entries or none. Each entry's sha256 is
+stored beside it (``.sha256``) and checked when the entry is read: a damaged, truncated or
+foreign entry is recomputed, never trusted. Results can be validated before they are stored, so
+a bad input never leaves an entry behind that would fail the same command forever.
 """
 
 from __future__ import annotations
@@ -63,44 +66,65 @@ class Cache:
         return self.root / f"{kind}-{key}.{suffix}"
 
     def file(self, kind: str, key: str, suffix: str, create: Callable[[Path], Any]) -> Path:
-        """The entry's path, calling ``create(tmp_path)`` to write it first if it is missing."""
+        """The entry's path, calling ``create(tmp_path)`` to write it first if it is missing or
+        does not match its stored digest."""
         target = self.path(kind, key, suffix)
-        if target.exists():
+        if _intact(target):
             self.hits += 1
             return target
         self.misses += 1
         with atomic_path(target) as tmp:
             create(tmp)
+        _seal(target)
         return target
 
     def folder(self, kind: str, key: str, create: Callable[[Path], Any]) -> Path:
         """An entry of several files that belong together (written whole or not at all): the
         folder's path, calling ``create(tmp_folder)`` to fill it first if it is missing."""
         target = self.root / f"{kind}-{key}"
-        if target.is_dir():
+        if target.is_dir() and all(_intact(p) for p in target.iterdir() if p.suffix != ".sha256"):
             self.hits += 1
             return target
+        shutil.rmtree(target, ignore_errors=True)
         self.misses += 1
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}.", suffix=".tmp", dir=self.root))
         tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the entry
         try:
             create(tmp)
+            for part in [p for p in tmp.iterdir() if p.suffix != ".sha256"]:
+                _seal(part)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
 
-    def array(self, kind: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    def array(self, kind: str, key: str, compute: Callable[[], np.ndarray],
+              validate: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
+        """The cached array, or ``compute()``'s, checked by ``validate`` (which raises) before it
+        is stored."""
         def write(tmp: Path) -> None:
+            array = compute()
+            if validate is not None:
+                validate(array)
             with open(tmp, "wb") as handle:
-                np.save(handle, compute())
+                np.save(handle, array)
 
-        return np.load(self.file(kind, key, "npy", write))
+        return np.load(self.file(kind, key, "npy", write), allow_pickle=False)
 
-    def json(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
-        path = self.file(kind, key, "json", lambda tmp: tmp.write_text(json.dumps(compute())))
-        return json.loads(path.read_text())
+
+def _seal(path: Path) -> None:
+    """Store ``path``'s digest beside it: the entry counts as whole only with a matching seal."""
+    with atomic_path(path.with_name(path.name + ".sha256")) as tmp:
+        tmp.write_text(file_digest(path))
+
+
+def _intact(path: Path) -> bool:
+    seal = path.with_name(path.name + ".sha256")
+    try:
+        return path.is_file() and seal.read_text().strip() == file_digest(path)
+    except OSError:
+        return False
 
 
 def link_or_copy(source: Path, target: Path) -> None:

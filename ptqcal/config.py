@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from .errors import UserError
 from .evaluate.results import Execution
+from .models.preprocess import PRESETS
 from .quantize.ranges import CalibMethod
 from .quantize.spec import QuantSpec, WeightScale
 
@@ -87,6 +88,9 @@ class RunConfig:
                             int, metavar="K")
     cache_dir: Path = _setting(default_cache_dir, "where trained built-in models are cached ($PTQCAL_CACHE_DIR)",
                                Path)
+    preprocess: str | None = _setting(None, "named preprocessing of an .onnx model (imagenet, inception, tf, "
+                                      "cifar100, digits, unit: x/255, none: raw pixels); without it, the model's "
+                                      "own metadata or --mean and --std", str, choices=tuple(PRESETS))
     mean: tuple[float, ...] | None = _setting(None, "per-channel mean on [0,1] pixels, for an .onnx model", float,
                                               many=True, metavar="M[,M,...]", comma=True)
     std: tuple[float, ...] | None = _setting(None, "per-channel std on [0,1] pixels, for an .onnx model", float,
@@ -126,6 +130,10 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{flag_of(name)} must be at least 1, got {value}")
+        given = [flag_of(name) for name in ("preprocess", "mean", "std", "pixel_max", "resize")
+                 if getattr(self, name) is not None]
+        if given and not self.is_onnx_file:
+            raise UserError(f"{', '.join(given)}: for .onnx models; a registry model carries its own preprocessing")
         if self.weights is not None and self.is_onnx_file:
             raise UserError("--weights is for registry models; an .onnx file carries its own weights")
         if self.calib_ranges is not None and self.repeats > 1:

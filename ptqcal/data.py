@@ -12,6 +12,7 @@ import functools
 import os
 import pickle
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,8 @@ def load_image(path: Path, size: tuple[int, int, int], resize: int | None = None
     channels, height, width = size
     method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
     with Image.open(path) as image:
+        if image.width * image.height > Image.MAX_IMAGE_PIXELS:  # PIL would only warn (a decompression bomb)
+            raise ValueError(f"{image.width}x{image.height} pixels is too large to decode")
         image = image.convert("RGB" if channels == 3 else "L")
         if resize is None:
             image = image.resize((width, height), method)
@@ -165,6 +168,25 @@ def load_digits() -> Dataset:
                    train=everything.take(order[:300]))
 
 
+def checked_split(images: np.ndarray, labels: np.ndarray, where: str, minimum: int = 1) -> Split:
+    """Pixels ``(N, H, W[, C])`` of a real number type, all finite, with ``N`` integer labels >= 0;
+    anything else is one line naming ``where``."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise UserError(f"{where}: labels must be one integer per image, got {labels.dtype} of shape "
+                        f"{list(labels.shape)}")
+    if len(labels) and labels.min() < 0:
+        raise UserError(f"{where}: labels must be class indices >= 0, found {labels.min()}")
+    if images.ndim not in (3, 4) or images.dtype.kind not in "uif" or (images.ndim == 4 and images.shape[3] > 4):
+        raise UserError(f"{where}: images must be (N, H, W) or (N, H, W, C) pixel arrays, got {images.dtype} of "
+                        f"shape {list(images.shape)}")
+    if len(images) != len(labels) or len(labels) < minimum:
+        raise UserError(f"{where}: {len(images)} images and {len(labels)} labels (at least {minimum} needed)")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise UserError(f"{where}: images hold NaN or infinite values")
+    return Split(images, labels.astype(np.int64))
+
+
 def load_npz(path: Path) -> Dataset:
     """An ``.npz`` with ``images`` (N, H, W[, C]) and ``labels`` (N,), plus optional
     ``calib_images``/``calib_labels``; without them calibration images are held out."""
@@ -172,14 +194,16 @@ def load_npz(path: Path) -> Dataset:
     if not path.is_file():
         raise UserError(f"dataset file not found: {path}")
     try:
-        arrays = np.load(path)
-        evaluation = Split(arrays["images"], arrays["labels"].astype(np.int64))
-        calib = Split(arrays["calib_images"], arrays["calib_labels"].astype(np.int64)) \
-            if "calib_images" in arrays else None
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise UserError(f"{path} is not an .npz with 'images' and 'labels' arrays") from exc
-    if len(evaluation.images) != len(evaluation.labels) or len(evaluation) < 2:
-        raise UserError(f"{path}: 'images' and 'labels' must have the same length (>= 2)")
+        with np.load(path, allow_pickle=False) as arrays:  # an object array would unpickle: refused
+            stored = {key: arrays[key] for key in ("images", "labels", "calib_images", "calib_labels")
+                      if key in arrays.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path} is not a readable .npz file ({type(exc).__name__})") from None
+    if "images" not in stored or "labels" not in stored:
+        raise UserError(f"{path} is not an .npz with 'images' and 'labels' arrays")
+    evaluation = checked_split(stored["images"], stored["labels"], str(path), minimum=2)
+    calib = checked_split(stored["calib_images"], stored["calib_labels"], f"{path} (calibration)") \
+        if "calib_images" in stored and "calib_labels" in stored else None
     return Dataset(path.stem, eval=evaluation, calib_pool=calib)
 
 
@@ -271,24 +295,48 @@ def load_folder(root: Path, classes: list[str] | None = None) -> Split:
 
 
 def load_csv(path: Path) -> Split:
-    """Rows of ``path,label[,...]`` (a header row is allowed; extra columns are ignored); relative
-    paths are from the CSV's folder."""
+    """Rows of ``path,label[,...]`` (a header row is allowed; extra columns are ignored). Relative
+    paths are from the CSV's folder and must stay inside it; absolute paths are taken as given."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"dataset file not found: {path}")
+    folder = path.parent.resolve()
     paths, labels = [], []
-    with open(path, newline="") as handle:
-        for number, row in enumerate(csv.reader(handle), start=1):
-            if not row or (number == 1 and len(row) > 1 and not row[1].strip().lstrip("-").isdigit()):
-                continue  # a header
-            try:
-                paths.append((path.parent / row[0].strip()).resolve())
-                labels.append(int(row[1]))
-            except (IndexError, ValueError):
-                raise UserError(f"{path}:{number}: expected 'path,label', got {row!r}") from None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for number, row in enumerate(csv.reader(handle), start=1):
+                if not row or (number == 1 and len(row) > 1 and not row[1].strip().lstrip("-").isdigit()):
+                    continue  # a header
+                try:
+                    image, label = row[0].strip(), int(row[1])
+                except (IndexError, ValueError):
+                    raise UserError(f"{path}:{number}: expected 'path,label', got {row[:2]!r}") from None
+                paths.append(_inside(folder, image, f"{path}:{number}"))
+                labels.append(label)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path} is not a readable CSV file ({type(exc).__name__})") from None
     if not paths:
         raise UserError(f"no images listed in {path}")
-    return Split(paths, np.asarray(labels, dtype=np.int64))
+    return checked_split_files(paths, labels, str(path))
+
+
+def _inside(folder: Path, name: str, where: str) -> Path:
+    """``name`` resolved against ``folder``; a relative one that leaves the folder is refused."""
+    if "\x00" in name or not name:
+        raise UserError(f"{where}: an empty or invalid image path")
+    if Path(name).is_absolute():
+        return Path(name)
+    resolved = (folder / name).resolve()
+    if not resolved.is_relative_to(folder):
+        raise UserError(f"{where}: {name!r} leaves the CSV's folder; give a path inside it, or an absolute path")
+    return resolved
+
+
+def checked_split_files(paths: list[Path], labels: list[int], where: str) -> Split:
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.min() < 0:
+        raise UserError(f"{where}: labels must be class indices >= 0, found {labels.min()}")
+    return Split(paths, labels)
 
 
 def _load_name_label_file(path: Path, folder: Path) -> Split:
@@ -296,7 +344,11 @@ def _load_name_label_file(path: Path, folder: Path) -> Split:
     if not path.is_file():
         raise UserError(f"labels file not found: {path}")
     names, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file of 'file_name label' lines") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -304,7 +356,7 @@ def _load_name_label_file(path: Path, folder: Path) -> Split:
             labels.append(int(label))
         except ValueError:
             raise UserError(f"{path}:{number}: expected 'file_name label', got {line!r}") from None
-        names.append(folder / name)
+        names.append(_inside(folder.resolve(), name, f"{path}:{number}"))
     if not names:
         raise UserError(f"no images listed in {path}")
     return Split(names, np.asarray(labels, dtype=np.int64))

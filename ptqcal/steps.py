@@ -18,6 +18,7 @@ from .config import RunConfig
 from .data import Dataset, Split, decode_images, load_dataset, select
 from .errors import UserError
 from .models import PreprocessCfg, PreprocessOverrides, get_model_entry, inspect_onnx, onnx_preprocess, without_softmax
+from .models.preprocess import METADATA_KEY
 
 CALIB_BATCH = 32  # images per calibration batch: every activation of a batch is in memory at once
 EXPORT_CHECK_IMAGES = 16  # evaluation images the exported graph is checked on against PyTorch
@@ -56,7 +57,9 @@ def versions() -> dict[str, str]:
 
 def load_run_dataset(cfg: RunConfig) -> Dataset:
     """The dataset a run evaluates, with ``calib_data`` as its calibration pool when given."""
-    kind = cfg.dataset or ("digits" if cfg.is_onnx_file else get_model_entry(cfg.model).default_dataset)
+    if cfg.dataset is None and cfg.is_onnx_file:
+        raise UserError(f"which images should {cfg.model_name} be evaluated on? give --dataset (and --data-dir)")
+    kind = cfg.dataset or get_model_entry(cfg.model).default_dataset
     dataset = load_dataset(kind, cfg.data_dir, cfg.labels, cfg.download)
     if cfg.calib_data is None:
         return dataset
@@ -77,7 +80,7 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedMod
         notes = ("The model ends in Softmax; its last Softmax was removed so that every configuration is "
                  "evaluated (and quantized) on its logits.",)
     given = PreprocessOverrides(cfg.mean, cfg.std, cfg.pixel_max, cfg.resize)
-    preprocess = onnx_preprocess(info, dataset.name, dataset.eval.is_files, given)
+    preprocess = onnx_preprocess(info, given, cfg.preprocess)
     return PreparedModel(cfg.model_name, path, preprocess, info.num_classes, info.input_name, notes)
 
 
@@ -97,7 +100,8 @@ def _export_registry_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> Pr
         module = entry.build(cfg.weights, dataset.train, cfg.cache_dir)
         sample, _ = decode_images(dataset.eval.take(np.arange(min(EXPORT_CHECK_IMAGES, len(dataset.eval)))),
                                   entry.preprocess.input_size, entry.preprocess.resize, entry.preprocess.interpolation)
-        result = export_onnx(module, normalise(entry.preprocess, sample.images), folder / "model.onnx")
+        result = export_onnx(module, normalise(entry.preprocess, sample.images), folder / "model.onnx",
+                             metadata={METADATA_KEY: entry.preprocess.to_metadata()})
         (folder / "check.json").write_text(f'{{"max_abs_diff": {result.max_abs_diff!r}, '
                                            f'"num_checked": {result.num_checked}}}')
 
@@ -182,7 +186,16 @@ def model_logits(cache: Cache, path: Path, images: np.ndarray, preprocess: Prepr
     key = make_key(file_digest(path), array_digest(images), asdict(preprocess) if preprocess else None, fused,
                    cfg.batch_size, versions())
     return cache.array(kind, key, lambda: predict(make_session(path, fused=fused), images, cfg.batch_size, desc,
-                                                  cfg.progress, preprocess))
+                                                  cfg.progress, preprocess), _check_logits)
+
+
+def _check_logits(logits: np.ndarray) -> None:
+    """Only logits a report can use are stored: (N, classes) and finite."""
+    if logits.ndim != 2:
+        raise UserError(f"the model's output has shape {list(logits.shape)}, expected (N, classes)")
+    if not np.isfinite(logits).all():
+        raise UserError("the model's logits are NaN or infinite on these images: check the preprocessing "
+                        "(--preprocess, --mean, --std, --pixel-max) and the images")
 
 
 def prepare_for_quantization(cache: Cache, float_path: Path) -> Path:

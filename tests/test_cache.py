@@ -41,6 +41,7 @@ def test_a_failing_entry_leaves_nothing(tmp_path):
 
 def _run(model, out, *extra):
     return main(["run", "--model", str(model), "--out", str(out), "--no-progress", "--calib-size", "48",
+                 "--dataset", "digits", "--preprocess", "digits",
                  "--calib-method", "minmax", *extra])
 
 
@@ -93,7 +94,7 @@ def test_resume_after_sigkill_gives_identical_metrics(stage, tmp_path):
     pytest.importorskip("sklearn")
     model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
     args = [sys.executable, "-m", "ptqcal", "run", "--model", str(model), "--no-progress", "--calib-size", "48",
-            "--weight-bits", "8", "6", "4", "3", "--calib-method", "mse"]
+            "--dataset", "digits", "--preprocess", "digits", "--weight-bits", "8", "6", "4", "3", "--calib-method", "mse"]
     reference = tmp_path / "reference"
     subprocess.run(args + ["--out", str(reference)], check=True, capture_output=True)
 

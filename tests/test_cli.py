@@ -14,6 +14,8 @@ from ptqcal.cli import build_parser, main
 
 from conftest import tiny_onnx_classifier
 
+DIGITS = ("--dataset", "digits", "--preprocess", "digits")  # a user's .onnx model says what it evaluates on
+
 
 def _run_tiny(tmp_path: Path, out_name: str, *args: str) -> tuple[int, Path]:
     """`ptqcal run` of a 10-class tiny ONNX classifier on the digits, into tmp_path / out_name."""
@@ -22,7 +24,7 @@ def _run_tiny(tmp_path: Path, out_name: str, *args: str) -> tuple[int, Path]:
     if not model.exists():
         tiny_onnx_classifier(model, classes=10)
     out = tmp_path / out_name
-    return main(["run", "--model", str(model), "--out", str(out), "--no-progress", *args]), out
+    return main(["run", "--model", str(model), "--out", str(out), "--no-progress", *DIGITS, *args]), out
 
 
 def _run_cli(args, capsys):
@@ -61,9 +63,9 @@ def test_user_errors_are_one_line_exit_2_and_leave_nothing(case, tmp_path, capsy
         "bad-output": ["--model", str(_conv_only_model(tmp_path / "conv.onnx"))],
         "bad-bits": ["--weight-bits", "8", "9"],
         "bad-method": ["--calib-method", "kl"],
-        "bad-calib-size": ["--model", str(tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)),
+        "bad-calib-size": ["--model", str(tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)), *DIGITS,
                            "--calib-size", "100000"],
-        "labels-out-of-range": ["--model", str(tiny_onnx_classifier(tmp_path / "t5.onnx", classes=5))],
+        "labels-out-of-range": ["--model", str(tiny_onnx_classifier(tmp_path / "t5.onnx", classes=5)), *DIGITS],
         "bad-npz": ["--model", str(tiny_onnx_classifier(tmp_path / "t.onnx")), "--dataset", str(junk) + ".npz"],
     }[case]
     if case in ("bad-calib-size", "labels-out-of-range"):
@@ -151,7 +153,7 @@ def test_fp16_activation_sweep_and_layer_choices(tmp_path, capsys):
 def test_exclude_names_must_exist(tmp_path, capsys):
     pytest.importorskip("sklearn")
     model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
-    code, err = _run_cli(["run", "--model", str(model), "--out", str(tmp_path / "r"), "--no-progress",
+    code, err = _run_cli(["run", "--model", str(model), "--out", str(tmp_path / "r"), "--no-progress", *DIGITS,
                           "--calib-size", "32", "--exclude", "no_such_node"], capsys)
     assert code == 2 and "no_such_node" in err[0] and len(err) == 1
     assert not (tmp_path / "r").exists()
@@ -206,7 +208,8 @@ def test_shipped_configs_parse():
 def test_a_folder_without_images_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "data" / "cls").mkdir(parents=True)
     code, err = _run_cli(["run", "--model", str(tiny_onnx_classifier(tmp_path / "t.onnx")), "--dataset", "folder",
-                          "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r")], capsys)
+                          "--data-dir", str(tmp_path / "data"), "--preprocess", "unit", "--out", str(tmp_path / "r")],
+                         capsys)
     assert code == 2 and len(err) == 1 and "no images" in err[0]
     assert not (tmp_path / "r").exists()
 
@@ -237,7 +240,7 @@ def test_a_model_ending_in_softmax_is_evaluated_on_its_logits(tmp_path, capsys):
     model.graph.node.append(helper.make_node("Softmax", ["scores"], ["logits"], axis=1))
     onnx.save(model, str(tmp_path / "softmax.onnx"))
     out = tmp_path / "run"
-    code = main(["run", "--model", str(tmp_path / "softmax.onnx"), "--out", str(out), "--no-progress",
+    code = main(["run", "--model", str(tmp_path / "softmax.onnx"), "--out", str(out), "--no-progress", *DIGITS,
                  "--calib-size", "32", "--weight-bits", "8"])
     assert code == 0, capsys.readouterr().err
     from ptqcal.data import load_digits
@@ -269,5 +272,5 @@ def test_saved_ranges_are_reused_without_calibrating(tmp_path, capsys, monkeypat
     ranges["ranges"] = {"not_a_tensor": [0.0, 1.0]}
     (tmp_path / "bad.json").write_text(json.dumps(ranges))
     code, err = _run_cli(["run", "--model", str(other), "--out", str(tmp_path / "third"), "--no-progress",
-                          "--calib-ranges", str(tmp_path / "bad.json")], capsys)
+                          *DIGITS, "--calib-ranges", str(tmp_path / "bad.json")], capsys)
     assert code == 2 and "does not fit this model" in err[0] and not (tmp_path / "third").exists()

@@ -56,7 +56,7 @@ def test_cli_runs_a_user_onnx_model_with_torch_blocked(tmp_path):
     completed = _run(f"""
         from ptqcal.cli import main
         code = main(["run", "--model", {str(model)!r}, "--out", {str(out)!r}, "--no-progress",
-                     "--calib-size", "64"])
+                     "--dataset", "digits", "--preprocess", "digits", "--calib-size", "64"])
         assert "torch" not in sys.modules
         sys.exit(code)
     """)

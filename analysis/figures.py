@@ -46,6 +46,11 @@ def _axes(ax, rows: int, columns: int, figsize: tuple[float, float], **kwargs) -
         return fig, np.asarray(fig.subplots(rows, columns, squeeze=False, **kwargs), dtype=object)
 
 
+def _legend(axis: Axes) -> None:
+    """A legend beside the axes, never over the data."""
+    axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=7.5)
+
+
 def _percent(values) -> np.ndarray:
     return 100 * np.asarray(values, dtype=float)
 
@@ -82,7 +87,7 @@ def plot_reliability(curve: ReliabilityCurve, confidences: np.ndarray, title: st
     top.set_ylabel("accuracy in bin")
     top.set_ylim(0, 1.02)
     top.set_title(title or "Reliability")
-    top.legend(loc="upper left", fontsize=7.5, frameon=True, framealpha=0.9, edgecolor="white")
+    _legend(top)
     bottom.set_yscale("log")
     accuracy = np.sum(curve.accuracy[filled] * curve.counts[filled]) / curve.counts.sum()
     bottom.axvline(accuracy, color="k", ls="--", lw=1, label=f"float accuracy {100 * accuracy:.1f}%")
@@ -91,7 +96,7 @@ def plot_reliability(curve: ReliabilityCurve, confidences: np.ndarray, title: st
     bottom.set_xlabel("confidence (max softmax probability)")
     bottom.set_ylabel("# predictions (log)")
     bottom.set_xlim(0, 1)
-    bottom.legend(loc="upper left", fontsize=7.5)
+    _legend(bottom)
     return fig
 
 
@@ -153,7 +158,7 @@ def plot_swap_panels(panels: Sequence[SwapPanel], ax: Sequence[Axes] | None = No
         top.axhline(0, color="0.6", lw=0.8)
         top.set_ylabel("% of evaluation set")
         top.set_title(panel.model)
-        top.legend(fontsize=8)
+        _legend(top)
         counts = np.array([len(c) for c in panel.swapped_confidences])
         ratio = np.array(panel.ratio, dtype=float)
         middle.plot(x, ratio, "-", color="#00798c")
@@ -163,7 +168,7 @@ def plot_swap_panels(panels: Sequence[SwapPanel], ax: Sequence[Axes] | None = No
         if few.any():
             middle.plot(x[few], ratio[few], "o", mfc="white", color="#00798c",
                         label=f"fewer than {FEW_SWAPS} swaps (noisy)")
-            middle.legend(fontsize=8)
+            _legend(middle)
         middle.axhline(0, color="0.6", lw=0.8)
         middle.set_ylabel("Δ error / % swapped")
         for axis in (top, middle):
@@ -180,7 +185,7 @@ def plot_swap_panels(panels: Sequence[SwapPanel], ax: Sequence[Axes] | None = No
         bottom.set_ylabel("% of that precision's swaps")
         bottom.set_xlim(0, 1)
         if bottom.get_legend_handles_labels()[0]:
-            bottom.legend(fontsize=8, loc="upper left")
+            _legend(bottom)
         else:
             bottom.text(0.5, 0.5, "no prediction swapped", ha="center", transform=bottom.transAxes)
     return fig
@@ -221,7 +226,7 @@ def plot_transitions(tables: Sequence[TransitionTable], ax: Sequence[Axes] | Non
         axis.set_xlabel("precision")
         axis.set_ylabel("% of evaluation set")
         axis.set_title(f"{table.model}: what the swaps were")
-        axis.legend(fontsize=8)
+        _legend(axis)
     return fig
 
 
@@ -270,7 +275,7 @@ def plot_margin(curves: Sequence[MarginCurves], ax: Sequence[Axes] | None = None
         top.set_ylabel("P(prediction swapped)")
         top.set_ylim(-0.02, 1.02)
         top.set_title(curve.model)
-        top.legend(fontsize=8)
+        _legend(top)
         bottom.set_xlabel(f"float confidence (10 equal-width bins; bins of fewer than {MIN_BIN} left out)")
         bottom.set_ylabel("% of the bin's predictions swapped")
         bottom.set_xlim(0, 1)
@@ -295,7 +300,7 @@ class TemperatureEffect:
         if run.temperature is None or not run.quantized:
             return None
         chosen = max(run.quantized, key=lambda c: c.change.swapped.sum())
-        _, scaled = reliability_of_logits(run.reference.logits, run.labels, run.temperature)
+        _, scaled = reliability_of_logits(run.reference.logits, run.labels, run.temperatures)
         return cls(run.name, run.temperature, [c.name for c in run.configs], [c.metrics.ece for c in run.configs],
                    [c.metrics.ece_temperature for c in run.configs], chosen.name,
                    chosen.change.swapped_confidences, scaled[chosen.change.swapped])
@@ -313,7 +318,7 @@ def plot_temperature(effects: Sequence[TemperatureEffect], ax: Sequence[Axes] | 
         top.set_xticks(x, effect.configs)
         top.set_ylabel("ECE (%)")
         top.set_title(f"{effect.model}: temperature scaling")
-        top.legend(fontsize=8)
+        _legend(top)
         bins = np.linspace(0, 1, 16)
         bottom.hist(effect.swapped_confidence, bins=bins, histtype="step", lw=1.8, color=QUANT_COLOR,
                     label="float confidence")
@@ -321,7 +326,7 @@ def plot_temperature(effects: Sequence[TemperatureEffect], ax: Sequence[Axes] | 
                     label=f"after temperature {effect.temperature:.2f}")
         bottom.set_xlabel(f"confidence of the {len(effect.swapped_confidence)} predictions {effect.swapped_name} swaps")
         bottom.set_ylabel("# predictions")
-        bottom.legend(fontsize=8, loc="upper left")
+        _legend(bottom)
     return fig
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from importlib import metadata
 import csv
 import html
 import io
@@ -19,7 +20,10 @@ from ptqcal.atomic import atomic_path
 from ptqcal.evaluate.metrics import FRACTION, Metrics, changes_by_confidence, reliability_of_logits
 from ptqcal.evaluate.results import FLOAT_NAME
 
-from .figures import (MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
+import matplotlib
+from matplotlib.figure import Figure
+
+from .figures import (STYLE, MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
                       plot_swap_panels, plot_temperature, plot_transitions, save_figure)
 from .results import HEADLINE, RunAnalysis, analyse_run
 
@@ -47,9 +51,10 @@ COLUMNS = [
 ]
 FIGURES = {
     "fig1_reliability": ("Figure 1 — calibration of the float model",
-                         "Bars: accuracy per confidence bin (number of predictions above each bar); hatched: the gap "
-                         "up to the bin's mean confidence, i.e. overconfidence; the line is the lowest precision. "
-                         "Below: how many predictions fall in each bin."),
+                         "One column per model. Bars: accuracy per confidence bin (number of predictions above each "
+                         "bar); hatched: the gap between the bin's accuracy and its mean confidence (above the bar: "
+                         "overconfident; below its top: underconfident); the line is the lowest precision. Below: "
+                         "how many predictions fall in each bin."),
     "fig2_swaps": ("Figure 2 — what quantization changed",
                    "Top: % of predictions swapped and the change in top-1 error per precision. Middle: their ratio; "
                    "it stays low while only unsure predictions flip. Bottom: the float model's confidence in the "
@@ -62,7 +67,8 @@ FIGURES = {
                     "logit: small margins flip, large ones hold. Bottom: the share of each float-confidence bin "
                     "that swaps."),
     "fig5_temperature": ("Figure 5 — post-hoc temperature scaling",
-                         "One temperature fitted on the float model's calibration-split logits, applied to every "
+                         "A temperature cross-fitted on the float model's evaluation logits (fitted on one half of "
+                         "the images, applied to the other), applied to every "
                          "precision: ECE before and after, and where the swapped predictions' confidences move. "
                          "Temperature changes no prediction, so the swaps stay the same."),
 }
@@ -78,7 +84,9 @@ def metrics_rows(run: RunAnalysis) -> list[dict[str, Any]]:
     and, for quantized ones, the swap rate per float-confidence bin."""
     rows = []
     for config in run.configs:
-        row = {"model": run.name, "config": config.name}
+        bits = re.fullmatch(r"a(\d+)w(\d+)", config.name.split("#")[0])
+        row = {"model": run.name, "config": config.name, "weight_bits": int(bits[2]) if bits else None,
+               "act_bits": int(bits[1]) if bits else None}
         row.update({k: _clean(v) for k, v in config.metrics.as_dict().items()})
         row.update({f"{k}_ci95": list(v) for k, v in config.intervals.items()})
         if config.spread is not None:
@@ -101,7 +109,7 @@ def confidence_table(run: RunAnalysis) -> str:
         return ""
     bins = [changes_by_confidence(c.change) for c in run.quantized]
     edges, counts = bins[0]["edges"], bins[0]["counts"]
-    head = "| float confidence | predictions | " + " | ".join(c.name for c in run.quantized) + " |"
+    head = "| float confidence | predictions | " + " | ".join(md(c.name) for c in run.quantized) + " |"
     lines = [head, "|" + "---|" * (2 + len(run.quantized))]
     for i in range(len(counts)):
         if counts[i]:
@@ -112,12 +120,16 @@ def confidence_table(run: RunAnalysis) -> str:
 
 def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
     """The table of every run's configurations as CSV, in fractions like ``metrics.json``."""
-    keys = ["model"] + [key for key, _, _ in COLUMNS]
+    keys = ["model", "config", "weight_bits", "act_bits"] + [key for key, _, _ in COLUMNS[1:]]
+    keys += [f"{key}_{part}" for key in HEADLINE for part in ("ci95_low", "ci95_high", "std")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for run in runs:
         for row in metrics_rows(run):
+            for key in HEADLINE:  # intervals and spreads as plain numeric columns
+                low, high = row.pop(f"{key}_ci95", (None, None))
+                row.update({f"{key}_ci95_low": low, f"{key}_ci95_high": high})
             writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in keys})
     return buffer.getvalue()
 
@@ -133,6 +145,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "–"
+    if isinstance(value, str):
+        return md(value)
     text = fmt.format(_shown(key, value))
     if row.get(f"{key}_std") is not None:
         text += f" ± {_shown(key, row[f'{key}_std']):.2f}"
@@ -168,28 +182,47 @@ def markdown_tables(run: RunAnalysis) -> list[str]:
     return tables
 
 
+CONFIDENT = 0.9  # a float prediction held with at least this confidence counts as confident
+COLLAPSED = 0.9  # a configuration that swaps at least this share of predictions has collapsed
+FLIPPING = 0.05  # confident predictions "start to flip" once this share of them swaps
+
+
+def _confident_swaps(config) -> tuple[int, int]:
+    """Swapped and total float predictions held with at least :data:`CONFIDENT` confidence."""
+    held = config.change.float_confidence >= CONFIDENT
+    return int(config.change.swapped[held].sum()), int(held.sum())
+
+
 def sweep_reading(run: RunAnalysis, mild_ratio: float = 0.5) -> str:
-    """One or two sentences on what the sweep shows, chosen from the numbers."""
+    """Sentences on what the sweep shows, judged from the numbers: which confidences swap (the
+    top confidence bin, not an average), and where a configuration collapsed."""
     quantized = [c for c in run.quantized if c.change.swapped.any()]
     if not quantized:
         return "No precision swapped any prediction."
-    overall = run.reference.metrics.mean_confidence
+    collapsed = [c for c in quantized if c.metrics.swapped >= COLLAPSED]
+    working = [c for c in quantized if c not in collapsed]
     sentences = []
-    mild = [c for c in quantized if c.metrics.delta_error_per_swapped < mild_ratio]
+    mild = [c for c in working if c.metrics.delta_error_per_swapped < mild_ratio]
     if mild:
         most = max(mild, key=lambda c: c.metrics.swapped)
-        m = most.metrics
+        m, (flipped, held) = most.metrics, _confident_swaps(most)
+        confident = (f"of the {held} predictions the float model held with at least {100 * CONFIDENT:.0f}% "
+                     f"confidence, {flipped} swapped" if held else
+                     f"the float model held no prediction with {100 * CONFIDENT:.0f}% confidence or more")
         sentences.append(
-            f"At {most.name}, {100 * m.swapped:.2f}% of the predictions changed while the top-1 error moved by only "
-            f"{100 * m.delta_top1_error:+.2f} pp (ratio {m.delta_error_per_swapped:.2f}): the swapped "
-            f"predictions had a mean float confidence of {100 * m.mean_float_conf_swapped:.1f}%, against "
-            f"{100 * overall:.1f}% over all.")
-    severe = max(quantized, key=lambda c: c.metrics.delta_error_per_swapped)
-    if severe.metrics.delta_error_per_swapped >= mild_ratio and severe.change.swapped.sum() >= 10:
-        sentences.append(
-            f"At {severe.name} the ratio reaches {severe.metrics.delta_error_per_swapped:.2f}: confident "
-            f"predictions start to flip (mean float confidence of the swapped ones "
-            f"{100 * severe.metrics.mean_float_conf_swapped:.1f}%).")
+            f"At {md(most.name)}, {100 * m.swapped:.2f}% of the predictions changed while the top-1 error moved by "
+            f"{100 * m.delta_top1_error:+.2f} pp (ratio {m.delta_error_per_swapped:.2f}); {confident}.")
+    flipping = [c for c in working if _confident_swaps(c)[1] and
+                _confident_swaps(c)[0] >= max(1, FLIPPING * _confident_swaps(c)[1])]
+    if flipping:
+        first = flipping[0]  # in sweep order: the highest precision at which they flip
+        flipped, held = _confident_swaps(first)
+        sentences.append(f"At {md(first.name)} confident predictions flip: {100 * flipped / held:.1f}% of those held "
+                         f"with at least {100 * CONFIDENT:.0f}% confidence swapped ({flipped} of {held}), and the "
+                         f"ratio is {first.metrics.delta_error_per_swapped:.2f}.")
+    for config in collapsed:
+        sentences.append(f"At {md(config.name)} the model collapsed: {100 * config.metrics.swapped:.1f}% of the "
+                         f"predictions changed and the top-1 error is {100 * config.metrics.top1_error:.1f}%.")
     return " ".join(sentences)
 
 
@@ -199,7 +232,13 @@ def environment() -> dict[str, str]:
     import numpy
 
     info = {"ptqcal": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
-            "matplotlib": matplotlib.__version__, "platform": platform.platform(), "cpus": str(os.cpu_count())}
+            "matplotlib": matplotlib.__version__}
+    for package in ("onnxruntime", "onnx", "torch"):  # the versions that decide the numbers (read, not imported)
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    info.update({"platform": platform.platform(), "cpus": str(os.cpu_count())})
     try:
         cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
         info["cpu"] = cpu.group(1) if cpu else platform.processor()
@@ -208,14 +247,44 @@ def environment() -> dict[str, str]:
     return info
 
 
+def _lowest_working(run: RunAnalysis):
+    """The lowest precision that has not collapsed (Figure 1 draws it over the float model)."""
+    working = [c for c in run.quantized if c.metrics.swapped < COLLAPSED]
+    return working[-1] if working else None
+
+
+def _calibration_words(run: RunAnalysis) -> str:
+    m = run.reference.metrics
+    gap = m.mean_confidence - (1 - m.top1_error)
+    verdict = "overconfident" if gap > 0.01 else "underconfident" if gap < -0.01 else "about as confident as accurate"
+    return (f"{md(run.name)}'s float model is {verdict}: mean confidence {100 * m.mean_confidence:.1f}% at "
+            f"{100 * (1 - m.top1_error):.1f}% accuracy (ECE {100 * m.ece:.2f}%).")
+
+
+def _figure_reading(key: str, runs: Sequence[RunAnalysis]) -> str:
+    reading = FIGURES[key][1]
+    if key == "fig1_reliability":
+        collapsed = [md(r.name) for r in runs if r.quantized and _lowest_working(r) is not r.quantized[-1]]
+        reading += " " + " ".join(_calibration_words(r) for r in runs)
+        if collapsed:
+            reading += (f" The lowest precision of {', '.join(collapsed)} collapsed (90% or more of its predictions "
+                        "swapped) and is not drawn; the line is the lowest one that did not.")
+    return reading
+
+
 def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
     """All figures as PNG and SVG in ``out``; returns name -> PNG file name."""
     written = {}
-    lead = runs[0]
-    lowest = lead.quantized[-1] if lead.quantized else None
-    curve, confidences = reliability_of_logits(lead.reference.logits, lead.labels)
-    overlay = (lowest.name, *reliability_of_logits(lowest.logits, lead.labels)) if lowest else None
-    save_figure(plot_reliability(curve, confidences, f"{lead.name}: float model", overlay), out / "fig1_reliability")
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(5.2 * len(runs), 6.2), layout="constrained")
+        grid = fig.subplots(2, len(runs), squeeze=False, sharex="col", gridspec_kw={"height_ratios": [3, 2]})
+        for column, run in enumerate(runs):
+            curve, confidences = reliability_of_logits(run.reference.logits, run.labels)
+            lowest = _lowest_working(run)
+            overlay = (lowest.name, *reliability_of_logits(lowest.logits, run.labels)) if lowest else None
+            title = f"{run.name}: float" + (f" and {lowest.name}" if lowest else "")
+            plot_reliability(curve, confidences, title, overlay, ax=grid[:, column])
+    save_figure(fig, out / "fig1_reliability")
     written["fig1_reliability"] = "fig1_reliability.png"
     if any(r.quantized for r in runs):
         with_q = [r for r in runs if r.quantized]
@@ -232,14 +301,16 @@ def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
 
 def _run_section(run: RunAnalysis) -> list[str]:
     info = run.record.summary
-    lines = [f"## {run.name}", "\n".join(f"- **{k}**: {v}" for k, v in info.items())]
-    if run.temperature is not None:
-        lines.append(f"- **temperature** (fitted on the float model's calibration-split logits): {run.temperature:.3f}")
+    lines = [f"## {md(run.name)}", "\n".join(f"- **{md(k)}**: {md(v)}" for k, v in info.items())]
+    if run.halves is not None:
+        lines.append(f"- **temperature**: {run.halves[0]:.3f} and {run.halves[1]:.3f}, each fitted on the float "
+                     "model's logits of one seeded half of the evaluation images and applied to the other half "
+                     "(never fitted on the images it is judged on)")
     lines += ["Errors, ECE and confidences in %, NLL in nats. Brackets: bootstrap 95% interval over evaluation "
               "images; ± : std over calibration repeats.",
               *markdown_tables(run), sweep_reading(run), confidence_table(run)]
     if run.notes:
-        lines.append("\n".join(f"- {note}" for note in run.notes))
+        lines.append("\n".join(f"- {md(note)}" for note in run.notes))
     return lines
 
 
@@ -253,8 +324,8 @@ def comparison(runs: Sequence[RunAnalysis]) -> list[str]:
         f, q = run.reference.metrics, run.quantized[-1]
         m = q.metrics
         ratio = m.delta_error_per_swapped
-        lines.append(f"| {run.name} | {100 * f.top1_error:.2f} | {100 * f.ece:.2f} | {100 * f.mean_confidence:.2f} | "
-                     f"{q.name} | {100 * m.swapped:.2f} | {100 * m.delta_top1_error:+.2f} | "
+        lines.append(f"| {md(run.name)} | {100 * f.top1_error:.2f} | {100 * f.ece:.2f} | {100 * f.mean_confidence:.2f} | "
+                     f"{md(q.name)} | {100 * m.swapped:.2f} | {100 * m.delta_top1_error:+.2f} | "
                      f"{'–' if math.isnan(ratio) else f'{ratio:.3f}'} | "
                      f"{100 * m.mean_float_conf_swapped:.1f} |")
     return ["## Comparison", "Each model's float calibration, and what its lowest precision changed.", "\n".join(lines)]
@@ -262,59 +333,77 @@ def comparison(runs: Sequence[RunAnalysis]) -> list[str]:
 
 def report_markdown(runs: Sequence[RunAnalysis], figures: dict[str, str]) -> str:
     """The whole report as Markdown, with ``figures`` (name -> PNG file name) embedded by name."""
-    title = " vs ".join(r.name for r in runs)
+    title = " vs ".join(md(r.name) for r in runs)
     parts = [f"# ptqcal report: {title}", *comparison(runs)]
     for run in runs:
         parts += _run_section(run)
     for key, file in figures.items():
-        heading, reading = FIGURES[key]
-        parts += [f"## {heading}", reading, f"![{heading}]({file})"]
-    parts += ["## Environment", "\n".join(f"- **{k}**: {v}" for k, v in environment().items())]
+        heading = FIGURES[key][0]
+        parts += [f"## {heading}", _figure_reading(key, runs), f"![{heading}]({file})"]
+    parts += ["## Environment", "\n".join(f"- **{k}**: {md(v)}" for k, v in environment().items())]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def _markdown_to_html(text: str, folder: Path) -> str:
-    """The report's small Markdown subset (headings, bullets, tables, images) as HTML, with images
-    embedded as data URIs so the page needs nothing else."""
-    out, table = [], []
+HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+              "table{border-collapse:collapse;font-size:12px;margin:1em 0;display:block;overflow-x:auto}"
+              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
+              "td:first-child{text-align:left}img{max-width:100%;height:auto}ul{padding-left:1.2em}"
+              "li{margin:.1em 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}")
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()!|#<>~])")
+
+
+def md(text: Any) -> str:
+    """Text from data, model files or a run record, safe inside the report's Markdown: one line,
+    every Markdown character escaped (so no name or path can become a link, an image or a table)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _markdown_to_html(text: str, figures: dict[str, bytes]) -> str:
+    """The report's small Markdown subset (headings, bullets, tables, images) as HTML. Only the
+    figures the report drew (``figures``: file name -> PNG bytes) are embedded, as data URIs, so the
+    page needs nothing else and no text can make it read a file."""
+    out, table, items = [], [], []
 
     def inline(s: str) -> str:
-        s = html.escape(s)
-        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+        s = re.sub(r"\*\*(.+?)\*\*", lambda m: f"\x00b{m.group(1)}\x00/b", s)  # bold, before unescaping
+        s = html.escape(re.sub(r"\\(.)", r"\1", s))
+        return s.replace("\x00b", "<b>").replace("\x00/b", "</b>")
 
-    def flush_table():
+    def flush():
         if table:
             head, *body = table
             out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in body)
                        + "</tbody></table>")
             table.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{inline(item)}</li>" for item in items) + "</ul>")
+            items.clear()
 
-    for block in text.split("\n\n"):
-        for line in block.splitlines():
-            if line.startswith("|"):
-                cells = [c.strip() for c in line.strip("|").split("|")]
-                if not all(set(c) <= {"-"} for c in cells):
-                    table.append(cells)
-                continue
-            flush_table()
-            if line.startswith("#"):
-                level = len(line) - len(line.lstrip("#"))
-                out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-            elif line.startswith("- "):
-                out.append(f"<li>{inline(line[2:])}</li>")
-            elif line.startswith("!["):
-                alt, src = re.match(r"!\[(.*)\]\((.*)\)", line).groups()
-                data = base64.b64encode((folder / src).read_bytes()).decode()
-                out.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>')
-            elif line.strip():
-                out.append(f"<p>{inline(line)}</p>")
-        flush_table()
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}"
-             "li{list-style:none;margin:.1em 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>ptqcal report</title><style>{style}</style>" \
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+            if not all(set(c) <= {"-"} for c in cells):
+                table.append(cells)
+            continue
+        if line.startswith("- "):
+            items.append(line[2:])
+            continue
+        flush()
+        image = re.fullmatch(r"!\[(.*)\]\(([^()\\]*)\)", line)
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif image and image.group(2) in figures:
+            data = base64.b64encode(figures[image.group(2)]).decode()
+            out.append(f'<figure><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">'
+                       "</figure>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush()
+    return f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' " \
+           f"content='width=device-width, initial-scale=1'><title>ptqcal report</title><style>{HTML_STYLE}</style>" \
            f"</head><body>{''.join(out)}</body></html>\n"
 
 
@@ -335,5 +424,5 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(markdown)
     with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(_markdown_to_html(markdown, out))
+        tmp.write_text(_markdown_to_html(markdown, {file: (out / file).read_bytes() for file in figures.values()}))
     return out / "report.md"

@@ -10,7 +10,7 @@ import numpy as np
 from ptqcal.evaluate.metrics import QuantizationChange, bootstrap_interval, expected_calibration_error, softmax
 from ptqcal.evaluate.record import RunRecord
 from ptqcal.evaluate.results import FLOAT_NAME, REPEAT_MARK, ConfigResult, evaluate_logits
-from ptqcal.evaluate.temperature import fit_temperature
+from ptqcal.evaluate.temperature import cross_fitted_temperatures
 
 BOOTSTRAP_RESAMPLES = 500
 HEADLINE = ("top1_error", "ece", "swapped", "delta_top1_error")  # metrics shown with an interval or a spread
@@ -25,7 +25,10 @@ class RunAnalysis:
     record : RunRecord
         What the run saved.
     temperature : float or None
-        Fitted on the float model's calibration-image logits; ``None`` without them.
+        The temperature, cross-fitted on the evaluation images (the geometric mean of the two
+        halves' values); ``None`` for fewer than 20 images.
+    temperatures : ndarray or None
+        The temperature each evaluation image was scaled with: fitted on the other half.
     configs : list of ConfigResult
         The float reference first, then each quantized configuration (calibration draws folded
         into one result each).
@@ -35,6 +38,8 @@ class RunAnalysis:
     folder: Path
     temperature: float | None
     configs: list[ConfigResult]
+    temperatures: np.ndarray | None = None
+    halves: tuple[float, float] | None = None  # the temperatures fitted on each half
 
     @property
     def name(self) -> str:
@@ -82,16 +87,19 @@ def analyse_record(record: RunRecord, folder: Path | None = None, seed: int = 0)
     """Metrics (with bootstrap intervals and the spread over calibration draws), what quantization
     changed, and temperature scaling, for every configuration of ``record``."""
     labels, float_logits = record.labels, record.logits[FLOAT_NAME]
-    temperature = fit_temperature(record.calib_float, record.calib_labels) if len(record.calib_labels) else None
+    fitted = cross_fitted_temperatures(float_logits, labels, seed)
+    temperatures, halves = fitted if fitted else (None, None)
+    temperature = float(np.sqrt(halves[0] * halves[1])) if halves else None
     configs = []
     for name in (n for n in record.configs if REPEAT_MARK not in n):
         reference = None if name == FLOAT_NAME else float_logits
-        result = evaluate_logits(name, record.logits[name], labels, reference, temperature)
-        others = [evaluate_logits(name, record.logits[k], labels, reference, temperature)
+        result = evaluate_logits(name, record.logits[name], labels, reference, temperatures)
+        others = [evaluate_logits(name, record.logits[k], labels, reference, temperatures)
                   for k in record.configs if k.startswith(name + REPEAT_MARK)]
         intervals = _intervals(result.logits, labels, result.change, seed)
         configs.append(replace(result.with_draws(others), intervals=intervals))
-    return RunAnalysis(record, Path(folder) if folder else Path(record.model), temperature, configs)
+    return RunAnalysis(record, Path(folder) if folder else Path(record.model), temperature, configs, temperatures,
+                       halves)
 
 
 def analyse_run(folder: str | Path, seed: int = 0) -> RunAnalysis:

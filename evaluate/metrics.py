@@ -97,10 +97,12 @@ def reliability_curve(confidences: np.ndarray, correct: np.ndarray, n_bins: int 
     return ReliabilityCurve(edges, confidence, accuracy, counts)
 
 
-def reliability_of_logits(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
+def reliability_of_logits(logits: np.ndarray, labels: np.ndarray, temperature: float | np.ndarray = 1.0,
                           n_bins: int = ECE_BINS) -> tuple[ReliabilityCurve, np.ndarray]:
-    """The top-label reliability curve of ``softmax(logits / temperature)`` and its confidences."""
-    probabilities = softmax(logits.astype(np.float64) / temperature)
+    """The top-label reliability curve of ``softmax(logits / temperature)`` and its confidences
+    (``temperature``: one value, or one per row)."""
+    temperature = np.asarray(temperature, dtype=np.float64)
+    probabilities = softmax(logits.astype(np.float64) / (temperature[:, None] if temperature.ndim else temperature))
     confidence = probabilities.max(axis=1)
     return reliability_curve(confidence, probabilities.argmax(axis=1) == labels, n_bins), confidence
 

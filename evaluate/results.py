@@ -64,7 +64,7 @@ class ConfigResult:
 
 
 def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | None = None,
-                    temperature: float | None = None) -> ConfigResult:
+                    temperature: float | np.ndarray | None = None) -> ConfigResult:
     """Metrics of ``logits`` against ``labels``; with ``float_logits``, also what quantization
     changed; with ``temperature``, also the ECE and mean confidence after scaling by it.
 
@@ -76,8 +76,8 @@ def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray, float_log
         This configuration's and the float reference's logits on the same images.
     labels : ndarray, shape (N,)
         Integer class labels.
-    temperature : float, optional
-        A temperature fitted on other images (it changes no prediction).
+    temperature : float or ndarray of shape (N,), optional
+        A temperature fitted on other images, or one per image (it changes no prediction).
     """
     metrics = classification_metrics(logits, labels)
     change = None if float_logits is None else quantization_change(float_logits, logits, labels)

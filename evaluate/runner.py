@@ -25,14 +25,15 @@ def make_session(model_path: str | Path, fused: bool = True,
 
 def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 256, desc: str = "evaluate",
             progress: bool = True, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """Logits for every row of ``inputs``, batch by batch, with a progress bar.
+    """Logits for every row of ``inputs``, batch by batch, with a progress bar (only on a terminal;
+    ``TQDM_DISABLE=1`` turns it off).
 
     ``transform`` turns each slice into model input (e.g. uint8 pixels -> normalised float32),
     so a large dataset is never held in memory as float32 all at once.
     """
     input_name = session.get_inputs()[0].name
     chunks = []
-    with tqdm(total=len(inputs), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(inputs), desc=desc, unit="img", disable=None if progress else True, leave=False) as bar:
         for start in range(0, len(inputs), batch_size):
             batch = inputs[start:start + batch_size]
             batch = np.ascontiguousarray(transform(batch) if transform else batch, dtype=np.float32)

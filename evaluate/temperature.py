@@ -29,3 +29,22 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi
             d = a + ratio * (b - a)
             fd = nll(logits * d, labels)
     return float(2.0 / (a + b))
+
+
+def cross_fitted_temperatures(logits: np.ndarray, labels: np.ndarray, seed: int = 0,
+                              minimum: int = 20) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """Temperature scaling without fitting on the images it is judged on: the images are split in
+    two seeded halves, a temperature is fitted on each and applied to the other.
+
+    Returns each image's temperature ``(N,)`` and the two fitted values, or ``None`` when there
+    are fewer than ``minimum`` images.
+    """
+    n = len(labels)
+    if n < minimum:
+        return None
+    order = np.random.default_rng(seed).permutation(n)
+    first, second = np.sort(order[: n // 2]), np.sort(order[n // 2:])
+    t_first, t_second = fit_temperature(logits[first], labels[first]), fit_temperature(logits[second], labels[second])
+    per_image = np.empty(n)
+    per_image[second], per_image[first] = t_first, t_second
+    return per_image, (t_first, t_second)

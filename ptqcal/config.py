@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .data import DEFAULT_CALIB_SIZE
 from .evaluate.results import Execution
 from .models.preprocess import PRESETS
 from .quantize.ranges import CalibMethod
@@ -46,7 +47,8 @@ class RunConfig:
     """Everything one ``ptqcal run`` of one model needs; ``validate`` checks it."""
 
     model: str = _setting(DEFAULT_MODELS[0], "registry names (see 'ptqcal models') or .onnx classifiers; several "
-                          "are compared in one report (the default: plain and label-smoothed digits ResNets)",
+                          "are compared in one report (by default the digits ResNet trained plainly and with "
+                          "label smoothing)",
                           str, many=True, metavar="NAME|FILE.onnx")
     weights: Path | None = _setting(None, "state dict (.pth) for a registry model ('random': untrained)", Path)
     dataset: str | None = _setting(None, "digits, cifar100, cifar10, imagenet, folder, csv, npz, or FILE.npz "
@@ -74,8 +76,9 @@ class RunConfig:
     execution: Execution = _setting(Execution.DEPLOYED, "deployed: ORT fuses Q/DQ into integer kernels "
                                     "(QLinearConv); simulated: float ops between Q/DQ. Both are compared on a "
                                     "subset in the report", Execution)
-    calib_size: int = _setting(256, "calibration images, drawn with --seed from the calibration pool", int,
-                               metavar="N")
+    calib_size: int | None = _setting(None, f"calibration images, drawn with --seed from the calibration pool "
+                                      f"(default: {DEFAULT_CALIB_SIZE}, or the whole pool when it is smaller)", int,
+                                      metavar="N")
     calib_method: CalibMethod = _setting(CalibMethod.MSE, "activation range: min/max, the L2 search of PyTorch's "
                                          "HistogramObserver, a percentile, or KL entropy", CalibMethod)
     calib_ranges: Path | None = _setting(None, "reuse the activation ranges a run saved "
@@ -98,7 +101,9 @@ class RunConfig:
     pixel_max: float | None = _setting(None, "raw pixel value that maps to 1.0, for an .onnx model", float)
     resize: int | None = _setting(None, "short side before the centre crop, for an .onnx model (0: resize "
                                   "straight to the input size)", int)
-    progress: bool = _setting(True, "hide progress bars", flag="--no-progress", in_file=False)
+    progress: bool = _setting(True, "hide progress bars (shown only on a terminal; TQDM_DISABLE=1 hides them too)",
+                              flag="--no-progress", in_file=False)
+    quiet: bool = _setting(False, "print nothing but errors and the report's path", in_file=False)
 
     @property
     def is_onnx_file(self) -> bool:
@@ -126,10 +131,10 @@ class RunConfig:
         for weight_bits in self.weight_bits:  # every configuration of the sweep must be one a stage can build
             for act_bits in self.act_bits:
                 QuantSpec(weight_bits, act_bits, self.weight_scale).validate()
-        for name in ("repeats", "calib_size", "batch_size", "eval_size"):
+        for name, least in (("repeats", 1), ("calib_size", 1), ("batch_size", 1), ("eval_size", 2), ("seed", 0)):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"{flag_of(name)} must be at least 1, got {value}")
+            if value is not None and value < least:
+                raise UserError(f"{flag_of(name)} must be at least {least}, got {value}")
         given = [flag_of(name) for name in ("preprocess", "mean", "std", "pixel_max", "resize")
                  if getattr(self, name) is not None]
         if given and not self.is_onnx_file:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import UserError
 
+DEFAULT_CALIB_SIZE = 256
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 DATASET_KINDS = ("digits", "cifar100", "cifar10", "imagenet", "folder", "csv", "npz")
 
@@ -59,20 +60,31 @@ class Selection:
     calib: Split
     eval: Split
     held_out_from_eval: bool
+    calib_note: str | None = None  # how a default calibration size was adapted to the data
 
 
-def select(dataset: Dataset, calib_size: int, seed: int, eval_size: int | None = None,
+def select(dataset: Dataset, calib_size: int | None, seed: int, eval_size: int | None = None,
            repeat: int = 0, repeats: int = 1) -> Selection:
     """Draw ``calib_size`` calibration images for calibration repeat ``repeat`` (seed + repeat).
 
     They come from the calibration pool, or, when the dataset has none, from images held out of
     the evaluation split (with ``seed``, the same for every repeat: ``calib_size`` of them for one
     repeat, twice that for several). The evaluation images never change across repeats and never
-    overlap the calibration images.
+    overlap the calibration images. ``calib_size=None`` takes :data:`DEFAULT_CALIB_SIZE`, or fewer
+    when the data has fewer to spare (``Selection.calib_note`` says so).
     """
-    if calib_size < 1:
+    if calib_size is not None and calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {calib_size}")
     evaluation, pool = dataset.eval, dataset.calib_pool
+    note = None
+    if calib_size is None:
+        spare = len(pool) if pool is not None else len(evaluation) // (2 if repeats == 1 else 4)
+        calib_size = min(DEFAULT_CALIB_SIZE, max(1, spare))
+        if calib_size < DEFAULT_CALIB_SIZE:
+            note = (f"{calib_size} calibration images: the whole calibration pool, fewer than the default "
+                    f"{DEFAULT_CALIB_SIZE}" if pool is not None else
+                    f"{calib_size} calibration images held out of {len(evaluation)} (fewer than the default "
+                    f"{DEFAULT_CALIB_SIZE}, to leave images to evaluate)")
     if pool is None:
         held = calib_size if repeats == 1 else 2 * calib_size
         if held >= len(evaluation):
@@ -86,7 +98,7 @@ def select(dataset: Dataset, calib_size: int, seed: int, eval_size: int | None =
         evaluation = evaluation.take(np.sort(np.random.default_rng(seed).choice(len(evaluation), eval_size,
                                                                                 replace=False)))
     chosen = np.sort(np.random.default_rng(seed + repeat).choice(len(pool), size=calib_size, replace=False))
-    return Selection(pool.take(chosen), evaluation, dataset.calib_pool is None)
+    return Selection(pool.take(chosen), evaluation, dataset.calib_pool is None, note)
 
 
 # --- decoding ---------------------------------------------------------------------------------

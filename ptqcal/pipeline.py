@@ -28,8 +28,9 @@ FP16_NAME = "fp16"
 SIMULATION_CHECK_IMAGES = 256
 
 
-def _log(message: str) -> None:
-    print(f"[ptqcal] {message}", flush=True)
+def _log(cfg: RunConfig, message: str) -> None:
+    if not cfg.quiet:
+        print(f"[ptqcal] {message}", flush=True)
 
 
 @dataclass
@@ -50,7 +51,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     draws = [steps.draw_images(dataset, cfg, model.preprocess, cache, r) for r in range(cfg.repeats)]
     images = draws[0]
     steps.normalise(model.preprocess, images.eval.images[:1])  # a size mismatch is a user error, said now
-    _log(f"model {model.name}: {len(images.calib)} calibration / {len(images.eval)} evaluation images "
+    _log(cfg, f"model {model.name}: {len(images.calib)} calibration / {len(images.eval)} evaluation images "
          f"({dataset.name})")
     float_logits = steps.model_logits(cache, model.float_path, images.eval.images, model.preprocess, cfg, FLOAT_NAME)
     if float_logits.ndim != 2 or float_logits.shape[1] != model.num_classes:
@@ -64,10 +65,10 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     exclude = _quantize_sweep(cfg, model, draws, cache, work, sweep)
     for name, source in sweep.files.items():
         link_or_copy(source, work / name)
-    notes = [*model.notes, *run_notes(cfg, exclude, sweep.checks, images.failed)]
+    notes = [*model.notes, *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, cfg.to_dict(),
-              round(time.perf_counter() - started, 1)).save(work)
+              steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1))).save(work)
     return work
 
 
@@ -96,9 +97,11 @@ def _quantize_sweep(cfg: RunConfig, model, draws, cache: Cache, work: Path, swee
         suffix = "" if repeat == 0 else f"{REPEAT_MARK}{repeat}"
         if given is None:
             calib_inputs = steps.normalise(model.preprocess, images.calib.images)
+            misses = cache.misses
             histograms = steps.calibrate(cache, prepared, model.input_name, calib_inputs, cfg.progress)
-            _log(f"calibration: {len(histograms)} tensors ({cfg.calib_method}, draw {repeat + 1}/{cfg.repeats}), "
-                 "one pass for every precision")
+            done = "calibrated" if cache.misses > misses else "calibration reused from the cache:"
+            _log(cfg, f"{done} {len(histograms)} tensors (draw {repeat + 1}/{cfg.repeats}; {cfg.calib_method} "
+                      "ranges for every precision)")
         for bits in cfg.act_bits:
             ranges = given or compute_ranges(histograms, cfg.calib_method, bits, len(calib_inputs))
             ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json")
@@ -112,13 +115,13 @@ def _quantize_sweep(cfg: RunConfig, model, draws, cache: Cache, work: Path, swee
                     sweep.files[f"model_{spec.name}.onnx"] = path
                     sweep.checks.append(steps.check_deployment(
                         cache, path, name, draws[0].eval.images[:SIMULATION_CHECK_IMAGES], model.preprocess, cfg))
-                _log_config(name, sweep.logits[name], sweep.logits[FLOAT_NAME], draws[0].eval.labels)
+                _log_config(cfg, name, sweep.logits[name], sweep.logits[FLOAT_NAME], draws[0].eval.labels)
     return exclude
 
 
-def _log_config(name: str, logits: np.ndarray, float_logits: np.ndarray, labels: np.ndarray) -> None:
+def _log_config(cfg: RunConfig, name: str, logits: np.ndarray, float_logits: np.ndarray, labels: np.ndarray) -> None:
     swapped = np.mean(logits.argmax(1) != float_logits.argmax(1))
-    _log(f"{name}: top-1 error {100 * np.mean(logits.argmax(1) != labels):.2f}%, {100 * swapped:.2f}% swapped")
+    _log(cfg, f"{name}: top-1 error {100 * np.mean(logits.argmax(1) != labels):.2f}%, {100 * swapped:.2f}% swapped")
 
 
 def run(cfg: RunConfig) -> Path:
@@ -143,7 +146,7 @@ def run(cfg: RunConfig) -> Path:
             for folder in works:
                 if folder.exists():
                     shutil.rmtree(folder, ignore_errors=True)
-    _log(f"cache: {cache.hits} reused, {cache.misses} computed")
+    _log(cfg, f"cache: {cache.hits} reused, {cache.misses} computed")
     return out / "report.md"
 
 

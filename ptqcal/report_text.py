@@ -36,13 +36,13 @@ def run_summary(cfg: RunConfig, model, dataset_name: str, images) -> dict[str, s
 def describe_preprocess(p: PreprocessCfg) -> str:
     resize = f"resize {p.resize} + centre crop {p.input_size[1]}x{p.input_size[2]}" if p.resize else \
         f"{p.input_size[1]}x{p.input_size[2]}"
-    return f"{resize}, (x/{p.pixel_max:g} - {[round(m, 4) for m in p.mean]}) / {[round(s, 4) for s in p.std]}"
+    return f"{resize}, (x/{p.pixel_max!r} - {list(p.mean)}) / {list(p.std)}"  # exact: enough to reproduce
 
 
 def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgreement],
-              failed: Sequence[Path]) -> list[str]:
+              failed: Sequence[Path], calib_note: str | None = None) -> list[str]:
     """Notes on how the run was evaluated and what it could not do."""
-    notes = []
+    notes = [calib_note + "."] if calib_note else []
     if failed:
         notes.append(f"{len(failed)} images failed to decode and were skipped: "
                      + ", ".join(str(p) for p in failed[:5]) + (" …" if len(failed) > 5 else ""))

@@ -45,6 +45,7 @@ class Images:
     eval: Split
     failed: tuple[Path, ...]  # undecodable files that were skipped
     held_out_from_eval: bool  # calibration images came out of the evaluation split
+    calib_note: str | None = None  # how a default calibration size was adapted to the data
 
 
 def versions() -> dict[str, str]:
@@ -152,7 +153,8 @@ def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cac
     selection = select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size, repeat, cfg.repeats)
     calib, failed_calib = _decode_split(selection.calib, preprocess, cfg.strict, cache, "calib-pixels")
     evaluation, failed_eval = _decode_split(selection.eval, preprocess, cfg.strict, cache, "eval-pixels")
-    return Images(calib, evaluation, tuple(failed_calib + failed_eval), selection.held_out_from_eval)
+    return Images(calib, evaluation, tuple(failed_calib + failed_eval), selection.held_out_from_eval,
+                  selection.calib_note)
 
 
 def _decode_split(split: Split, preprocess: PreprocessCfg, strict: bool, cache: Cache | None,
@@ -196,6 +198,16 @@ def _check_logits(logits: np.ndarray) -> None:
     if not np.isfinite(logits).all():
         raise UserError("the model's logits are NaN or infinite on these images: check the preprocessing "
                         "(--preprocess, --mean, --std, --pixel-max) and the images")
+
+
+def first_seconds(cache: Cache, logits: dict[str, np.ndarray], seconds: float) -> float:
+    """The wall time of the run that first computed these logits (a cached re-run reports that,
+    not its own few seconds)."""
+    import json
+
+    key = make_key({name: array_digest(values) for name, values in logits.items()})
+    path = cache.file("seconds", key, "json", lambda tmp: tmp.write_text(json.dumps(seconds)))
+    return float(json.loads(path.read_text()))
 
 
 def prepare_for_quantization(cache: Cache, float_path: Path) -> Path:

@@ -141,7 +141,7 @@ def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bi
     outputs = [o.name for o in session.get_outputs()]
     histograms = {name: TensorHistogram(bins) for name in names}
     total = len(reader) if hasattr(reader, "__len__") else None
-    with tqdm(total=total, desc="calibrate", unit="batch", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc="calibrate", unit="batch", disable=None if progress else True, leave=False) as bar:
         while (feed := reader.get_next()) is not None:
             values = dict(zip(outputs, session.run(outputs, feed)))
             values.update(feed)

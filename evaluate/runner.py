@@ -9,6 +9,12 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
+from ptqcal.errors import InputError
+
+
+class SessionError(InputError):
+    """A model ONNX Runtime cannot load or run (unknown operators, custom domains, bad graphs)."""
+
 
 def make_session(model_path: str | Path, fused: bool = True,
                  optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
@@ -20,7 +26,11 @@ def make_session(model_path: str | Path, fused: bool = True,
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own pybind error types for graphs it cannot run
+        reason = " ".join(str(exc).split())[:300]
+        raise SessionError(f"ONNX Runtime cannot run {Path(model_path).name}: {reason}") from None
 
 
 def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 256, desc: str = "evaluate",
@@ -37,7 +47,11 @@ def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int =
         for start in range(0, len(inputs), batch_size):
             batch = inputs[start:start + batch_size]
             batch = np.ascontiguousarray(transform(batch) if transform else batch, dtype=np.float32)
-            chunks.append(session.run(None, {input_name: batch})[0])
+            try:
+                chunks.append(session.run(None, {input_name: batch})[0])
+            except Exception as exc:  # ORT's pybind errors: the graph fails on real input
+                reason = " ".join(str(exc).split())[:300]
+                raise SessionError(f"ONNX Runtime failed to run the model: {reason}") from None
             bar.update(len(batch))
     return np.concatenate(chunks).astype(np.float32, copy=False)
 

@@ -141,8 +141,9 @@ def onnx_preprocess(info: OnnxModelInfo, given: PreprocessOverrides = Preprocess
             raise PreprocessError(f"the preprocessing of {info.path.name} is not known (its metadata carries none): "
                                   f"name a preset ({', '.join(PRESETS)}) or give the mean and std it was trained "
                                   "with", "preprocess")
-        chosen = replace(base, mean=given.mean or base.mean, std=given.std or base.std,
-                         pixel_max=given.pixel_max or base.pixel_max,
+        chosen = replace(base, mean=base.mean if given.mean is None else given.mean,
+                         std=base.std if given.std is None else given.std,
+                         pixel_max=base.pixel_max if given.pixel_max is None else given.pixel_max,
                          resize=base.resize if given.resize is None else (given.resize or None))
         return chosen.check()
     except PreprocessError as exc:

@@ -8,13 +8,15 @@ file, which wins over the defaults.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .config import DEFAULT_MODELS, RunConfig, default_of, flag_of, parse_value, read_config_file, settings
+from .config import (DEFAULT_MODELS, RunConfig, default_cache_dir, default_of, flag_of, parse_value, read_config_file,
+                     settings)
 from .errors import InputError, UserError
 
 EXIT_USAGE = 2
@@ -166,6 +168,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # ptqcal leaves nothing in $TMPDIR and reports nothing anywhere; both variables are read when
+    # the libraries are first imported, which happens below. ONNX Runtime's telemetry writes a
+    # session file into $TMPDIR; importing torchvision creates torch's compile cache there.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "torchinductor"))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,0 +1,190 @@
+"""What users rely on beyond one bad input: reports that cannot be made to read a file, caches
+that cannot be poisoned, runs that resume at any kill point, one writer per folder, and clean-up
+that touches only ptqcal's own files."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import tiny_onnx_classifier
+
+from ptqcal.cli import main
+
+DIGITS = ("--dataset", "digits", "--preprocess", "digits", "--no-progress", "--quiet", "--calib-size", "32")
+
+
+def _fake_run(folder: Path, model: str, notes: list[str]) -> Path:
+    from ptqcal.evaluate import RunRecord
+    from ptqcal.runfolder import RUN, write_marker
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 200)
+    logits = (rng.normal(size=(200, 5)) + 3 * np.eye(5)[labels]).astype(np.float32)
+    folder.mkdir(parents=True)
+    write_marker(folder, RUN)
+    RunRecord(model, labels, {"float": logits, "a8w4": logits + rng.normal(0, 0.7, logits.shape).astype(np.float32)},
+              summary={"dataset": "![s](SECRET)", "images\n![t](SECRET)": 200}, notes=notes).save(folder)
+    return folder
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.stack, self.images, self.errors = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag not in ("meta", "br"):
+            if tag == "li" and (not self.stack or self.stack[-1] != "ul"):
+                self.errors.append("li outside ul")
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag == "img":
+            return
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(f"unbalanced </{tag}>")
+
+
+def test_a_report_never_embeds_a_file_named_by_data_and_is_valid_html(tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG the user's private picture")
+    name = f"evil\n![x]({secret})<script>alert(1)</script>"
+    run = _fake_run(tmp_path / "run", name, [f"see ![y]({secret}) and [link](file://{secret}) | a | b |"])
+    json_text = (run / "run.json").read_text().replace("SECRET", str(secret))
+    (run / "run.json").write_text(json_text)
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert base64.b64encode(secret.read_bytes()).decode()[:20] not in page
+    assert "<script>" not in page and "href" not in page  # text from data stays text: no tag, no link
+    parser = _Tags()
+    parser.feed(page)
+    assert not parser.errors and not parser.stack
+    figures = sorted(p.name for p in (tmp_path / "out").glob("fig*.png"))
+    assert len(parser.images) == len(figures) and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"![x]({secret})" not in markdown and f"![y]({secret})" not in markdown
+
+
+def _run(model: Path, out: Path, *extra: str) -> int:
+    return main(["run", "--model", str(model), "--out", str(out), *DIGITS, "--weight-bits", "8", "4", *extra])
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_entry_is_recomputed_not_trusted(tmp_path):
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    out = tmp_path / "run"
+    assert _run(model, out) == 0
+    metrics = (out / "metrics.json").read_bytes()
+    cache = out / "cache"
+    quantized = next(cache.glob("quantized-*.onnx"))
+    quantized.write_bytes(b"garbage")  # a foreign or damaged model
+    logits = next(cache.glob("logits-*.npy"))
+    logits.write_bytes(logits.read_bytes()[:64])  # truncated
+    histograms = next(cache.glob("histograms-*.npz"))
+    histograms.with_name(histograms.name + ".sha256").unlink()  # written, but never sealed (a kill)
+    assert _run(model, out) == 0
+    assert (out / "metrics.json").read_bytes() == metrics
+    onnx.checker.check_model(onnx.load(str(quantized)))
+
+
+def test_logits_that_are_not_finite_never_enter_the_cache(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("Log", ["flat"], ["log"]),
+         helper.make_node("Slice", ["log", "starts", "ends", "axes"], ["logits"])],
+        "nan", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [onnx.numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((0, "starts"), (10, "ends"), (1, "axes"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+    out = tmp_path / "run"
+    # the digits preset maps pixel 0 to (0 - 0.3) / 0.4 < 0, whose Log is NaN
+    assert main(["run", "--model", str(tmp_path / "nan.onnx"), "--out", str(out), *DIGITS]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_kill_between_export_and_its_check_resumes(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    import ptqcal.export
+
+    real = ptqcal.export.export_onnx
+
+    def killed(*args, **kwargs):
+        real(*args, **kwargs)  # the model file is written ...
+        raise KeyboardInterrupt  # ... and the process dies before the check is stored
+
+    monkeypatch.setattr(ptqcal.export, "export_onnx", killed)
+    out = tmp_path / "run"
+    args = ["run", "--model", "digits_resnet8", "--out", str(out), "--no-progress", "--quiet", "--weight-bits", "8",
+            "--cache-dir", str(tmp_path / "models")]
+    assert main(args) == 130
+    monkeypatch.setattr(ptqcal.export, "export_onnx", real)
+    assert main(args) == 0
+    assert "logit difference\\| vs PyTorch" in (out / "report.md").read_text()
+
+
+def test_a_second_writer_of_one_folder_refuses_with_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    with open(tmp_path / ".run.ptqcal-lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another ptqcal is writing
+        code = main(["run", "--model", str(tiny_onnx_classifier(tmp_path / "t.onnx")), "--out", str(out), *DIGITS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "another ptqcal is writing" in err[0]
+    assert not out.exists() and (tmp_path / ".run.ptqcal-lock").exists()  # the other writer's lock stays
+
+
+def test_out_names_are_literal_and_clean_up_touches_only_marked_folders(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    model = tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)
+    (tmp_path / "par" / "sibling").mkdir(parents=True)
+    (tmp_path / "par" / "sibling" / "data.txt").write_text("mine")
+    lookalike = tmp_path / "par" / ".*.partial-mine"  # a user's folder named like a leftover, unmarked
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("mine too")
+    assert _run(model, Path("par/*")) == 0
+    assert (tmp_path / "par" / "sibling" / "data.txt").read_text() == "mine"
+    assert (lookalike / "keep.txt").read_text() == "mine too"
+    assert (tmp_path / "par" / "*" / "report.md").exists()
+
+
+def test_a_failing_report_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    run = _fake_run(tmp_path / "run", "m", [])
+    assert main(["report", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    import ptqcal.analysis.report as report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk filled up")
+
+    monkeypatch.setattr(report, "metrics_json", broken)
+    with pytest.raises(RuntimeError):
+        main(["report", str(run)])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_a_comparison_folder_is_reported_by_its_parts(tmp_path):
+    from ptqcal.runfolder import COMPARISON, write_marker
+
+    folder = tmp_path / "both"
+    _fake_run(folder / "a", "a", [])
+    _fake_run(folder / "b", "b", [])
+    write_marker(folder, COMPARISON, ["a", "b", "../../etc"])
+    assert main(["report", str(folder)]) == 0
+    assert "# ptqcal report: a vs b" in (folder / "report.md").read_text()

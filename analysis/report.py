@@ -184,7 +184,8 @@ def markdown_tables(run: RunAnalysis) -> list[str]:
 
 CONFIDENT = 0.9  # a float prediction held with at least this confidence counts as confident
 COLLAPSED = 0.9  # a configuration that swaps at least this share of predictions has collapsed
-FLIPPING = 0.05  # confident predictions "start to flip" once this share of them swaps
+FLIPPING = 0.05  # confident predictions "start to flip" once this share of them swaps ...
+MIN_FLIPS = 3  # ... and at least this many (one image of a handful is noise)
 
 
 def _confident_swaps(config) -> tuple[int, int]:
@@ -212,8 +213,7 @@ def sweep_reading(run: RunAnalysis, mild_ratio: float = 0.5) -> str:
         sentences.append(
             f"At {md(most.name)}, {100 * m.swapped:.2f}% of the predictions changed while the top-1 error moved by "
             f"{100 * m.delta_top1_error:+.2f} pp (ratio {m.delta_error_per_swapped:.2f}); {confident}.")
-    flipping = [c for c in working if _confident_swaps(c)[1] and
-                _confident_swaps(c)[0] >= max(1, FLIPPING * _confident_swaps(c)[1])]
+    flipping = [c for c in working if _confident_swaps(c)[0] >= max(MIN_FLIPS, FLIPPING * _confident_swaps(c)[1])]
     if flipping:
         first = flipping[0]  # in sweep order: the highest precision at which they flip
         flipped, held = _confident_swaps(first)

@@ -24,6 +24,7 @@ class OnnxModelInfo:
     num_classes: int
     ends_in_softmax: bool  # outputs are probabilities, not logits
     preprocess_metadata: str | None = None  # what ptqcal stored at export (METADATA_KEY), if anything
+    external_data: tuple[Path, ...] = ()  # files beside the model that hold its weights
 
     @property
     def chw(self) -> tuple[int, int, int] | None:
@@ -64,7 +65,7 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
             kind = onnx.TensorProto.DataType.Name(elem) if elem else "untyped"
             raise ModelError(f"{path}: its {role} {value.name!r} holds {kind} values; ptqcal needs a float image "
                              f"input and float logits")
-    _check_external_data(model, path)
+    external = _check_external_data(model, path)
     in_dims = _dims(inputs[0]) or ()
     producer = next((n for n in model.graph.node if output.name in n.output), None)
     return OnnxModelInfo(
@@ -75,13 +76,14 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
         num_classes=out_dims[1] if out_dims else 0,
         ends_in_softmax=producer is not None and producer.op_type == "Softmax",
         preprocess_metadata=next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None),
+        external_data=external,
     )
 
 
-def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Weights stored beside the model must stay inside its folder (a model file never makes
-    ptqcal read a file elsewhere)."""
-    folder = path.parent.resolve()
+def _check_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
+    """The files holding the model's external weights; they must stay inside its folder (a model
+    file never makes ptqcal read a file elsewhere)."""
+    folder, files = path.parent.resolve(), []
     for init in model.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -91,6 +93,8 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
             raise ModelError(f"{path}: tensor {init.name!r} points at {location!r}, outside the model's folder")
         if not target.is_file():
             raise ModelError(f"{path}: tensor {init.name!r} is stored in {location!r}, which is missing")
+        files.append(target)
+    return tuple(dict.fromkeys(files))
 
 
 def without_softmax(path: str | Path, out_path: str | Path) -> Path:

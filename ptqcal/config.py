@@ -47,8 +47,7 @@ class RunConfig:
     """Everything one ``ptqcal run`` of one model needs; ``validate`` checks it."""
 
     model: str = _setting(DEFAULT_MODELS[0], "registry names (see 'ptqcal models') or .onnx classifiers; several "
-                          "are compared in one report (by default the digits ResNet trained plainly and with "
-                          "label smoothing)",
+                          "are compared in one report",
                           str, many=True, metavar="NAME|FILE.onnx")
     weights: Path | None = _setting(None, "state dict (.pth) for a registry model ('random': untrained)", Path)
     dataset: str | None = _setting(None, "digits, cifar100, cifar10, imagenet, folder, csv, npz, or FILE.npz "

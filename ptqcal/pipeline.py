@@ -87,6 +87,7 @@ def _quantize_sweep(cfg: RunConfig, model, draws, cache: Cache, work: Path, swee
     import onnx
 
     from .quantize import CalibrationRanges, compute_ranges, layers_to_exclude
+    from .quantize.qdq import quantized_tensors
 
     prepared = steps.prepare_for_quantization(cache, model.float_path)
     graph = onnx.load(str(prepared), load_external_data=False)
@@ -104,13 +105,14 @@ def _quantize_sweep(cfg: RunConfig, model, draws, cache: Cache, work: Path, swee
                       "ranges for every precision)")
         for bits in cfg.act_bits:
             ranges = given or compute_ranges(histograms, cfg.calib_method, bits, len(calib_inputs))
-            ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json")
             for weight_bits in cfg.weight_bits:
                 spec = QuantSpec(weight_bits, bits, cfg.weight_scale, exclude)
                 path = steps.quantize_config(cache, prepared, ranges, spec)
                 name = spec.name + suffix
                 sweep.logits[name] = steps.model_logits(cache, path, draws[0].eval.images, model.preprocess, cfg,
                                                         name, fused=cfg.execution == "deployed")
+                if weight_bits == cfg.weight_bits[0]:  # which ranges the graph uses, beside the others
+                    ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json", quantized_tensors(path))
                 if repeat == 0:
                     sweep.files[f"model_{spec.name}.onnx"] = path
                     sweep.checks.append(steps.check_deployment(

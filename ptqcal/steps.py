@@ -75,9 +75,15 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedMod
         return _export_registry_model(cfg, dataset, cache)
     info = inspect_onnx(cfg.model)
     path, notes = info.path, ()
+    if info.external_data:  # one self-contained file: ORT's pre-processing copies the model alone
+        import onnx
+
+        key = make_key(file_digest(path), [file_digest(f) for f in info.external_data], versions())
+        path = cache.file("inline-graph", key, "onnx", lambda tmp: onnx.save(onnx.load(str(info.path)), str(tmp)))
     if info.ends_in_softmax:
-        path = cache.file("logits-graph", make_key(file_digest(info.path), versions()), "onnx",
-                          lambda tmp: without_softmax(info.path, tmp))
+        source = path
+        path = cache.file("logits-graph", make_key(file_digest(source), versions()), "onnx",
+                          lambda tmp: without_softmax(source, tmp))
         notes = ("The model ends in Softmax; its last Softmax was removed so that every configuration is "
                  "evaluated (and quantized) on its logits.",)
     given = PreprocessOverrides(cfg.mean, cfg.std, cfg.pixel_max, cfg.resize)

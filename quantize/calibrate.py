@@ -161,10 +161,16 @@ class CalibrationRanges:
     num_images: int
     ranges: dict[str, tuple[float, float]]
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, used: set[str] | None = None) -> Path:
+        """Write the ranges as JSON; with ``used`` (the tensors a quantized graph quantizes), the
+        others go under ``unused_ranges`` so the file says which ranges the graph uses."""
         path = Path(path)
+        keep = self.ranges if used is None else {k: v for k, v in self.ranges.items() if k in used}
         payload = {"method": self.method, "bits": self.bits, "num_images": self.num_images,
-                   "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()}}
+                   "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in keep.items()}}
+        if used is not None:
+            payload["unused_ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()
+                                        if k not in used}
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(payload, indent=1))
         return path
@@ -174,7 +180,8 @@ class CalibrationRanges:
         """Ranges saved by :meth:`save`; :class:`QuantizeError` for anything else."""
         try:
             payload = json.loads(Path(path).read_text())
-            ranges = {str(k): (float(lo), float(hi)) for k, (lo, hi) in payload["ranges"].items()}
+            stored = {**payload.get("unused_ranges", {}), **payload["ranges"]}
+            ranges = {str(k): (float(lo), float(hi)) for k, (lo, hi) in stored.items()}
             return cls(str(payload["method"]), int(payload["bits"]), int(payload["num_images"]), ranges)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise QuantizeError(f"{path} is not a calibration ranges file ({type(exc).__name__})",

@@ -177,6 +177,14 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
     return out_path
 
 
+def quantized_tensors(quantized_path: str | Path) -> set[str]:
+    """The activation tensors a QDQ model quantizes (inputs of its activation QuantizeLinear nodes)."""
+    model = onnx.load(str(quantized_path), load_external_data=False)
+    constants = {init.name for init in model.graph.initializer}
+    return {node.input[0].split("_clip_")[0] for node in model.graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] not in constants}
+
+
 def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 

@@ -131,6 +131,11 @@ def _inputs(root: Path) -> dict[str, Path]:
     for name in ("train", "test"):
         (truncated / name).write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)})[:30])
     p["cifar_truncated"] = root / "cifar_truncated"
+    from PIL import Image
+
+    (root / "huge_png" / "cls").mkdir(parents=True)
+    Image.new("L", (12000, 12000)).save(root / "huge_png" / "cls" / "bomb.png", optimize=True)  # 144 megapixels
+    p["huge_png"] = root / "huge_png"
     p["labels_binary"] = root / "labels.txt"
     p["labels_binary"].write_bytes(b"\xff\xfe\x00\x01" * 100)
     (root / "imagenet" / "val").mkdir(parents=True)
@@ -233,6 +238,8 @@ CASES = {
     "empty CSV": [*RUN, "--model", "{tiny}", "--dataset", "csv", "--data-dir", "{empty_csv}", "--preprocess", "unit"],
     "folder without images": [*RUN, "--model", "{tiny}", "--dataset", "folder", "--data-dir", "{no_images}",
                               "--preprocess", "unit"],
+    "144-megapixel PNG with --strict": [*RUN, "--model", "{tiny}", "--dataset", "folder", "--data-dir", "{huge_png}",
+                                        "--preprocess", "unit", "--strict"],
     "hostile CIFAR pickle": [*RUN, "--model", "{tiny}", "--dataset", "cifar100", "--data-dir", "{cifar_hostile}",
                              "--preprocess", "unit"],
     "truncated CIFAR pickle": [*RUN, "--model", "{tiny}", "--dataset", "cifar100", "--data-dir", "{cifar_truncated}",

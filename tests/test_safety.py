@@ -188,3 +188,31 @@ def test_a_comparison_folder_is_reported_by_its_parts(tmp_path):
     write_marker(folder, COMPARISON, ["a", "b", "../../etc"])
     assert main(["report", str(folder)]) == 0
     assert "# ptqcal report: a vs b" in (folder / "report.md").read_text()
+
+
+def test_external_weights_inside_the_models_folder_work(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    model = onnx.load(str(tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.weights", size_threshold=0)
+    assert (tmp_path / "ext.weights").stat().st_size > 0
+    assert main(["run", "--model", str(tmp_path / "ext.onnx"), "--out", str(tmp_path / "run"), *DIGITS,
+                 "--weight-bits", "8"]) == 0, capsys.readouterr().err
+
+
+def test_compare_torch_without_torch_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+            "            raise ImportError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from ptqcal.cli import main\n"
+            "sys.exit(main(['compare-torch', '--model', 'cifar_resnet20', '--weights', 'random', '--no-progress']))\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    err = completed.stderr.strip().splitlines()
+    assert completed.returncode == 2 and len(err) == 1 and "pip install" in err[0], completed.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,9 @@ from .evaluate.record import FORMAT_VERSION, RunRecord
 
 MARKER = ".ptqcal"
 RUN, COMPARISON, REPORT = "run", "comparison", "report"  # what a marked folder holds
-PARTIAL = ".partial-"  # work folders beside their target: .<name>.partial-XXXX
+PARTIAL = ".partial-"
+# the file system's answers that are the user's to fix: read-only, full, no permission, over quota
+DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}  # work folders beside their target: .<name>.partial-XXXX
 
 
 def marker_kind(folder: Path) -> str | None:
@@ -71,32 +73,36 @@ def writing(out: Path, kind: str, parts: list[str] | None = None) -> Iterator[Pa
     error, everything this claim created is removed again, so a refusal leaves nothing behind."""
     check_target(out, (kind,))
     created = _missing_ancestors(out) + ([] if out.exists() else [out])
-    out.mkdir(parents=True, exist_ok=True)
-    marked = marker_kind(out) is None
-    if marked:
-        write_marker(out, kind, parts)
-    lock = out.parent / f".{out.name}.ptqcal-lock"
-    handle = open(lock, "a")
+    marked, lock, handle = False, None, None
     try:
         try:
+            out.mkdir(parents=True, exist_ok=True)
+            marked = marker_kind(out) is None
+            if marked:
+                write_marker(out, kind, parts)
+            lock = out.parent / f".{out.name}.ptqcal-lock"
+            handle = open(lock, "a")
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+        except BlockingIOError:
             lock = None  # the other process's
             raise UserError(f"another ptqcal is writing {out}; wait for it to finish or choose another "
                             "--out") from None
         yield out
-    except InputError:
+    except (InputError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in DISK_ERRNOS:
+            raise  # not the disk's answer: an internal error keeps its traceback
         if created:
             shutil.rmtree(created[0], ignore_errors=True)
         elif marked:
             (out / MARKER).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {exc.filename or out}: {exc.strerror}") from None
         raise
     finally:
         if lock is not None:
             lock.unlink(missing_ok=True)
-        handle.close()
+        if handle is not None:
+            handle.close()
 
 
 def _missing_ancestors(out: Path) -> list[Path]:

@@ -216,3 +216,21 @@ def test_compare_torch_without_torch_is_one_line(tmp_path):
     err = completed.stderr.strip().splitlines()
     assert completed.returncode == 2 and len(err) == 1 and "pip install" in err[0], completed.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    pytest.importorskip("sklearn")
+    from ptqcal.evaluate import RunRecord
+
+    def full(self, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "logits.npz"))
+
+    monkeypatch.setattr(RunRecord, "save", full)
+    out = tmp_path / "runs" / "run"
+    code = main(["run", "--model", str(tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)), "--out", str(out), *DIGITS,
+                 "--weight-bits", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert not (tmp_path / "runs").exists()

@@ -46,9 +46,18 @@ def _run(model, out, *extra):
 
 
 def _computed(capsys) -> tuple[int, int]:
-    line = next(text for text in capsys.readouterr().out.splitlines() if "cache:" in text)
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("[ptqcal] cache:"))
     reused, computed = (int(w) for w in line.replace(",", "").split() if w.isdigit())
     return reused, computed
+
+
+def _entries(cache: Path) -> dict[str, int]:
+    """Cache entry -> its modification time (seals and the report's reuse stamp left out)."""
+    return {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix not in (".sha256", ".done")}
+
+
+def _kind(name: str) -> str:
+    return name.rsplit("-", 1)[0]
 
 
 @pytest.mark.slow
@@ -57,26 +66,31 @@ def test_hits_misses_and_invalidation(tmp_path, capsys):
     model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
     out = tmp_path / "run"
     assert _run(model, out, "--weight-bits", "8", "4") == 0
-    reused, computed = _computed(capsys)
-    assert reused == 0 and computed > 0
-    first_metrics = (out / "metrics.json").read_bytes()
+    assert _computed(capsys)[0] == 0
+    first_metrics, first = (out / "metrics.json").read_bytes(), _entries(out / "cache")
 
     assert _run(model, out, "--weight-bits", "8", "4") == 0
-    assert _computed(capsys) == (computed, 0), "the same command recomputes nothing"
+    assert _computed(capsys)[1] == 0, "the same command recomputes nothing"
     assert (out / "metrics.json").read_bytes() == first_metrics
+    assert _entries(out / "cache") == first
 
     assert _run(model, out, "--weight-bits", "8", "4", "6") == 0
-    reused, new = _computed(capsys)
-    # one quantized model, its logits and its two deployed/simulated check logits
-    assert new == 4 and reused == computed
+    after = _entries(out / "cache")
+    assert {k: v for k, v in after.items() if k in first} == first, "nothing already computed was rewritten"
+    new = sorted(_kind(name) for name in set(after) - set(first))
+    # the a8w6 model, its logits, and its deployed and simulated check logits (and the run's timing)
+    assert new == ["check-logits", "check-logits", "logits", "quantized", "seconds"]
     assert (out / "model_a8w6.onnx").exists()
 
+    before_seed = _entries(out / "cache")
     assert _run(model, out, "--weight-bits", "8", "4", "--seed", "1") == 0
-    reused, new = _computed(capsys)
-    # another calibration draw: float logits, export/prepared model and the float reference stay;
-    # calibration logits, histograms, both quantized models and their logits and checks are new
-    assert new == 1 + 1 + 2 * 4
-    assert reused >= 2
+    new = {_kind(name) for name in set(_entries(out / "cache")) - set(before_seed)}
+    # another calibration draw: new calibration images, histograms and everything quantized; the
+    # float model, its preparation and its logits on the (unchanged) evaluation images are reused
+    assert {"calib-logits", "histograms", "quantized", "logits", "check-logits"} <= new
+    assert not new & {"prepared", "float"}
+    float_logits = [name for name in before_seed if name.startswith("logits-")]
+    assert all(name in _entries(out / "cache") for name in float_logits)
 
 
 def _wait_for(pattern: str, folder: Path, process: subprocess.Popen, timeout: float = 120) -> bool:

@@ -11,7 +11,9 @@ QuantizeLinear saturates only at the container's 0..255.
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -55,7 +57,9 @@ def prepare(float_path: str | Path, out_path: str | Path) -> Path:
     which ONNX's own shape inference handles, and it would need sympy on torch-free machines.
     """
     out_path = Path(out_path)
-    quant_pre_process(str(float_path), str(out_path), skip_symbolic_shape=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".ptqcal-prepare-", dir=out_path.parent) as tmp, _ort_temporary_files(tmp):
+        quant_pre_process(str(float_path), str(out_path), skip_symbolic_shape=True)
     model = onnx.load(str(out_path))
     if name_nodes(model):
         onnx.save(model, str(out_path))
@@ -151,21 +155,22 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
         partial = Path(tmp) / "model.onnx"
-        quantize_static(
-            str(prepared_path), str(partial), calibration_data_reader=None,
-            calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,
-            quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
-            weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
-            activation_type=QuantType.QUInt8,
-            # Every weight gets explicit symmetric scales (zero point 0) in the overrides. ORT's
-            # "symmetric" would also narrow the clip to [-(2^(b-1)-1), 2^(b-1)-1], dropping the
-            # code -2^(b-1) that PyTorch's quantizer uses: so WeightSymmetric is off.
-            extra_options={"WeightSymmetric": False, "ActivationSymmetric": False,
-                           "TensorQuantOverrides": _overrides(model, ranges, spec),
-                           # keep our b-bit weight scales even where the int32 bias scale is tiny
-                           "QDQDisableWeightAdjustForInt32Bias": True,
-                           "QuantizeBias": spec.quantize_bias},
-            )
+        with _ort_temporary_files(tmp):
+            quantize_static(
+                str(prepared_path), str(partial), calibration_data_reader=None,
+                calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,
+                quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
+                weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                # Every weight gets explicit symmetric scales (zero point 0) in the overrides. ORT's
+                # "symmetric" would also narrow the clip to [-(2^(b-1)-1), 2^(b-1)-1], dropping the
+                # code -2^(b-1) that PyTorch's quantizer uses: so WeightSymmetric is off.
+                extra_options={"WeightSymmetric": False, "ActivationSymmetric": False,
+                               "TensorQuantOverrides": _overrides(model, ranges, spec),
+                               # keep our b-bit weight scales even where the int32 bias scale is tiny
+                               "QDQDisableWeightAdjustForInt32Bias": True,
+                               "QuantizeBias": spec.quantize_bias},
+                )
         quantized = onnx.load(str(partial))
         if not spec.quantize_outputs:
             keep_outputs_float(quantized)
@@ -175,6 +180,19 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
     with atomic_path(out_path) as target:  # beside out_path: /tmp may be another file system
         onnx.save(quantized, str(target))
     return out_path
+
+
+@contextmanager
+def _ort_temporary_files(folder: str | Path) -> Iterator[None]:
+    """``quant_pre_process`` and ``quantize_static`` make their own temporary folders in
+    ``tempfile.gettempdir()`` and take no folder argument. For the call, point them at ours (inside
+    the run's cache, restored after), so a killed run leaves nothing in $TMPDIR."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
 
 
 def quantized_tensors(quantized_path: str | Path) -> set[str]:

@@ -234,3 +234,17 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_writes_nothing_into_tmpdir(tmp_path, monkeypatch):
+    import tempfile
+
+    pytest.importorskip("sklearn")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    model = tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)
+    assert _run(model, tmp_path / "run") == 0  # quant_pre_process and quantize_static work in the cache
+    assert list(tmp.iterdir()) == []
+    assert tempfile.gettempdir() == str(tmp)  # and the default is back

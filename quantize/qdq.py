@@ -155,22 +155,7 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
         partial = Path(tmp) / "model.onnx"
-        with _ort_temporary_files(tmp):
-            quantize_static(
-                str(prepared_path), str(partial), calibration_data_reader=None,
-                calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,
-                quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
-                weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
-                activation_type=QuantType.QUInt8,
-                # Every weight gets explicit symmetric scales (zero point 0) in the overrides. ORT's
-                # "symmetric" would also narrow the clip to [-(2^(b-1)-1), 2^(b-1)-1], dropping the
-                # code -2^(b-1) that PyTorch's quantizer uses: so WeightSymmetric is off.
-                extra_options={"WeightSymmetric": False, "ActivationSymmetric": False,
-                               "TensorQuantOverrides": _overrides(model, ranges, spec),
-                               # keep our b-bit weight scales even where the int32 bias scale is tiny
-                               "QDQDisableWeightAdjustForInt32Bias": True,
-                               "QuantizeBias": spec.quantize_bias},
-                )
+        _ort_quantize(prepared_path, partial, cache, model, ranges, spec)
         quantized = onnx.load(str(partial))
         if not spec.quantize_outputs:
             keep_outputs_float(quantized)
@@ -201,6 +186,27 @@ def quantized_tensors(quantized_path: str | Path) -> set[str]:
     constants = {init.name for init in model.graph.initializer}
     return {node.input[0].split("_clip_")[0] for node in model.graph.node
             if node.op_type == "QuantizeLinear" and node.input[0] not in constants}
+
+
+def _ort_quantize(prepared_path: Path, partial: Path, cache: Path, model: onnx.ModelProto,
+                  ranges: CalibrationRanges, spec: QuantSpec) -> None:
+    """ORT's ``quantize_static`` with the ranges as its calibration cache and our scales as overrides."""
+    with _ort_temporary_files(Path(partial).parent):
+        quantize_static(
+            str(prepared_path), str(partial), calibration_data_reader=None,
+            calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,
+            quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
+            weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            # Every weight gets explicit symmetric scales (zero point 0) in the overrides. ORT's
+            # "symmetric" would also narrow the clip to [-(2^(b-1)-1), 2^(b-1)-1], dropping the
+            # code -2^(b-1) that PyTorch's quantizer uses: so WeightSymmetric is off.
+            extra_options={"WeightSymmetric": False, "ActivationSymmetric": False,
+                           "TensorQuantOverrides": _overrides(model, ranges, spec),
+                           # keep our b-bit weight scales even where the int32 bias scale is tiny
+                           "QDQDisableWeightAdjustForInt32Bias": True,
+                           "QuantizeBias": spec.quantize_bias},
+        )
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -10,6 +10,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from ptqcal.errors import InputError
+from ptqcal.quantize.calibrate import bar_disabled
 
 
 class SessionError(InputError):
@@ -43,7 +44,7 @@ def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int =
     """
     input_name = session.get_inputs()[0].name
     chunks = []
-    with tqdm(total=len(inputs), desc=desc, unit="img", disable=None if progress else True, leave=False) as bar:
+    with tqdm(total=len(inputs), desc=desc, unit="img", disable=bar_disabled(progress), leave=False) as bar:
         for start in range(0, len(inputs), batch_size):
             batch = inputs[start:start + batch_size]
             batch = np.ascontiguousarray(transform(batch) if transform else batch, dtype=np.float32)

@@ -178,8 +178,8 @@ def write_report(folders: list[Path], target: Path) -> Path:
     half way, the previous report stays whole."""
     from .analysis import build_report
 
-    runs = [RunRecord.load(folder) for folder in folders]  # a wrong folder fails before anything is written
-    del runs
+    for folder in folders:  # a wrong folder fails before anything is written
+        RunRecord.load(folder)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}report-", dir=target.parent))
     try:

@@ -7,6 +7,7 @@ returns a typed result; a step whose inputs did not change costs one file lookup
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -113,18 +114,12 @@ def _export_registry_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> Pr
                                            f'"num_checked": {result.num_checked}}}')
 
     folder = cache.folder("float", key, export)
-    check = _read_json(folder / "check.json")
+    check = json.loads((folder / "check.json").read_text())
     note = (f"Exported to ONNX with BatchNorm folded; max |logit difference| vs PyTorch on {check['num_checked']} "
             f"evaluation images: {check['max_abs_diff']:.2e}.")
     from .export import INPUT_NAME
 
     return PreparedModel(entry.name, folder / "model.onnx", entry.preprocess, entry.num_classes, INPUT_NAME, (note,))
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
 
 
 def _package_version(name: str) -> str | None:
@@ -209,8 +204,6 @@ def _check_logits(logits: np.ndarray) -> None:
 def first_seconds(cache: Cache, logits: dict[str, np.ndarray], seconds: float) -> float:
     """The wall time of the run that first computed these logits (a cached re-run reports that,
     not its own few seconds)."""
-    import json
-
     key = make_key({name: array_digest(values) for name, values in logits.items()})
     path = cache.file("seconds", key, "json", lambda tmp: tmp.write_text(json.dumps(seconds)))
     return float(json.loads(path.read_text()))

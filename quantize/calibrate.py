@@ -11,6 +11,7 @@ same histograms: one calibration pass serves every method and every activation b
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,13 @@ from .ranges import CalibMethod, range_from_histogram
 from .spec import QuantizeError
 
 DEFAULT_BINS = 2048
+
+
+def bar_disabled(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off when asked or when ``TQDM_DISABLE`` is set (an explicit argument
+    would override tqdm's own reading of it), else ``None``, which shows a bar only on a terminal."""
+    wanted_off = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+    return True if not progress or wanted_off else None
 UPSAMPLE_RATE = 16  # as HistogramObserver: sub-bins used when re-binning onto a wider range
 
 
@@ -141,7 +149,7 @@ def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bi
     outputs = [o.name for o in session.get_outputs()]
     histograms = {name: TensorHistogram(bins) for name in names}
     total = len(reader) if hasattr(reader, "__len__") else None
-    with tqdm(total=total, desc="calibrate", unit="batch", disable=None if progress else True, leave=False) as bar:
+    with tqdm(total=total, desc="calibrate", unit="batch", disable=bar_disabled(progress), leave=False) as bar:
         while (feed := reader.get_next()) is not None:
             values = dict(zip(outputs, session.run(outputs, feed)))
             values.update(feed)

@@ -274,3 +274,15 @@ def test_saved_ranges_are_reused_without_calibrating(tmp_path, capsys, monkeypat
     code, err = _run_cli(["run", "--model", str(other), "--out", str(tmp_path / "third"), "--no-progress",
                           *DIGITS, "--calib-ranges", str(tmp_path / "bad.json")], capsys)
     assert code == 2 and "do not fit this model" in err[0] and not (tmp_path / "third").exists()
+
+
+def test_progress_bars_follow_the_terminal_and_tqdm_disable(monkeypatch):
+    from tqdm.auto import tqdm
+
+    from ptqcal.quantize.calibrate import bar_disabled
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert bar_disabled(False) is True
+    assert tqdm(total=1, disable=bar_disabled(True)).disable  # pytest's stderr is no terminal: no bar
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert bar_disabled(True) is True

@@ -17,18 +17,31 @@ class SessionError(InputError):
     """A model ONNX Runtime cannot load or run (unknown operators, custom domains, bad graphs)."""
 
 
-def make_session(model_path: str | Path, fused: bool = True,
-                 optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
-    """A CPU session. ``fused=False`` keeps Q/DQ around float ops (the simulated path); the default
-    lets ORT fuse them into integer kernels such as QLinearConv (the deployed path)."""
+def execution_provider(name: str) -> str:
+    """ORT's full provider name for ``name`` (``CPU`` or ``CPUExecutionProvider``); raises
+    :class:`SessionError` when this onnxruntime build does not have it."""
+    full = name if name.endswith("ExecutionProvider") else f"{name}ExecutionProvider"
+    available = ort.get_available_providers()
+    if full not in available:
+        raise SessionError(f"execution provider {name!r} is not available in this onnxruntime build (available: "
+                           f"{', '.join(p.removesuffix('ExecutionProvider') for p in available)})", setting="provider")
+    return full
+
+
+def make_session(model_path: str | Path, fused: bool = True, optimized_model_path: str | Path | None = None,
+                 provider: str = "CPU") -> ort.InferenceSession:
+    """A session on ``provider`` (CPU by default). ``fused=False`` keeps Q/DQ around float ops (the
+    simulated path); the default lets ORT fuse them into integer kernels such as QLinearConv (the
+    deployed path)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not fused:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+    providers = [execution_provider(provider)]
     try:
-        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind error types for graphs it cannot run
         reason = " ".join(str(exc).split())[:300]
         raise SessionError(f"ONNX Runtime cannot run {Path(model_path).name}: {reason}") from None

@@ -80,6 +80,25 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
     )
 
 
+def _input_chw(info: OnnxModelInfo, size: tuple[int, ...] | None) -> tuple[int, int, int]:
+    """(C, H, W) from the graph; height and width from ``size`` where the graph leaves them open."""
+    shape = info.input_shape[1:]
+    if len(shape) != 3 or shape[0] is None:
+        raise ModelError(f"{info.path.name}: expected an (N, C, H, W) image input with a fixed number of channels, "
+                         f"got shape {list(info.input_shape)}", setting="model")
+    channels, height, width = shape
+    if size is not None:
+        given = (size[0], size[-1])
+        if None not in (height, width) and (height, width) != given:
+            raise ModelError(f"{info.path.name} takes {height}x{width} images, not {given[0]}x{given[1]}",
+                             setting="input_size")
+        height, width = given
+    if height is None or width is None:
+        raise ModelError(f"{info.path.name} leaves its input's height and width open (shape "
+                         f"{list(info.input_shape)}): give the size its images should have", setting="input_size")
+    return channels, height, width
+
+
 def _check_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
     """The files holding the model's external weights; they must stay inside its folder (a model
     file never makes ptqcal read a file elsewhere)."""
@@ -123,6 +142,7 @@ class PreprocessOverrides:
     std: tuple[float, ...] | None = None
     pixel_max: float | None = None
     resize: int | None = None  # short side before the centre crop (0: resize straight to the input size)
+    input_size: tuple[int, ...] | None = None  # (H,) or (H, W) for a graph that leaves them open
 
 
 def onnx_preprocess(info: OnnxModelInfo, given: PreprocessOverrides = PreprocessOverrides(),
@@ -130,10 +150,7 @@ def onnx_preprocess(info: OnnxModelInfo, given: PreprocessOverrides = Preprocess
     """A user's model's preprocessing, never guessed: from a named preset, else the preprocessing
     ptqcal stored in the model's metadata when it exported it, else a mean and std given; the
     values ``given`` override. Raises :class:`ModelError` when none of them says."""
-    chw = info.chw
-    if chw is None:
-        raise ModelError(f"{info.path.name}: the graph does not fix its input's channels, height and width "
-                         f"(shape {list(info.input_shape)}); export it with a fixed input size", setting="model")
+    chw = _input_chw(info, given.input_size)
     try:
         if preset_name is not None:
             base = preset(preset_name, chw)

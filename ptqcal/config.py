@@ -98,10 +98,15 @@ class RunConfig:
     std: tuple[float, ...] | None = _setting(None, "per-channel std on [0,1] pixels, for an .onnx model", float,
                                              many=True, metavar="S[,S,...]", comma=True)
     pixel_max: float | None = _setting(None, "raw pixel value that maps to 1.0, for an .onnx model", float)
+    input_size: tuple[int, ...] | None = _setting(None, "H[,W]: the image size of an .onnx model whose graph "
+                                                  "leaves height and width open", int, many=True,
+                                                  metavar="H[,W]", comma=True)
     resize: int | None = _setting(None, "short side before the centre crop, for an .onnx model (0: resize "
                                   "straight to the input size)", int)
     progress: bool = _setting(True, "hide progress bars (shown only on a terminal; TQDM_DISABLE=1 hides them too)",
                               flag="--no-progress", in_file=False)
+    provider: str = _setting("CPU", "ONNX Runtime execution provider that evaluates every model (calibration "
+                             "runs on CPU)", str)
     quiet: bool = _setting(False, "print nothing but errors and the report's path", in_file=False)
 
     @property
@@ -134,12 +139,14 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UserError(f"{flag_of(name)} must be at least {least}, got {value}")
-        given = [flag_of(name) for name in ("preprocess", "mean", "std", "pixel_max", "resize")
+        given = [flag_of(name) for name in ("preprocess", "mean", "std", "pixel_max", "resize", "input_size")
                  if getattr(self, name) is not None]
         if given and not self.is_onnx_file:
             raise UserError(f"{', '.join(given)}: for .onnx models; a registry model carries its own preprocessing")
         if self.weights is not None and self.is_onnx_file:
             raise UserError("--weights is for registry models; an .onnx file carries its own weights")
+        if self.input_size is not None and (len(self.input_size) not in (1, 2) or min(self.input_size) < 1):
+            raise UserError(f"--input-size takes H or H,W (positive), got {list(self.input_size)}")
         if self.calib_ranges is not None and self.repeats > 1:
             raise UserError("--calib-ranges reuses one calibration: drop --repeats")
         return self

@@ -46,6 +46,9 @@ class Sweep:
 def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     """Run every step of ``cfg`` and write its record into a new work folder; returns the folder."""
     started = time.perf_counter()
+    from .evaluate.runner import execution_provider
+
+    execution_provider(cfg.provider)  # an unavailable provider is said before any work
     model = steps.prepare_model(cfg, dataset, cache)
     steps.check_labels(dataset, model.num_classes)
     draws = [steps.draw_images(dataset, cfg, model.preprocess, cache, r) for r in range(cfg.repeats)]

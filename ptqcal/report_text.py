@@ -29,7 +29,7 @@ def run_summary(cfg: RunConfig, model, dataset_name: str, images) -> dict[str, s
         else f"{cfg.calib_method} histogram ranges",
         "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
         "activations": "per-tensor asymmetric (uint8 container)",
-        "execution": cfg.execution,
+        "execution": f"{cfg.execution} on ONNX Runtime's {cfg.provider} execution provider",
     }
 
 

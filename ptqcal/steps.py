@@ -87,7 +87,7 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedMod
                           lambda tmp: without_softmax(source, tmp))
         notes = ("The model ends in Softmax; its last Softmax was removed so that every configuration is "
                  "evaluated (and quantized) on its logits.",)
-    given = PreprocessOverrides(cfg.mean, cfg.std, cfg.pixel_max, cfg.resize)
+    given = PreprocessOverrides(cfg.mean, cfg.std, cfg.pixel_max, cfg.resize, cfg.input_size)
     preprocess = onnx_preprocess(info, given, cfg.preprocess)
     return PreparedModel(cfg.model_name, path, preprocess, info.num_classes, info.input_name, notes)
 
@@ -186,10 +186,11 @@ def model_logits(cache: Cache, path: Path, images: np.ndarray, preprocess: Prepr
     ``preprocess``), on ORT's fused integer kernels or (``fused=False``) the simulated path."""
     from .evaluate import make_session, predict
 
+    provider = [] if cfg.provider == "CPU" else [cfg.provider]  # CPU keys stay those of earlier runs
     key = make_key(file_digest(path), array_digest(images), asdict(preprocess) if preprocess else None, fused,
-                   cfg.batch_size, versions())
-    return cache.array(kind, key, lambda: predict(make_session(path, fused=fused), images, cfg.batch_size, desc,
-                                                  cfg.progress, preprocess), _check_logits)
+                   cfg.batch_size, versions(), *provider)
+    return cache.array(kind, key, lambda: predict(make_session(path, fused=fused, provider=cfg.provider), images,
+                                                  cfg.batch_size, desc, cfg.progress, preprocess), _check_logits)
 
 
 def _check_logits(logits: np.ndarray) -> None:

@@ -286,3 +286,20 @@ def test_progress_bars_follow_the_terminal_and_tqdm_disable(monkeypatch):
     assert tqdm(total=1, disable=bar_disabled(True)).disable  # pytest's stderr is no terminal: no bar
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert bar_disabled(True) is True
+
+
+def test_a_model_with_open_height_and_width_runs_at_the_given_size(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    model = onnx.load(str(tiny_onnx_classifier(tmp_path / "fixed.onnx", classes=10)))
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
+        dim.dim_param = name  # what an exporter with dynamic spatial axes writes
+    onnx.save(model, str(tmp_path / "open.onnx"))
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(tmp_path / "open.onnx"), "--out", str(out), "--no-progress", *DIGITS,
+                 "--input-size", "8", "--weight-bits", "8", "--provider", "CPU"]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "run.json").read_text())["run"]
+    assert "8x8" in summary["preprocessing"] and "CPU execution provider" in summary["execution"]
+    fixed = tmp_path / "fixed_run"
+    assert main(["run", "--model", str(tmp_path / "fixed.onnx"), "--out", str(fixed), "--no-progress", *DIGITS,
+                 "--weight-bits", "8"]) == 0
+    np.testing.assert_array_equal(np.load(out / "logits.npz")["float"], np.load(fixed / "logits.npz")["float"])

@@ -51,6 +51,13 @@ def _legend(axis: Axes) -> None:
     axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=7.5)
 
 
+def _config_ticks(axis: Axes, x: np.ndarray, names: Sequence[str]) -> None:
+    """One tick per configuration, slanted when there are too many to stand side by side."""
+    slanted = len(names) > 5
+    axis.set_xticks(x, names, rotation=40 if slanted else 0, ha="right" if slanted else "center",
+                    rotation_mode="anchor")
+
+
 def _percent(values) -> np.ndarray:
     return 100 * np.asarray(values, dtype=float)
 
@@ -172,7 +179,7 @@ def plot_swap_panels(panels: Sequence[SwapPanel], ax: Sequence[Axes] | None = No
         middle.axhline(0, color="0.6", lw=0.8)
         middle.set_ylabel("Δ error / % swapped")
         for axis in (top, middle):
-            axis.set_xticks(x, panel.configs)
+            _config_ticks(axis, x, panel.configs)
             axis.set_xlabel("precision")
         shown = FEW_SWAPS if counts.max(initial=0) >= FEW_SWAPS else 1  # hide histograms of a handful
         for name, confidences, color in zip(panel.configs, panel.swapped_confidences, _colors(len(panel.configs))):
@@ -222,7 +229,7 @@ def plot_transitions(tables: Sequence[TransitionTable], ax: Sequence[Axes] | Non
             values = _percent(table.shares[key])
             axis.bar(x, values, bottom=bottom, color=color, label=label, width=0.7)
             bottom += values
-        axis.set_xticks(x, table.configs)
+        _config_ticks(axis, x, table.configs)
         axis.set_xlabel("precision")
         axis.set_ylabel("% of evaluation set")
         axis.set_title(f"{table.model}: what the swaps were")
@@ -314,8 +321,9 @@ def plot_temperature(effects: Sequence[TemperatureEffect], ax: Sequence[Axes] | 
         top, bottom = axes[:, column]
         x = np.arange(len(effect.configs))
         top.bar(x - 0.2, _percent(effect.ece), 0.4, color=QUANT_COLOR, label="as is")
-        top.bar(x + 0.2, _percent(effect.ece_scaled), 0.4, color="#66a182", label=f"temperature T = {effect.temperature:.2f}")
-        top.set_xticks(x, effect.configs)
+        top.bar(x + 0.2, _percent(effect.ece_scaled), 0.4, color="#66a182",
+                label=f"cross-fitted temperature ≈ {effect.temperature:.2f}")
+        _config_ticks(top, x, effect.configs)
         top.set_ylabel("ECE (%)")
         top.set_title(f"{effect.model}: temperature scaling")
         _legend(top)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from .preprocess import METADATA_KEY, PRESETS, PreprocessCfg, PreprocessError, preset
+from .preprocess import METADATA_KEY, PRESETS, PreprocessCfg, preset
 from .weights import ModelError
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
@@ -151,21 +151,18 @@ def onnx_preprocess(info: OnnxModelInfo, given: PreprocessOverrides = Preprocess
     ptqcal stored in the model's metadata when it exported it, else a mean and std given; the
     values ``given`` override. Raises :class:`ModelError` when none of them says."""
     chw = _input_chw(info, given.input_size)
-    try:
-        if preset_name is not None:
-            base = preset(preset_name, chw)
-        elif info.preprocess_metadata is not None:
-            base = PreprocessCfg.from_metadata(info.preprocess_metadata, chw)
-        elif given.mean is not None and given.std is not None:
-            base = PreprocessCfg(chw, given.mean, given.std)
-        else:
-            raise PreprocessError(f"the preprocessing of {info.path.name} is not known (its metadata carries none): "
-                                  f"name a preset ({', '.join(PRESETS)}) or give the mean and std it was trained "
-                                  "with", "preprocess")
-        chosen = replace(base, mean=base.mean if given.mean is None else given.mean,
-                         std=base.std if given.std is None else given.std,
-                         pixel_max=base.pixel_max if given.pixel_max is None else given.pixel_max,
-                         resize=base.resize if given.resize is None else (given.resize or None))
-        return chosen.check()
-    except PreprocessError as exc:
-        raise ModelError(str(exc), setting=exc.setting) from None
+    if preset_name is not None:
+        base = preset(preset_name, chw)
+    elif info.preprocess_metadata is not None:
+        base = PreprocessCfg.from_metadata(info.preprocess_metadata, chw)
+    elif given.mean is not None and given.std is not None:
+        base = PreprocessCfg(chw, given.mean, given.std)
+    else:
+        raise ModelError(f"the preprocessing of {info.path.name} is not known (its metadata carries none): "
+                         f"name a preset ({', '.join(PRESETS)}) or give the mean and std it was trained with",
+                         setting="preprocess")
+    chosen = replace(base, mean=base.mean if given.mean is None else given.mean,
+                     std=base.std if given.std is None else given.std,
+                     pixel_max=base.pixel_max if given.pixel_max is None else given.pixel_max,
+                     resize=base.resize if given.resize is None else (given.resize or None))
+    return chosen.check()

@@ -8,16 +8,10 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from .weights import ModelError
+
 MAX_PIXELS = 50_000_000  # per image: a model that asks for more is refused before anything is decoded
 METADATA_KEY = "ptqcal.preprocess"  # ONNX metadata_props entry ptqcal writes on export and reads back
-
-
-class PreprocessError(ValueError):
-    """Preprocessing that cannot be applied (raised as the models stage's ModelError by callers)."""
-
-    def __init__(self, message: str, setting: str | None = None):
-        super().__init__(message)
-        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -37,26 +31,26 @@ class PreprocessCfg:
     interpolation: str = "bilinear"
 
     def check(self) -> "PreprocessCfg":
-        """Raise :class:`PreprocessError` for constants that cannot normalise (a zero or non-finite
+        """Raise :class:`ModelError` for constants that cannot normalise (a zero or non-finite
         std, a non-positive pixel_max, per-channel values that do not match the channels)."""
         channels, height, width = self.input_size
         if min(self.input_size) < 1:
-            raise PreprocessError(f"input size (C, H, W) = {self.input_size} has an empty dimension", "input_size")
+            raise ModelError(f"input size (C, H, W) = {self.input_size} has an empty dimension", setting="input_size")
         if height * width > MAX_PIXELS:
-            raise PreprocessError(f"the model asks for {height}x{width} images ({height * width / 1e6:.0f} "
-                                  f"megapixels); more than {MAX_PIXELS // 1_000_000} megapixels is refused",
-                                  "input_size")
+            raise ModelError(f"the model asks for {height}x{width} images ({height * width / 1e6:.0f} "
+                             f"megapixels); more than {MAX_PIXELS // 1_000_000} megapixels is refused",
+                             setting="input_size")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) not in (1, channels) or not all(math.isfinite(v) for v in values):
-                raise PreprocessError(f"{name} {list(values)} must be 1 or {channels} finite numbers for a "
-                                      f"{channels}-channel input", name)
+                raise ModelError(f"{name} {list(values)} must be 1 or {channels} finite numbers for a "
+                                 f"{channels}-channel input", setting=name)
         if any(v == 0 for v in self.std):
-            raise PreprocessError(f"std {list(self.std)} has a zero", "std")
+            raise ModelError(f"std {list(self.std)} has a zero", setting="std")
         if not (math.isfinite(self.pixel_max) and self.pixel_max > 0):
-            raise PreprocessError(f"pixel_max must be a positive number, got {self.pixel_max}", "pixel_max")
+            raise ModelError(f"pixel_max must be a positive number, got {self.pixel_max}", setting="pixel_max")
         if self.resize is not None and self.resize < 1:
-            raise PreprocessError(f"resize must be a positive size, got {self.resize}", "resize")
+            raise ModelError(f"resize must be a positive size, got {self.resize}", setting="resize")
         return self
 
     def to_metadata(self) -> str:
@@ -71,7 +65,7 @@ class PreprocessCfg:
                        float(values["pixel_max"]), None if values["resize"] is None else int(values["resize"]),
                        str(values.get("interpolation", "bilinear")))
         except (ValueError, KeyError, TypeError) as exc:
-            raise PreprocessError(f"the model's {METADATA_KEY} metadata is not readable ({exc})") from exc
+            raise ModelError(f"the model's {METADATA_KEY} metadata is not readable ({exc})") from exc
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Normalise ``(N, H, W, C)`` or ``(N, H, W)`` raw pixels into ``(N, C, H, W)`` float32."""
@@ -116,7 +110,7 @@ PRESETS = {
 def preset(name: str, input_size: tuple[int, int, int]) -> PreprocessCfg:
     """Preset ``name`` for a model whose input is ``input_size`` (C, H, W)."""
     if name not in PRESETS:
-        raise PreprocessError(f"unknown preprocessing {name!r}: choose {', '.join(PRESETS)}", "preprocess")
+        raise ModelError(f"unknown preprocessing {name!r}: choose {', '.join(PRESETS)}", setting="preprocess")
     base = PRESETS[name]
     resize = None
     if base.resize is not None and base.input_size[1]:

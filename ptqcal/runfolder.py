@@ -182,6 +182,7 @@ def write_report(folders: list[Path], target: Path) -> Path:
         RunRecord.load(folder)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}report-", dir=target.parent))
+    write_marker(staging, "partial")  # ptqcal's: the next run removes it if this one is killed
     try:
         build_report(folders, staging)
         target.mkdir(exist_ok=True)

@@ -110,8 +110,8 @@ def _export_registry_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> Pr
                                   entry.preprocess.input_size, entry.preprocess.resize, entry.preprocess.interpolation)
         result = export_onnx(module, normalise(entry.preprocess, sample.images), folder / "model.onnx",
                              metadata={METADATA_KEY: entry.preprocess.to_metadata()})
-        (folder / "check.json").write_text(f'{{"max_abs_diff": {result.max_abs_diff!r}, '
-                                           f'"num_checked": {result.num_checked}}}')
+        (folder / "check.json").write_text(json.dumps({"max_abs_diff": result.max_abs_diff,
+                                                       "num_checked": result.num_checked}))
 
     folder = cache.folder("float", key, export)
     check = json.loads((folder / "check.json").read_text())

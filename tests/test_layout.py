@@ -25,13 +25,11 @@ def _imports(path: Path, package: str) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                module = f"{base}.{node.module}" if node.module else base
-                names.update([module] + [f"{module}.{alias.name}" for alias in node.names] if not node.module else
-                             [module])
-            elif node.module:
-                names.add(node.module)
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""  # "from . import x": the package
+            module = ".".join(part for part in (base, node.module) if part)
+            names.add(module)
+            if not node.module:  # "from . import steps" names modules of the package
+                names.update(f"{module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
     return {n for n in names if n == "ptqcal" or n.startswith("ptqcal.")}

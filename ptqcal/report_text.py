@@ -27,7 +27,7 @@ def run_summary(cfg: RunConfig, model, dataset_name: str, images) -> dict[str, s
         "preprocessing": describe_preprocess(model.preprocess),
         "calibration": f"ranges from {cfg.calib_ranges}" if cfg.calib_ranges
         else f"{cfg.calib_method} histogram ranges",
-        "weights": f"per-channel symmetric, scale convention {cfg.weight_scale!r}",
+        "weights": f"per-channel symmetric, scale convention '{cfg.weight_scale}'",
         "activations": "per-tensor asymmetric (uint8 container)",
         "execution": f"{cfg.execution} on ONNX Runtime's {cfg.provider} execution provider",
     }

@@ -299,6 +299,7 @@ def test_a_model_with_open_height_and_width_runs_at_the_given_size(tmp_path, cap
                  "--input-size", "8", "--weight-bits", "8", "--provider", "CPU"]) == 0, capsys.readouterr().err
     summary = json.loads((out / "run.json").read_text())["run"]
     assert "8x8" in summary["preprocessing"] and "CPU execution provider" in summary["execution"]
+    assert summary["weights"].endswith("scale convention 'torch'")  # the setting's value, not its enum
     fixed = tmp_path / "fixed_run"
     assert main(["run", "--model", str(tmp_path / "fixed.onnx"), "--out", str(fixed), "--no-progress", *DIGITS,
                  "--weight-bits", "8"]) == 0

@@ -60,7 +60,7 @@ def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int =
     with tqdm(total=len(inputs), desc=desc, unit="img", disable=bar_disabled(progress), leave=False) as bar:
         for start in range(0, len(inputs), batch_size):
             batch = inputs[start:start + batch_size]
-            batch = np.ascontiguousarray(transform(batch) if transform else batch, dtype=np.float32)
+            batch = np.ascontiguousarray(transform(batch) if transform else batch)
             try:
                 chunks.append(session.run(None, {input_name: batch})[0])
             except Exception as exc:  # ORT's pybind errors: the graph fails on real input

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import onnx
 
-from .preprocess import METADATA_KEY, PRESETS, PreprocessCfg, preset
+from .preprocess import LAYOUTS, METADATA_KEY, PRESETS, PreprocessCfg, preset
 from .weights import ModelError
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.DOUBLE: "float64"}
+INPUT_TYPES = {**FLOAT_TYPES, onnx.TensorProto.UINT8: "uint8"}  # uint8: raw pixels, normalised in the graph
+IMAGE_CHANNELS = (1, 3)
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class OnnxModelInfo:
     path: Path
     input_name: str
     input_shape: tuple[int | None, ...]  # None for symbolic dimensions
+    input_type: str  # numpy name of the input's element type (float32, float16, float64, uint8)
     output_name: str
     num_classes: int
     ends_in_softmax: bool  # outputs are probabilities, not logits
@@ -27,9 +31,13 @@ class OnnxModelInfo:
     external_data: tuple[Path, ...] = ()  # files beside the model that hold its weights
 
     @property
-    def chw(self) -> tuple[int, int, int] | None:
-        shape = self.input_shape[1:]
-        return shape if len(shape) == 3 and None not in shape else None  # type: ignore[return-value]
+    def layout(self) -> str | None:
+        """``NCHW`` or ``NHWC`` as the input's shape shows it (the channels are the dimension that
+        is 1 or 3 while the other candidate is not); ``None`` when the shape cannot tell."""
+        if len(self.input_shape) != 4:
+            return None
+        first, last = (d in IMAGE_CHANNELS for d in (self.input_shape[1], self.input_shape[3]))
+        return None if first == last else "NCHW" if first else "NHWC"
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
@@ -59,12 +67,12 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
     out_dims = _dims(output)
     if out_dims is not None and (len(out_dims) != 2 or out_dims[1] is None):
         raise ModelError(f"{path}: output {output.name!r} has shape {list(out_dims)}, expected (N, classes)")
-    for value, role in ((inputs[0], "input"), (output, "output")):
+    for value, role, types in ((inputs[0], "input", INPUT_TYPES), (output, "output", FLOAT_TYPES)):
         elem = value.type.tensor_type.elem_type
-        if elem not in FLOAT_TYPES:
+        if elem not in types:
             kind = onnx.TensorProto.DataType.Name(elem) if elem else "untyped"
-            raise ModelError(f"{path}: its {role} {value.name!r} holds {kind} values; ptqcal needs a float image "
-                             f"input and float logits")
+            raise ModelError(f"{path}: its {role} {value.name!r} holds {kind} values; ptqcal needs a float or "
+                             f"uint8 image input and float logits")
     external = _check_external_data(model, path)
     in_dims = _dims(inputs[0]) or ()
     producer = next((n for n in model.graph.node if output.name in n.output), None)
@@ -72,6 +80,7 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
         path=path,
         input_name=inputs[0].name,
         input_shape=in_dims,
+        input_type=INPUT_TYPES[inputs[0].type.tensor_type.elem_type],
         output_name=output.name,
         num_classes=out_dims[1] if out_dims else 0,
         ends_in_softmax=producer is not None and producer.op_type == "Softmax",
@@ -80,13 +89,28 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
     )
 
 
-def _input_chw(info: OnnxModelInfo, size: tuple[int, ...] | None) -> tuple[int, int, int]:
-    """(C, H, W) from the graph; height and width from ``size`` where the graph leaves them open."""
-    shape = info.input_shape[1:]
-    if len(shape) != 3 or shape[0] is None:
-        raise ModelError(f"{info.path.name}: expected an (N, C, H, W) image input with a fixed number of channels, "
-                         f"got shape {list(info.input_shape)}", setting="model")
-    channels, height, width = shape
+def _input_chw(info: OnnxModelInfo, size: tuple[int, ...] | None,
+               layout: str | None = None) -> tuple[tuple[int, int, int], str]:
+    """(C, H, W) and the layout from the graph; height and width from ``size`` where the graph
+    leaves them open, the layout from ``layout`` where its shape cannot tell."""
+    if len(info.input_shape) != 4:
+        raise ModelError(f"{info.path.name}: expected an image input of rank 4 (N, C, H, W or N, H, W, C), got shape "
+                         f"{list(info.input_shape)}", setting="model")
+    layout = layout or info.layout
+    if layout is None and info.input_shape[1] in IMAGE_CHANNELS:  # both ends could be the channels
+        raise ModelError(f"{info.path.name}: its input shape {list(info.input_shape)} does not tell where the "
+                         f"channels are; give the layout ({' or '.join(LAYOUTS)})", setting="layout")
+    if layout is None:
+        raise ModelError(f"{info.path.name}: its input shape {list(info.input_shape)} has no dimension of 1 or 3 "
+                         "channels first or last; ptqcal feeds RGB (3) or grayscale (1) images", setting="model")
+    if layout == "NCHW":
+        channels, height, width = info.input_shape[1:]
+    else:
+        height, width, channels = info.input_shape[1:]
+    if channels not in IMAGE_CHANNELS:
+        raise ModelError(f"{info.path.name}: in {layout} its input shape {list(info.input_shape)} has "
+                         f"{'an open number of' if channels is None else channels} channels; ptqcal feeds RGB (3) "
+                         "or grayscale (1) images", setting="layout")
     if size is not None:
         given = (size[0], size[-1])
         if None not in (height, width) and (height, width) != given:
@@ -96,7 +120,7 @@ def _input_chw(info: OnnxModelInfo, size: tuple[int, ...] | None) -> tuple[int, 
     if height is None or width is None:
         raise ModelError(f"{info.path.name} leaves its input's height and width open (shape "
                          f"{list(info.input_shape)}): give the size its images should have", setting="input_size")
-    return channels, height, width
+    return (channels, height, width), layout
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
@@ -143,20 +167,32 @@ class PreprocessOverrides:
     pixel_max: float | None = None
     resize: int | None = None  # short side before the centre crop (0: resize straight to the input size)
     input_size: tuple[int, ...] | None = None  # (H,) or (H, W) for a graph that leaves them open
+    layout: str | None = None  # NCHW or NHWC, for a graph whose input shape does not tell
 
 
 def onnx_preprocess(info: OnnxModelInfo, given: PreprocessOverrides = PreprocessOverrides(),
                     preset_name: str | None = None) -> PreprocessCfg:
     """A user's model's preprocessing, never guessed: from a named preset, else the preprocessing
     ptqcal stored in the model's metadata when it exported it, else a mean and std given; the
-    values ``given`` override. Raises :class:`ModelError` when none of them says."""
-    chw = _input_chw(info, given.input_size)
+    values ``given`` override. A ``uint8`` input normalises inside its graph: it needs only how
+    images are resized (a preset, the metadata or ``resize``). Raises :class:`ModelError` when
+    nothing says."""
+    chw, layout = _input_chw(info, given.input_size, given.layout)
+    pixels = info.input_type == "uint8"
+    if pixels:
+        _check_no_normalisation(info, given)
     if preset_name is not None:
         base = preset(preset_name, chw)
     elif info.preprocess_metadata is not None:
         base = PreprocessCfg.from_metadata(info.preprocess_metadata, chw)
-    elif given.mean is not None and given.std is not None:
+    elif pixels and given.resize is not None:
+        base = PreprocessCfg(chw, (0.0,), (1.0,), pixel_max=1.0)
+    elif not pixels and given.mean is not None and given.std is not None:
         base = PreprocessCfg(chw, given.mean, given.std)
+    elif pixels:
+        raise ModelError(f"{info.path.name} takes uint8 pixels and normalises them inside its graph; how should "
+                         f"images be resized to {chw[1]}x{chw[2]}? name a preset ({', '.join(PRESETS)}) or give the "
+                         "short side before the centre crop (0: resize straight)", setting="resize")
     else:
         raise ModelError(f"the preprocessing of {info.path.name} is not known (its metadata carries none): "
                          f"name a preset ({', '.join(PRESETS)}) or give the mean and std it was trained with",
@@ -164,5 +200,15 @@ def onnx_preprocess(info: OnnxModelInfo, given: PreprocessOverrides = Preprocess
     chosen = replace(base, mean=base.mean if given.mean is None else given.mean,
                      std=base.std if given.std is None else given.std,
                      pixel_max=base.pixel_max if given.pixel_max is None else given.pixel_max,
-                     resize=base.resize if given.resize is None else (given.resize or None))
+                     resize=base.resize if given.resize is None else (given.resize or None),
+                     layout=layout, dtype=info.input_type)
     return chosen.check()
+
+
+def _check_no_normalisation(info: OnnxModelInfo, given: PreprocessOverrides) -> None:
+    """Normalisation constants for a model that normalises inside its graph would be ignored:
+    refused rather than dropped silently."""
+    for name in ("mean", "std", "pixel_max"):
+        if getattr(given, name) is not None:
+            raise ModelError(f"{info.path.name} takes uint8 pixels and normalises them inside its graph: a "
+                             f"{name.replace('_', ' ')} does not apply to it", setting=name)

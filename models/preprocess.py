@@ -12,6 +12,8 @@ from .weights import ModelError
 
 MAX_PIXELS = 50_000_000  # per image: a model that asks for more is refused before anything is decoded
 METADATA_KEY = "ptqcal.preprocess"  # ONNX metadata_props entry ptqcal writes on export and reads back
+LAYOUTS = ("NCHW", "NHWC")
+INPUT_DTYPES = ("float32", "float16", "float64", "uint8")  # uint8: raw pixels, normalised inside the graph
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,10 @@ class PreprocessCfg:
     Pixels are first divided by ``pixel_max`` (to [0, 1]) and then normalised per channel:
     ``(x / pixel_max - mean) / std``. TF-style scaling ``(x*255 - 127) / 128`` is
     ``mean=127/255, std=128/255``.
+
+    ``layout`` and ``dtype`` are what the graph's input declares (read from it, never stored in
+    metadata): a ``uint8`` input takes the resized pixels as they are and normalises them inside
+    the graph, so ``mean``, ``std`` and ``pixel_max`` do not apply to it.
     """
 
     input_size: tuple[int, int, int]  # (C, H, W)
@@ -29,6 +35,13 @@ class PreprocessCfg:
     pixel_max: float = 255.0
     resize: int | None = None  # short side, before a centre crop to input_size (images only)
     interpolation: str = "bilinear"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+
+    @property
+    def normalises(self) -> bool:
+        """Whether ptqcal normalises the pixels (False: the graph takes raw uint8 pixels)."""
+        return self.dtype != "uint8"
 
     def check(self) -> "PreprocessCfg":
         """Raise :class:`ModelError` for constants that cannot normalise (a zero or non-finite
@@ -40,6 +53,9 @@ class PreprocessCfg:
             raise ModelError(f"the model asks for {height}x{width} images ({height * width / 1e6:.0f} "
                              f"megapixels); more than {MAX_PIXELS // 1_000_000} megapixels is refused",
                              setting="input_size")
+        if channels not in (1, 3):
+            raise ModelError(f"the model takes {channels}-channel images; ptqcal feeds RGB (3) or grayscale (1)",
+                             setting="model")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) not in (1, channels) or not all(math.isfinite(v) for v in values):
@@ -49,13 +65,17 @@ class PreprocessCfg:
             raise ModelError(f"std {list(self.std)} has a zero", setting="std")
         if not (math.isfinite(self.pixel_max) and self.pixel_max > 0):
             raise ModelError(f"pixel_max must be a positive number, got {self.pixel_max}", setting="pixel_max")
+        if self.layout not in LAYOUTS:
+            raise ModelError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}", setting="layout")
+        if self.dtype not in INPUT_DTYPES:
+            raise ModelError(f"input type {self.dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
         if self.resize is not None and self.resize < 1:
             raise ModelError(f"resize must be a positive size, got {self.resize}", setting="resize")
         return self
 
     def to_metadata(self) -> str:
         """The JSON ptqcal stores in an exported model's ``metadata_props``."""
-        return json.dumps({k: v for k, v in asdict(self).items() if k != "input_size"})
+        return json.dumps({k: v for k, v in asdict(self).items() if k not in ("input_size", "layout", "dtype")})
 
     @classmethod
     def from_metadata(cls, text: str, input_size: tuple[int, int, int]) -> "PreprocessCfg":
@@ -68,18 +88,25 @@ class PreprocessCfg:
             raise ModelError(f"the model's {METADATA_KEY} metadata is not readable ({exc})") from exc
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Normalise ``(N, H, W, C)`` or ``(N, H, W)`` raw pixels into ``(N, C, H, W)`` float32."""
-        x = np.asarray(images, dtype=np.float32)
+        """``(N, H, W, C)`` or ``(N, H, W)`` raw pixels as the model's input: normalised to
+        ``dtype`` (or kept as uint8 pixels), in ``layout``."""
+        x = np.asarray(images)
         if x.ndim == 3:
             x = x[..., None]
         channels, height, width = self.input_size
         if x.shape[1:] != (height, width, channels):
             raise ValueError(f"images of shape {x.shape[1:]} do not match the model input (H, W, C) = "
                              f"{(height, width, channels)}")
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        x = (x / np.float32(self.pixel_max) - mean) / std
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        if self.normalises:
+            mean = np.asarray(self.mean, dtype=np.float32)
+            std = np.asarray(self.std, dtype=np.float32)
+            x = ((x.astype(np.float32) / np.float32(self.pixel_max) - mean) / std).astype(self.dtype, copy=False)
+        elif x.dtype != np.uint8:
+            if not (np.all((x >= 0) & (x <= 255)) and np.all(np.round(x) == x)):
+                raise ValueError("the model takes uint8 pixels, and these images hold values that are not whole "
+                                 "numbers in 0..255")
+            x = x.astype(np.uint8)
+        return np.ascontiguousarray(x if self.layout == "NHWC" else x.transpose(0, 3, 1, 2))
 
 
 # What the built-in models were trained with (one place: the registry, the ONNX models' defaults

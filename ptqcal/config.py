@@ -17,7 +17,7 @@ from typing import Any, Callable
 from .errors import UserError
 from .data import DEFAULT_CALIB_SIZE
 from .evaluate.results import Execution
-from .models.preprocess import PRESETS
+from .models.preprocess import LAYOUTS, PRESETS
 from .quantize.ranges import CalibMethod
 from .quantize.spec import QuantSpec, WeightScale
 
@@ -103,6 +103,8 @@ class RunConfig:
                                                   metavar="H[,W]", comma=True)
     resize: int | None = _setting(None, "short side before the centre crop, for an .onnx model (0: resize "
                                   "straight to the input size)", int)
+    layout: str | None = _setting(None, "NCHW or NHWC, for an .onnx model whose input shape does not tell (read "
+                                  "from the graph otherwise)", str, choices=LAYOUTS)
     progress: bool = _setting(True, "hide progress bars (shown only on a terminal; TQDM_DISABLE=1 hides them too)",
                               flag="--no-progress", in_file=False)
     provider: str = _setting("CPU", "ONNX Runtime execution provider that evaluates every model (calibration "
@@ -139,7 +141,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UserError(f"{flag_of(name)} must be at least {least}, got {value}")
-        given = [flag_of(name) for name in ("preprocess", "mean", "std", "pixel_max", "resize", "input_size")
+        given = [flag_of(name) for name in ("preprocess", "mean", "std", "pixel_max", "resize", "input_size",
+                                                "layout")
                  if getattr(self, name) is not None]
         if given and not self.is_onnx_file:
             raise UserError(f"{', '.join(given)}: for .onnx models; a registry model carries its own preprocessing")

@@ -34,9 +34,13 @@ def run_summary(cfg: RunConfig, model, dataset_name: str, images) -> dict[str, s
 
 
 def describe_preprocess(p: PreprocessCfg) -> str:
-    resize = f"resize {p.resize} + centre crop {p.input_size[1]}x{p.input_size[2]}" if p.resize else \
-        f"{p.input_size[1]}x{p.input_size[2]}"
-    return f"{resize}, (x/{p.pixel_max!r} - {list(p.mean)}) / {list(p.std)}"  # exact: enough to reproduce
+    """The geometry, the normalisation (exact: enough to reproduce) and the input the graph takes."""
+    channels, height, width = p.input_size
+    resize = f"resize {p.resize} + centre crop {height}x{width}" if p.resize else f"{height}x{width}"
+    colour = "RGB" if channels == 3 else "grayscale"
+    if not p.normalises:
+        return f"{resize}, {colour} uint8 pixels in {p.layout} (the graph normalises them)"
+    return f"{resize}, (x/{p.pixel_max!r} - {list(p.mean)}) / {list(p.std)}, {colour} {p.dtype} in {p.layout}"
 
 
 def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgreement],

@@ -87,7 +87,7 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedMod
                           lambda tmp: without_softmax(source, tmp))
         notes = ("The model ends in Softmax; its last Softmax was removed so that every configuration is "
                  "evaluated (and quantized) on its logits.",)
-    given = PreprocessOverrides(cfg.mean, cfg.std, cfg.pixel_max, cfg.resize, cfg.input_size)
+    given = PreprocessOverrides(cfg.mean, cfg.std, cfg.pixel_max, cfg.resize, cfg.input_size, cfg.layout)
     preprocess = onnx_preprocess(info, given, cfg.preprocess)
     return PreparedModel(cfg.model_name, path, preprocess, info.num_classes, info.input_name, notes)
 

@@ -51,7 +51,7 @@ class ArrayDataReader(CalibrationDataReader):
             return None
         batch = self.inputs[self._start:self._start + self.batch_size]
         self._start += self.batch_size
-        return {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        return {self.input_name: np.ascontiguousarray(batch)}
 
     def rewind(self) -> None:
         self._start = 0

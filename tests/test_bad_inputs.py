@@ -70,6 +70,9 @@ def _inputs(root: Path) -> dict[str, Path]:
     p["uint8_in"] = _graph_model(root / "uint8_in.onnx", [helper.make_node("Cast", ["input"], ["c"], to=1),
                                                            helper.make_node("Flatten", ["c"], ["logits"])],
                                  _float_in(dtype=TensorProto.UINT8), _logits_out(64))
+    for name, shape in (("unclear_layout", ("N", 3, 8, 3)), ("four_channels", ("N", 4, 8, 8))):
+        p[name] = _graph_model(root / f"{name}.onnx", [flat, helper.make_node("Identity", ["flat"], ["logits"])],
+                               _float_in(shape), _logits_out(int(np.prod(shape[1:]))))
     p["two_out"] = _graph_model(root / "two_out.onnx", [flat, helper.make_node("Identity", ["flat"], ["b"])],
                                 _float_in(), [*_logits_out(64, name="flat"), *_logits_out(64, name="b")])
     p["four_d"] = _graph_model(root / "four_d.onnx", [helper.make_node("Identity", ["input"], ["logits"])],
@@ -167,7 +170,12 @@ CASES = {
     "text file as ONNX": [*RUN, "--model", "{junk}", *ONNX],
     "empty ONNX file": [*RUN, "--model", "{empty}", *ONNX],
     "integer outputs": [*RUN, "--model", "{int_out}", *ONNX],
-    "uint8 input": [*RUN, "--model", "{uint8_in}", *ONNX],
+    "uint8 input without a resize": [*RUN, "--model", "{uint8_in}", "--dataset", "digits"],
+    "uint8 input given a mean and std": [*RUN, "--model", "{uint8_in}", "--dataset", "digits", "--mean", "0.3",
+                                         "--std", "0.4"],
+    "input layout the shape cannot tell": [*RUN, "--model", "{unclear_layout}", *ONNX],
+    "four-channel input": [*RUN, "--model", "{four_channels}", *ONNX],
+    "four-channel input in a given layout": [*RUN, "--model", "{four_channels}", *ONNX, "--layout", "NHWC"],
     "two outputs": [*RUN, "--model", "{two_out}", *ONNX],
     "4-D output": [*RUN, "--model", "{four_d}", *ONNX],
     "custom-domain op": [*RUN, "--model", "{custom_op}", *ONNX],

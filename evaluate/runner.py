@@ -70,6 +70,27 @@ def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int =
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
+# Ops that move or reshape data without arithmetic (in float or not, they change no value)
+DATA_MOVEMENT_OPS = {"Shape", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Gather", "Concat",
+                     "Slice", "Identity", "Cast", "Constant", "Expand", "Split", "Equal", "Where"}
+INTEGER_OPS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "QuantizeLinear", "DequantizeLinear",
+               "DynamicQuantizeLinear", "QAttention")
+
+
+def deployed_float_ops(model_path: str | Path, work_dir: str | Path, provider: str = "CPU") -> dict[str, int]:
+    """Op types (with counts) that still compute in float in the graph ORT runs for a quantized
+    model: what it has no integer kernel for (LayerNorm, GELU's Erf, int4-weight Convs, ...)."""
+    import onnx
+
+    target = Path(work_dir) / (Path(model_path).stem + ".optimized.onnx")
+    make_session(model_path, optimized_model_path=target, provider=provider)
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(target)).graph.node:
+        if node.op_type not in DATA_MOVEMENT_OPS and not node.op_type.startswith(INTEGER_OPS):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def optimized_op_types(model_path: str | Path, work_dir: str | Path, fused: bool = True) -> set[str]:
     """Op types of the graph ORT actually runs after its optimisations (to check fusion)."""
     import onnx

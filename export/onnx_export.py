@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections import Counter
@@ -42,7 +43,7 @@ def export_onnx(model: torch.nn.Module, check_inputs: np.ndarray, path: str | Pa
     path = Path(path)
     model = model.eval()
     x = torch.from_numpy(np.ascontiguousarray(check_inputs, dtype=np.float32))
-    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), _attention_as_ops():
         warnings.simplefilter("ignore")
         torch.onnx.export(fold_batchnorm(model), (x[:1],), str(tmp), dynamo=False, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -57,6 +58,19 @@ def export_onnx(model: torch.nn.Module, check_inputs: np.ndarray, path: str | Pa
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         actual = session.run(None, {INPUT_NAME: x.numpy()})[0]
     return ExportResult(path, float(np.max(np.abs(actual - expected))), len(x))
+
+
+@contextlib.contextmanager
+def _attention_as_ops():
+    """Without gradients, ``nn.MultiheadAttention`` takes a fused fast path
+    (``aten::_native_multi_head_attention``) that has no ONNX export; switched off for the export
+    only, so attention is traced as MatMul/Softmax ops, and restored after."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:

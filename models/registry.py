@@ -130,6 +130,9 @@ register(ModelEntry("digits_resnet8", DIGITS_PREPROCESS, 10, "digits", "digits:b
 register(ModelEntry("digits_resnet8_ls", DIGITS_PREPROCESS, 10, "digits", "digits:build_digits_model",
                     "the same, trained with label smoothing 0.1 (the default's comparison)",
                     {"label_smoothing": 0.1}))
+register(ModelEntry("digits_vit", DIGITS_PREPROCESS, 10, "digits", "digits:build_digits_model",
+                    "a small Vision Transformer (torchvision's, 4x4 patches, 2 layers) trained here on the digits",
+                    {"architecture": "vit"}))
 for _depth in (20, 32, 44, 56):
     register(ModelEntry(f"cifar_resnet{_depth}", CIFAR100_PREPROCESS, 100, "cifar100", "resnet:build_cifar_resnet",
                         f"CIFAR-100 ResNet{_depth} (weights from a state dict file)", {"depth": _depth}))

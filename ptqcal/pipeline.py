@@ -41,6 +41,7 @@ class Sweep:
     logits: dict[str, np.ndarray] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     checks: list[PathAgreement] = field(default_factory=list)
+    float_ops: tuple[str, dict[str, int]] | None = None  # a configuration and what ORT runs of it in float
 
 
 def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
@@ -68,7 +69,8 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     exclude = _quantize_sweep(cfg, model, draws, cache, work, sweep)
     for name, source in sweep.files.items():
         link_or_copy(source, work / name)
-    notes = [*model.notes, *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note)]
+    notes = [*model.notes, *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note,
+                                           sweep.float_ops)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, cfg.to_dict(),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1))).save(work)
@@ -117,6 +119,8 @@ def _quantize_sweep(cfg: RunConfig, model, draws, cache: Cache, work: Path, swee
                 if weight_bits == cfg.weight_bits[0]:  # which ranges the graph uses, beside the others
                     ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json", quantized_tensors(path))
                 if repeat == 0:
+                    if sweep.float_ops is None:
+                        sweep.float_ops = (name, steps.deployed_float_ops(cache, path, cfg))
                     sweep.files[f"model_{spec.name}.onnx"] = path
                     sweep.checks.append(steps.check_deployment(
                         cache, path, name, draws[0].eval.images[:SIMULATION_CHECK_IMAGES], model.preprocess, cfg))

@@ -44,9 +44,16 @@ def describe_preprocess(p: PreprocessCfg) -> str:
 
 
 def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgreement],
-              failed: Sequence[Path], calib_note: str | None = None) -> list[str]:
+              failed: Sequence[Path], calib_note: str | None = None,
+              float_ops: tuple[str, dict[str, int]] | None = None) -> list[str]:
     """Notes on how the run was evaluated and what it could not do."""
     notes = [calib_note + "."] if calib_note else []
+    if float_ops is not None and cfg.execution == "deployed":
+        config, counts = float_ops
+        notes.append(f"In the graph ONNX Runtime runs for {config}, " + (
+            "every arithmetic op runs on an integer kernel." if not counts else
+            "these ops still compute in float (no integer kernel, or no quantized input): "
+            + ", ".join(f"{op} ×{n}" for op, n in counts.items()) + "."))
     if failed:
         notes.append(f"{len(failed)} images failed to decode and were skipped: "
                      + ", ".join(str(p) for p in failed[:5]) + (" …" if len(failed) > 5 else ""))
@@ -57,11 +64,12 @@ def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgr
                                  f"{100 * c.top1_agreement:.1f}%" for c in checks) + ".")
     notes += _kernel_notes(checks)
     if any(bits == 4 for bits in cfg.weight_bits):
-        notes.append("int4 weights (QInt4, opset 21) have no integer Conv kernel on CPU: ORT dequantizes them "
-                     "and runs those Convs in float, so a*w4 is simulated even on the deployed path.")
+        notes.append("int4 weights (QInt4, opset 21) have no integer Conv, Gemm or MatMul kernel on CPU: ORT "
+                     "dequantizes them and runs those layers in float, so a*w4 is simulated even on the deployed "
+                     "path.")
     if any(bits < 8 for bits in cfg.act_bits):
         notes.append("Activations below 8 bits are clipped to their b-bit range before QuantizeLinear; the Clip "
-                     "keeps ORT from fusing QLinearConv, so those configurations run the simulated path.")
+                     "keeps ORT from fusing integer kernels, so those configurations run the simulated path.")
     if exclude:
         notes.append(f"Kept in float: {', '.join(exclude)}.")
     return notes

@@ -236,8 +236,9 @@ def calibrate(cache: Cache, prepared: Path, input_name: str, inputs: np.ndarray,
 def quantize_config(cache: Cache, prepared: Path, ranges, spec) -> Path:
     """The QDQ model of ``spec`` (a :class:`~ptqcal.quantize.QuantSpec`) with ``ranges``."""
     from .quantize import quantize_qdq
+    from .quantize.qdq import op_types_to_quantize
 
-    key = make_key(file_digest(prepared), ranges.ranges, asdict(spec), versions())
+    key = make_key(file_digest(prepared), ranges.ranges, asdict(spec), op_types_to_quantize(), versions())
     return cache.file("quantized", key, "onnx", lambda tmp: quantize_qdq(prepared, tmp, ranges, spec))
 
 
@@ -250,3 +251,18 @@ def check_deployment(cache: Cache, path: Path, name: str, images: np.ndarray, pr
     deployed, simulated = (model_logits(cache, path, images, preprocess, cfg, "check", fused, "check-logits")
                            for fused in (True, False))
     return compare_paths(name, deployed, simulated)
+
+
+def deployed_float_ops(cache: Cache, path: Path, cfg: RunConfig) -> dict[str, int]:
+    """What ORT still computes in float when it runs the quantized model at ``path`` (op type ->
+    count), from the graph it optimises for ``cfg.provider``."""
+    import tempfile
+
+    from .evaluate.runner import deployed_float_ops as count
+
+    def write(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=".ptqcal-optimized-", dir=tmp.parent) as folder:
+            tmp.write_text(json.dumps(count(path, folder, cfg.provider)))
+
+    key = make_key(file_digest(path), versions(), cfg.provider)
+    return json.loads(cache.file("float-ops", key, "json", write).read_text())

@@ -29,6 +29,10 @@ from .spec import QuantizeError, QuantSpec, WeightScale, weight_grid
 
 INT4_OPSET = 21
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+# Normalisations ORT would quantize by default: their scale vector would get the sweep's weight
+# bits (per tensor; rank 1 has no channel axis), and no CPU integer kernel runs them. They stay
+# float, so the weight bits of a configuration mean the weights of its Conv/Gemm/MatMul layers.
+KEPT_FLOAT_OPS = ("LayerNormalization", "InstanceNormalization")
 
 
 def weight_scales(weight: np.ndarray, axis: int, bits: int, convention: str = WeightScale.TORCH) -> np.ndarray:
@@ -196,6 +200,7 @@ def _ort_quantize(prepared_path: Path, partial: Path, cache: Path, model: onnx.M
             str(prepared_path), str(partial), calibration_data_reader=None,
             calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,
             quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
+            op_types_to_quantize=op_types_to_quantize(),
             weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
             activation_type=QuantType.QUInt8,
             # Every weight gets explicit symmetric scales (zero point 0) in the overrides. ORT's
@@ -207,6 +212,14 @@ def _ort_quantize(prepared_path: Path, partial: Path, cache: Path, model: onnx.M
                            "QDQDisableWeightAdjustForInt32Bias": True,
                            "QuantizeBias": spec.quantize_bias},
         )
+
+
+def op_types_to_quantize() -> list[str]:
+    """ORT's default choice for QDQ (every op it has a QDQ or QLinear rule for) without
+    :data:`KEPT_FLOAT_OPS`."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - set(KEPT_FLOAT_OPS))
 
 
 def _opset(model: onnx.ModelProto) -> int:

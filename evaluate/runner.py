@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnxruntime as ort
@@ -55,14 +55,21 @@ def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int =
     ``transform`` turns each slice into model input (e.g. uint8 pixels -> normalised float32),
     so a large dataset is never held in memory as float32 all at once.
     """
+    batches = (inputs[start:start + batch_size] for start in range(0, len(inputs), batch_size))
+    return predict_batches(session, (transform(b) for b in batches) if transform else batches, len(inputs), desc,
+                           progress)
+
+
+def predict_batches(session: ort.InferenceSession, batches: Iterable[np.ndarray], total: int | None = None,
+                    desc: str = "evaluate", progress: bool = True) -> np.ndarray:
+    """Logits of a stream of ready model-input batches (e.g. decoded and normalised in a background
+    thread while the session runs); only the logits are kept."""
     input_name = session.get_inputs()[0].name
     chunks = []
-    with tqdm(total=len(inputs), desc=desc, unit="img", disable=bar_disabled(progress), leave=False) as bar:
-        for start in range(0, len(inputs), batch_size):
-            batch = inputs[start:start + batch_size]
-            batch = np.ascontiguousarray(transform(batch) if transform else batch)
+    with tqdm(total=total, desc=desc, unit="img", disable=bar_disabled(progress), leave=False) as bar:
+        for batch in batches:
             try:
-                chunks.append(session.run(None, {input_name: batch})[0])
+                chunks.append(session.run(None, {input_name: np.ascontiguousarray(batch)})[0])
             except Exception as exc:  # ORT's pybind errors: the graph fails on real input
                 reason = " ".join(str(exc).split())[:300]
                 raise SessionError(f"ONNX Runtime failed to run the model: {reason}") from None

@@ -14,7 +14,9 @@ from .atomic import atomic_path
 from .cache import Cache
 from .config import RunConfig, flag_of
 from .errors import UserError
+from .data import Split
 from .models import get_model_entry
+from .pixels import Pixels
 
 
 # Ops whose output torch.ao quantizes with their input's scale and zero point
@@ -97,21 +99,25 @@ def compare_torch(cfg: RunConfig) -> list[TorchAgreement]:
         model = steps.prepare_model(cfg, dataset, cache)
         module = get_model_entry(cfg.model).build(cfg.weights, dataset.train, cfg.cache_dir)
         images = steps.draw_images(dataset, cfg, model.preprocess, None)
-        calib = steps.normalise(model.preprocess, images.calib.images)
-        inputs = steps.normalise(model.preprocess, images.eval.images)
+        # torch needs the images whole: compare-torch is a check on small sets, not a streamed run
+        calib_split, eval_split = images.calib.materialise(), images.eval.materialise()
+        calib = steps.normalise(model.preprocess, calib_split.images)
+        inputs = steps.normalise(model.preprocess, eval_split.images)
         prepared = steps.prepare_for_quantization(cache, model.float_path)
-        histograms = steps.calibrate(cache, prepared, model.input_name, calib, cfg.progress)
+        histograms = steps.calibrate(cache, prepared, model.input_name, images.calib, model.preprocess,
+                                     steps.CALIB_BATCH, cfg.progress)
         batches = [calib[i:i + steps.CALIB_BATCH] for i in range(0, len(calib), steps.CALIB_BATCH)]
-        float_logits = steps.model_logits(cache, model.float_path, inputs, None, cfg, "float")
+        ready = Pixels(Split(inputs, eval_split.labels), model.preprocess)  # already normalised: no transform
+        float_logits = steps.model_logits(cache, model.float_path, ready, None, cfg, "float")
         graph = onnx.load(str(prepared), load_external_data=False).graph
         rows = []
         for spec in (QuantSpec(w, a, cfg.weight_scale) for a in cfg.act_bits for w in cfg.weight_bits):
             ranges = share_input_ranges(graph, compute_ranges(histograms, "mse", spec.act_bits, len(calib)))
             # biases float, like torch.ao's reference model; logits float on both sides, as ptqcal deploys them
             path = steps.quantize_config(cache, prepared, ranges, replace(spec, quantize_bias=False))
-            ours = steps.model_logits(cache, path, inputs, None, cfg, spec.name, cfg.execution == "deployed")
+            ours = steps.model_logits(cache, path, ready, None, cfg, spec.name, cfg.execution == "deployed")
             theirs = torch_logits(torch_fake_quant(module, batches, spec.weight_bits, spec.act_bits), inputs)
-            rows.append(torch_agreement(spec.name, float_logits, ours, theirs, images.eval.labels))
+            rows.append(torch_agreement(spec.name, float_logits, ours, theirs, eval_split.labels))
     return rows
 
 

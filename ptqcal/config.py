@@ -33,6 +33,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ptqcal"
 
 
+def parse_bytes(text: Any) -> int:
+    """``2G``, ``512M``, ``1.5GB`` or a number of bytes."""
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1:], 1)
+    number = float(value[:-1] if scale > 1 else value)
+    if not (number > 0 and number * scale < 1 << 50):
+        raise ValueError(f"not a memory size: {text!r}")
+    return int(number * scale)
+
+
 def _setting(default: Any, help: str, parse: Callable[[str], Any] | type | None = None, *, many: bool = False,
              metavar: str | None = None, flag: str | None = None, **extra) -> Any:
     """A RunConfig field: its default, its help, how one value is parsed (``many``: a list)."""
@@ -83,7 +93,12 @@ class RunConfig:
     calib_ranges: Path | None = _setting(None, "reuse the activation ranges a run saved "
                                          "(calibration_ranges_a8.json) instead of calibrating", Path,
                                          metavar="FILE.json")
-    batch_size: int = _setting(256, "evaluation batch size", int)
+    batch_size: int = _setting(256, "largest evaluation batch (smaller when --max-memory says so)", int)
+    max_memory: int = _setting(parse_bytes("1G"), "memory for a batch's activations and the images prepared ahead "
+                               "(e.g. 1G, 512M): the evaluation and calibration batches are chosen from the "
+                               "model's activation sizes to fit it", parse_bytes, metavar="SIZE")
+    check_images: int = _setting(64, "images on which the deployed and simulated paths are compared (0: no check)",
+                                 int, metavar="N")
     out: Path | None = _setting(None, "run folder (default: ptqcal_runs/<model>)", Path)
     seed: int = _setting(0, "seed of the calibration draw", int)
     repeats: int = _setting(1, "re-draw the calibration images K times (seeds S..S+K-1): mean ± std and bands",
@@ -137,7 +152,8 @@ class RunConfig:
         for weight_bits in self.weight_bits:  # every configuration of the sweep must be one a stage can build
             for act_bits in self.act_bits:
                 QuantSpec(weight_bits, act_bits, self.weight_scale).validate()
-        for name, least in (("repeats", 1), ("calib_size", 1), ("batch_size", 1), ("eval_size", 2), ("seed", 0)):
+        for name, least in (("repeats", 1), ("calib_size", 1), ("batch_size", 1), ("eval_size", 2), ("seed", 0),
+                            ("check_images", 0), ("max_memory", 1 << 20)):
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UserError(f"{flag_of(name)} must be at least {least}, got {value}")

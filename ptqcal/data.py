@@ -132,10 +132,10 @@ def load_image(path: Path, size: tuple[int, int, int], resize: int | None = None
 
 
 def decode_images(split: Split, size: tuple[int, int, int], resize: int | None = None,
-                  interpolation: str = "bilinear", strict: bool = False,
-                  workers: int | None = None) -> tuple[Split, list[Path]]:
+                  interpolation: str = "bilinear", strict: bool = False, workers: int | None = None,
+                  allow_empty: bool = False) -> tuple[Split, list[Path]]:
     """Decode a file split in parallel threads; images that fail are dropped (or raise with
-    ``strict``) and returned by path."""
+    ``strict``) and returned by path. That none decodes is an error unless ``allow_empty``."""
     if not split.is_files:
         return split, []
     workers = workers or min(8, os.cpu_count() or 1)
@@ -154,9 +154,11 @@ def decode_images(split: Split, size: tuple[int, int, int], resize: int | None =
     failed = [p for p, good in zip(split.images, ok) if not good]
     for path in failed:
         warnings.warn(f"skipped an image that fails to decode: {path}", stacklevel=2)
-    if not ok.any():
+    if not ok.any() and not allow_empty:
         raise UserError("none of the images could be decoded")
-    images = np.stack([d for d in decoded if d is not None])
+    channels, height, width = size
+    images = np.stack([d for d in decoded if d is not None]) if ok.any() else \
+        np.empty((0, height, width, channels), np.uint8)
     return Split(images, split.labels[ok]), failed
 
 

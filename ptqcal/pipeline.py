@@ -25,7 +25,6 @@ from .report_text import run_notes, run_summary
 from .runfolder import COMPARISON, RUN, check_target, new_work_dir, report_once, swap_in, write_marker, writing
 
 FP16_NAME = "fp16"
-SIMULATION_CHECK_IMAGES = 256
 
 
 def _log(cfg: RunConfig, message: str) -> None:
@@ -54,25 +53,28 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     steps.check_labels(dataset, model.num_classes)
     draws = [steps.draw_images(dataset, cfg, model.preprocess, cache, r) for r in range(cfg.repeats)]
     images = draws[0]
-    steps.normalise(model.preprocess, images.eval.images[:1])  # a size mismatch is a user error, said now
+    steps.normalise(model.preprocess, images.eval.head(1))  # a size mismatch is a user error, said now
+    prepared = steps.prepare_for_quantization(cache, model.float_path)
+    batches = steps.choose_batches(prepared, model.preprocess, cfg)
+    recorded, cfg = cfg, replace(cfg, batch_size=batches.eval)
     _log(cfg, f"model {model.name}: {len(images.calib)} calibration / {len(images.eval)} evaluation images "
-         f"({dataset.name})")
-    float_logits = steps.model_logits(cache, model.float_path, images.eval.images, model.preprocess, cfg, FLOAT_NAME)
+         f"({dataset.name}); batches of {batches.eval} (evaluation) and {batches.calib} (calibration)")
+    float_logits = steps.model_logits(cache, model.float_path, images.eval, model.preprocess, cfg, FLOAT_NAME)
     if float_logits.ndim != 2 or float_logits.shape[1] != model.num_classes:
         raise UserError(f"{cfg.model}: output has shape {list(float_logits.shape)}, expected (N, classes)")
     work = new_work_dir()  # from here on, the run only fails for internal reasons
-    calib_float = steps.model_logits(cache, model.float_path, images.calib.images, model.preprocess, cfg,
+    calib_float = steps.model_logits(cache, model.float_path, images.calib, model.preprocess, cfg,
                                      "calibration", kind="calib-logits")
     sweep = Sweep({FLOAT_NAME: float_logits}, {"model_float.onnx": model.float_path})
     if cfg.fp16:
         _add_fp16(cfg, model, images, cache, sweep)
-    exclude = _quantize_sweep(cfg, model, draws, cache, work, sweep)
+    exclude = _quantize_sweep(cfg, model, prepared, batches.calib, draws, cache, work, sweep)
     for name, source in sweep.files.items():
         link_or_copy(source, work / name)
-    notes = [*model.notes, *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note,
-                                           sweep.float_ops)]
+    notes = [*model.notes, batches.note,
+             *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
-              run_summary(cfg, model, dataset.name, images), notes, cfg.to_dict(),
+              run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1))).save(work)
     return work
 
@@ -84,17 +86,17 @@ def _add_fp16(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep) -> None
     path = cache.file("fp16", make_key(file_digest(model.float_path), steps.versions()), "onnx",
                       lambda tmp: convert_fp16(model.float_path, tmp))
     sweep.files["model_fp16.onnx"] = path
-    sweep.logits[FP16_NAME] = steps.model_logits(cache, path, images.eval.images, model.preprocess, cfg, FP16_NAME)
+    sweep.logits[FP16_NAME] = steps.model_logits(cache, path, images.eval, model.preprocess, cfg, FP16_NAME)
 
 
-def _quantize_sweep(cfg: RunConfig, model, draws, cache: Cache, work: Path, sweep: Sweep) -> tuple[str, ...]:
+def _quantize_sweep(cfg: RunConfig, model, prepared: Path, calib_batch: int, draws, cache: Cache, work: Path,
+                    sweep: Sweep) -> tuple[str, ...]:
     """Every calibration draw x activation bits x weight bits; returns the layers kept in float."""
     import onnx
 
     from .quantize import CalibrationRanges, compute_ranges, layers_to_exclude
     from .quantize.qdq import quantized_tensors
 
-    prepared = steps.prepare_for_quantization(cache, model.float_path)
     graph = onnx.load(str(prepared), load_external_data=False)
     exclude = layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
     given = None if cfg.calib_ranges is None else CalibrationRanges.load(cfg.calib_ranges).check_fits(
@@ -102,19 +104,19 @@ def _quantize_sweep(cfg: RunConfig, model, draws, cache: Cache, work: Path, swee
     for repeat, images in enumerate(draws):
         suffix = "" if repeat == 0 else f"{REPEAT_MARK}{repeat}"
         if given is None:
-            calib_inputs = steps.normalise(model.preprocess, images.calib.images)
             misses = cache.misses
-            histograms = steps.calibrate(cache, prepared, model.input_name, calib_inputs, cfg.progress)
+            histograms = steps.calibrate(cache, prepared, model.input_name, images.calib, model.preprocess,
+                                         calib_batch, cfg.progress)
             done = "calibrated" if cache.misses > misses else "calibration reused from the cache:"
             _log(cfg, f"{done} {len(histograms)} tensors (draw {repeat + 1}/{cfg.repeats}; {cfg.calib_method} "
                       "ranges for every precision)")
         for bits in cfg.act_bits:
-            ranges = given or compute_ranges(histograms, cfg.calib_method, bits, len(calib_inputs))
+            ranges = given or compute_ranges(histograms, cfg.calib_method, bits, len(images.calib.labels))
             for weight_bits in cfg.weight_bits:
                 spec = QuantSpec(weight_bits, bits, cfg.weight_scale, exclude)
                 path = steps.quantize_config(cache, prepared, ranges, spec)
                 name = spec.name + suffix
-                sweep.logits[name] = steps.model_logits(cache, path, draws[0].eval.images, model.preprocess, cfg,
+                sweep.logits[name] = steps.model_logits(cache, path, draws[0].eval, model.preprocess, cfg,
                                                         name, fused=cfg.execution == "deployed")
                 if weight_bits == cfg.weight_bits[0]:  # which ranges the graph uses, beside the others
                     ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json", quantized_tensors(path))
@@ -122,8 +124,9 @@ def _quantize_sweep(cfg: RunConfig, model, draws, cache: Cache, work: Path, swee
                     if sweep.float_ops is None:
                         sweep.float_ops = (name, steps.deployed_float_ops(cache, path, cfg))
                     sweep.files[f"model_{spec.name}.onnx"] = path
-                    sweep.checks.append(steps.check_deployment(
-                        cache, path, name, draws[0].eval.images[:SIMULATION_CHECK_IMAGES], model.preprocess, cfg))
+                    check = steps.check_deployment(cache, path, name, sweep.logits[name], draws[0].eval,
+                                                   model.preprocess, cfg)
+                    sweep.checks += [check] if check else []
                 _log_config(cfg, name, sweep.logits[name], sweep.logits[FLOAT_NAME], draws[0].eval.labels)
     return exclude
 

@@ -19,10 +19,10 @@ def run_summary(cfg: RunConfig, model, dataset_name: str, images) -> dict[str, s
     draws = f", {cfg.repeats} draws" if cfg.repeats > 1 else ""
     source = "held out of the evaluation split" if images.held_out_from_eval \
         else "from the calibration pool, disjoint from evaluation"
-    n_eval, n_failed = len(images.eval), len(images.failed)
+    n_eval, n_failed = len(images.eval.labels), len(images.failed)
     return {
         "model": model.name, "dataset": dataset_name,
-        "calibration images": f"{len(images.calib)} (seed {cfg.seed}{draws}, {source})",
+        "calibration images": f"{len(images.calib.labels)} (seed {cfg.seed}{draws}, {source})",
         "evaluation images": n_eval if not n_failed else f"{n_eval} ({n_failed} undecodable skipped)",
         "preprocessing": describe_preprocess(model.preprocess),
         "calibration": f"ranges from {cfg.calib_ranges}" if cfg.calib_ranges

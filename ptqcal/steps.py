@@ -16,12 +16,13 @@ import numpy as np
 from . import __version__
 from .cache import Cache, array_digest, file_digest, make_key
 from .config import RunConfig
-from .data import Dataset, Split, decode_images, load_dataset, select
+from .data import Dataset, decode_images, load_dataset, select
 from .errors import UserError
 from .models import PreprocessCfg, PreprocessOverrides, get_model_entry, inspect_onnx, onnx_preprocess, without_softmax
 from .models.preprocess import METADATA_KEY
+from .pixels import Pixels
 
-CALIB_BATCH = 32  # images per calibration batch: every activation of a batch is in memory at once
+CALIB_BATCH = 32  # largest calibration batch: every activation of a batch is in memory at once
 EXPORT_CHECK_IMAGES = 16  # evaluation images the exported graph is checked on against PyTorch
 
 
@@ -39,14 +40,27 @@ class PreparedModel:
 
 @dataclass(frozen=True)
 class Images:
-    """One calibration draw and the evaluation images, decoded to the model's input size (uint8
-    or float pixels, not yet normalised)."""
+    """One calibration draw and the evaluation images as the model's pixels (uint8 or float, not
+    yet normalised), streamed: decoded chunk by chunk when read."""
 
-    calib: Split
-    eval: Split
-    failed: tuple[Path, ...]  # undecodable files that were skipped
+    calib: Pixels
+    eval: Pixels
     held_out_from_eval: bool  # calibration images came out of the evaluation split
     calib_note: str | None = None  # how a default calibration size was adapted to the data
+
+    @property
+    def failed(self) -> tuple[Path, ...]:
+        """Undecodable files that were skipped (known once every image was read)."""
+        return self.calib.failed + self.eval.failed
+
+
+@dataclass(frozen=True)
+class Batches:
+    """The batch sizes a run evaluates and calibrates with, chosen to fit its memory budget."""
+
+    eval: int
+    calib: int
+    note: str
 
 
 def versions() -> dict[str, str]:
@@ -149,48 +163,53 @@ def normalise(preprocess: PreprocessCfg, images: np.ndarray) -> np.ndarray:
 
 def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cache: Cache | None,
                 repeat: int = 0) -> Images:
-    """Calibration draw ``repeat`` (seed + repeat) and the evaluation images, decoded (image files
-    are decoded once and cached: decoding is the slow part of an ImageNet-sized run)."""
+    """Calibration draw ``repeat`` (seed + repeat) and the evaluation images, to be streamed (image
+    files are decoded once, chunk by chunk, and cached: decoding is the slow part of an
+    ImageNet-sized run)."""
     selection = select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size, repeat, cfg.repeats)
-    calib, failed_calib = _decode_split(selection.calib, preprocess, cfg.strict, cache, "calib-pixels")
-    evaluation, failed_eval = _decode_split(selection.eval, preprocess, cfg.strict, cache, "eval-pixels")
-    return Images(calib, evaluation, tuple(failed_calib + failed_eval), selection.held_out_from_eval,
+    return Images(Pixels(selection.calib, preprocess, cache, cfg.strict),
+                  Pixels(selection.eval, preprocess, cache, cfg.strict), selection.held_out_from_eval,
                   selection.calib_note)
 
 
-def _decode_split(split: Split, preprocess: PreprocessCfg, strict: bool, cache: Cache | None,
-                  kind: str) -> tuple[Split, list]:
-    args = (preprocess.input_size, preprocess.resize, preprocess.interpolation, strict)
-    if cache is None or not split.is_files:
-        return decode_images(split, *args)
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p), -1, -1)
-             for p in split.images]
-    key = make_key("files", files, array_digest(split.labels), asdict(preprocess))
+def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig) -> Batches:
+    """The largest batches (up to ``cfg.batch_size`` and :data:`CALIB_BATCH`) whose activations and
+    prepared input batches fit ``cfg.max_memory``, from the graph's activation sizes."""
+    from .evaluate.memory import activation_bytes, batch_for
+    from .pixels import CHUNK_BYTES, PREFETCH
 
-    def write(tmp: Path) -> None:
-        decoded, failed = decode_images(split, *args)
-        with open(tmp, "wb") as handle:
-            np.savez(handle, images=decoded.images, labels=decoded.labels,
-                     failed=np.array([str(p) for p in failed], dtype=str))
-
-    with np.load(cache.file(kind, key, "npz", write)) as stored:
-        failed = [Path(p) for p in stored["failed"]]
-        if failed and strict:  # cached by a lenient run
-            raise UserError(f"cannot decode {failed[0]}")
-        return Split(stored["images"], stored["labels"]), failed
+    channels, height, width = preprocess.input_size
+    shape = (1, channels, height, width) if preprocess.layout == "NCHW" else (1, height, width, channels)
+    sizes = activation_bytes(prepared, shape)
+    input_bytes = channels * height * width * np.dtype(preprocess.dtype).itemsize
+    budget = max(1, cfg.max_memory - 2 * CHUNK_BYTES)  # a decoded chunk in use and one being decoded
+    evaluation = batch_for(budget, sizes.peak + (PREFETCH + 2) * input_bytes, cfg.batch_size)
+    calib = batch_for(budget, sizes.total + (PREFETCH + 2) * input_bytes, CALIB_BATCH)
+    note = (f"Batches of {evaluation} (evaluation) and {calib} (calibration) images: per image the model's "
+            f"activations take {sizes.peak / 2**20:.1f} MiB at their peak when it runs and "
+            f"{sizes.total / 2**20:.1f} MiB together when calibration exposes them all, within a memory budget "
+            f"of {cfg.max_memory / 2**30:.2f} GiB.")
+    return Batches(evaluation, calib, note)
 
 
-def model_logits(cache: Cache, path: Path, images: np.ndarray, preprocess: PreprocessCfg | None, cfg: RunConfig,
-                 desc: str, fused: bool = True, kind: str = "logits") -> np.ndarray:
-    """The logits of the model at ``path`` on ``images`` (normalised batch by batch with
-    ``preprocess``), on ORT's fused integer kernels or (``fused=False``) the simulated path."""
-    from .evaluate import make_session, predict
+def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessCfg | None, cfg: RunConfig,
+                 desc: str, fused: bool = True, kind: str = "logits", limit: int | None = None) -> np.ndarray:
+    """The logits of the model at ``path`` on ``pixels`` (the first ``limit`` images if given),
+    normalised batch by batch with ``preprocess`` while the previous batch runs, on ORT's fused
+    integer kernels or (``fused=False``) the simulated path."""
+    from .evaluate import make_session
+    from .evaluate.runner import predict_batches
 
-    provider = [] if cfg.provider == "CPU" else [cfg.provider]  # CPU keys stay those of earlier runs
-    key = make_key(file_digest(path), array_digest(images), asdict(preprocess) if preprocess else None, fused,
-                   cfg.batch_size, versions(), *provider)
-    return cache.array(kind, key, lambda: predict(make_session(path, fused=fused, provider=cfg.provider), images,
-                                                  cfg.batch_size, desc, cfg.progress, preprocess), _check_logits)
+    extra = ([] if cfg.provider == "CPU" else [cfg.provider]) + ([] if limit is None else [limit])
+    key = make_key(file_digest(path), pixels.key, asdict(preprocess) if preprocess else None, fused,
+                   cfg.batch_size, versions(), *extra)
+    total = len(pixels) if limit is None else min(limit, len(pixels))
+
+    def compute() -> np.ndarray:
+        session = make_session(path, fused=fused, provider=cfg.provider)
+        return predict_batches(session, pixels.batches(cfg.batch_size, preprocess, limit), total, desc, cfg.progress)
+
+    return cache.array(kind, key, compute, _check_logits)
 
 
 def _check_logits(logits: np.ndarray) -> None:
@@ -218,16 +237,18 @@ def prepare_for_quantization(cache: Cache, float_path: Path) -> Path:
                       lambda tmp: prepare(float_path, tmp))
 
 
-def calibrate(cache: Cache, prepared: Path, input_name: str, inputs: np.ndarray, progress: bool) -> dict:
-    """Histograms of every activation of ``prepared`` over normalised ``inputs``, in one pass;
-    every range method and activation bit width is computed from them."""
-    from .quantize import ArrayDataReader, collect_histograms, load_histograms, save_histograms
+def calibrate(cache: Cache, prepared: Path, input_name: str, pixels: Pixels, preprocess: PreprocessCfg,
+              batch_size: int, progress: bool) -> dict:
+    """Histograms of every activation of ``prepared`` over ``pixels`` (normalised batch by batch),
+    in one pass; every range method and activation bit width is computed from them."""
+    from .quantize import BatchDataReader, collect_histograms, load_histograms, save_histograms
     from .quantize.calibrate import DEFAULT_BINS
 
-    key = make_key(file_digest(prepared), array_digest(inputs), DEFAULT_BINS, versions())
+    key = make_key(file_digest(prepared), pixels.key, asdict(preprocess), batch_size, DEFAULT_BINS, versions())
 
     def collect(tmp: Path) -> None:
-        reader = ArrayDataReader(input_name, inputs, CALIB_BATCH)
+        reader = BatchDataReader(input_name, lambda: pixels.batches(batch_size, preprocess),
+                                 -(-len(pixels) // batch_size))
         save_histograms(collect_histograms(prepared, reader, DEFAULT_BINS, progress), tmp)
 
     return load_histograms(cache.file("histograms", key, "npz", collect))
@@ -242,15 +263,21 @@ def quantize_config(cache: Cache, prepared: Path, ranges, spec) -> Path:
     return cache.file("quantized", key, "onnx", lambda tmp: quantize_qdq(prepared, tmp, ranges, spec))
 
 
-def check_deployment(cache: Cache, path: Path, name: str, images: np.ndarray, preprocess: PreprocessCfg,
-                     cfg: RunConfig):
+def check_deployment(cache: Cache, path: Path, name: str, evaluated: np.ndarray, pixels: Pixels,
+                     preprocess: PreprocessCfg, cfg: RunConfig):
     """How far the deployed (fused integer kernels) and simulated paths of one quantized model
-    agree on ``images`` (a :class:`~ptqcal.evaluate.PathAgreement`)."""
+    agree on the first ``cfg.check_images`` images (a :class:`~ptqcal.evaluate.PathAgreement`), or
+    ``None`` when the check is off. ``evaluated`` are the run's logits of the model on ``pixels``
+    (on ``cfg.execution``'s path): only the other path is computed."""
     from .evaluate import compare_paths
 
-    deployed, simulated = (model_logits(cache, path, images, preprocess, cfg, "check", fused, "check-logits")
-                           for fused in (True, False))
-    return compare_paths(name, deployed, simulated)
+    count = min(cfg.check_images, len(evaluated))
+    if count == 0:
+        return None
+    deployed = cfg.execution == "deployed"
+    other = model_logits(cache, path, pixels, preprocess, cfg, "check", not deployed, "check-logits", count)
+    ours = evaluated[:count]
+    return compare_paths(name, ours, other) if deployed else compare_paths(name, other, ours)
 
 
 def deployed_float_ops(cache: Cache, path: Path, cfg: RunConfig) -> dict[str, int]:

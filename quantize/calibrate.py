@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -58,6 +59,27 @@ class ArrayDataReader(CalibrationDataReader):
 
     def __len__(self) -> int:
         return -(-len(self.inputs) // self.batch_size)
+
+
+class BatchDataReader(CalibrationDataReader):
+    """Ready model-input batches from ``batches()`` (called again on ``rewind``), e.g. images
+    decoded and normalised in a background thread: the calibration set is never held whole."""
+
+    def __init__(self, input_name: str, batches: Callable[[], Iterator[np.ndarray]], num_batches: int | None = None):
+        self.input_name = input_name
+        self._batches = batches
+        self._iterator = batches()
+        self._num_batches = num_batches
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._iterator, None)
+        return None if batch is None else {self.input_name: np.ascontiguousarray(batch)}
+
+    def rewind(self) -> None:
+        self._iterator = self._batches()
+
+    def __len__(self) -> int:
+        return self._num_batches or 0
 
 
 def histc(x: np.ndarray, bins: int, lo: np.float32, hi: np.float32, inside: bool = False) -> np.ndarray:
@@ -148,7 +170,7 @@ def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bi
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
     histograms = {name: TensorHistogram(bins) for name in names}
-    total = len(reader) if hasattr(reader, "__len__") else None
+    total = (len(reader) or None) if hasattr(reader, "__len__") else None
     with tqdm(total=total, desc="calibrate", unit="batch", disable=bar_disabled(progress), leave=False) as bar:
         while (feed := reader.get_next()) is not None:
             values = dict(zip(outputs, session.run(outputs, feed)))

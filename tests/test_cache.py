@@ -78,8 +78,9 @@ def test_hits_misses_and_invalidation(tmp_path, capsys):
     after = _entries(out / "cache")
     assert {k: v for k, v in after.items() if k in first} == first, "nothing already computed was rewritten"
     new = sorted(_kind(name) for name in set(after) - set(first))
-    # the a8w6 model, its logits, and its deployed and simulated check logits (and the run's timing)
-    assert new == ["check-logits", "check-logits", "logits", "quantized", "seconds"]
+    # the a8w6 model, its logits, its simulated check logits (the deployed ones are its logits' first
+    # rows) and the run's timing
+    assert new == ["check-logits", "logits", "quantized", "seconds"]
     assert (out / "model_a8w6.onnx").exists()
 
     before_seed = _entries(out / "cache")
@@ -127,3 +128,30 @@ def test_resume_after_sigkill_gives_identical_metrics(stage, tmp_path):
     assert not list((out / "cache").glob(".*.tmp"))
     assert (out / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pixels-*", "calib-logits-*"])
+def test_streamed_image_files_resume_after_sigkill(stage, tmp_path, digits):
+    """A run over image files (decoded chunk by chunk into the cache) killed after its first pixel
+    chunk or during its evaluation resumes to the same metrics."""
+    from PIL import Image
+
+    data = tmp_path / "images"
+    for index, (image, label) in enumerate(zip(digits.eval.images[:300], digits.eval.labels[:300])):
+        (data / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.astype(np.uint8), mode="L").save(data / str(label) / f"{index}.png")
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    args = [sys.executable, "-m", "ptqcal", "run", "--model", str(model), "--no-progress", "--calib-size", "48",
+            "--dataset", "folder", "--data-dir", str(data), "--preprocess", "digits", "--resize", "0",
+            "--weight-bits", "8", "4"]
+    reference = tmp_path / "reference"
+    subprocess.run(args + ["--out", str(reference)], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    process = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reached = _wait_for(stage, out / "cache", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert reached, f"the run ended before writing {stage}"
+    subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
+    assert (out / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()

@@ -61,4 +61,4 @@ def _bytes(value: onnx.ValueInfoProto) -> int:
 
 def batch_for(budget: int, per_image: int, largest: int) -> int:
     """The largest batch (at most ``largest``) whose ``per_image`` bytes fit ``budget``; at least 1."""
-    return max(1, min(largest, budget // max(per_image, 1)))
+    return int(max(1, min(largest, budget // max(per_image, 1))))

@@ -97,17 +97,28 @@ class PreprocessCfg:
         if x.shape[1:] != (height, width, channels):
             raise ValueError(f"images of shape {x.shape[1:]} do not match the model input (H, W, C) = "
                              f"{(height, width, channels)}")
+        # A 1-channel image has the same bytes in either layout (the transpose is a view at the end);
+        # other images are transposed while still pixels, a quarter of the bytes float32 would move.
+        early = self.layout == "NCHW" and channels > 1
+        if early:
+            x = x.transpose(0, 3, 1, 2)
         if self.normalises:
-            mean = np.asarray(self.mean, dtype=np.float32)
-            std = np.asarray(self.std, dtype=np.float32)
-            x = ((x.astype(np.float32) / np.float32(self.pixel_max) - mean) / std).astype(self.dtype, copy=False)
+            shape = (-1, 1, 1) if early else (-1,)
+            mean = np.asarray(self.mean, dtype=np.float32).reshape(shape)
+            std = np.asarray(self.std, dtype=np.float32).reshape(shape)
+            x = np.ascontiguousarray(x).astype(np.float32)  # one copy, then the float32 arithmetic in place
+            x /= np.float32(self.pixel_max)
+            x -= mean
+            x /= std
+            x = x.astype(self.dtype, copy=False)
         elif x.dtype != np.uint8:
             if not (np.all((x >= 0) & (x <= 255)) and np.all(np.round(x) == x)):
                 raise ValueError("the model takes uint8 pixels, and these images hold values that are not whole "
                                  "numbers in 0..255")
             x = x.astype(np.uint8)
-        return np.ascontiguousarray(x if self.layout == "NHWC" else x.transpose(0, 3, 1, 2))
-
+        if self.layout == "NCHW" and not early:
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x)
 
 # What the built-in models were trained with (one place: the registry, the ONNX models' defaults
 # and the digits trainer read them from here).

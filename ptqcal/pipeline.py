@@ -68,7 +68,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     sweep = Sweep({FLOAT_NAME: float_logits}, {"model_float.onnx": model.float_path})
     if cfg.fp16:
         _add_fp16(cfg, model, images, cache, sweep)
-    exclude = _quantize_sweep(cfg, model, prepared, batches.calib, draws, cache, work, sweep)
+    exclude = _quantize_sweep(cfg, model, prepared, batches, draws, cache, work, sweep)
     for name, source in sweep.files.items():
         link_or_copy(source, work / name)
     notes = [*model.notes, batches.note,
@@ -89,7 +89,7 @@ def _add_fp16(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep) -> None
     sweep.logits[FP16_NAME] = steps.model_logits(cache, path, images.eval, model.preprocess, cfg, FP16_NAME)
 
 
-def _quantize_sweep(cfg: RunConfig, model, prepared: Path, calib_batch: int, draws, cache: Cache, work: Path,
+def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, draws, cache: Cache, work: Path,
                     sweep: Sweep) -> tuple[str, ...]:
     """Every calibration draw x activation bits x weight bits; returns the layers kept in float."""
     import onnx
@@ -106,7 +106,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, calib_batch: int, dra
         if given is None:
             misses = cache.misses
             histograms = steps.calibrate(cache, prepared, model.input_name, images.calib, model.preprocess,
-                                         calib_batch, cfg.progress)
+                                         batches.calib, cfg.progress)
             done = "calibrated" if cache.misses > misses else "calibration reused from the cache:"
             _log(cfg, f"{done} {len(histograms)} tensors (draw {repeat + 1}/{cfg.repeats}; {cfg.calib_method} "
                       "ranges for every precision)")
@@ -125,7 +125,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, calib_batch: int, dra
                         sweep.float_ops = (name, steps.deployed_float_ops(cache, path, cfg))
                     sweep.files[f"model_{spec.name}.onnx"] = path
                     check = steps.check_deployment(cache, path, name, sweep.logits[name], draws[0].eval,
-                                                   model.preprocess, cfg)
+                                                   model.preprocess, cfg, batches.check)
                     sweep.checks += [check] if check else []
                 _log_config(cfg, name, sweep.logits[name], sweep.logits[FLOAT_NAME], draws[0].eval.labels)
     return exclude

@@ -56,11 +56,22 @@ class Images:
 
 @dataclass(frozen=True)
 class Batches:
-    """The batch sizes a run evaluates and calibrates with, chosen to fit its memory budget."""
+    """The batch sizes a run evaluates, checks the simulated path and calibrates with, chosen to fit
+    its memory budget."""
 
     eval: int
+    check: int
     calib: int
     note: str
+
+
+# Per image, from the graph's activation sizes (measured on EfficientNet-Lite0 at 224 px, batches of
+# 32 to 83): ORT's CPU arena grows in powers of two, holding 1.3-1.7x the live activations; the
+# simulated path also keeps each activation's quantized and dequantized copies; calibration holds
+# every tensor in ORT and its copy in numpy.
+ARENA_FACTOR = 1.5
+SIMULATED_FACTOR = 2.0
+CALIBRATION_FACTOR = 2.0
 
 
 def versions() -> dict[str, str]:
@@ -173,23 +184,34 @@ def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cac
 
 
 def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig) -> Batches:
-    """The largest batches (up to ``cfg.batch_size`` and :data:`CALIB_BATCH`) whose activations and
-    prepared input batches fit ``cfg.max_memory``, from the graph's activation sizes."""
+    """The largest batches (up to ``cfg.batch_size``, and :data:`CALIB_BATCH` for calibration) whose
+    activations and prepared input batches fit ``cfg.max_memory``, from the graph's activation sizes."""
     from .evaluate.memory import activation_bytes, batch_for
     from .pixels import CHUNK_BYTES, PREFETCH
 
     channels, height, width = preprocess.input_size
     shape = (1, channels, height, width) if preprocess.layout == "NCHW" else (1, height, width, channels)
     sizes = activation_bytes(prepared, shape)
-    input_bytes = channels * height * width * np.dtype(preprocess.dtype).itemsize
+    inputs = (PREFETCH + 2) * channels * height * width * np.dtype(preprocess.dtype).itemsize
     budget = max(1, cfg.max_memory - 2 * CHUNK_BYTES)  # a decoded chunk in use and one being decoded
-    evaluation = batch_for(budget, sizes.peak + (PREFETCH + 2) * input_bytes, cfg.batch_size)
-    calib = batch_for(budget, sizes.total + (PREFETCH + 2) * input_bytes, CALIB_BATCH)
-    note = (f"Batches of {evaluation} (evaluation) and {calib} (calibration) images: per image the model's "
-            f"activations take {sizes.peak / 2**20:.1f} MiB at their peak when it runs and "
-            f"{sizes.total / 2**20:.1f} MiB together when calibration exposes them all, within a memory budget "
-            f"of {cfg.max_memory / 2**30:.2f} GiB.")
-    return Batches(evaluation, calib, note)
+    deployed = ARENA_FACTOR * sizes.peak + inputs
+    simulated = ARENA_FACTOR * SIMULATED_FACTOR * sizes.peak + inputs
+    evaluation = batch_for(budget, deployed if cfg.execution == "deployed" else simulated, cfg.batch_size)
+    check = batch_for(budget, simulated, cfg.batch_size)
+    calib = batch_for(budget, CALIBRATION_FACTOR * sizes.total + inputs, CALIB_BATCH)
+    note = (f"Batches of {evaluation} (evaluation), {check} (simulated-path check) and {calib} (calibration) "
+            f"images: per image the model's activations take {_bytes(sizes.peak)} at their peak when it runs and "
+            f"{_bytes(sizes.total)} together when calibration exposes them all, within a memory budget of "
+            f"{_bytes(cfg.max_memory)}.")
+    return Batches(evaluation, check, calib, note)
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.3g} {unit}"
+        count /= 1024
+    return f"{count:.3g} GiB"
 
 
 def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessCfg | None, cfg: RunConfig,
@@ -264,18 +286,19 @@ def quantize_config(cache: Cache, prepared: Path, ranges, spec) -> Path:
 
 
 def check_deployment(cache: Cache, path: Path, name: str, evaluated: np.ndarray, pixels: Pixels,
-                     preprocess: PreprocessCfg, cfg: RunConfig):
+                     preprocess: PreprocessCfg, cfg: RunConfig, batch_size: int):
     """How far the deployed (fused integer kernels) and simulated paths of one quantized model
     agree on the first ``cfg.check_images`` images (a :class:`~ptqcal.evaluate.PathAgreement`), or
     ``None`` when the check is off. ``evaluated`` are the run's logits of the model on ``pixels``
-    (on ``cfg.execution``'s path): only the other path is computed."""
+    (on ``cfg.execution``'s path): only the other path is computed, in batches of ``batch_size``."""
     from .evaluate import compare_paths
 
     count = min(cfg.check_images, len(evaluated))
     if count == 0:
         return None
     deployed = cfg.execution == "deployed"
-    other = model_logits(cache, path, pixels, preprocess, cfg, "check", not deployed, "check-logits", count)
+    other = model_logits(cache, path, pixels, preprocess, replace(cfg, batch_size=batch_size), "check", not deployed,
+                         "check-logits", count)
     ours = evaluated[:count]
     return compare_paths(name, ours, other) if deployed else compare_paths(name, other, ours)
 

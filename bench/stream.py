@@ -7,7 +7,8 @@
 2. speed: the float evaluation of 1,000 images through ptqcal's stream (decode -> normalise ->
    ``session.run`` with a prefetch thread), with the pixels decoded on the way or read from the
    pixel cache, against bare ``session.run`` on the same images decoded and normalised beforehand,
-   at the batch ptqcal chooses.
+   at the batch ptqcal chooses;
+3. the deployed-vs-simulated check: the run on 1,000 images again with ``--check-images 0``.
 
 Images: the 270 real ImageNet samples of ../shared, each made into several by a horizontal flip, a
 crop of 70-100% of its side at a seeded position, and a rescale of the short side to 230-300 px
@@ -83,14 +84,14 @@ def export_lite0(folder: Path) -> Path:
     return path
 
 
-def run_peak(model: Path, labels: Path, eval_size: int, out: Path) -> tuple[float, float]:
+def run_peak(model: Path, labels: Path, eval_size: int, out: Path, *extra: str) -> tuple[float, float]:
     """Peak RSS (MB) and wall time (s) of one ``ptqcal run`` in a fresh process."""
     code = ("import json, resource, sys, time\nfrom ptqcal.cli import main\nstart = time.perf_counter()\n"
             "code = main(sys.argv[1:])\n"
             "print(json.dumps([code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
             "time.perf_counter() - start]))\n")
     args = ["run", "--model", str(model), "--dataset", "csv", "--data-dir", str(labels), "--weight-bits", "8",
-            "--calib-size", "256", "--eval-size", str(eval_size), "--no-progress", "--quiet", "--out", str(out)]
+            "--calib-size", "256", "--eval-size", str(eval_size), "--no-progress", "--quiet", "--out", str(out), *extra]
     completed = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     status, peak, seconds = json.loads(completed.stdout.strip().splitlines()[-1])
     assert status == 0, completed.stderr
@@ -133,6 +134,7 @@ def speed(model: Path, labels: Path, count: int, folder: Path) -> dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 and 1,000 images instead of 1,000 and 10,000")
+    parser.add_argument("--part", choices=("all", "speed", "memory"), default="all")
     args = parser.parse_args()
     if not (SHARED / "data/imagenet_samples/labels.csv").exists():
         print("skipped: ../shared/data/imagenet_samples is not here")
@@ -141,16 +143,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ptqcal-stream-") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
-        labels = make_images(large + 256, folder / "images")
-        print(f"made {large + 256} images in {time.perf_counter() - start:.0f} s")
+        count = large + 256 if args.part != "speed" else small
+        labels = make_images(count, folder / "images")
+        print(f"made {count} images in {time.perf_counter() - start:.0f} s")
         model = export_lite0(folder)
-        ratios = speed(model, labels, small, folder / "speed")
-        peaks = {}
-        for count in (small, large):
+        ratios = speed(model, labels, small, folder / "speed") if args.part != "memory" else {}
+        peaks, seconds_small = {}, 0.0
+        for count in (small, large) if args.part != "speed" else ():
             peak, seconds = run_peak(model, labels, count, folder / f"run{count}")
             peaks[count] = peak
+            seconds_small = seconds if count == small else seconds_small
             print(f"  ptqcal run, {count:6d} evaluation images: peak RSS {peak:7.0f} MB, {seconds:6.1f} s")
-        ratios[f"peak RSS: {large} / {small} images"] = peaks[large] / peaks[small]
+        if peaks:
+            ratios[f"peak RSS: {large} / {small} images"] = peaks[large] / peaks[small]
+            _, unchecked = run_peak(model, labels, small, folder / "unchecked", "--check-images", "0")
+            print(f"  ptqcal run, {small:6d} evaluation images, --check-images 0: {unchecked:6.1f} s")
+            ratios["run without the path check / with it (64 images)"] = unchecked / seconds_small
     print("\nratios")
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")

@@ -113,7 +113,13 @@ def test_resume_after_sigkill_gives_identical_metrics(stage, tmp_path):
     reference = tmp_path / "reference"
     subprocess.run(args + ["--out", str(reference)], check=True, capture_output=True)
 
-    out = tmp_path / "killed"
+    _kill_at_and_resume(args, stage, tmp_path / "killed", reference)
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def _kill_at_and_resume(args: list[str], stage: str, out: Path, reference: Path) -> None:
+    """Start the run, SIGKILL it once a cache entry matching ``stage`` exists, run it again, and
+    check it gives the reference run's metrics, byte for byte."""
     process = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     reached = _wait_for(stage, out / "cache", process)
     process.send_signal(signal.SIGKILL)
@@ -127,7 +133,6 @@ def test_resume_after_sigkill_gives_identical_metrics(stage, tmp_path):
     subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
     assert not list((out / "cache").glob(".*.tmp"))
     assert (out / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
 @pytest.mark.slow
@@ -147,11 +152,4 @@ def test_streamed_image_files_resume_after_sigkill(stage, tmp_path, digits):
             "--weight-bits", "8", "4"]
     reference = tmp_path / "reference"
     subprocess.run(args + ["--out", str(reference)], check=True, capture_output=True)
-    out = tmp_path / "killed"
-    process = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    reached = _wait_for(stage, out / "cache", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert reached, f"the run ended before writing {stage}"
-    subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
-    assert (out / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
+    _kill_at_and_resume(args, stage, tmp_path / "killed", reference)

@@ -35,6 +35,7 @@ def activation_bytes(model_path: str | Path, input_shape: tuple[int, ...]) -> Ac
     for dim, size in zip(dims, (1, *input_shape[1:])):
         dim.Clear()
         dim.dim_value = size
+    del model.graph.value_info[:]  # shapes inferred with open dimensions would stay open
     model = onnx.shape_inference.infer_shapes(model)
     sizes = {value.name: _bytes(value) for value in [*model.graph.input, *model.graph.value_info,
                                                      *model.graph.output] if value.name not in constants}

@@ -72,8 +72,9 @@ class Pixels:
         p = self.preprocess
         return {"input_size": p.input_size, "resize": p.resize, "interpolation": p.interpolation}
 
-    def chunk(self, index: int) -> _Chunk:
-        """Chunk ``index``: a slice of the arrays, or its files decoded (from the cache when there)."""
+    def chunk(self, index: int, pixels: bool = True) -> _Chunk:
+        """Chunk ``index``: a slice of the arrays, or its files decoded (from the cache when there).
+        ``pixels=False`` reads only its labels and failures (a cached chunk's pixels stay on disk)."""
         start, stop = index * self.chunk_size, min(len(self.split), (index + 1) * self.chunk_size)
         if not self.split.is_files:  # a view, not a copy
             return _Chunk(self.split.images[start:stop], self.split.labels[start:stop], ())
@@ -82,7 +83,8 @@ class Pixels:
             chunk = self._decode(part)
         else:
             key = make_key("files", _file_stats(part.images), array_digest(part.labels), self._geometry())
-            chunk = _load_chunk(self.cache.file("pixels", key, "npz", lambda tmp: _save_chunk(self._decode(part), tmp)))
+            path = self.cache.file("pixels", key, "npz", lambda tmp: _save_chunk(self._decode(part), tmp))
+            chunk = _load_chunk(path, pixels)
         if chunk.failed and self.strict:  # cached by a lenient run
             raise UserError(f"cannot decode {chunk.failed[0]}")
         self._decoded[index] = (chunk.labels, chunk.failed)
@@ -96,7 +98,7 @@ class Pixels:
     def _index(self) -> None:
         for index in range(self.num_chunks):
             if index not in self._decoded:
-                self.chunk(index)
+                self.chunk(index, pixels=False)
 
     @property
     def labels(self) -> np.ndarray:
@@ -225,7 +227,8 @@ def _save_chunk(chunk: _Chunk, tmp: Path) -> None:
                                                                                   dtype=str))
 
 
-def _load_chunk(path: Path) -> _Chunk:
-    with np.load(path) as stored:
-        return _Chunk(stored["images"], stored["labels"], tuple(Path(p) for p in stored["failed"]))
+def _load_chunk(path: Path, pixels: bool = True) -> _Chunk:
+    with np.load(path) as stored:  # an npz reads each array only when asked for it
+        return _Chunk(stored["images"] if pixels else np.empty((0,), np.uint8), stored["labels"],
+                      tuple(Path(p) for p in stored["failed"]))
 

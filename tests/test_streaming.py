@@ -91,6 +91,9 @@ def test_chunked_pixels_equal_decoding_everything_at_once(tmp_path, monkeypatch)
         np.testing.assert_array_equal(np.concatenate(batches), whole.images)
         np.testing.assert_array_equal(streamed.labels, whole.labels)
         assert list(streamed.failed) == failed == [paths[12]]
+    index_only = Pixels(split, preprocess, Cache(tmp_path / "cache"))  # a re-run whose logits are cached
+    np.testing.assert_array_equal(index_only.labels, whole.labels)
+    assert list(index_only.failed) == failed
     with pytest.raises(UserError, match="cannot decode"):  # a strict run does not take the lenient cache
         list(Pixels(split, preprocess, Cache(tmp_path / "cache"), strict=True).batches(4))
 
@@ -154,3 +157,17 @@ def test_the_path_check_reuses_the_runs_logits_and_can_be_turned_off(tmp_path):
     assert "simulated (float ops" not in (tmp_path / "off" / "report.md").read_text()
     on, off = (json.loads((tmp_path / k / "metrics.json").read_text())["runs"][0]["configs"] for k in ("on", "off"))
     assert on == off  # the check changes no number of the run
+
+
+def test_activation_bytes_of_an_open_size_graph_use_the_size_given(tmp_path):
+    """A graph that leaves height and width open is sized at the images' size: the same bytes as
+    the fixed graph, plus the Identity the variant adds in front (one input-sized tensor)."""
+    from onnx_variants import input_variant
+    from ptqcal.evaluate.memory import activation_bytes
+
+    fixed = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=5)
+    opened = input_variant(fixed, tmp_path / "open.onnx", open_size=True)
+    sizes, reference = activation_bytes(opened, (1, 1, 8, 8)), activation_bytes(fixed, (1, 1, 8, 8))
+    assert sizes.total == reference.total + 256 and sizes.peak >= reference.peak
+    pooled = 32 + 32 + 20  # after the global pool, the sizes no longer depend on the image's
+    assert activation_bytes(opened, (1, 1, 16, 16)).total == 4 * (sizes.total - pooled) + pooled

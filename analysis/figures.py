@@ -338,6 +338,50 @@ def plot_temperature(effects: Sequence[TemperatureEffect], ax: Sequence[Axes] | 
     return fig
 
 
+# --- Figure 6: what to ship ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeploymentPoints:
+    """Every configuration's swap rate (fraction; 0 for float), weight bytes and throughput."""
+
+    model: str
+    configs: list[str]
+    swapped: list[float]
+    weight_bytes: list[int]
+    throughput: list[float]
+
+    @classmethod
+    def from_run(cls, run) -> "DeploymentPoints | None":
+        """``None`` when the run did not time every configuration."""
+        numbers = run.record.deployment
+        configs = [c for c in run.configs if c.name in numbers]
+        if not configs or any(numbers[c.name].throughput is None for c in configs):
+            return None
+        return cls(run.name, [c.name for c in configs],
+                   [0.0 if c.change is None else c.metrics.swapped for c in configs],
+                   [numbers[c.name].weight_bytes for c in configs], [numbers[c.name].throughput for c in configs])
+
+
+def plot_deployment(points: Sequence[DeploymentPoints], ax: Sequence[Axes] | None = None) -> Figure:
+    """Weight megabytes (top) and images/s (bottom) against % swapped, one labelled point per
+    configuration. ``ax``: 2 x len(points) axes."""
+    fig, axes = _axes(ax, 2, len(points), (4.6 * len(points), 6.4))
+    for column, model in enumerate(points):
+        top, bottom = axes[:, column]
+        x = _percent(model.swapped)
+        for axis, values, label in ((top, np.asarray(model.weight_bytes) / 1e6, "weights (MB)"),
+                                    (bottom, np.asarray(model.throughput), "images/s on this machine")):
+            axis.scatter(x, values, color=[FLOAT_COLOR] + [QUANT_COLOR] * (len(x) - 1), zorder=3)
+            for index, (xi, yi, name) in enumerate(zip(x, values, model.configs)):  # labels alternate above/below
+                axis.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4 if index % 2 else -11),
+                              fontsize=8)
+            axis.set_ylabel(label)
+            axis.set_ylim(bottom=0)
+        top.set_title(f"{model.model}: size and speed against swaps")
+        bottom.set_xlabel("% of predictions swapped")
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path) -> list[Path]:
     """Write ``path`` (PNG) and the same figure as SVG beside it."""
     path = Path(path)

@@ -17,14 +17,16 @@ from typing import Any, Sequence
 
 from ptqcal import __version__
 from ptqcal.atomic import atomic_path
+from ptqcal.evaluate.deploy import Deployment
 from ptqcal.evaluate.metrics import FRACTION, Metrics, changes_by_confidence, reliability_of_logits
 from ptqcal.evaluate.results import FLOAT_NAME
 
 import matplotlib
 from matplotlib.figure import Figure
 
-from .figures import (STYLE, MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
-                      plot_swap_panels, plot_temperature, plot_transitions, save_figure)
+from .figures import (STYLE, DeploymentPoints, MarginCurves, SwapPanel, TemperatureEffect, TransitionTable,
+                      plot_deployment, plot_margin, plot_reliability, plot_swap_panels, plot_temperature,
+                      plot_transitions, save_figure)
 from .results import HEADLINE, RunAnalysis, analyse_run
 
 COLUMNS = [
@@ -66,6 +68,10 @@ FIGURES = {
                     "Top: the probability that a prediction swaps, against the float model's top-1 minus top-2 "
                     "logit: small margins flip, large ones hold. Bottom: the share of each float-confidence bin "
                     "that swaps."),
+    "fig6_deployment": ("Figure 6 — what to ship",
+                        "Each configuration's weight bytes and throughput on this machine against the % of "
+                        "predictions it swapped (the float model at 0): the lower left of the size panel and the "
+                        "upper left of the speed panel are what a deployment wants."),
     "fig5_temperature": ("Figure 5 — post-hoc temperature scaling",
                          "A temperature cross-fitted on the float model's evaluation logits (fitted on one half of "
                          "the images, applied to the other), applied to every "
@@ -91,6 +97,9 @@ def metrics_rows(run: RunAnalysis) -> list[dict[str, Any]]:
         row.update({f"{k}_ci95": list(v) for k, v in config.intervals.items()})
         if config.spread is not None:
             row.update({f"{k}_std": _clean(getattr(config.spread, k)) for k in HEADLINE})
+        numbers = run.record.deployment.get(config.name)
+        if numbers is not None:
+            row.update(vars(numbers))
         if config.change is not None:
             bins = changes_by_confidence(config.change)
             row["by_float_confidence"] = {key: [_clean(float(v)) for v in values] for key, values in bins.items()}
@@ -118,9 +127,13 @@ def confidence_table(run: RunAnalysis) -> str:
     return "\n".join(["**Which confidences flip** (% of the bin's predictions swapped)", "\n".join(lines)])
 
 
+DEPLOYMENT_UNITS = {"file_bytes": "bytes", "weight_bytes": "bytes", "threads": "count", "batch_size": "images",
+                    "latency_ms": "milliseconds", "latency_p90_ms": "milliseconds", "throughput": "images/s"}
+
+
 def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
     """The table of every run's configurations as CSV, in fractions like ``metrics.json``."""
-    keys = ["model", "config", "weight_bits", "act_bits"] + [key for key, _, _ in COLUMNS[1:]]
+    keys = ["model", "config", "weight_bits", "act_bits"] + [key for key, _, _ in COLUMNS[1:]] + list(DEPLOYMENT_UNITS)
     keys += [f"{key}_{part}" for key in HEADLINE for part in ("ci95_low", "ci95_high", "std")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
@@ -136,7 +149,7 @@ def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
 
 def metrics_json(runs: Sequence[RunAnalysis]) -> str:
     """Every metric of every run as JSON (fractions; ``units`` names each metric's unit)."""
-    units = {key: Metrics.unit(key) for key in Metrics.__dataclass_fields__}
+    units = {**{key: Metrics.unit(key) for key in Metrics.__dataclass_fields__}, **DEPLOYMENT_UNITS}
     return json.dumps({"units": units, "runs": [{"model": r.name, "run": r.record.summary, "temperature": r.temperature,
                                  "configs": metrics_rows(r)} for r in runs]}, indent=2)
 
@@ -180,6 +193,49 @@ def markdown_tables(run: RunAnalysis) -> list[str]:
         tables += ["**What quantization changed** (against the float model on the same images)",
                    markdown_table(run, change, quantized_only=True)]
     return tables
+
+
+def deployment_table(run: RunAnalysis) -> list[str]:
+    """Size and speed of every configuration on the machine that ran it, and why a quantized one
+    is not faster than float where it is not."""
+    numbers = run.record.deployment
+    reference = numbers.get(FLOAT_NAME)
+    if reference is None:
+        return []
+    timed = reference.throughput is not None
+    head = "| config | file MB | weights MB | weights × float |" + (
+        " latency ms (batch 1, median / p90) | images/s (batch {}) | speed × float |".format(reference.batch_size)
+        if timed else "")
+    lines = [head, "|" + "---|" * (7 if timed else 4)]
+    for name, d in numbers.items():
+        cells = [md(name), f"{d.file_bytes / 1e6:.2f}", f"{d.weight_bytes / 1e6:.3f}",
+                 f"{d.weight_bytes / max(reference.weight_bytes, 1):.3f}"]
+        if timed and d.throughput is not None:
+            cells += [f"{d.latency_ms:.2f} / {d.latency_p90_ms:.2f}", f"{d.throughput:.0f}",
+                      f"{d.throughput / reference.throughput:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    threads = "ORT's default thread count, one per physical core" if reference.threads == 0 else \
+        f"{reference.threads} ORT thread{'s' if reference.threads > 1 else ''}"
+    title = f"**Deployment on this machine** ({threads}; {os.cpu_count()} CPUs)" if timed else \
+        "**Deployment** (sizes only: timing was skipped)"
+    return [title, "\n".join(lines), _not_faster(numbers)] if timed else [title, "\n".join(lines)]
+
+
+def _not_faster(numbers: dict[str, Deployment]) -> str:
+    """Why each quantized configuration that is not faster than float is not."""
+    reference, reasons = numbers[FLOAT_NAME], []
+    for name, d in numbers.items():
+        bits = re.fullmatch(r"a(\d+)w(\d+)", name)
+        if bits is None or d.throughput is None or d.throughput > reference.throughput:
+            continue
+        if int(bits[2]) == 4:
+            why = "its int4 weights have no integer kernel on CPU: ORT dequantizes them and runs float layers"
+        elif int(bits[1]) < 8:
+            why = "its activations below 8 bits keep a Clip in front of each QuantizeLinear, which stops fusion"
+        else:
+            why = "ORT's integer kernels are not faster than its float ones for this graph on this CPU"
+        reasons.append(f"{md(name)} is not faster than float: {why}.")
+    return " ".join(reasons)
 
 
 CONFIDENT = 0.9  # a float prediction held with at least this confidence counts as confident
@@ -292,6 +348,10 @@ def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
         save_figure(plot_transitions([TransitionTable.from_run(r) for r in with_q]), out / "fig3_transitions")
         save_figure(plot_margin([MarginCurves.from_run(r) for r in with_q]), out / "fig4_margin")
         written.update({k: f"{k}.png" for k in ("fig2_swaps", "fig3_transitions", "fig4_margin")})
+        timed = [DeploymentPoints.from_run(r) for r in with_q]
+        if all(p is not None for p in timed):
+            save_figure(plot_deployment(timed), out / "fig6_deployment")
+            written["fig6_deployment"] = "fig6_deployment.png"
         effects = [e for e in (TemperatureEffect.from_run(r) for r in with_q) if e is not None]
         if effects:
             save_figure(plot_temperature(effects), out / "fig5_temperature")
@@ -308,7 +368,7 @@ def _run_section(run: RunAnalysis) -> list[str]:
                      "(never fitted on the images it is judged on)")
     lines += ["Errors, ECE and confidences in %, NLL in nats. Brackets: bootstrap 95% interval over evaluation "
               "images; ± : std over calibration repeats.",
-              *markdown_tables(run), sweep_reading(run), confidence_table(run)]
+              *markdown_tables(run), sweep_reading(run), confidence_table(run), *deployment_table(run)]
     if run.notes:
         lines.append("\n".join(f"- {md(note)}" for note in run.notes))
     return lines

@@ -228,26 +228,9 @@ def imagenet(quick: bool, folder: Path) -> dict[str, float]:
 
 # --- 5. sizes ----------------------------------------------------------------------------------------------
 
-def weight_bytes(path: Path) -> int:
-    """Bytes stored for the Conv/Gemm weights of a model: float tensors, or the integer codes
-    (as stored, so int4 counts packed) that DequantizeLinear turns into them."""
-    import onnx
-
-    model = onnx.load(str(path))
-    initializers = {init.name: init for init in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    total = 0
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 1:
-            source = producers.get(node.input[1])
-            name = source.input[0] if source is not None and source.op_type == "DequantizeLinear" else node.input[1]
-            if name in initializers:
-                init = initializers[name]
-                total += len(init.raw_data) if init.raw_data else onnx.numpy_helper.to_array(init).nbytes
-    return total
-
-
 def sizes(folder: Path) -> dict[str, float]:
+    from ptqcal.evaluate.deploy import weight_bytes
+
     run_dir = folder / "run"
     float_path = run_dir / "model_float.onnx"
     float_size, float_weights = float_path.stat().st_size, weight_bytes(float_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ import numpy as np
 
 from ptqcal.atomic import atomic_path
 from ptqcal.errors import InputError
+
+from .deploy import Deployment
 
 FORMAT_VERSION = 2  # 1: the unversioned records of ptqcal 0.2 (read the same way)
 RECORD_FILE = "run.json"
@@ -53,6 +55,8 @@ class RunRecord:
         The run's configuration, as JSON.
     seconds : float
         Wall time of the run that computed it.
+    deployment : dict of str to Deployment
+        Configuration name to its size and speed on the machine that ran it.
     """
 
     model: str
@@ -64,6 +68,7 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    deployment: dict[str, Deployment] = field(default_factory=dict)
 
     @property
     def configs(self) -> list[str]:
@@ -76,7 +81,8 @@ class RunRecord:
             np.savez_compressed(handle, labels=self.labels, calib_labels=self.calib_labels,
                                 calib_float=self.calib_float, **self.logits)
         info = {"format": FORMAT_VERSION, "model": self.model, "configs": self.configs, "notes": self.notes,
-                "run": self.summary, "seconds": self.seconds, "config": self.settings}
+                "run": self.summary, "seconds": self.seconds, "config": self.settings,
+                "deployment": {name: asdict(numbers) for name, numbers in self.deployment.items()}}
         with atomic_path(folder / RECORD_FILE) as tmp:
             tmp.write_text(json.dumps(info, indent=2))
         return folder
@@ -94,10 +100,11 @@ class RunRecord:
             with np.load(folder / LOGITS_FILE, allow_pickle=False) as arrays:
                 stored = {key: arrays[key] for key in arrays.files}
             logits = {str(name): stored[name] for name in info["configs"]}
+            deployment = {str(k): Deployment(**v) for k, v in info.get("deployment", {}).items()}
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from exc
         return cls(str(info.get("model", folder.name)), stored["labels"], logits,
                    stored.get("calib_labels", np.zeros(0, np.int64)),
                    stored.get("calib_float", np.zeros((0, 0), np.float32)), dict(info.get("run", {})),
                    [str(n) for n in info.get("notes", [])], dict(info.get("config", {})),
-                   float(info.get("seconds", 0.0)))
+                   float(info.get("seconds", 0.0)), deployment)

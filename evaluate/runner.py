@@ -29,12 +29,14 @@ def execution_provider(name: str) -> str:
 
 
 def make_session(model_path: str | Path, fused: bool = True, optimized_model_path: str | Path | None = None,
-                 provider: str = "CPU") -> ort.InferenceSession:
-    """A session on ``provider`` (CPU by default). ``fused=False`` keeps Q/DQ around float ops (the
-    simulated path); the default lets ORT fuse them into integer kernels such as QLinearConv (the
-    deployed path)."""
+                 provider: str = "CPU", threads: int = 0) -> ort.InferenceSession:
+    """A session on ``provider`` (CPU by default) with ``threads`` intra-op threads (0: ORT's
+    default, one per physical core). ``fused=False`` keeps Q/DQ around float ops (the simulated
+    path); the default lets ORT fuse them into integer kernels such as QLinearConv (the deployed
+    path)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = threads
     if not fused:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if optimized_model_path is not None:

@@ -125,6 +125,10 @@ class RunConfig:
     provider: str = _setting("CPU", "ONNX Runtime execution provider that evaluates every model (calibration "
                              "runs on CPU)", str)
     quiet: bool = _setting(False, "print nothing but errors and the report's path", in_file=False)
+    threads: int = _setting(0, "ONNX Runtime's intra-op threads for every session (0: its default, one per "
+                            "physical core); the report's speeds say which", int, metavar="N")
+    timing: bool = _setting(True, "skip measuring each configuration's latency and throughput (sizes are still "
+                            "reported)", flag="--no-timing")
 
     @property
     def is_onnx_file(self) -> bool:
@@ -153,7 +157,7 @@ class RunConfig:
             for act_bits in self.act_bits:
                 QuantSpec(weight_bits, act_bits, self.weight_scale).validate()
         for name, least in (("repeats", 1), ("calib_size", 1), ("batch_size", 1), ("eval_size", 2), ("seed", 0),
-                            ("check_images", 0), ("max_memory", 1 << 20)):
+                            ("check_images", 0), ("max_memory", 1 << 20), ("threads", 0)):
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UserError(f"{flag_of(name)} must be at least {least}, got {value}")

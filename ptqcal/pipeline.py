@@ -20,6 +20,7 @@ from .cache import Cache, link_or_copy
 from .config import RunConfig
 from .errors import UserError
 from .evaluate import FLOAT_NAME, REPEAT_MARK, PathAgreement, RunRecord
+from .evaluate.deploy import Deployment
 from .quantize import QuantSpec
 from .report_text import run_notes, run_summary
 from .runfolder import COMPARISON, RUN, check_target, new_work_dir, report_once, swap_in, write_marker, writing
@@ -40,6 +41,7 @@ class Sweep:
     logits: dict[str, np.ndarray] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     checks: list[PathAgreement] = field(default_factory=list)
+    deployment: dict[str, Deployment] = field(default_factory=dict)
     float_ops: tuple[str, dict[str, int]] | None = None  # a configuration and what ORT runs of it in float
 
 
@@ -66,6 +68,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     calib_float = steps.model_logits(cache, model.float_path, images.calib, model.preprocess, cfg,
                                      "calibration", kind="calib-logits")
     sweep = Sweep({FLOAT_NAME: float_logits}, {"model_float.onnx": model.float_path})
+    sweep.deployment[FLOAT_NAME] = steps.deployment(cache, model.float_path, images.eval, model.preprocess, cfg)
     if cfg.fp16:
         _add_fp16(cfg, model, images, cache, sweep)
     exclude = _quantize_sweep(cfg, model, prepared, batches, draws, cache, work, sweep)
@@ -75,7 +78,8 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
              *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),
-              steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1))).save(work)
+              steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
+              sweep.deployment).save(work)
     return work
 
 
@@ -87,6 +91,7 @@ def _add_fp16(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep) -> None
                       lambda tmp: convert_fp16(model.float_path, tmp))
     sweep.files["model_fp16.onnx"] = path
     sweep.logits[FP16_NAME] = steps.model_logits(cache, path, images.eval, model.preprocess, cfg, FP16_NAME)
+    sweep.deployment[FP16_NAME] = steps.deployment(cache, path, images.eval, model.preprocess, cfg)
 
 
 def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, draws, cache: Cache, work: Path,
@@ -106,7 +111,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
         if given is None:
             misses = cache.misses
             histograms = steps.calibrate(cache, prepared, model.input_name, images.calib, model.preprocess,
-                                         batches.calib, cfg.progress)
+                                         batches.calib, cfg.progress, cfg.threads)
             done = "calibrated" if cache.misses > misses else "calibration reused from the cache:"
             _log(cfg, f"{done} {len(histograms)} tensors (draw {repeat + 1}/{cfg.repeats}; {cfg.calib_method} "
                       "ranges for every precision)")
@@ -121,6 +126,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
                 if weight_bits == cfg.weight_bits[0]:  # which ranges the graph uses, beside the others
                     ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json", quantized_tensors(path))
                 if repeat == 0:
+                    sweep.deployment[name] = steps.deployment(cache, path, draws[0].eval, model.preprocess, cfg)
                     if sweep.float_ops is None:
                         sweep.float_ops = (name, steps.deployed_float_ops(cache, path, cfg))
                     sweep.files[f"model_{spec.name}.onnx"] = path

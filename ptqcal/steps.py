@@ -229,7 +229,7 @@ def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: Preproces
     total = len(pixels) if limit is None else min(limit, len(pixels))
 
     def compute() -> np.ndarray:
-        session = make_session(path, fused=fused, provider=cfg.provider)
+        session = make_session(path, fused=fused, provider=cfg.provider, threads=cfg.threads)
         return predict_batches(session, pixels.batches(cfg.batch_size, preprocess, limit), total, desc, cfg.progress)
 
     return cache.array(kind, key, compute, _check_logits)
@@ -261,7 +261,7 @@ def prepare_for_quantization(cache: Cache, float_path: Path) -> Path:
 
 
 def calibrate(cache: Cache, prepared: Path, input_name: str, pixels: Pixels, preprocess: PreprocessCfg,
-              batch_size: int, progress: bool) -> dict:
+              batch_size: int, progress: bool, threads: int = 0) -> dict:
     """Histograms of every activation of ``prepared`` over ``pixels`` (normalised batch by batch),
     in one pass; every range method and activation bit width is computed from them."""
     from .quantize import BatchDataReader, collect_histograms, load_histograms, save_histograms
@@ -272,7 +272,7 @@ def calibrate(cache: Cache, prepared: Path, input_name: str, pixels: Pixels, pre
     def collect(tmp: Path) -> None:
         reader = BatchDataReader(input_name, lambda: pixels.batches(batch_size, preprocess),
                                  -(-len(pixels) // batch_size))
-        save_histograms(collect_histograms(prepared, reader, DEFAULT_BINS, progress), tmp)
+        save_histograms(collect_histograms(prepared, reader, DEFAULT_BINS, progress, threads), tmp)
 
     return load_histograms(cache.file("histograms", key, "npz", collect))
 
@@ -317,3 +317,19 @@ def deployed_float_ops(cache: Cache, path: Path, cfg: RunConfig) -> dict[str, in
 
     key = make_key(file_digest(path), versions(), cfg.provider)
     return json.loads(cache.file("float-ops", key, "json", write).read_text())
+
+
+def deployment(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessCfg, cfg: RunConfig):
+    """The size of the model at ``path`` and (unless ``cfg.timing`` is off) its latency and
+    throughput on this machine (a :class:`~ptqcal.evaluate.deploy.Deployment`), measured once and
+    cached: a re-run reports the first run's timings, as it reports its wall time."""
+    from .evaluate.deploy import Deployment, measure_deployment
+
+    key = make_key(file_digest(path), cfg.threads, cfg.batch_size, cfg.timing, cfg.provider, versions())
+
+    def measure(tmp: Path) -> None:
+        batch = preprocess(pixels.head(cfg.batch_size))
+        numbers = measure_deployment(path, batch, cfg.threads, cfg.provider, cfg.timing)
+        tmp.write_text(json.dumps(asdict(numbers)))
+
+    return Deployment(**json.loads(cache.file("deployment", key, "json", measure).read_text()))

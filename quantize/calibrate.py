@@ -159,7 +159,7 @@ def calibration_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bins: int = DEFAULT_BINS,
-                       progress: bool = True) -> dict[str, TensorHistogram]:
+                       progress: bool = True, threads: int = 0) -> dict[str, TensorHistogram]:
     """One pass over ``reader``: run the model with every calibration tensor exposed as an output."""
     model = onnx.load(str(model_path))
     names = calibration_tensors(model)
@@ -167,6 +167,7 @@ def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bi
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    options.intra_op_num_threads = threads  # 0: ORT's default
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
     histograms = {name: TensorHistogram(bins) for name in names}

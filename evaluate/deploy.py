@@ -1,0 +1,83 @@
+"""What shipping a configuration costs on this machine: its size on disk, its weights' bytes, its
+latency at batch 1 and its throughput at the run's batch size, on ONNX Runtime's deployed path."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+LATENCY_RUNS = 50  # timed batch-1 runs, after the warm-up ones
+WARMUP_RUNS = 5
+THROUGHPUT_SECONDS = 1.0  # at least this long of full batches (and at least two of them)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One configuration's size and speed (bytes, milliseconds, images per second).
+
+    ``threads`` is ORT's intra-op thread count the numbers were measured with (0: ORT's default,
+    one per physical core); the timings are ``None`` when the run skipped them.
+    """
+
+    file_bytes: int
+    weight_bytes: int
+    threads: int
+    batch_size: int
+    latency_ms: float | None = None  # batch 1, median
+    latency_p90_ms: float | None = None
+    throughput: float | None = None  # images/s at ``batch_size``
+
+
+def weight_bytes(path: str | Path) -> int:
+    """Bytes stored for the Conv/Gemm/MatMul weights of a model: float tensors, or the integer codes
+    DequantizeLinear turns into them (as stored: int4 counts two codes to a byte)."""
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1:
+            source = producers.get(node.input[1])
+            name = source.input[0] if source is not None and source.op_type == "DequantizeLinear" else node.input[1]
+            if name in initializers:
+                init = initializers[name]
+                total += len(init.raw_data) if init.raw_data else onnx.numpy_helper.to_array(init).nbytes
+    return total
+
+
+def measure_deployment(path: str | Path, batch: np.ndarray, threads: int = 0, provider: str = "CPU",
+                       timing: bool = True) -> Deployment:
+    """Size of the model at ``path`` and, with ``timing``, its batch-1 latency (median and 90th
+    percentile of :data:`LATENCY_RUNS` runs after :data:`WARMUP_RUNS`) and its throughput on
+    ``batch`` (ready model input), on the deployed path with ``threads`` intra-op threads."""
+    from .runner import make_session
+
+    path = Path(path)
+    sizes = dict(file_bytes=path.stat().st_size, weight_bytes=weight_bytes(path), threads=threads,
+                 batch_size=len(batch))
+    if not timing:
+        return Deployment(**sizes)
+    session = make_session(path, threads=threads, provider=provider)
+    feed = session.get_inputs()[0].name
+    one = np.ascontiguousarray(batch[:1])
+    for _ in range(WARMUP_RUNS):
+        session.run(None, {feed: one})
+    times = []
+    for _ in range(LATENCY_RUNS):
+        start = time.perf_counter()
+        session.run(None, {feed: one})
+        times.append(time.perf_counter() - start)
+    whole = np.ascontiguousarray(batch)
+    session.run(None, {feed: whole})
+    runs, start = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - start < THROUGHPUT_SECONDS:
+        session.run(None, {feed: whole})
+        runs += 1
+    throughput = runs * len(batch) / (time.perf_counter() - start)
+    return Deployment(**sizes, latency_ms=1000 * float(np.median(times)),
+                      latency_p90_ms=1000 * float(np.percentile(times, 90)), throughput=float(throughput))

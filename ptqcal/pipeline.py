@@ -43,6 +43,7 @@ class Sweep:
     checks: list[PathAgreement] = field(default_factory=list)
     deployment: dict[str, Deployment] = field(default_factory=dict)
     float_ops: tuple[str, dict[str, int]] | None = None  # a configuration and what ORT runs of it in float
+    clipped_biases: dict[str, int] = field(default_factory=dict)  # configuration -> int32 biases ORT clipped
 
 
 def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
@@ -75,7 +76,8 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     for name, source in sweep.files.items():
         link_or_copy(source, work / name)
     notes = [*model.notes, batches.note,
-             *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops)]
+             *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
+                       sweep.clipped_biases)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
@@ -100,7 +102,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
     import onnx
 
     from .quantize import CalibrationRanges, compute_ranges, layers_to_exclude
-    from .quantize.qdq import quantized_tensors
+    from .quantize.qdq import clipped_biases, quantized_tensors
 
     graph = onnx.load(str(prepared), load_external_data=False)
     exclude = layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
@@ -127,6 +129,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
                     ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json", quantized_tensors(path))
                 if repeat == 0:
                     sweep.deployment[name] = steps.deployment(cache, path, draws[0].eval, model.preprocess, cfg)
+                    sweep.clipped_biases[name] = len(clipped_biases(path))
                     if sweep.float_ops is None:
                         sweep.float_ops = (name, steps.deployed_float_ops(cache, path, cfg))
                     sweep.files[f"model_{spec.name}.onnx"] = path

@@ -45,9 +45,17 @@ def describe_preprocess(p: PreprocessCfg) -> str:
 
 def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgreement],
               failed: Sequence[Path], calib_note: str | None = None,
-              float_ops: tuple[str, dict[str, int]] | None = None) -> list[str]:
+              float_ops: tuple[str, dict[str, int]] | None = None,
+              clipped_biases: dict[str, int] | None = None) -> list[str]:
     """Notes on how the run was evaluated and what it could not do."""
     notes = [calib_note + "."] if calib_note else []
+    clipped = {name: count for name, count in (clipped_biases or {}).items() if count}
+    if clipped:
+        notes.append("ONNX Runtime clipped int32 biases to the int32 range, so those layers add a bias other than "
+                     "the float model's (a bias's scale is the input's scale times the weight's, too small for "
+                     "it when a channel's weights are tiny, as in depthwise convolutions): "
+                     + ", ".join(f"{name} {count} layer{'s' if count > 1 else ''}" for name, count in clipped.items())
+                     + ".")
     if float_ops is not None and cfg.execution == "deployed":
         config, counts = float_ops
         notes.append(f"In the graph ONNX Runtime runs for {config}, " + (

@@ -10,6 +10,7 @@ QuantizeLinear saturates only at the container's 0..255.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,10 +193,36 @@ def quantized_tensors(quantized_path: str | Path) -> set[str]:
             if node.op_type == "QuantizeLinear" and node.input[0] not in constants}
 
 
+@contextmanager
+def _ort_warnings_held() -> Iterator[None]:
+    """ORT's quantizer warns through the root logger, one line per layer (e.g. each int32 bias it
+    clips). For the call, a handler on the root logger takes those records (so Python's last-resort
+    handler prints none of them; removed after): what they say is read from the graph instead
+    (:func:`clipped_biases`) and reported once."""
+    handler = logging.NullHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+def clipped_biases(quantized_path: str | Path) -> list[str]:
+    """Names of the int32 biases whose codes ORT clipped at the int32 limits (their scale, input
+    scale x weight scale, is too small for the float bias)."""
+    model = onnx.load(str(quantized_path), load_external_data=False)
+    limits = np.iinfo(np.int32)
+    dequantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    return [init.name for init in model.graph.initializer
+            if init.data_type == onnx.TensorProto.INT32 and init.name in dequantized
+            and np.isin(numpy_helper.to_array(init), (limits.min, limits.max)).any()]
+
+
 def _ort_quantize(prepared_path: Path, partial: Path, cache: Path, model: onnx.ModelProto,
                   ranges: CalibrationRanges, spec: QuantSpec) -> None:
     """ORT's ``quantize_static`` with the ranges as its calibration cache and our scales as overrides."""
-    with _ort_temporary_files(Path(partial).parent):
+    with _ort_temporary_files(Path(partial).parent), _ort_warnings_held():
         quantize_static(
             str(prepared_path), str(partial), calibration_data_reader=None,
             calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,

@@ -151,3 +151,46 @@ def test_unsupported_bit_widths_are_rejected():
             QuantSpec(bits).validate()
         with pytest.raises(InputError, match="activation"):
             QuantSpec(8, bits).validate()
+
+
+def test_clipped_int32_biases_are_found_in_the_graph_and_not_printed(tmp_path, capfd):
+    """A Conv whose weights are tiny and whose bias is not: its bias scale (input scale x weight
+    scale) is ~1e-12, so the bias's int32 code would be ~1e12 and ORT clips it; the other layer's
+    bias is left alone. ORT's per-layer warning is held back (the report says it once)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptqcal.quantize import prepare
+    from ptqcal.quantize.qdq import clipped_biases
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.normal(size=(4, 1, 3, 3)) * 1e-9).astype(np.float32), "tiny_w"),
+             numpy_helper.from_array(np.ones(4, np.float32), "tiny_b"),
+             numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "fc_w"),
+             numpy_helper.from_array(np.full(3, 0.1, np.float32), "fc_b")]
+    nodes = [helper.make_node("Conv", ["input", "tiny_w", "tiny_b"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    prepared = prepare(tmp_path / "m.onnx", tmp_path / "prepared.onnx")
+    x = rng.uniform(0, 1, (16, 1, 8, 8)).astype(np.float32)
+    ranges = compute_ranges(collect_histograms(prepared, ArrayDataReader("input", x, 16), progress=False), "minmax", 8,
+                            16)
+    capfd.readouterr()
+    path = quantize_qdq(prepared, tmp_path / "q.onnx", ranges, QuantSpec(8, 8))
+    assert "exceeds the range" not in capfd.readouterr().err
+    assert [name.split("_quantized")[0] for name in clipped_biases(path)] == ["tiny_b"]
+
+
+def test_the_report_says_which_configurations_had_biases_clipped():
+    from ptqcal.config import RunConfig
+    from ptqcal.report_text import run_notes
+
+    notes = [n for n in run_notes(RunConfig(), (), [], [], clipped_biases={"a8w8": 2, "a8w4": 0, "a8w6": 1})
+             if "clipped int32 biases" in n]
+    assert len(notes) == 1 and notes[0].endswith("a8w8 2 layers, a8w6 1 layer.")

@@ -363,22 +363,24 @@ class DeploymentPoints:
 
 
 def plot_deployment(points: Sequence[DeploymentPoints], ax: Sequence[Axes] | None = None) -> Figure:
-    """Weight megabytes (top) and images/s (bottom) against % swapped, one labelled point per
-    configuration. ``ax``: 2 x len(points) axes."""
-    fig, axes = _axes(ax, 2, len(points), (4.6 * len(points), 6.4))
+    """Weight megabytes (top) and images/s (bottom) against % swapped, one marker per configuration
+    (named in the legend: int8-container configurations often share a size). ``ax``: 2 x len(points) axes."""
+    fig, axes = _axes(ax, 2, len(points), (5.4 * len(points), 6.4))
     for column, model in enumerate(points):
         top, bottom = axes[:, column]
         x = _percent(model.swapped)
+        colors = [FLOAT_COLOR, *_colors(len(x) - 1)]
+        markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
         for axis, values, label in ((top, np.asarray(model.weight_bytes) / 1e6, "weights (MB)"),
                                     (bottom, np.asarray(model.throughput), "images/s on this machine")):
-            axis.scatter(x, values, color=[FLOAT_COLOR] + [QUANT_COLOR] * (len(x) - 1), zorder=3)
-            for index, (xi, yi, name) in enumerate(zip(x, values, model.configs)):  # labels alternate above/below
-                axis.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4 if index % 2 else -11),
-                              fontsize=8)
+            for index, name in enumerate(model.configs):
+                axis.scatter(x[index], values[index], color=colors[index], marker=markers[index % len(markers)],
+                             s=45, zorder=3, label=name)
             axis.set_ylabel(label)
             axis.set_ylim(bottom=0)
         top.set_title(f"{model.model}: size and speed against swaps")
         bottom.set_xlabel("% of predictions swapped")
+        _legend(top)
     return fig
 
 

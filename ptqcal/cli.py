@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _shown_default(setting) -> str:
-    default = DEFAULT_MODELS if setting.name == "model" else default_of(setting)
+    default = DEFAULT_MODELS if setting.name == "model" else setting.metadata.get("shown", default_of(setting))
     if default is None or default is False or default is True or default == ():
         return ""
     if isinstance(default, Enum):

@@ -96,7 +96,7 @@ class RunConfig:
     batch_size: int = _setting(256, "largest evaluation batch (smaller when --max-memory says so)", int)
     max_memory: int = _setting(parse_bytes("1G"), "memory for a batch's activations and the images prepared ahead "
                                "(e.g. 1G, 512M): the evaluation and calibration batches are chosen from the "
-                               "model's activation sizes to fit it", parse_bytes, metavar="SIZE")
+                               "model's activation sizes to fit it", parse_bytes, metavar="SIZE", shown="1G")
     check_images: int = _setting(64, "images on which the deployed and simulated paths are compared (0: no check)",
                                  int, metavar="N")
     out: Path | None = _setting(None, "run folder (default: ptqcal_runs/<model>)", Path)

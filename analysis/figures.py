@@ -384,6 +384,53 @@ def plot_deployment(points: Sequence[DeploymentPoints], ax: Sequence[Axes] | Non
     return fig
 
 
+# --- Figure 7: which layers ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Per weight layer (graph order) and bit width: the confident-swap rate and the SQNR."""
+
+    model: str
+    layers: list[str]
+    bits: list[int]
+    confident_swapped: np.ndarray  # (layers, bits) fractions, NaN where no prediction was confident
+    sqnr_db: np.ndarray  # (layers, bits)
+
+    @classmethod
+    def from_run(cls, run) -> "LayerMap":
+        effects = run.record.attribution.effects
+        layers = list(dict.fromkeys(e.layer for e in effects))
+        bits = sorted({e.weight_bits for e in effects}, reverse=True)
+        swapped, sqnr = np.full((len(layers), len(bits)), np.nan), np.full((len(layers), len(bits)), np.nan)
+        for e in effects:
+            swapped[layers.index(e.layer), bits.index(e.weight_bits)] = e.confident_swapped
+            sqnr[layers.index(e.layer), bits.index(e.weight_bits)] = e.sqnr_db
+        return cls(run.name, layers, bits, swapped, sqnr)
+
+
+def plot_layers(maps: Sequence[LayerMap], ax: Sequence[Axes] | None = None) -> Figure:
+    """Left: layers x bit widths coloured by the % of confident predictions that swap; right: the
+    SQNR of each layer's output per bit width. ``ax``: len(maps) x 2 axes (left, right per row)."""
+    height = max(3.0, 0.22 * max(len(m.layers) for m in maps) + 1.5)
+    fig, axes = _axes(ax, len(maps), 2, (10.0, height * len(maps)))
+    for row, layer_map in enumerate(maps):
+        left, right = axes[row]
+        image = left.imshow(_percent(layer_map.confident_swapped), aspect="auto", cmap="magma_r", vmin=0)
+        left.set_xticks(range(len(layer_map.bits)), [f"w{b}" for b in layer_map.bits])
+        left.set_yticks(range(len(layer_map.layers)), layer_map.layers, fontsize=7)
+        left.grid(False)
+        left.set_title(f"{layer_map.model}: % confident predictions swapped")
+        fig.colorbar(image, ax=left, shrink=0.8)
+        y = np.arange(len(layer_map.layers))
+        for column, (bits, color) in enumerate(zip(layer_map.bits, _colors(len(layer_map.bits)))):
+            right.plot(layer_map.sqnr_db[:, column], y, marker="o", ms=3, color=color, label=f"w{bits}")
+        right.set_yticks(y, [])
+        right.set_ylim(len(y) - 0.5, -0.5)
+        right.set_xlabel("SQNR of the layer's output (dB)")
+        _legend(right)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path) -> list[Path]:
     """Write ``path`` (PNG) and the same figure as SVG beside it."""
     path = Path(path)

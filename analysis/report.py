@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from ptqcal import __version__
 from ptqcal.atomic import atomic_path
+from ptqcal.evaluate.attribution import CONFIDENT as ATTRIBUTION_CONFIDENT, EFFECT_FIELDS
 from ptqcal.evaluate.deploy import Deployment
 from ptqcal.evaluate.metrics import FRACTION, Metrics, changes_by_confidence, reliability_of_logits
 from ptqcal.evaluate.results import FLOAT_NAME
@@ -24,8 +25,8 @@ from ptqcal.evaluate.results import FLOAT_NAME
 import matplotlib
 from matplotlib.figure import Figure
 
-from .figures import (STYLE, DeploymentPoints, MarginCurves, SwapPanel, TemperatureEffect, TransitionTable,
-                      plot_deployment, plot_margin, plot_reliability, plot_swap_panels, plot_temperature,
+from .figures import (STYLE, DeploymentPoints, LayerMap, MarginCurves, SwapPanel, TemperatureEffect, TransitionTable,
+                      plot_deployment, plot_layers, plot_margin, plot_reliability, plot_swap_panels, plot_temperature,
                       plot_transitions, save_figure)
 from .results import HEADLINE, RunAnalysis, analyse_run
 
@@ -72,6 +73,10 @@ FIGURES = {
                         "Each configuration's weight bytes and throughput on this machine against the % of "
                         "predictions it swapped (the float model at 0): the lower left of the size panel and the "
                         "upper left of the speed panel are what a deployment wants."),
+    "fig7_layers": ("Figure 7 — which layers flip confident predictions",
+                    "Each weight layer quantized alone (everything else float) at each weight bit width, on a "
+                    "seeded subset of the evaluation images. Left: % of the float model's confident predictions "
+                    "that swap; right: the SQNR of the layer's output against float."),
     "fig5_temperature": ("Figure 5 — post-hoc temperature scaling",
                          "A temperature cross-fitted on the float model's evaluation logits (fitted on one half of "
                          "the images, applied to the other), applied to every "
@@ -238,6 +243,37 @@ def _not_faster(numbers: dict[str, Deployment]) -> str:
     return " ".join(reasons)
 
 
+TOP_LAYERS = 10  # rows of the attribution table in the report (layers.csv has them all)
+
+
+def attribution_table(run: RunAnalysis) -> list[str]:
+    """The layers whose weights, quantized alone, swap the most confident predictions."""
+    result = run.record.attribution
+    if result is None:
+        return []
+    lines = ["| layer | weight bits | % confident swapped | % swapped | Δ err (pp) | SQNR dB |", "|---|---|---|---|---|---|"]
+    for e in result.ranked()[:TOP_LAYERS]:
+        confident = "–" if math.isnan(e.confident_swapped) else f"{100 * e.confident_swapped:.1f}"
+        lines.append(f"| {md(e.layer)} | {e.weight_bits} | {confident} | {100 * e.swapped:.1f} | "
+                     f"{100 * e.delta_top1_error:+.1f} | {e.sqnr_db:.1f} |")
+    return [f"**Which layers flip confident predictions** (each weight layer quantized alone, everything else "
+            f"float, on {result.images} seeded evaluation images, {result.confident} of them held with at least "
+            f"{ATTRIBUTION_CONFIDENT:.0%} confidence; the {TOP_LAYERS} worst; every layer in layers.csv)",
+            "\n".join(lines)]
+
+
+def layers_csv(runs: Sequence[RunAnalysis]) -> str | None:
+    """Every (layer, bits) effect of every run that attributed, worst first (fractions)."""
+    rows = [{"model": r.name, **vars(e)} for r in runs if r.record.attribution for e in r.record.attribution.ranked()]
+    if not rows:
+        return None
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["model", *EFFECT_FIELDS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 CONFIDENT = 0.9  # a float prediction held with at least this confidence counts as confident
 COLLAPSED = 0.9  # a configuration that swaps at least this share of predictions has collapsed
 FLIPPING = 0.05  # confident predictions "start to flip" once this share of them swaps ...
@@ -352,6 +388,10 @@ def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
         if all(p is not None for p in timed):
             save_figure(plot_deployment(timed), out / "fig6_deployment")
             written["fig6_deployment"] = "fig6_deployment.png"
+        maps = [LayerMap.from_run(r) for r in runs if r.record.attribution]
+        if maps:
+            save_figure(plot_layers(maps), out / "fig7_layers")
+            written["fig7_layers"] = "fig7_layers.png"
         effects = [e for e in (TemperatureEffect.from_run(r) for r in with_q) if e is not None]
         if effects:
             save_figure(plot_temperature(effects), out / "fig5_temperature")
@@ -368,7 +408,8 @@ def _run_section(run: RunAnalysis) -> list[str]:
                      "(never fitted on the images it is judged on)")
     lines += ["Errors, ECE and confidences in %, NLL in nats. Brackets: bootstrap 95% interval over evaluation "
               "images; ± : std over calibration repeats.",
-              *markdown_tables(run), sweep_reading(run), confidence_table(run), *deployment_table(run)]
+              *markdown_tables(run), sweep_reading(run), confidence_table(run), *deployment_table(run),
+              *attribution_table(run)]
     if run.notes:
         lines.append("\n".join(f"- {md(note)}" for note in run.notes))
     return lines
@@ -477,7 +518,10 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     runs = [analyse_run(folder) for folder in run_dirs]  # a wrong folder fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(runs, out)
-    for name, text in (("metrics.csv", metrics_csv(runs)), ("metrics.json", metrics_json(runs))):
+    for name, text in (("metrics.csv", metrics_csv(runs)), ("metrics.json", metrics_json(runs)),
+                       ("layers.csv", layers_csv(runs))):
+        if text is None:
+            continue
         with atomic_path(out / name) as tmp:
             tmp.write_text(text)
     markdown = report_markdown(runs, figures)

@@ -20,6 +20,7 @@ import numpy as np
 from ptqcal.atomic import atomic_path
 from ptqcal.errors import InputError
 
+from .attribution import Attribution
 from .deploy import Deployment
 
 FORMAT_VERSION = 2  # 1: the unversioned records of ptqcal 0.2 (read the same way)
@@ -57,6 +58,8 @@ class RunRecord:
         Wall time of the run that computed it.
     deployment : dict of str to Deployment
         Configuration name to its size and speed on the machine that ran it.
+    attribution : Attribution or None
+        Each weight layer quantized alone (``run --attribute``).
     """
 
     model: str
@@ -69,6 +72,7 @@ class RunRecord:
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     deployment: dict[str, Deployment] = field(default_factory=dict)
+    attribution: Attribution | None = None
 
     @property
     def configs(self) -> list[str]:
@@ -82,7 +86,8 @@ class RunRecord:
                                 calib_float=self.calib_float, **self.logits)
         info = {"format": FORMAT_VERSION, "model": self.model, "configs": self.configs, "notes": self.notes,
                 "run": self.summary, "seconds": self.seconds, "config": self.settings,
-                "deployment": {name: asdict(numbers) for name, numbers in self.deployment.items()}}
+                "deployment": {name: asdict(numbers) for name, numbers in self.deployment.items()},
+                "attribution": None if self.attribution is None else self.attribution.to_json()}
         with atomic_path(folder / RECORD_FILE) as tmp:
             tmp.write_text(json.dumps(info, indent=2))
         return folder
@@ -101,10 +106,11 @@ class RunRecord:
                 stored = {key: arrays[key] for key in arrays.files}
             logits = {str(name): stored[name] for name in info["configs"]}
             deployment = {str(k): Deployment(**v) for k, v in info.get("deployment", {}).items()}
+            attribution = Attribution.from_json(info["attribution"]) if info.get("attribution") else None
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from exc
         return cls(str(info.get("model", folder.name)), stored["labels"], logits,
                    stored.get("calib_labels", np.zeros(0, np.int64)),
                    stored.get("calib_float", np.zeros((0, 0), np.float32)), dict(info.get("run", {})),
                    [str(n) for n in info.get("notes", [])], dict(info.get("config", {})),
-                   float(info.get("seconds", 0.0)), deployment)
+                   float(info.get("seconds", 0.0)), deployment, attribution)

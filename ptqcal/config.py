@@ -97,6 +97,9 @@ class RunConfig:
     max_memory: int = _setting(parse_bytes("1G"), "memory for a batch's activations and the images prepared ahead "
                                "(e.g. 1G, 512M): the evaluation and calibration batches are chosen from the "
                                "model's activation sizes to fit it", parse_bytes, metavar="SIZE", shown="1G")
+    attribute: bool = _setting(False, "attribute the swaps to layers: each weight layer quantized alone at each "
+                               "weight bit width (layers.csv and a report note)")
+    attribution_size: int = _setting(512, "seeded evaluation images the attribution measures on", int, metavar="N")
     check_images: int = _setting(64, "images on which the deployed and simulated paths are compared (0: no check)",
                                  int, metavar="N")
     out: Path | None = _setting(None, "run folder (default: ptqcal_runs/<model>)", Path)
@@ -157,7 +160,7 @@ class RunConfig:
             for act_bits in self.act_bits:
                 QuantSpec(weight_bits, act_bits, self.weight_scale).validate()
         for name, least in (("repeats", 1), ("calib_size", 1), ("batch_size", 1), ("eval_size", 2), ("seed", 0),
-                            ("check_images", 0), ("max_memory", 1 << 20), ("threads", 0)):
+                            ("check_images", 0), ("max_memory", 1 << 20), ("threads", 0), ("attribution_size", 1)):
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UserError(f"{flag_of(name)} must be at least {least}, got {value}")

@@ -20,6 +20,7 @@ from .cache import Cache, link_or_copy
 from .config import RunConfig
 from .errors import UserError
 from .evaluate import FLOAT_NAME, REPEAT_MARK, PathAgreement, RunRecord
+from .evaluate.attribution import Attribution
 from .evaluate.deploy import Deployment
 from .quantize import QuantSpec
 from .report_text import run_notes, run_summary
@@ -44,6 +45,7 @@ class Sweep:
     deployment: dict[str, Deployment] = field(default_factory=dict)
     float_ops: tuple[str, dict[str, int]] | None = None  # a configuration and what ORT runs of it in float
     clipped_biases: dict[str, int] = field(default_factory=dict)  # configuration -> int32 biases ORT clipped
+    attribution: Attribution | None = None
 
 
 def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
@@ -75,13 +77,17 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     exclude = _quantize_sweep(cfg, model, prepared, batches, draws, cache, work, sweep)
     for name, source in sweep.files.items():
         link_or_copy(source, work / name)
+    if cfg.attribute:
+        from .attribution import attribute_run
+
+        sweep.attribution = attribute_run(cfg, model.preprocess, prepared, draws[0].eval.split, cache)
     notes = [*model.notes, batches.note,
              *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
                        sweep.clipped_biases)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
-              sweep.deployment).save(work)
+              sweep.deployment, sweep.attribution).save(work)
     return work
 
 

@@ -138,7 +138,7 @@ def swap_in(work: Path, out: Path) -> None:
         os.replace(work, out)
 
 
-REPORT_FILES = ("report.md", "report.html", "metrics.csv", "metrics.json")
+REPORT_FILES = ("report.md", "report.html", "metrics.csv", "metrics.json", "layers.csv")
 FIGURE_SUFFIXES = (".png", ".svg")
 
 

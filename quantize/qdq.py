@@ -249,6 +249,27 @@ def op_types_to_quantize() -> list[str]:
     return sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - set(KEPT_FLOAT_OPS))
 
 
+def with_layer_weights_quantized(model: onnx.ModelProto, layer: str, bits: int,
+                                 convention: str = WeightScale.TORCH) -> onnx.ModelProto:
+    """A copy of the float ``model`` in which only ``layer``'s weight is quantized: per-channel
+    symmetric b-bit codes (as :func:`set_weight_codes` stores them) dequantized back to float, so the
+    layer computes exactly what the quantized graph's DequantizeLinear gives it and everything else
+    stays float."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    node = next(n for n in weighted_nodes(copy) if n.name == layer)
+    axis = weight_axes(copy)[node.input[1]]
+    init = next(i for i in copy.graph.initializer if i.name == node.input[1])
+    weight = numpy_helper.to_array(init).astype(np.float32)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    scale = weight_scales(weight, axis, bits, convention).reshape(shape)
+    qmin, qmax = weight_grid(bits)
+    codes = np.clip(np.rint(weight * (np.float32(1) / scale)), qmin, qmax)
+    init.CopyFrom(numpy_helper.from_array((codes * scale).astype(np.float32), init.name))
+    return copy
+
+
 def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 

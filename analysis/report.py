@@ -152,11 +152,18 @@ def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
     return buffer.getvalue()
 
 
+TIMINGS = ("threads", "batch_size", "latency_ms", "latency_p90_ms", "throughput")
+
+
 def metrics_json(runs: Sequence[RunAnalysis]) -> str:
-    """Every metric of every run as JSON (fractions; ``units`` names each metric's unit)."""
-    units = {**{key: Metrics.unit(key) for key in Metrics.__dataclass_fields__}, **DEPLOYMENT_UNITS}
-    return json.dumps({"units": units, "runs": [{"model": r.name, "run": r.record.summary, "temperature": r.temperature,
-                                 "configs": metrics_rows(r)} for r in runs]}, indent=2)
+    """Every metric of every run as JSON (fractions; ``units`` names each metric's unit). It holds
+    only what one seed decides, byte for byte: the timings of this machine are in ``metrics.csv``
+    and ``run.json``."""
+    units = {**{key: Metrics.unit(key) for key in Metrics.__dataclass_fields__},
+             **{k: v for k, v in DEPLOYMENT_UNITS.items() if k not in TIMINGS}}
+    rows = [{"model": r.name, "run": r.record.summary, "temperature": r.temperature,
+             "configs": [{k: v for k, v in row.items() if k not in TIMINGS} for row in metrics_rows(r)]} for r in runs]
+    return json.dumps({"units": units, "runs": rows}, indent=2)
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

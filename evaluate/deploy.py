@@ -13,7 +13,7 @@ import onnx
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 LATENCY_RUNS = 50  # timed batch-1 runs, after the warm-up ones
 WARMUP_RUNS = 5
-THROUGHPUT_SECONDS = 1.0  # at least this long of full batches (and at least two of them)
+THROUGHPUT_SECONDS = 0.5  # at least this long of full batches (and at least two of them)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import numpy as np
 
 from .cache import Cache, file_digest, make_key
 from .config import RunConfig
-from .models import PreprocessCfg
 from .evaluate.attribution import CONFIDENT, Attribution, LayerEffect
+from .models import PreprocessCfg
 from .pixels import Pixels
 
 SQNR_IMAGES = 32
@@ -61,8 +61,7 @@ def attribute(cache: Cache, prepared: Path, pixels: Pixels, preprocess: Preproce
     float_error = np.mean(float_logits.argmax(1) != labels)
     effects = []
     for node in weighted_nodes(model):
-        output = node.output[0]
-        reference = _run(_with_output(model, output), pixels, preprocess, cfg, SQNR_IMAGES)[1]
+        output, reference = node.output[0], []  # the float layer output, computed only if a width is not cached
         for bits in cfg.weight_bits:
             key = make_key(file_digest(prepared), pixels.key, node.name, bits, str(cfg.weight_scale), cfg.batch_size)
 
@@ -70,11 +69,13 @@ def attribute(cache: Cache, prepared: Path, pixels: Pixels, preprocess: Preproce
                 variant = with_layer_weights_quantized(model, node.name, bits, cfg.weight_scale)
                 logits = _run(variant, pixels, preprocess, cfg)[0]
                 layer_output = _run(_with_output(variant, output), pixels, preprocess, cfg, SQNR_IMAGES)[1]
+                if not reference:
+                    reference.append(_run(_with_output(model, output), pixels, preprocess, cfg, SQNR_IMAGES)[1])
                 swapped = logits.argmax(1) != float_logits.argmax(1)
                 effect = LayerEffect(node.name, bits, float(swapped.mean()),
                                      float(swapped[confident].mean()) if confident.any() else float("nan"),
                                      float(np.mean(logits.argmax(1) != labels) - float_error),
-                                     float(sqnr(reference, layer_output)))
+                                     float(sqnr(reference[0], layer_output)))
                 tmp.write_text(json.dumps(asdict(effect)))
 
             effects.append(LayerEffect(**json.loads(cache.file("layer-effect", key, "json", measure).read_text())))

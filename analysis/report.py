@@ -256,7 +256,7 @@ TOP_LAYERS = 10  # rows of the attribution table in the report (layers.csv has t
 def attribution_table(run: RunAnalysis) -> list[str]:
     """The layers whose weights, quantized alone, swap the most confident predictions."""
     result = run.record.attribution
-    if result is None:
+    if result is None or not result.effects:  # a graph without Conv/Gemm/MatMul weights has nothing to attribute
         return []
     lines = ["| layer | weight bits | % confident swapped | % swapped | Δ err (pp) | SQNR dB |", "|---|---|---|---|---|---|"]
     for e in result.ranked()[:TOP_LAYERS]:
@@ -395,7 +395,7 @@ def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
         if all(p is not None for p in timed):
             save_figure(plot_deployment(timed), out / "fig6_deployment")
             written["fig6_deployment"] = "fig6_deployment.png"
-        maps = [LayerMap.from_run(r) for r in runs if r.record.attribution]
+        maps = [LayerMap.from_run(r) for r in runs if r.record.attribution and r.record.attribution.effects]
         if maps:
             save_figure(plot_layers(maps), out / "fig7_layers")
             written["fig7_layers"] = "fig7_layers.png"

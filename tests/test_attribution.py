@@ -101,3 +101,28 @@ def test_run_attribute_writes_the_table_the_csv_and_the_figure(tmp_path):
     assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "layers.csv").read_text() == (out / "layers.csv").read_text()
     assert (tmp_path / "again" / "fig7_layers.png").exists()
+
+
+def test_a_graph_without_weight_layers_attributes_nothing_and_the_report_still_builds(tmp_path):
+    """Flatten -> identity logits: no Conv/Gemm/MatMul weight, so no effect, no table, no Figure 7."""
+    from ptqcal.analysis.report import build_report
+    from ptqcal.attribution import attribute
+    from ptqcal.evaluate import RunRecord
+
+    graph = helper.make_graph([helper.make_node("Flatten", ["input"], ["logits"], name="flat")], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    preprocess = PreprocessCfg((1, 2, 2), (0.0,), (1.0,))
+    images = np.random.default_rng(0).integers(0, 256, (50, 2, 2), dtype=np.uint8)
+    labels = np.random.default_rng(1).integers(0, 4, 50)
+    result = attribute(Cache(tmp_path / "cache"), tmp_path / "m.onnx", Pixels(Split(images, labels), preprocess),
+                       preprocess, RunConfig(weight_bits=(4,), progress=False))
+    assert result.effects == [] and result.images == 50
+    logits = preprocess(images).reshape(50, 4)
+    RunRecord("m", labels, {"float": logits, "a8w4": logits}, attribution=result).save(tmp_path / "run")
+    build_report([tmp_path / "run"], tmp_path / "report")
+    assert "Which layers" not in (tmp_path / "report" / "report.md").read_text()
+    assert not (tmp_path / "report" / "fig7_layers.png").exists() and not (tmp_path / "report" / "layers.csv").exists()

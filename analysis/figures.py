@@ -25,6 +25,7 @@ from ptqcal.evaluate import ReliabilityCurve, reliability_of_logits
 from ptqcal.evaluate.metrics import changes_by_confidence, swap_probability_by_margin
 
 FLOAT_COLOR = "#1f4e79"
+HIGHLIGHT_COLOR = "#c0392b"  # the configuration a figure singles out (the mixed-precision one)
 QUANT_COLOR = "#d1495b"
 FEW_SWAPS = 10
 MIN_BIN = 5  # predictions a confidence bin needs before its swap rate is drawn
@@ -428,6 +429,76 @@ def plot_layers(maps: Sequence[LayerMap], ax: Sequence[Axes] | None = None) -> F
         right.set_ylim(len(y) - 0.5, -0.5)
         right.set_xlabel("SQNR of the layer's output (dB)")
         _legend(right)
+    return fig
+
+
+# --- Figure 8: the size each configuration pays for its swaps ----------------------------------------
+
+@dataclass(frozen=True)
+class ParetoPoints:
+    """Per configuration (float first): weight bytes, the share of the float model's confident
+    predictions it swapped, and its change in top-1 error (fractions)."""
+
+    model: str
+    configs: list[str]
+    weight_bytes: list[int]
+    confident_swapped: list[float]
+    delta_error: list[float]
+    highlight: str | None = None  # drawn apart (the mixed-precision configuration)
+
+    @classmethod
+    def from_run(cls, run, confident: float, highlight: str | None = None) -> "ParetoPoints":
+        numbers = run.record.deployment
+        configs = [c for c in run.configs if c.name in numbers]
+
+        def share(config) -> float:
+            if config.change is None:
+                return 0.0
+            held = config.change.float_confidence >= confident
+            return float(config.change.swapped[held].mean()) if held.any() else float("nan")
+
+        return cls(run.name, [c.name for c in configs], [numbers[c.name].weight_bytes for c in configs],
+                   [share(c) for c in configs],
+                   [0.0 if c.change is None else c.metrics.delta_top1_error for c in configs], highlight)
+
+    def front(self, values: Sequence[float]) -> list[int]:
+        """Indices of the configurations no other beats on both weight bytes and ``values``, by size."""
+        order = sorted(range(len(self.configs)), key=lambda i: (self.weight_bytes[i], values[i]))
+        kept, best = [], np.inf
+        for i in order:
+            if values[i] < best:
+                kept.append(i)
+                best = values[i]
+        return kept
+
+
+def plot_pareto(points: Sequence[ParetoPoints], ax: Sequence[Axes] | None = None) -> Figure:
+    """Weight megabytes against % of confident predictions swapped (left) and Δ top-1 error (right),
+    the Pareto front as a step line, the highlighted configuration as a star. ``ax``: len(points) x 2."""
+    fig, axes = _axes(ax, len(points), 2, (10.0, 3.8 * len(points)))
+    for row, model in enumerate(points):
+        megabytes = np.asarray(model.weight_bytes) / 1e6
+        for axis, values, label in ((axes[row, 0], model.confident_swapped, "% of confident predictions swapped"),
+                                    (axes[row, 1], model.delta_error, "Δ top-1 error (pp)")):
+            y = _percent(values)
+            front = model.front(np.nan_to_num(values, nan=np.inf))
+            axis.step(megabytes[front], y[front], where="post", color="0.6", lw=1, zorder=1, label="Pareto front")
+            labels: dict[tuple[float, float], list[str]] = {}  # configurations at one point share a label
+            for index, name in enumerate(model.configs):
+                star = name == model.highlight
+                axis.scatter(megabytes[index], y[index], s=140 if star else 40, marker="*" if star else "o",
+                             color=HIGHLIGHT_COLOR if star else FLOAT_COLOR if index == 0 else "0.35", zorder=3)
+                labels.setdefault((megabytes[index], y[index]), []).append(name)
+            for (x, value), names in labels.items():
+                axis.annotate(" = ".join(names), (x, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            finite = y[np.isfinite(y)]
+            low, high = min(0.0, finite.min(initial=0.0)), max(1.0, finite.max(initial=0.0))
+            axis.set_ylim(low - 0.05 * (high - low), high + 0.15 * (high - low))
+            axis.set_xlabel("weights (MB)")
+            axis.set_ylabel(label)
+            axis.set_xlim(left=0)
+        axes[row, 0].set_title(f"{model.model}: size against confident swaps and error")
+        _legend(axes[row, 0])
     return fig
 
 

@@ -21,11 +21,13 @@ from ptqcal.evaluate.attribution import CONFIDENT as ATTRIBUTION_CONFIDENT, EFFE
 from ptqcal.evaluate.deploy import Deployment
 from ptqcal.evaluate.metrics import FRACTION, Metrics, changes_by_confidence, reliability_of_logits
 from ptqcal.evaluate.results import FLOAT_NAME
+from ptqcal.quantize.spec import MIXED_NAME
 
 import matplotlib
 from matplotlib.figure import Figure
 
-from .figures import (STYLE, DeploymentPoints, LayerMap, MarginCurves, SwapPanel, TemperatureEffect, TransitionTable,
+from .figures import (STYLE, DeploymentPoints, LayerMap, MarginCurves, ParetoPoints, SwapPanel, TemperatureEffect,
+                      TransitionTable, plot_pareto,
                       plot_deployment, plot_layers, plot_margin, plot_reliability, plot_swap_panels, plot_temperature,
                       plot_transitions, save_figure)
 from .results import HEADLINE, RunAnalysis, analyse_run
@@ -77,6 +79,11 @@ FIGURES = {
                     "Each weight layer quantized alone (everything else float) at each weight bit width, on a "
                     "seeded subset of the evaluation images. Left: % of the float model's confident predictions "
                     "that swap; right: the SQNR of the layer's output against float."),
+    "fig8_pareto": ("Figure 8 — size against confident swaps",
+                    "Each configuration's weight bytes against the % of the float model's confident predictions it "
+                    "swapped (left) and its change in top-1 error (right), on the evaluation images; the grey steps "
+                    "join the configurations nothing beats on both. The star is the mixed-precision model, chosen on "
+                    "held-out images."),
     "fig5_temperature": ("Figure 5 — post-hoc temperature scaling",
                          "A temperature cross-fitted on the float model's evaluation logits (fitted on one half of "
                          "the images, applied to the other), applied to every "
@@ -269,6 +276,35 @@ def attribution_table(run: RunAnalysis) -> list[str]:
             "\n".join(lines)]
 
 
+def mixed_section(run: RunAnalysis) -> list[str]:
+    """What the mixed-precision search chose, what it measured on its held-out images, and how it
+    compares on the evaluation images with the uniform configuration of the same size."""
+    choice = run.record.mixed
+    if choice is None:
+        return []
+    target = (f"at most {100 * choice.limit:.2g}% of the confident predictions swapped, fewest weight bytes"
+              if choice.target == "max_confident_swaps" else
+              f"weights at most {choice.limit:.2g}x float's bytes, fewest confident swaps (greedy)")
+    seen = (f"{choice.images} images held out of evaluation ({choice.confident} held with at least "
+            f"{ATTRIBUTION_CONFIDENT:.0%} confidence by the float model)")
+    lines = ["| moves (one layer one width down) | weight bytes | × float | % confident swapped | % swapped |", "|---|---|---|---|---|"]
+    for step in choice.steps:
+        lines.append(f"| {step.moves} | {step.weight_bytes:,} | {step.weight_bytes / choice.float_weight_bytes:.3f} "
+                     f"| {100 * step.confident_swapped:.2f} | {100 * step.swapped:.2f} |")
+    if not choice.met:
+        return [f"**Mixed precision** (target: {target}): no assignment of the run's weight bit widths meets it "
+                f"on the {seen}; the search measured:", "\n".join(lines)]
+    counts = {}
+    for bits in choice.layer_bits.values():
+        counts[bits] = counts.get(bits, 0) + 1
+    widths = ", ".join(f"{n} at {bits} bits" for bits, n in sorted(counts.items(), reverse=True))
+    return [f"**Mixed precision** (target: {target}; activations at {choice.act_bits} bits): {widths} "
+            f"(the per-layer widths are in run.json and model_{MIXED_NAME}.onnx). The search saw only the {seen}; "
+            f"its steps below are measured there, its last row is the choice. The numbers of {md(MIXED_NAME)} in "
+            "every other table and figure come from the evaluation images, which the search never saw.",
+            "\n".join(lines)]
+
+
 def layers_csv(runs: Sequence[RunAnalysis]) -> str | None:
     """Every (layer, bits) effect of every run that attributed, worst first (fractions)."""
     rows = [{"model": r.name, **vars(e)} for r in runs if r.record.attribution for e in r.record.attribution.ranked()]
@@ -281,7 +317,7 @@ def layers_csv(runs: Sequence[RunAnalysis]) -> str | None:
     return buffer.getvalue()
 
 
-CONFIDENT = 0.9  # a float prediction held with at least this confidence counts as confident
+CONFIDENT = ATTRIBUTION_CONFIDENT  # a float prediction held with at least this confidence counts as confident
 COLLAPSED = 0.9  # a configuration that swaps at least this share of predictions has collapsed
 FLIPPING = 0.05  # confident predictions "start to flip" once this share of them swaps ...
 MIN_FLIPS = 3  # ... and at least this many (one image of a handful is noise)
@@ -348,7 +384,7 @@ def environment() -> dict[str, str]:
 
 def _lowest_working(run: RunAnalysis):
     """The lowest precision that has not collapsed (Figure 1 draws it over the float model)."""
-    working = [c for c in run.quantized if c.metrics.swapped < COLLAPSED]
+    working = [c for c in run.uniform if c.metrics.swapped < COLLAPSED]
     return working[-1] if working else None
 
 
@@ -363,7 +399,7 @@ def _calibration_words(run: RunAnalysis) -> str:
 def _figure_reading(key: str, runs: Sequence[RunAnalysis]) -> str:
     reading = FIGURES[key][1]
     if key == "fig1_reliability":
-        collapsed = [md(r.name) for r in runs if r.quantized and _lowest_working(r) is not r.quantized[-1]]
+        collapsed = [md(r.name) for r in runs if r.uniform and _lowest_working(r) is not r.uniform[-1]]
         reading += " " + " ".join(_calibration_words(r) for r in runs)
         if collapsed:
             reading += (f" The lowest precision of {', '.join(collapsed)} collapsed (90% or more of its predictions "
@@ -399,6 +435,10 @@ def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
         if maps:
             save_figure(plot_layers(maps), out / "fig7_layers")
             written["fig7_layers"] = "fig7_layers.png"
+        mixed = [ParetoPoints.from_run(r, CONFIDENT, MIXED_NAME) for r in with_q if r.record.mixed is not None]
+        if mixed:
+            save_figure(plot_pareto(mixed), out / "fig8_pareto")
+            written["fig8_pareto"] = "fig8_pareto.png"
         effects = [e for e in (TemperatureEffect.from_run(r) for r in with_q) if e is not None]
         if effects:
             save_figure(plot_temperature(effects), out / "fig5_temperature")
@@ -416,7 +456,7 @@ def _run_section(run: RunAnalysis) -> list[str]:
     lines += ["Errors, ECE and confidences in %, NLL in nats. Brackets: bootstrap 95% interval over evaluation "
               "images; ± : std over calibration repeats.",
               *markdown_tables(run), sweep_reading(run), confidence_table(run), *deployment_table(run),
-              *attribution_table(run)]
+              *attribution_table(run), *mixed_section(run)]
     if run.notes:
         lines.append("\n".join(f"- {md(note)}" for note in run.notes))
     return lines
@@ -424,12 +464,12 @@ def _run_section(run: RunAnalysis) -> list[str]:
 
 def comparison(runs: Sequence[RunAnalysis]) -> list[str]:
     """Several models side by side: float calibration, and how each holds up at its lowest precision."""
-    if len(runs) < 2 or not all(r.quantized for r in runs):
+    if len(runs) < 2 or not all(r.uniform for r in runs):
         return []
     lines = ["| model | float top-1 err % | float ECE % | float mean conf % | lowest precision | % swapped | "
              "Δ err (pp) | Δ err / % swapped | float conf of swapped % |", "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        f, q = run.reference.metrics, run.quantized[-1]
+        f, q = run.reference.metrics, run.uniform[-1]
         m = q.metrics
         ratio = m.delta_error_per_swapped
         lines.append(f"| {md(run.name)} | {100 * f.top1_error:.2f} | {100 * f.ece:.2f} | {100 * f.mean_confidence:.2f} | "

@@ -9,6 +9,7 @@ import numpy as np
 
 from ptqcal.evaluate.metrics import QuantizationChange, bootstrap_interval, expected_calibration_error, softmax
 from ptqcal.evaluate.record import RunRecord
+from ptqcal.quantize.spec import MIXED_NAME
 from ptqcal.evaluate.results import FLOAT_NAME, REPEAT_MARK, ConfigResult, evaluate_logits
 from ptqcal.evaluate.temperature import cross_fitted_temperatures
 
@@ -61,6 +62,11 @@ class RunAnalysis:
     @property
     def quantized(self) -> list[ConfigResult]:
         return self.configs[1:]
+
+    @property
+    def uniform(self) -> list[ConfigResult]:
+        """The quantized configurations with one precision everywhere, in sweep order (no ``mixed``)."""
+        return [c for c in self.quantized if c.name != MIXED_NAME]
 
     @property
     def draws(self) -> int:

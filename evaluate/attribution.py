@@ -30,17 +30,20 @@ class Attribution:
     effects: list[LayerEffect] = field(default_factory=list)
     images: int = 0
     confident: int = 0
+    held_out: bool = False  # the images were held out of evaluation (for a search), not a subset of it
 
     def ranked(self) -> list[LayerEffect]:
         """Most confident swaps first, then most swaps, then lowest SQNR."""
         return sorted(self.effects, key=lambda e: (-np.nan_to_num(e.confident_swapped), -e.swapped, e.sqnr_db))
 
     def to_json(self) -> dict:
-        return {"images": self.images, "confident": self.confident, "effects": [asdict(e) for e in self.effects]}
+        return {"images": self.images, "confident": self.confident, "held_out": self.held_out,
+                "effects": [asdict(e) for e in self.effects]}
 
     @classmethod
     def from_json(cls, values: dict) -> "Attribution":
-        return cls([LayerEffect(**e) for e in values["effects"]], int(values["images"]), int(values["confident"]))
+        return cls([LayerEffect(**e) for e in values["effects"]], int(values["images"]), int(values["confident"]),
+                   bool(values.get("held_out", False)))
 
 
 EFFECT_FIELDS = [f.name for f in fields(LayerEffect)]

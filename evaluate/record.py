@@ -22,6 +22,7 @@ from ptqcal.errors import InputError
 
 from .attribution import Attribution
 from .deploy import Deployment
+from .mixed import MixedChoice
 
 FORMAT_VERSION = 2  # 1: the unversioned records of ptqcal 0.2 (read the same way)
 RECORD_FILE = "run.json"
@@ -60,6 +61,8 @@ class RunRecord:
         Configuration name to its size and speed on the machine that ran it.
     attribution : Attribution or None
         Each weight layer quantized alone (``run --attribute``).
+    mixed : MixedChoice or None
+        The mixed-precision search and what it chose (a target was given).
     """
 
     model: str
@@ -73,6 +76,7 @@ class RunRecord:
     seconds: float = 0.0
     deployment: dict[str, Deployment] = field(default_factory=dict)
     attribution: Attribution | None = None
+    mixed: MixedChoice | None = None
 
     @property
     def configs(self) -> list[str]:
@@ -87,7 +91,8 @@ class RunRecord:
         info = {"format": FORMAT_VERSION, "model": self.model, "configs": self.configs, "notes": self.notes,
                 "run": self.summary, "seconds": self.seconds, "config": self.settings,
                 "deployment": {name: asdict(numbers) for name, numbers in self.deployment.items()},
-                "attribution": None if self.attribution is None else self.attribution.to_json()}
+                "attribution": None if self.attribution is None else self.attribution.to_json(),
+                "mixed": None if self.mixed is None else self.mixed.to_json()}
         with atomic_path(folder / RECORD_FILE) as tmp:
             tmp.write_text(json.dumps(info, indent=2))
         return folder
@@ -107,10 +112,11 @@ class RunRecord:
             logits = {str(name): stored[name] for name in info["configs"]}
             deployment = {str(k): Deployment(**v) for k, v in info.get("deployment", {}).items()}
             attribution = Attribution.from_json(info["attribution"]) if info.get("attribution") else None
+            mixed = MixedChoice.from_json(info["mixed"]) if info.get("mixed") else None
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from exc
         return cls(str(info.get("model", folder.name)), stored["labels"], logits,
                    stored.get("calib_labels", np.zeros(0, np.int64)),
                    stored.get("calib_float", np.zeros((0, 0), np.float32)), dict(info.get("run", {})),
                    [str(n) for n in info.get("notes", [])], dict(info.get("config", {})),
-                   float(info.get("seconds", 0.0)), deployment, attribution)
+                   float(info.get("seconds", 0.0)), deployment, attribution, mixed)

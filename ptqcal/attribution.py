@@ -17,6 +17,7 @@ import numpy as np
 
 from .cache import Cache, file_digest, make_key
 from .config import RunConfig
+from .data import DEFAULT_SEARCH_SIZE
 from .evaluate.attribution import CONFIDENT, Attribution, LayerEffect
 from .models import PreprocessCfg
 from .pixels import Pixels
@@ -46,8 +47,10 @@ def _run(model, pixels: Pixels, preprocess: PreprocessCfg, cfg: RunConfig, limit
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
-def attribute(cache: Cache, prepared: Path, pixels: Pixels, preprocess: PreprocessCfg, cfg: RunConfig) -> Attribution:
-    """Every weight layer of ``prepared`` alone at each of ``cfg.weight_bits``, on ``pixels``."""
+def attribute(cache: Cache, prepared: Path, pixels: Pixels, preprocess: PreprocessCfg, cfg: RunConfig,
+              held_out: bool = False) -> Attribution:
+    """Every weight layer of ``prepared`` alone at each of ``cfg.weight_bits``, on ``pixels`` (held
+    out of the evaluation images, or a subset of them)."""
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as sqnr
 
@@ -79,11 +82,15 @@ def attribute(cache: Cache, prepared: Path, pixels: Pixels, preprocess: Preproce
                 tmp.write_text(json.dumps(asdict(effect)))
 
             effects.append(LayerEffect(**json.loads(cache.file("layer-effect", key, "json", measure).read_text())))
-    return Attribution(effects, len(labels), int(confident.sum()))
+    return Attribution(effects, len(labels), int(confident.sum()), held_out)
 
 
-def attribute_run(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, evaluation, cache: Cache) -> Attribution:
-    """:func:`attribute` on ``cfg.attribution_size`` images drawn with ``cfg.seed`` from the
-    ``evaluation`` split."""
-    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(evaluation))[:cfg.attribution_size])
+def attribute_run(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, images, cache: Cache) -> Attribution:
+    """:func:`attribute` on the images held out for a search (:class:`~ptqcal.steps.Images`), or
+    else on ``cfg.attribution_size`` images drawn with ``cfg.seed`` from the evaluation images."""
+    if images.search is not None:
+        return attribute(cache, prepared, images.search, preprocess, cfg, held_out=True)
+    evaluation = images.eval.split
+    size = cfg.attribution_size or DEFAULT_SEARCH_SIZE
+    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(evaluation))[:size])
     return attribute(cache, prepared, Pixels(evaluation.take(chosen), preprocess, cache, cfg.strict), preprocess, cfg)

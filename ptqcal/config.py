@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .data import DEFAULT_CALIB_SIZE
+from .data import DEFAULT_CALIB_SIZE, DEFAULT_SEARCH_SIZE
 from .evaluate.results import Execution
 from .models.preprocess import LAYOUTS, PRESETS
 from .quantize.ranges import CalibMethod
@@ -41,6 +41,14 @@ def parse_bytes(text: Any) -> int:
     if not (number > 0 and number * scale < 1 << 50):
         raise ValueError(f"not a memory size: {text!r}")
     return int(number * scale)
+
+
+def _percent(text: Any) -> float:
+    """A percentage as given (``0.5`` = 0.5%) as a fraction."""
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise ValueError(f"not a percentage: {text!r}")
+    return value / 100
 
 
 def _setting(default: Any, help: str, parse: Callable[[str], Any] | type | None = None, *, many: bool = False,
@@ -99,7 +107,16 @@ class RunConfig:
                                "model's activation sizes to fit it", parse_bytes, metavar="SIZE", shown="1G")
     attribute: bool = _setting(False, "attribute the swaps to layers: each weight layer quantized alone at each "
                                "weight bit width (layers.csv and a report note)")
-    attribution_size: int = _setting(512, "seeded evaluation images the attribution measures on", int, metavar="N")
+    attribution_size: int | None = _setting(None, f"seeded evaluation images the attribution measures on (default: "
+                                            f"{DEFAULT_SEARCH_SIZE}, or fewer when the data has fewer to spare); "
+                                            "with a mixed-precision target they are held out of evaluation", int,
+                                            metavar="N")
+    max_confident_swaps: float | None = _setting(None, "add 'mixed': per-layer weight bits (from --weight-bits) "
+                                                 "with the fewest weight bytes that swap at most P percent of the "
+                                                 "confident float predictions", _percent, metavar="P")
+    max_size_ratio: float | None = _setting(None, "add 'mixed': per-layer weight bits (from --weight-bits) with "
+                                            "weights at most R x float's bytes, swapping the fewest confident "
+                                            "predictions", float, metavar="R")
     check_images: int = _setting(64, "images on which the deployed and simulated paths are compared (0: no check)",
                                  int, metavar="N")
     out: Path | None = _setting(None, "run folder (default: ptqcal_runs/<model>)", Path)
@@ -149,6 +166,11 @@ class RunConfig:
     def fp16(self) -> bool:
         return "fp16" in self.precisions
 
+    @property
+    def mixed(self) -> bool:
+        """A mixed-precision configuration is searched for (on images held out of evaluation)."""
+        return self.max_confident_swaps is not None or self.max_size_ratio is not None
+
     def validate(self) -> "RunConfig":
         """Raise :class:`UserError` (naming the flag) for settings that cannot work together."""
         for name, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
@@ -173,6 +195,13 @@ class RunConfig:
             raise UserError("--weights is for registry models; an .onnx file carries its own weights")
         if self.input_size is not None and (len(self.input_size) not in (1, 2) or min(self.input_size) < 1):
             raise UserError(f"--input-size takes H or H,W (positive), got {list(self.input_size)}")
+        if self.max_confident_swaps is not None and self.max_size_ratio is not None:
+            raise UserError("--max-confident-swaps and --max-size-ratio are two targets: give one")
+        if self.max_size_ratio is not None and not 0 < self.max_size_ratio <= 1:
+            raise UserError(f"--max-size-ratio is a fraction of float's weight bytes in (0, 1], got {self.max_size_ratio}")
+        if self.mixed and len(self.weight_bits) < 2:
+            raise UserError("a mixed-precision target chooses among the run's weight bit widths: give at least two "
+                            "to --weight-bits (e.g. 8 4)")
         if self.calib_ranges is not None and self.repeats > 1:
             raise UserError("--calib-ranges reuses one calibration: drop --repeats")
         return self

@@ -10,42 +10,18 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 from . import steps
 from .cache import Cache, link_or_copy
 from .config import RunConfig
 from .errors import UserError
-from .evaluate import FLOAT_NAME, REPEAT_MARK, PathAgreement, RunRecord
-from .evaluate.attribution import Attribution
-from .evaluate.deploy import Deployment
+from .evaluate import FLOAT_NAME, REPEAT_MARK, RunRecord
 from .quantize import QuantSpec
 from .report_text import run_notes, run_summary
 from .runfolder import COMPARISON, RUN, check_target, new_work_dir, report_once, swap_in, write_marker, writing
-
-FP16_NAME = "fp16"
-
-
-def _log(cfg: RunConfig, message: str) -> None:
-    if not cfg.quiet:
-        print(f"[ptqcal] {message}", flush=True)
-
-
-@dataclass
-class Sweep:
-    """What the quantized configurations produced: logits by name, files to place in the run
-    folder, and the deployed-vs-simulated checks of the first draw."""
-
-    logits: dict[str, np.ndarray] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)
-    checks: list[PathAgreement] = field(default_factory=list)
-    deployment: dict[str, Deployment] = field(default_factory=dict)
-    float_ops: tuple[str, dict[str, int]] | None = None  # a configuration and what ORT runs of it in float
-    clipped_biases: dict[str, int] = field(default_factory=dict)  # configuration -> int32 biases ORT clipped
-    attribution: Attribution | None = None
+from .sweep import Sweep, add_config, add_fp16, add_mixed, log
 
 
 def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
@@ -62,7 +38,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     prepared = steps.prepare_for_quantization(cache, model.float_path)
     batches = steps.choose_batches(prepared, model.preprocess, cfg)
     recorded, cfg = cfg, replace(cfg, batch_size=batches.eval)
-    _log(cfg, f"model {model.name}: {len(images.calib)} calibration / {len(images.eval)} evaluation images "
+    log(cfg, f"model {model.name}: {len(images.calib)} calibration / {len(images.eval)} evaluation images "
          f"({dataset.name}); batches of {batches.eval} (evaluation) and {batches.calib} (calibration)")
     float_logits = steps.model_logits(cache, model.float_path, images.eval, model.preprocess, cfg, FLOAT_NAME)
     if float_logits.ndim != 2 or float_logits.shape[1] != model.num_classes:
@@ -73,33 +49,24 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     sweep = Sweep({FLOAT_NAME: float_logits}, {"model_float.onnx": model.float_path})
     sweep.deployment[FLOAT_NAME] = steps.deployment(cache, model.float_path, images.eval, model.preprocess, cfg)
     if cfg.fp16:
-        _add_fp16(cfg, model, images, cache, sweep)
+        add_fp16(cfg, model, images, cache, sweep)
     exclude = _quantize_sweep(cfg, model, prepared, batches, draws, cache, work, sweep)
-    for name, source in sweep.files.items():
-        link_or_copy(source, work / name)
-    if cfg.attribute:
+    if cfg.attribute or cfg.mixed:
         from .attribution import attribute_run
 
-        sweep.attribution = attribute_run(cfg, model.preprocess, prepared, draws[0].eval.split, cache)
-    notes = [*model.notes, batches.note,
+        sweep.attribution = attribute_run(cfg, model.preprocess, prepared, images, cache)
+    if cfg.mixed:
+        add_mixed(cfg, model, prepared, batches, images, exclude, cache, sweep)
+    for name, source in sweep.files.items():
+        link_or_copy(source, work / name)
+    notes = [*model.notes, batches.note, *([images.search_note] if images.search_note else []),
              *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
                        sweep.clipped_biases)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
-              sweep.deployment, sweep.attribution).save(work)
+              sweep.deployment, sweep.attribution, sweep.mixed).save(work)
     return work
-
-
-def _add_fp16(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep) -> None:
-    from .cache import file_digest, make_key
-    from .quantize.fp16 import convert_fp16
-
-    path = cache.file("fp16", make_key(file_digest(model.float_path), steps.versions()), "onnx",
-                      lambda tmp: convert_fp16(model.float_path, tmp))
-    sweep.files["model_fp16.onnx"] = path
-    sweep.logits[FP16_NAME] = steps.model_logits(cache, path, images.eval, model.preprocess, cfg, FP16_NAME)
-    sweep.deployment[FP16_NAME] = steps.deployment(cache, path, images.eval, model.preprocess, cfg)
 
 
 def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, draws, cache: Cache, work: Path,
@@ -108,7 +75,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
     import onnx
 
     from .quantize import CalibrationRanges, compute_ranges, layers_to_exclude
-    from .quantize.qdq import clipped_biases, quantized_tensors
+    from .quantize.qdq import quantized_tensors
 
     graph = onnx.load(str(prepared), load_external_data=False)
     exclude = layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
@@ -121,34 +88,18 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
             histograms = steps.calibrate(cache, prepared, model.input_name, images.calib, model.preprocess,
                                          batches.calib, cfg.progress, cfg.threads)
             done = "calibrated" if cache.misses > misses else "calibration reused from the cache:"
-            _log(cfg, f"{done} {len(histograms)} tensors (draw {repeat + 1}/{cfg.repeats}; {cfg.calib_method} "
+            log(cfg, f"{done} {len(histograms)} tensors (draw {repeat + 1}/{cfg.repeats}; {cfg.calib_method} "
                       "ranges for every precision)")
         for bits in cfg.act_bits:
             ranges = given or compute_ranges(histograms, cfg.calib_method, bits, len(images.calib.labels))
+            sweep.ranges.setdefault(bits, ranges)  # the first draw's, for a mixed-precision model
             for weight_bits in cfg.weight_bits:
                 spec = QuantSpec(weight_bits, bits, cfg.weight_scale, exclude)
                 path = steps.quantize_config(cache, prepared, ranges, spec)
-                name = spec.name + suffix
-                sweep.logits[name] = steps.model_logits(cache, path, draws[0].eval, model.preprocess, cfg,
-                                                        name, fused=cfg.execution == "deployed")
                 if weight_bits == cfg.weight_bits[0]:  # which ranges the graph uses, beside the others
                     ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json", quantized_tensors(path))
-                if repeat == 0:
-                    sweep.deployment[name] = steps.deployment(cache, path, draws[0].eval, model.preprocess, cfg)
-                    sweep.clipped_biases[name] = len(clipped_biases(path))
-                    if sweep.float_ops is None:
-                        sweep.float_ops = (name, steps.deployed_float_ops(cache, path, cfg))
-                    sweep.files[f"model_{spec.name}.onnx"] = path
-                    check = steps.check_deployment(cache, path, name, sweep.logits[name], draws[0].eval,
-                                                   model.preprocess, cfg, batches.check)
-                    sweep.checks += [check] if check else []
-                _log_config(cfg, name, sweep.logits[name], sweep.logits[FLOAT_NAME], draws[0].eval.labels)
+                add_config(cfg, model, spec.name + suffix, path, draws[0].eval, batches, cache, sweep, repeat == 0)
     return exclude
-
-
-def _log_config(cfg: RunConfig, name: str, logits: np.ndarray, float_logits: np.ndarray, labels: np.ndarray) -> None:
-    swapped = np.mean(logits.argmax(1) != float_logits.argmax(1))
-    _log(cfg, f"{name}: top-1 error {100 * np.mean(logits.argmax(1) != labels):.2f}%, {100 * swapped:.2f}% swapped")
 
 
 def run(cfg: RunConfig) -> Path:
@@ -173,7 +124,7 @@ def run(cfg: RunConfig) -> Path:
             for folder in works:
                 if folder.exists():
                     shutil.rmtree(folder, ignore_errors=True)
-    _log(cfg, f"cache: {cache.hits} reused, {cache.misses} computed")
+    log(cfg, f"cache: {cache.hits} reused, {cache.misses} computed")
     return out / "report.md"
 
 

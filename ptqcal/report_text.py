@@ -20,6 +20,8 @@ def run_summary(cfg: RunConfig, model, dataset_name: str, images) -> dict[str, s
     source = "held out of the evaluation split" if images.held_out_from_eval \
         else "from the calibration pool, disjoint from evaluation"
     n_eval, n_failed = len(images.eval.labels), len(images.failed)
+    held = {} if images.search is None else {"search images": f"{len(images.search)} held out of evaluation (seed "
+                                             f"{cfg.seed}): the mixed-precision search saw only these"}
     return {
         "model": model.name, "dataset": dataset_name,
         "calibration images": f"{len(images.calib.labels)} (seed {cfg.seed}{draws}, {source})",
@@ -30,6 +32,7 @@ def run_summary(cfg: RunConfig, model, dataset_name: str, images) -> dict[str, s
         "weights": f"per-channel symmetric, scale convention '{cfg.weight_scale}'",
         "activations": "per-tensor asymmetric (uint8 container)",
         "execution": f"{cfg.execution} on ONNX Runtime's {cfg.provider} execution provider",
+        **held,
     }
 
 

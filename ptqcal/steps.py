@@ -47,6 +47,8 @@ class Images:
     eval: Pixels
     held_out_from_eval: bool  # calibration images came out of the evaluation split
     calib_note: str | None = None  # how a default calibration size was adapted to the data
+    search: Pixels | None = None  # held out of the evaluation split for the mixed-precision search
+    search_note: str | None = None
 
     @property
     def failed(self) -> tuple[Path, ...]:
@@ -178,10 +180,12 @@ def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cac
     """Calibration draw ``repeat`` (seed + repeat) and the evaluation images, to be streamed (image
     files are decoded once, chunk by chunk, and cached: decoding is the slow part of an
     ImageNet-sized run)."""
-    selection = select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size, repeat, cfg.repeats)
+    selection = select(dataset, cfg.calib_size, cfg.seed, cfg.eval_size, repeat, cfg.repeats,
+                       search_size=cfg.attribution_size if cfg.mixed else False)
+    search = None if selection.search is None else Pixels(selection.search, preprocess, cache, cfg.strict)
     return Images(Pixels(selection.calib, preprocess, cache, cfg.strict),
                   Pixels(selection.eval, preprocess, cache, cfg.strict), selection.held_out_from_eval,
-                  selection.calib_note)
+                  selection.calib_note, search, selection.search_note)
 
 
 def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig) -> Batches:

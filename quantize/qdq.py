@@ -14,7 +14,7 @@ import logging
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -26,7 +26,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ptqcal.atomic import atomic_path
 from .calibrate import CalibrationRanges
-from .spec import QuantizeError, QuantSpec, WeightScale, weight_grid
+from .spec import QuantizeError, QuantSpec, WeightScale, stored_bits, weight_grid
 
 INT4_OPSET = 21
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -118,13 +118,18 @@ def layers_to_exclude(model: onnx.ModelProto, names: tuple[str, ...] = (), first
     return tuple(dict.fromkeys(chosen))
 
 
+def _weight_type(bits: int) -> QuantType:
+    return QuantType.QInt4 if stored_bits(bits) == 4 else QuantType.QInt8
+
+
 def _overrides(model: onnx.ModelProto, ranges: CalibrationRanges, spec: QuantSpec) -> dict:
-    weight_type = QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8
     weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    axes = weight_axes(model)
     overrides: dict[str, list[dict]] = {}
-    for name, axis in weight_axes(model).items():
-        scales = weight_scales(weights[name], axis, spec.weight_bits, spec.weight_scale)
-        overrides[name] = [{"axis": axis, "quant_type": weight_type, "scale": np.float32(s),
+    for node in weighted_nodes(model):  # per tensor, so each layer can have its own width (mixed precision)
+        name, axis, bits = node.input[1], axes[node.input[1]], spec.bits_of(node.name)
+        scales = weight_scales(weights[name], axis, bits, spec.weight_scale)
+        overrides[name] = [{"axis": axis, "quant_type": _weight_type(bits), "scale": np.float32(s),
                             "zero_point": np.int8(0)} for s in scales]
     if spec.act_bits < 8:
         for name, (lo, hi) in ranges.ranges.items():
@@ -150,7 +155,7 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
     # ORT's intermediate files live beside the target (inside the run's cache), never in $TMPDIR
     with tempfile.TemporaryDirectory(prefix=".ptqcal-quant-", dir=out_path.parent) as tmp:
         model = onnx.load(str(prepared_path))
-        if spec.weight_bits == 4 and _opset(model) < INT4_OPSET:
+        if 4 in map(stored_bits, spec.all_weight_bits) and _opset(model) < INT4_OPSET:
             # Below opset 21 ORT writes int4 as com.microsoft contrib Q/DQ ops; the standard INT4
             # QuantizeLinear/DequantizeLinear need opset 21.
             model = version_converter.convert_version(model, INT4_OPSET)
@@ -164,7 +169,7 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
         quantized = onnx.load(str(partial))
         if not spec.quantize_outputs:
             keep_outputs_float(quantized)
-        set_weight_codes(quantized, model, spec.weight_bits)
+        set_weight_codes(quantized, model, spec.bits_of)
         if spec.act_bits < 8:
             clip_activations(quantized, spec.act_bits)
     with atomic_path(out_path) as target:  # beside out_path: /tmp may be another file system
@@ -228,7 +233,7 @@ def _ort_quantize(prepared_path: Path, partial: Path, cache: Path, model: onnx.M
             calibration_cache_path=cache, calibrate_method=CalibrationMethod.MinMax,
             quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=list(spec.exclude),
             op_types_to_quantize=op_types_to_quantize(),
-            weight_type=QuantType.QInt4 if spec.weight_bits == 4 else QuantType.QInt8,
+            weight_type=_weight_type(spec.weight_bits),
             activation_type=QuantType.QUInt8,
             # Every weight gets explicit symmetric scales (zero point 0) in the overrides. ORT's
             # "symmetric" would also narrow the clip to [-(2^(b-1)-1), 2^(b-1)-1], dropping the
@@ -274,15 +279,15 @@ def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def set_weight_codes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, bits: int) -> None:
-    """Store ``clip(rint(w * (1 / scale)), -2^(b-1), 2^(b-1) - 1)`` as every weight's codes.
+def set_weight_codes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, bits_of: Callable[[str], int]) -> None:
+    """Store ``clip(rint(w * (1 / scale)), -2^(b-1), 2^(b-1) - 1)`` as every weight's codes, with
+    ``b = bits_of(layer)``.
 
     ORT rounds ``w / scale`` and clips to the container's range, which is not the b-bit grid. With
     PyTorch's scale convention every channel's largest weight sits on a rounding tie (+-(qmax + 0.5));
     multiplying by the float32 reciprocal, as PyTorch's fake-quant kernels do, settles those ties
     the way PyTorch does.
     """
-    qmin, qmax = weight_grid(bits)
     float_inits = {init.name: init for init in float_model.graph.initializer}
     float_weight_of = {n.name: n.input[1] for n in weighted_nodes(float_model)}
     initializers = {init.name: init for init in quantized.graph.initializer}
@@ -297,6 +302,7 @@ def set_weight_codes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, b
         shape = [1] * weight.ndim
         shape[axis] = -1
         inverse = np.float32(1) / numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32).reshape(shape)
+        qmin, qmax = weight_grid(bits_of(node.name))
         q = np.clip(np.rint(weight * inverse), qmin, qmax)
         dtype = ml_dtypes.int4 if codes.data_type == onnx.TensorProto.INT4 else np.int8
         codes.CopyFrom(numpy_helper.from_array(q.astype(dtype), codes.name))

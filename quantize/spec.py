@@ -8,6 +8,7 @@ from enum import StrEnum
 from ptqcal.errors import InputError
 
 BIT_WIDTHS = range(2, 9)
+MIXED_NAME = "mixed"  # the configuration whose weight bits are chosen layer by layer
 
 
 class QuantizeError(InputError):
@@ -31,14 +32,24 @@ class QuantSpec:
     exclude: tuple[str, ...] = field(default=(), compare=False)  # node names left in float
     quantize_outputs: bool = False  # also quantize the logits (ORT's default; off so they stay float)
     quantize_bias: bool = True  # int32 biases (needed by the integer kernels); False keeps them float
+    # (layer, bits) pairs that override ``weight_bits`` for those layers: a mixed-precision model
+    layer_bits: tuple[tuple[str, int], ...] = ()
 
     @property
     def name(self) -> str:
-        return f"a{self.act_bits}w{self.weight_bits}"
+        return MIXED_NAME if self.layer_bits else f"a{self.act_bits}w{self.weight_bits}"
+
+    def bits_of(self, layer: str) -> int:
+        """The weight bit width of ``layer`` (a Conv/Gemm/MatMul node name)."""
+        return dict(self.layer_bits).get(layer, self.weight_bits)
+
+    @property
+    def all_weight_bits(self) -> set[int]:
+        return {self.weight_bits, *(bits for _, bits in self.layer_bits)}
 
     def validate(self) -> "QuantSpec":
         """Raise :class:`QuantizeError` unless both bit widths are 2..8; returns ``self``."""
-        for setting, label, bits in (("weight_bits", "weight", self.weight_bits),
+        for setting, label, bits in (*(("weight_bits", "weight", b) for b in sorted(self.all_weight_bits)),
                                      ("act_bits", "activation", self.act_bits)):
             if bits not in BIT_WIDTHS:
                 raise QuantizeError(f"{label} bit width {bits} is not supported: choose 2 to 8", setting=setting)
@@ -49,3 +60,9 @@ class QuantSpec:
 def weight_grid(bits: int) -> tuple[int, int]:
     """The signed b-bit integer range [-2^(b-1), 2^(b-1) - 1]."""
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def stored_bits(bits: int) -> int:
+    """The bits each b-bit weight code takes in the file: ORT's integer types are int4 and int8, so
+    4-bit codes are packed two to a byte and every other width 2..8 sits in an int8 container."""
+    return 4 if bits == 4 else 8

@@ -143,6 +143,9 @@ def sweep(quick: bool, folder: Path) -> dict[str, float]:
 
 # --- 3. inference -------------------------------------------------------------------------------------
 
+LATENCY_AGREEMENT = 0.2  # the run's a8w8/float latency ratio should agree with the benchmark's this well
+
+
 def images_per_second(fn, batch: np.ndarray, seconds: float) -> float:
     fn(batch)
     count, start = 0, time.perf_counter()
@@ -184,7 +187,17 @@ def inference(quick: bool, folder: Path) -> dict[str, float]:
     _, bare = timed(lambda: [session.run(None, {"input": ready[i:i + 256]}) for i in range(0, len(ready), 256)])
     _, ours = timed(predict, session, pixels, 256, progress=False, transform=CIFAR100_PREPROCESS)
     print(f"  evaluation loop: bare session.run {len(ready) / bare:.0f} images/s, ptqcal predict {len(ready) / ours:.0f}")
-    return {"inference: a8w8 / float ORT at batch 256": rows["a8w8 ORT (QLinearConv)", 256] / rows["float ORT", 256],
+    # the run's own deployment numbers (batch-1 median latency) against this benchmark's batch-1 timing
+    import json
+
+    measured = json.loads((run_dir / "run.json").read_text())["deployment"]
+    in_run = measured["a8w8"]["latency_ms"] / measured["float"]["latency_ms"]
+    here = rows["float ORT", 1] / rows["a8w8 ORT (QLinearConv)", 1]
+    agreement = in_run / here
+    print(f"  latency a8w8 / float at batch 1: {in_run:.2f} in the run's report, {here:.2f} here "
+          f"({'within' if abs(agreement - 1) <= LATENCY_AGREEMENT else 'NOT within'} {LATENCY_AGREEMENT:.0%})")
+    return {"latency a8w8 / float: the run's report / this benchmark": agreement,
+            "inference: a8w8 / float ORT at batch 256": rows["a8w8 ORT (QLinearConv)", 256] / rows["float ORT", 256],
             "inference: a8w8 / float ORT at batch 1": rows["a8w8 ORT (QLinearConv)", 1] / rows["float ORT", 1],
             "inference: float ORT / PyTorch float at batch 256": rows["float ORT", 256] / rows["PyTorch float", 256],
             "evaluator: ptqcal predict / bare session.run (throughput)": bare / ours}

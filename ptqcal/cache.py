@@ -65,6 +65,10 @@ class Cache:
     def path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / f"{kind}-{key}.{suffix}"
 
+    def has(self, kind: str, key: str, suffix: str) -> bool:
+        """Whether the entry is there and whole (nothing is counted)."""
+        return _intact(self.path(kind, key, suffix))
+
     def file(self, kind: str, key: str, suffix: str, create: Callable[[Path], Any]) -> Path:
         """The entry's path, calling ``create(tmp_path)`` to write it first if it is missing or
         does not match its stored digest."""

@@ -55,7 +55,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                                               if isinstance(parse, type) and issubclass(parse, Enum) else None)
             kwargs.update(metavar=meta["metavar"] or (None if choices else setting.name.upper()),
                           choices=None if meta.get("comma") else choices,
-                          nargs="+" if meta["many"] and not meta.get("comma") else None)
+                          nargs="+" if meta["many"] and not meta.get("comma") else "?" if "const" in meta else None)
+            if "const" in meta:
+                kwargs["const"] = meta["const"]
         parser.add_argument(flag_of(setting.name), **kwargs)
 
 

@@ -145,6 +145,10 @@ class RunConfig:
     provider: str = _setting("CPU", "ONNX Runtime execution provider that evaluates every model (calibration "
                              "runs on CPU)", str)
     quiet: bool = _setting(False, "print nothing but errors and the report's path", in_file=False)
+    ray: str | None = _setting(None, "run the independent work as Ray tasks: on the cluster at ADDRESS (auto, "
+                               "host:port), or without one on a Ray started on this machine for the run; the run "
+                               "folder and the images must be on storage every node sees", str, metavar="ADDRESS",
+                               const="local", in_file=True)
     threads: int = _setting(0, "ONNX Runtime's intra-op threads for every session (0: its default, one per "
                             "physical core); the report's speeds say which", int, metavar="N")
     timing: bool = _setting(True, "skip measuring each configuration's latency and throughput (sizes are still "

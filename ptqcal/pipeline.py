@@ -10,27 +10,34 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
 from . import steps
 from .cache import Cache, link_or_copy
+from .cluster import executor
 from .config import RunConfig
 from .errors import UserError
 from .evaluate import FLOAT_NAME, REPEAT_MARK, RunRecord
 from .quantize import QuantSpec
 from .report_text import run_notes, run_summary
 from .runfolder import COMPARISON, RUN, check_target, new_work_dir, report_once, swap_in, write_marker, writing
-from .sweep import Sweep, add_config, add_fp16, add_mixed, log
+from .sweep import Sweep, add_config, add_fp16, add_mixed, config_job, log
 
 
-def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
-    """Run every step of ``cfg`` and write its record into a new work folder; returns the folder."""
+def _export(cache: Cache, cfg: RunConfig, dataset) -> steps.PreparedModel:
+    return steps.prepare_model(cfg, dataset, cache)
+
+
+def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, cluster) -> Path:
+    """Run every step of ``cfg`` and write its record into a new work folder; returns the folder.
+    ``cluster`` (:mod:`ptqcal.cluster`) runs the independent work."""
     started = time.perf_counter()
     from .evaluate.runner import execution_provider
 
     execution_provider(cfg.provider)  # an unavailable provider is said before any work
-    model = steps.prepare_model(cfg, dataset, cache)
+    model = cluster.map(_export, cache, [(cfg, dataset)])[0]
     steps.check_labels(dataset, model.num_classes)
     draws = [steps.draw_images(dataset, cfg, model.preprocess, cache, r) for r in range(cfg.repeats)]
     images = draws[0]
@@ -40,6 +47,9 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     recorded, cfg = cfg, replace(cfg, batch_size=batches.eval)
     log(cfg, f"model {model.name}: {len(images.calib)} calibration / {len(images.eval)} evaluation images "
          f"({dataset.name}); batches of {batches.eval} (evaluation) and {batches.calib} (calibration)")
+    cluster.warm_logits(cache, [steps.LogitsJob(model.float_path, images.eval, model.preprocess, FLOAT_NAME),
+                                steps.LogitsJob(model.float_path, images.calib, model.preprocess, "calibration",
+                                                kind="calib-logits")], cfg)
     float_logits = steps.model_logits(cache, model.float_path, images.eval, model.preprocess, cfg, FLOAT_NAME)
     if float_logits.ndim != 2 or float_logits.shape[1] != model.num_classes:
         raise UserError(f"{cfg.model}: output has shape {list(float_logits.shape)}, expected (N, classes)")
@@ -50,7 +60,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
     sweep.deployment[FLOAT_NAME] = steps.deployment(cache, model.float_path, images.eval, model.preprocess, cfg)
     if cfg.fp16:
         add_fp16(cfg, model, images, cache, sweep)
-    exclude = _quantize_sweep(cfg, model, prepared, batches, draws, cache, work, sweep)
+    exclude = _quantize_sweep(cfg, model, prepared, batches, draws, cache, work, sweep, cluster)
     if cfg.attribute or cfg.mixed:
         from .attribution import attribute_run
 
@@ -70,8 +80,10 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir) -> Path:
 
 
 def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, draws, cache: Cache, work: Path,
-                    sweep: Sweep) -> tuple[str, ...]:
-    """Every calibration draw x activation bits x weight bits; returns the layers kept in float."""
+                    sweep: Sweep, cluster) -> tuple[str, ...]:
+    """Every calibration draw x activation bits x weight bits; returns the layers kept in float.
+    The draws' calibrations, the configurations' quantizations and their logits are independent
+    work for ``cluster``; the results are then gathered in sweep order."""
     import onnx
 
     from .quantize import CalibrationRanges, compute_ranges, layers_to_exclude
@@ -81,42 +93,48 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
     exclude = layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
     given = None if cfg.calib_ranges is None else CalibrationRanges.load(cfg.calib_ranges).check_fits(
         graph, cfg.act_bits if cfg.repeats == 1 else ())
+    if given is None:
+        histograms = cluster.map(steps.calibrate, cache, [(prepared, model.input_name, images.calib, model.preprocess,
+                                                    batches.calib, cfg.progress, cfg.threads) for images in draws])
+        log(cfg, f"calibrated {len(histograms[0])} tensors ({cfg.repeats} draw{'s' * (cfg.repeats > 1)}; "
+                 f"{cfg.calib_method} ranges for every precision)")
+    plan = []  # (draw, ranges, spec) in sweep order
     for repeat, images in enumerate(draws):
-        suffix = "" if repeat == 0 else f"{REPEAT_MARK}{repeat}"
-        if given is None:
-            misses = cache.misses
-            histograms = steps.calibrate(cache, prepared, model.input_name, images.calib, model.preprocess,
-                                         batches.calib, cfg.progress, cfg.threads)
-            done = "calibrated" if cache.misses > misses else "calibration reused from the cache:"
-            log(cfg, f"{done} {len(histograms)} tensors (draw {repeat + 1}/{cfg.repeats}; {cfg.calib_method} "
-                      "ranges for every precision)")
         for bits in cfg.act_bits:
-            ranges = given or compute_ranges(histograms, cfg.calib_method, bits, len(images.calib.labels))
+            ranges = given or compute_ranges(histograms[repeat], cfg.calib_method, bits, len(images.calib.labels))
             sweep.ranges.setdefault(bits, ranges)  # the first draw's, for a mixed-precision model
-            for weight_bits in cfg.weight_bits:
-                spec = QuantSpec(weight_bits, bits, cfg.weight_scale, exclude)
-                path = steps.quantize_config(cache, prepared, ranges, spec)
-                if weight_bits == cfg.weight_bits[0]:  # which ranges the graph uses, beside the others
-                    ranges.save(work / f"calibration_ranges_a{bits}{suffix}.json", quantized_tensors(path))
-                add_config(cfg, model, spec.name + suffix, path, draws[0].eval, batches, cache, sweep, repeat == 0)
+            plan += [(repeat, ranges, QuantSpec(w, bits, cfg.weight_scale, exclude)) for w in cfg.weight_bits]
+    paths = cluster.map(steps.quantize_config, cache, [(prepared, ranges, spec) for _, ranges, spec in plan])
+    names = [spec.name + ("" if repeat == 0 else f"{REPEAT_MARK}{repeat}") for repeat, _, spec in plan]
+    cluster.warm_logits(cache, [config_job(cfg, model, name, path, draws[0].eval)
+                                for name, path in zip(names, paths)], cfg)
+    for (repeat, ranges, spec), name, path in zip(plan, names, paths):
+        if spec.weight_bits == cfg.weight_bits[0]:  # which ranges the graph uses, beside the others
+            ranges.save(work / f"calibration_ranges_a{spec.act_bits}{name[len(spec.name):]}.json",
+                        quantized_tensors(path))
+        add_config(cfg, model, name, path, draws[0].eval, batches, cache, sweep, repeat == 0)
     return exclude
 
 
-def run(cfg: RunConfig) -> Path:
+def run(cfg: RunConfig, cluster=None) -> Path:
     """Run the whole analysis of one model; returns the path of ``report.md``.
 
     The finished run folder replaces the old one in one rename; its ``cache/`` carries over. On
     an input error nothing new is left behind; after a crash or a kill only cache entries
-    (whole files) stay, so the next run resumes.
+    (whole files) stay, so the next run resumes. ``cluster``: where the independent work runs
+    (default: the one ``cfg`` asks for, closed after the run).
     """
     cfg.validate()
+    if cluster is None:
+        with closing(executor(cfg)) as cluster:
+            return run(cfg, cluster)
     out = cfg.out_dir
     with writing(out, RUN):
         dataset = steps.load_run_dataset(cfg)
         cache = Cache(out / "cache")
         works: list[Path] = []
         try:
-            work = measure(cfg, dataset, cache, lambda: works.append(new_work_dir(out)) or works[-1])
+            work = measure(cfg, dataset, cache, lambda: works.append(new_work_dir(out)) or works[-1], cluster)
             write_marker(work, RUN)
             report_once([work], work, previous=out)
             swap_in(work, out)
@@ -130,8 +148,14 @@ def run(cfg: RunConfig) -> Path:
 
 def run_models(cfg: RunConfig, models: list[str]) -> Path:
     """Several models, each in ``out/<model>``, and one report comparing them in ``out``."""
+    cfg.validate()
+    with closing(executor(cfg)) as cluster:
+        return _run_models(cfg, models, cluster)
+
+
+def _run_models(cfg: RunConfig, models: list[str], cluster) -> Path:
     if len(models) == 1:
-        return run(replace(cfg, model=models[0]))
+        return run(replace(cfg, model=models[0]), cluster)
     stems = [Path(m).stem for m in models]
     twice = sorted({s for s in stems if stems.count(s) > 1})
     if twice:
@@ -141,5 +165,5 @@ def run_models(cfg: RunConfig, models: list[str]) -> Path:
     for stem in stems:
         check_target(out / stem, (RUN,))
     with writing(out, COMPARISON, stems):
-        folders = [run(replace(cfg, model=model, out=out / stem)).parent for model, stem in zip(models, stems)]
+        folders = [run(replace(cfg, model=model, out=out / stem), cluster).parent for model, stem in zip(models, stems)]
         return report_once(folders, out, previous=out)

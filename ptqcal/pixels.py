@@ -119,20 +119,27 @@ class Pixels:
         self._index()
         return tuple(p for i in range(self.num_chunks) for p in self._decoded[i][1])
 
-    def chunks(self) -> Iterator[np.ndarray]:
-        """The decoded pixels, chunk by chunk."""
+    def chunks(self, start: int = 0) -> Iterator[np.ndarray]:
+        """The decoded pixels, chunk by chunk, from decoded image ``start`` on (chunks before it are
+        skipped by their labels alone)."""
         for index in range(self.num_chunks):
-            chunk = self.chunk(index)
-            if len(chunk.images):
-                yield chunk.images
+            if start:
+                count = len(self._decoded[index][0]) if index in self._decoded else len(self.chunk(index, False).labels)
+                if start >= count:
+                    start -= count
+                    continue
+            images = self.chunk(index).images[start:]
+            start = 0
+            if len(images):
+                yield images
 
     def batches(self, batch_size: int, transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                limit: int | None = None) -> Iterator[np.ndarray]:
+                limit: int | None = None, start: int = 0) -> Iterator[np.ndarray]:
         """Batches of ``batch_size`` images (whatever the chunking: the same batches for the same
-        images), the first ``limit`` images only if given, through ``transform``, prepared in a
-        background thread ``PREFETCH`` batches ahead of the consumer."""
+        images), from decoded image ``start`` on, ``limit`` images only if given, through
+        ``transform``, prepared in a background thread ``PREFETCH`` batches ahead of the consumer."""
         def produce() -> Iterator[np.ndarray]:
-            for batch in rebatch(self.chunks(), batch_size, limit):
+            for batch in rebatch(self.chunks(start), batch_size, limit):
                 yield transform(batch) if transform is not None else batch
         return prefetched(produce(), PREFETCH)
 

@@ -219,24 +219,42 @@ def _bytes(count: float) -> str:
     return f"{count:.3g} GiB"
 
 
+@dataclass(frozen=True)
+class LogitsJob:
+    """The logits of one model on some pixels: what :func:`model_logits` computes and caches."""
+
+    path: Path
+    pixels: Pixels
+    preprocess: PreprocessCfg | None
+    desc: str
+    fused: bool = True
+    kind: str = "logits"
+
+    def key(self, cfg: RunConfig, limit: int | None = None) -> str:
+        extra = ([] if cfg.provider == "CPU" else [cfg.provider]) + ([] if limit is None else [limit])
+        return make_key(file_digest(self.path), self.pixels.key, asdict(self.preprocess) if self.preprocess else None,
+                        self.fused, cfg.batch_size, versions(), *extra)
+
+    def compute(self, cfg: RunConfig, start: int = 0, count: int | None = None, progress: bool = True) -> np.ndarray:
+        """The logits of images ``start`` .. ``start + count`` (batches of ``cfg.batch_size`` from
+        ``start``: a batch-aligned ``start`` gives the batches of the whole run)."""
+        from .evaluate import make_session
+        from .evaluate.runner import predict_batches
+
+        total = len(self.pixels) - start if count is None else count
+        session = make_session(self.path, fused=self.fused, provider=cfg.provider, threads=cfg.threads)
+        return predict_batches(session, self.pixels.batches(cfg.batch_size, self.preprocess, count, start), total,
+                               self.desc, cfg.progress and progress)
+
+
 def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessCfg | None, cfg: RunConfig,
                  desc: str, fused: bool = True, kind: str = "logits", limit: int | None = None) -> np.ndarray:
     """The logits of the model at ``path`` on ``pixels`` (the first ``limit`` images if given),
     normalised batch by batch with ``preprocess`` while the previous batch runs, on ORT's fused
     integer kernels or (``fused=False``) the simulated path."""
-    from .evaluate import make_session
-    from .evaluate.runner import predict_batches
-
-    extra = ([] if cfg.provider == "CPU" else [cfg.provider]) + ([] if limit is None else [limit])
-    key = make_key(file_digest(path), pixels.key, asdict(preprocess) if preprocess else None, fused,
-                   cfg.batch_size, versions(), *extra)
-    total = len(pixels) if limit is None else min(limit, len(pixels))
-
-    def compute() -> np.ndarray:
-        session = make_session(path, fused=fused, provider=cfg.provider, threads=cfg.threads)
-        return predict_batches(session, pixels.batches(cfg.batch_size, preprocess, limit), total, desc, cfg.progress)
-
-    return cache.array(kind, key, compute, _check_logits)
+    job = LogitsJob(path, pixels, preprocess, desc, fused, kind)
+    count = None if limit is None else min(limit, len(pixels))
+    return cache.array(kind, job.key(cfg, limit), lambda: job.compute(cfg, count=count), _check_logits)
 
 
 def _check_logits(logits: np.ndarray) -> None:

@@ -52,13 +52,18 @@ def add_fp16(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep) -> None:
     sweep.deployment[FP16_NAME] = steps.deployment(cache, path, images.eval, model.preprocess, cfg)
 
 
+def config_job(cfg: RunConfig, model, name: str, path: Path, pixels) -> steps.LogitsJob:
+    """The evaluation of one configuration (on the run's execution path)."""
+    return steps.LogitsJob(path, pixels, model.preprocess, name, fused=cfg.execution == "deployed")
+
+
 def add_config(cfg: RunConfig, model, name: str, path: Path, pixels, batches: steps.Batches, cache: Cache,
                sweep: Sweep, first_draw: bool = True) -> None:
     """Evaluate one quantized model; the first draw's also gets its file, deployment numbers and check."""
     from .quantize.qdq import clipped_biases
 
-    sweep.logits[name] = steps.model_logits(cache, path, pixels, model.preprocess, cfg, name,
-                                            fused=cfg.execution == "deployed")
+    job = config_job(cfg, model, name, path, pixels)
+    sweep.logits[name] = steps.model_logits(cache, path, pixels, model.preprocess, cfg, name, fused=job.fused)
     if first_draw:
         sweep.deployment[name] = steps.deployment(cache, path, pixels, model.preprocess, cfg)
         sweep.clipped_biases[name] = len(clipped_biases(path))

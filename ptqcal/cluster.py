@@ -39,9 +39,9 @@ RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CL
 class Local:
     """Every piece of work in this process, one after another (a run without ``--ray``)."""
 
-    def map(self, fn: Callable, cache: Cache, calls: Sequence[tuple]) -> list:
-        """``fn(cache, *args)`` for each call, in order."""
-        return [fn(cache, *args) for args in calls]
+    def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
+        """``fn(*call)`` for each call (whose first item is the run's cache), in order."""
+        return [fn(*args) for args in calls]
 
     def warm_logits(self, cache: Cache, jobs: Sequence, cfg: RunConfig) -> None:
         """Nothing ahead: each job's logits are computed when the run asks for them."""
@@ -85,19 +85,21 @@ def _shard(cache: Cache, job, pixels, cfg: RunConfig, start: int, count: int) ->
 
 class RayCluster:
     """Tasks on a Ray cluster: ``address`` is ``auto``, ``host:port``, or :data:`LOCAL` to start
-    Ray on this machine for the run (every CPU; stopped by :meth:`close`)."""
+    Ray on this machine, on the loopback address, for the run (every CPU; stopped by
+    :meth:`close`). A Ray the caller already initialised is used as it is."""
 
     def __init__(self, address: str):
+        os.environ.update(RAY_ENVIRONMENT)  # before Ray is imported (it reads them then); a local cluster inherits them
         try:
             import ray
         except ImportError:
             raise UserError("--ray needs Ray: pip install 'ptqcal[ray]'") from None
-        os.environ.update(RAY_ENVIRONMENT)  # before Ray starts: read by the driver and inherited by a local cluster
-        self.ray, self.started = ray, address == LOCAL
+        self.ray, self.connected = ray, not ray.is_initialized()  # a caller's own connection is left to the caller
         try:
-            ray.init(address=address, include_dashboard=False if self.started else None, log_to_driver=False,
-                     logging_level="ERROR", configure_logging=True,
-                     **({"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"} if self.started else {}))
+            if self.connected:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR",
+                         **({"num_cpus": os.cpu_count(), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+                            if address == LOCAL else {}))
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise UserError(f"--ray {address}: cannot connect to a Ray cluster ({' '.join(str(exc).split())[:200]})") \
                 from None
@@ -110,10 +112,11 @@ class RayCluster:
             cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
             raise cause from None
 
-    def map(self, fn: Callable, cache: Cache, calls: Sequence[tuple]) -> list:
-        """``fn(cache, *args)`` for each call, as tasks; the results in order."""
+    def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
+        """``fn(*call)`` for each call (whose first item is the run's cache), as tasks; the results
+        in order."""
         task = self._remote(_call)
-        return self._get([task.remote(fn, cache, *args) for args in calls])
+        return self._get([task.remote(fn, *args) for args in calls])
 
     def warm_logits(self, cache: Cache, jobs: Sequence, cfg: RunConfig) -> None:
         """The logits of every job not cached yet, in batch-aligned shards across the cluster, with
@@ -142,7 +145,8 @@ class RayCluster:
             cache.array(job.kind, job.key(cfg), lambda: logits, _check_logits)
 
     def close(self) -> None:
-        if self.started:
+        """Stop the Ray started for the run, or disconnect from the cluster (which keeps running)."""
+        if self.connected:
             self.ray.shutdown()
 
 

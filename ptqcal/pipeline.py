@@ -37,7 +37,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, cluster) -> Pat
     from .evaluate.runner import execution_provider
 
     execution_provider(cfg.provider)  # an unavailable provider is said before any work
-    model = cluster.map(_export, cache, [(cfg, dataset)])[0]
+    model = cluster.map(_export, [(cache, cfg, dataset)])[0]
     steps.check_labels(dataset, model.num_classes)
     draws = [steps.draw_images(dataset, cfg, model.preprocess, cache, r) for r in range(cfg.repeats)]
     images = draws[0]
@@ -94,7 +94,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
     given = None if cfg.calib_ranges is None else CalibrationRanges.load(cfg.calib_ranges).check_fits(
         graph, cfg.act_bits if cfg.repeats == 1 else ())
     if given is None:
-        histograms = cluster.map(steps.calibrate, cache, [(prepared, model.input_name, images.calib, model.preprocess,
+        histograms = cluster.map(steps.calibrate, [(cache, prepared, model.input_name, images.calib, model.preprocess,
                                                     batches.calib, cfg.progress, cfg.threads) for images in draws])
         log(cfg, f"calibrated {len(histograms[0])} tensors ({cfg.repeats} draw{'s' * (cfg.repeats > 1)}; "
                  f"{cfg.calib_method} ranges for every precision)")
@@ -104,7 +104,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
             ranges = given or compute_ranges(histograms[repeat], cfg.calib_method, bits, len(images.calib.labels))
             sweep.ranges.setdefault(bits, ranges)  # the first draw's, for a mixed-precision model
             plan += [(repeat, ranges, QuantSpec(w, bits, cfg.weight_scale, exclude)) for w in cfg.weight_bits]
-    paths = cluster.map(steps.quantize_config, cache, [(prepared, ranges, spec) for _, ranges, spec in plan])
+    paths = cluster.map(steps.quantize_config, [(cache, prepared, ranges, spec) for _, ranges, spec in plan])
     names = [spec.name + ("" if repeat == 0 else f"{REPEAT_MARK}{repeat}") for repeat, _, spec in plan]
     cluster.warm_logits(cache, [config_job(cfg, model, name, path, draws[0].eval)
                                 for name, path in zip(names, paths)], cfg)

@@ -1,0 +1,195 @@
+"""``run --ray``: the same run on a real Ray cluster on the loopback address, with identical results,
+a worker killed mid-task, and nothing of Ray without the flag.
+
+The cluster is started with ``ray start --head`` in Ray's single-machine mode, which keeps every
+address on 127.0.0.1 (checked with ``ray.nodes()`` before any work is sent), with usage
+statistics off; it is stopped when the module's tests end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import tiny_onnx_classifier
+from ptqcal.cluster import RAY_ENVIRONMENT, shards
+
+START_SECONDS = 90  # bound on `ray start` and on waiting for a task to show up
+
+
+def test_shards_are_whole_batches_and_cover_every_image_once():
+    for count, batch in ((1000, 64), (64, 64), (65, 64), (1, 256)):
+        parts = shards(count, batch, batches=3)
+        assert sum(n for _, n in parts) == count
+        assert [start for start, _ in parts] == list(range(0, count, 3 * batch))  # batch-aligned starts
+        assert all(n % batch == 0 for _, n in parts[:-1])  # only the last shard ends in a partial batch
+
+
+def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_a_run_without_the_flag_never_imports_ray_and_the_flag_without_ray_is_one_line(tmp_path):
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    args = ["run", "--model", str(model), "--dataset", "digits", "--preprocess", "digits", "--weight-bits", "8",
+            "--no-timing", "--no-progress", "--quiet"]
+    completed = _python(f"""
+        import sys
+        from ptqcal.cli import main
+        assert main({args + ["--out", str(tmp_path / "plain")]!r}) == 0
+        print("ray" in sys.modules)
+    """)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "False"
+    blocked = _python(f"""
+        import sys
+        sys.modules["ray"] = None  # as if the extra were not installed
+        from ptqcal.cli import main
+        sys.exit(main({args + ["--out", str(tmp_path / "ray"), "--ray"]!r}))
+    """)
+    assert blocked.returncode == 2
+    assert blocked.stderr.strip() == "ptqcal: error: --ray needs Ray: pip install 'ptqcal[ray]'"
+    assert not (tmp_path / "ray").exists()
+
+
+# --- a real cluster ---------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """``ray start --head`` on 127.0.0.1 with 2 CPUs and token authentication (a token of its own,
+    not the user's ~/.ray one); its address, with this process's environment set to reach it;
+    stopped afterwards."""
+    if importlib.util.find_spec("ray") is None:  # not imported here: Ray reads its settings when imported
+        pytest.skip("Ray is not installed (pip install 'ptqcal[ray]')")
+    temp = tmp_path_factory.mktemp("ray")
+    (temp / "token").write_text(secrets.token_hex(32))
+    settings = {**RAY_ENVIRONMENT, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp / "token")}
+    port, env = _free_port(), {**os.environ, **settings}
+    ray_bin = Path(sys.executable).with_name("ray")
+    start = [str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+             "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp / "t")]
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings.items():
+            patch.setenv(name, value)
+        yield from _cluster(start, port, env, ray_bin)
+
+
+def _cluster(start: list[str], port: int, env: dict, ray_bin: Path):
+    try:
+        subprocess.run(start, check=True, capture_output=True, timeout=START_SECONDS, env=env)
+        address = f"127.0.0.1:{port}"
+        nodes = _python(f"""
+            import ray
+            ray.init(address={address!r}, logging_level="ERROR")
+            print(sorted({{n["NodeManagerAddress"] for n in ray.nodes()}}))
+            ray.shutdown()
+        """)
+        assert nodes.stdout.strip() == "['127.0.0.1']", nodes.stderr  # loopback only, before any work is sent
+        yield address
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=START_SECONDS, env=env)
+
+
+def _same_results(a: Path, b: Path) -> None:
+    assert (a / "metrics.json").read_text() == (b / "metrics.json").read_text()
+    with np.load(a / "logits.npz") as left, np.load(b / "logits.npz") as right:
+        assert sorted(left.files) == sorted(right.files)
+        for name in left.files:
+            np.testing.assert_array_equal(left[name], right[name])
+
+
+def _ptqcal(*args: str) -> None:
+    completed = subprocess.run([sys.executable, "-m", "ptqcal", *args], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_default_sweep_on_the_cluster_equals_the_local_run(ray_cluster, tmp_path):
+    common = ["run", "--no-progress", "--quiet", "--no-timing", "--cache-dir", str(tmp_path / "models")]
+    _ptqcal(*common, "--out", str(tmp_path / "local"))  # trains the two models, which the Ray run reuses
+    _ptqcal(*common, "--out", str(tmp_path / "ray"), "--ray", ray_cluster)
+    for model in ("digits_resnet8", "digits_resnet8_ls"):
+        _same_results(tmp_path / "local" / model, tmp_path / "ray" / model)
+
+
+def _heavy_classifier(path: Path) -> Path:
+    """Six 128-channel 3x3 convolutions on 8x8 inputs: about 0.1 GFLOP per image, so that one
+    inference task lasts long enough to be killed while it runs."""
+    rng = np.random.default_rng(0)
+    inits, nodes, current, channels = [], [], "input", 1
+    for index in range(6):
+        weight = rng.normal(0, np.sqrt(2 / (9 * channels)), (128, channels, 3, 3)).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"w{index}"))
+        nodes += [helper.make_node("Conv", [current, f"w{index}"], [f"c{index}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{index}"], [f"r{index}"])]
+        current, channels = f"r{index}", 128
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.1, (10, 128)).astype(np.float32), "fc"))
+    nodes += [helper.make_node("GlobalAveragePool", [current], ["pool"]), helper.make_node("Flatten", ["pool"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "heavy", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _running(title: str) -> list[int]:
+    """Process ids whose command line starts with ``title`` (Ray names a busy worker ray::<task>)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title.encode()):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_task_is_retried_and_the_run_ends_the_same(ray_cluster, tmp_path):
+    pytest.importorskip("sklearn")
+    model = _heavy_classifier(tmp_path / "heavy.onnx")
+    args = ["run", "--model", str(model), "--dataset", "digits", "--preprocess", "digits", "--weight-bits", "8",
+            "--eval-size", "768", "--batch-size", "64", "--calib-size", "64", "--no-timing", "--check-images", "0",
+            "--no-progress", "--quiet"]
+    _ptqcal(*args, "--out", str(tmp_path / "local"))
+    driver = subprocess.Popen([sys.executable, "-m", "ptqcal", *args, "--out", str(tmp_path / "ray"), "--ray",
+                               ray_cluster], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, victims = time.monotonic() + START_SECONDS, []
+        while not victims and time.monotonic() < deadline and driver.poll() is None:
+            victims = _running("ray::_shard")
+            time.sleep(0.05)
+        assert victims, "no inference task was seen running"
+        time.sleep(0.3)  # well inside the task (a shard of 256 images takes seconds)
+        os.kill(victims[0], signal.SIGKILL)
+        _, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, stderr
+    _same_results(tmp_path / "local", tmp_path / "ray")
+    assert json.loads((tmp_path / "ray" / "run.json").read_text())["config"]["ray"] == ray_cluster

@@ -83,6 +83,12 @@ def _shard(cache: Cache, job, pixels, cfg: RunConfig, start: int, count: int) ->
                        lambda: job.compute(cfg, start, count, progress=False), _check_logits)
 
 
+def _index(cache: Cache, pixels, index: int) -> None:
+    """Decode and cache one chunk of image files (the driver then reads only its labels)."""
+    _readable(cache, pixels)
+    pixels.chunk(index, pixels=False)
+
+
 class RayCluster:
     """Tasks on a Ray cluster: ``address`` is ``auto``, ``host:port``, or :data:`LOCAL` to start
     Ray on this machine, on the loopback address, for the run (every CPU; stopped by
@@ -130,6 +136,10 @@ class RayCluster:
         task = self._remote(_shard)
         pending = [job for job in jobs if not cache.has(job.kind, job.key(cfg), "npy")]
         shared = {id(job.pixels): self.ray.put(job.pixels) for job in pending}  # sent to the object store once
+        files = {id(job.pixels): job.pixels for job in pending if job.pixels.split.is_files}
+        # image files are decoded on the cluster, chunk by chunk: how many decoded decides the shards
+        self.map(_index, [(cache, shared[key], index) for key, pixels in files.items()
+                          for index in range(pixels.num_chunks)])
         work = [(job, [(task.remote(cache, replace(job, pixels=None), shared[id(job.pixels)], cfg, start, count), count)
                        for start, count in shards(len(job.pixels.labels), cfg.batch_size)]) for job in pending]
         sizes = {future: count for _, parts in work for future, count in parts}

@@ -168,12 +168,24 @@ def _running(title: str) -> list[int]:
     return found
 
 
+def _digit_files(folder: Path, digits, count: int) -> Path:
+    """``count`` real digits as PNG files in class sub-folders (a dataset of image files)."""
+    from PIL import Image
+
+    for index in range(count):
+        image, label = digits.eval.images[index], digits.eval.labels[index]
+        (folder / f"{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.uint8(image * 255 / 16)).save(folder / f"{label}" / f"{index:04d}.png")
+    return folder
+
+
 @pytest.mark.slow
-def test_a_worker_killed_mid_task_is_retried_and_the_run_ends_the_same(ray_cluster, tmp_path):
-    pytest.importorskip("sklearn")
+def test_a_worker_killed_mid_task_is_retried_and_the_run_ends_the_same(ray_cluster, digits, tmp_path):
+    """On image files, which the cluster decodes chunk by chunk before the shards run."""
     model = _heavy_classifier(tmp_path / "heavy.onnx")
-    args = ["run", "--model", str(model), "--dataset", "digits", "--preprocess", "digits", "--weight-bits", "8",
-            "--eval-size", "768", "--batch-size", "64", "--calib-size", "64", "--no-timing", "--check-images", "0",
+    data = _digit_files(tmp_path / "digits", digits, 832)
+    args = ["run", "--model", str(model), "--dataset", "folder", "--data-dir", str(data), "--preprocess", "unit",
+            "--weight-bits", "8", "--batch-size", "64", "--calib-size", "64", "--no-timing", "--check-images", "0",
             "--no-progress", "--quiet"]
     _ptqcal(*args, "--out", str(tmp_path / "local"))
     driver = subprocess.Popen([sys.executable, "-m", "ptqcal", *args, "--out", str(tmp_path / "ray"), "--ray",
@@ -193,3 +205,17 @@ def test_a_worker_killed_mid_task_is_retried_and_the_run_ends_the_same(ray_clust
     assert driver.returncode == 0, stderr
     _same_results(tmp_path / "local", tmp_path / "ray")
     assert json.loads((tmp_path / "ray" / "run.json").read_text())["config"]["ray"] == ray_cluster
+
+
+def test_a_worker_that_cannot_see_the_run_folder_says_so_in_one_line(ray_cluster, tmp_path):
+    from ptqcal.cache import Cache
+    from ptqcal.cluster import RayCluster
+    from ptqcal.errors import UserError
+
+    cluster = RayCluster(ray_cluster)
+    try:
+        assert cluster.map(repr, [(Cache(tmp_path / "cache"),)])[0].startswith("<ptqcal.cache.Cache")  # a folder it sees
+        with pytest.raises(UserError, match=r"cannot see the run folder .*gone: it must be on storage every node sees"):
+            cluster.map(repr, [(Cache(tmp_path / "gone" / "cache"),)])
+    finally:
+        cluster.close()

@@ -121,7 +121,7 @@ class RayCluster:
     def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
         """``fn(*call)`` for each call (whose first item is the run's cache), as tasks; the results
         in order."""
-        task = self._remote(_call)
+        task = self._remote(_call).options(name=getattr(fn, "__name__", "task"))  # how Ray's dashboard lists it
         return self._get([task.remote(fn, *args) for args in calls])
 
     def warm_logits(self, cache: Cache, jobs: Sequence, cfg: RunConfig) -> None:
@@ -133,7 +133,7 @@ class RayCluster:
         from .evaluate.runner import bar_disabled
         from .steps import _check_logits
 
-        task = self._remote(_shard)
+        task = self._remote(_shard).options(name="inference")
         pending = [job for job in jobs if not cache.has(job.kind, job.key(cfg), "npy")]
         shared = {id(job.pixels): self.ray.put(job.pixels) for job in pending}  # sent to the object store once
         files = {id(job.pixels): job.pixels for job in pending if job.pixels.split.is_files}

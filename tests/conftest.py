@@ -59,8 +59,7 @@ def digits_inputs(digits):
 
 def tiny_onnx_classifier(path: Path, seed: int = 0, classes: int = 5) -> Path:
     """A Conv-Relu-GlobalAveragePool-Gemm classifier built with onnx.helper (no torch)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     inits = [
@@ -76,9 +75,17 @@ def tiny_onnx_classifier(path: Path, seed: int = 0, classes: int = 5) -> Path:
         helper.make_node("Flatten", ["pool"], ["flat"]),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    return save_classifier(path, "tiny", nodes, inits, classes)
+
+
+def save_classifier(path: Path, name: str, nodes: list, inits: list, classes: int, input_shape=("N", 1, 8, 8)) -> Path:
+    """An opset-17 graph from ``input`` (float, ``input_shape``) to ``logits`` (N, classes), saved."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                     list(input_shape))],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))

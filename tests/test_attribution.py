@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import save_classifier
 from ptqcal.cache import Cache
 from ptqcal.config import RunConfig
 from ptqcal.data import Split
@@ -29,12 +30,7 @@ def _two_layer_model(path):
              helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="pool"),
              helper.make_node("Flatten", ["pool"], ["flat"], name="flat"),
              helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], transB=1, name="fc")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 6])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return save_classifier(path, "g", nodes, inits, 6)
 
 
 def test_a_layer_on_the_grid_changes_nothing_and_the_other_is_ranked_first(tmp_path):

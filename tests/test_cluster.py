@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from conftest import tiny_onnx_classifier
+from conftest import save_classifier, tiny_onnx_classifier
 from ptqcal.cluster import RAY_ENVIRONMENT, shards
 
 START_SECONDS = 90  # bound on `ray start` and on waiting for a task to show up
@@ -148,12 +147,7 @@ def _heavy_classifier(path: Path) -> Path:
     inits.append(numpy_helper.from_array(rng.normal(0, 0.1, (10, 128)).astype(np.float32), "fc"))
     nodes += [helper.make_node("GlobalAveragePool", [current], ["pool"]), helper.make_node("Flatten", ["pool"], ["flat"]),
               helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "heavy", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return save_classifier(path, "heavy", nodes, inits, 10)
 
 
 def _running(title: str) -> list[int]:

@@ -15,8 +15,9 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
+from conftest import save_classifier
 from ptqcal.evaluate.attribution import Attribution, LayerEffect
 from ptqcal.evaluate.mixed import assignment, ordered_moves, stored_bytes
 
@@ -46,12 +47,7 @@ def _mlp_with_a_fragile_layer(path, digits):
         if name != "fc4":
             nodes.append(helper.make_node("Relu", [out], [f"x{index + 1}"], name=f"relu{index + 1}"))
             current = f"x{index + 1}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return save_classifier(path, "mlp", nodes, inits, 10)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import json
 from html.parser import HTMLParser
 from pathlib import Path
 

@@ -159,8 +159,10 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
             # Below opset 21 ORT writes int4 as com.microsoft contrib Q/DQ ops; the standard INT4
             # QuantizeLinear/DequantizeLinear need opset 21.
             model = version_converter.convert_version(model, INT4_OPSET)
-            prepared_path = Path(tmp) / "prepared_opset21.onnx"
-            onnx.save(model, str(prepared_path))
+        # ORT writes "<input>-inferred.onnx" beside its input and deletes it after: the input is a
+        # private copy, so that quantizations of one model running at once never share that file
+        prepared_path = Path(tmp) / "prepared.onnx"
+        onnx.save(model, str(prepared_path))
         layers_to_exclude(model, spec.exclude)  # every name must be a node
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)

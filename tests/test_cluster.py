@@ -213,3 +213,21 @@ def test_a_worker_that_cannot_see_the_run_folder_says_so_in_one_line(ray_cluster
             cluster.map(repr, [(Cache(tmp_path / "gone" / "cache"),)])
     finally:
         cluster.close()
+
+
+
+def test_a_quantization_writes_nothing_beside_the_model_it_reads(tmp_path):
+    """Ray runs a model's quantizations side by side, all reading one prepared model: ORT's
+    quantizer writes and deletes "<input>-inferred.onnx" beside its input, which they would share
+    (and one would delete under another). Nothing may be created or removed in the input's folder."""
+    from ptqcal.quantize import ArrayDataReader, QuantSpec, collect_histograms, compute_ranges, prepare, quantize_qdq
+
+    source = tmp_path / "source"
+    source.mkdir()
+    prepared = prepare(tiny_onnx_classifier(tmp_path / "tiny.onnx"), source / "prepared.onnx")
+    x = np.random.default_rng(0).normal(size=(32, 1, 8, 8)).astype(np.float32)
+    ranges = compute_ranges(collect_histograms(prepared, ArrayDataReader("input", x, 16), progress=False), "mse")
+    before = (sorted(source.iterdir()), source.stat().st_mtime_ns)
+    for bits in (8, 4):
+        quantize_qdq(prepared, tmp_path / "out" / f"a8w{bits}.onnx", ranges, QuantSpec(bits))
+    assert (sorted(source.iterdir()), source.stat().st_mtime_ns) == before

@@ -45,6 +45,9 @@ class TimedTasks:
     def __init__(self):
         self.seconds: dict[str, list[float]] = defaultdict(list)
 
+    def task_threads(self, cfg):
+        return cfg.threads  # one task at a time, with every core (the model's node)
+
     def map(self, fn, calls):
         results = []
         for args in calls:
@@ -135,6 +138,7 @@ def scaling(name: str, cfg, n_eval: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts")
+    parser.add_argument("--part", choices=("overhead", "scaling"), help="only one of the two")
     args = parser.parse_args()
     from run import cifar_images
 
@@ -151,7 +155,10 @@ def main() -> None:
                         weight_bits=bits, progress=False, quiet=True, cache_dir=folder / "models")
         print(f"1. --ray against the local path: ResNet56, {n_calib} calibration / {n_eval} evaluation images, "
               f"weights {list(bits)}, {os.cpu_count()} CPUs")
-        ratios.update(overhead(cfg, folder, 1 if args.quick else 2))
+        if args.part != "scaling":
+            ratios.update(overhead(cfg, folder, 1 if args.quick else 2))
+        if args.part == "overhead":
+            return _print(ratios)
         print("2. scaling model")
         ratios.update(scaling("ResNet56", replace(cfg, out=folder / "timed"), n_eval))
         if (HERE.parents[1] / "shared" / "data/imagenet_samples/labels.csv").exists():
@@ -163,6 +170,10 @@ def main() -> None:
             lite = RunConfig(model=str(model), dataset="csv", data_dir=labels, calib_size=256, weight_bits=bits,
                              progress=False, quiet=True, out=folder / "lite0")
             ratios.update(scaling("EfficientNet-Lite0", lite, count - 256))
+    _print(ratios)
+
+
+def _print(ratios: dict[str, float]) -> None:
     print("\nratios")
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")

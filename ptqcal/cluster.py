@@ -39,6 +39,10 @@ RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CL
 class Local:
     """Every piece of work in this process, one after another (a run without ``--ray``)."""
 
+    def task_threads(self, cfg: RunConfig) -> int:
+        """ORT's thread count inside a task: the run's (0: one per physical core)."""
+        return cfg.threads
+
     def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
         """``fn(*call)`` for each call (whose first item is the run's cache), in order."""
         return [fn(*args) for args in calls]
@@ -111,6 +115,12 @@ class RayCluster:
                 from None
         self._remote = ray.remote(max_retries=RETRIES)
 
+    def task_threads(self, cfg: RunConfig) -> int:
+        """A task holds one of Ray's CPUs, so ORT runs one thread in it (unless ``--threads`` says
+        otherwise): tasks side by side would otherwise each start a thread per core and contend.
+        ORT's CPU kernels split work by output, so the logits do not depend on it (tested)."""
+        return cfg.threads or 1
+
     def _get(self, futures: list) -> list:
         try:
             return self.ray.get(futures)
@@ -140,7 +150,8 @@ class RayCluster:
         # image files are decoded on the cluster, chunk by chunk: how many decoded decides the shards
         self.map(_index, [(cache, shared[key], index) for key, pixels in files.items()
                           for index in range(pixels.num_chunks)])
-        work = [(job, [(task.remote(cache, replace(job, pixels=None), shared[id(job.pixels)], cfg, start, count), count)
+        inside = replace(cfg, threads=self.task_threads(cfg))
+        work = [(job, [(task.remote(cache, replace(job, pixels=None), shared[id(job.pixels)], inside, start, count), count)
                        for start, count in shards(len(job.pixels.labels), cfg.batch_size)]) for job in pending]
         sizes = {future: count for _, parts in work for future, count in parts}
         waiting = list(sizes)

@@ -95,7 +95,8 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
         graph, cfg.act_bits if cfg.repeats == 1 else ())
     if given is None:
         histograms = cluster.map(steps.calibrate, [(cache, prepared, model.input_name, images.calib, model.preprocess,
-                                                    batches.calib, cfg.progress, cfg.threads) for images in draws])
+                                                    batches.calib, cfg.progress, cluster.task_threads(cfg))
+                                                   for images in draws])
         log(cfg, f"calibrated {len(histograms[0])} tensors ({cfg.repeats} draw{'s' * (cfg.repeats > 1)}; "
                  f"{cfg.calib_method} ranges for every precision)")
     plan = []  # (draw, ranges, spec) in sweep order

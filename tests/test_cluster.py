@@ -151,7 +151,7 @@ def _heavy_classifier(path: Path) -> Path:
 
 
 def _running(title: str) -> list[int]:
-    """Process ids whose command line starts with ``title`` (Ray names a busy worker ray::<task>)."""
+    """Process ids whose command line starts with ``title`` (Ray names a busy worker ray::<task name>)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
@@ -187,7 +187,7 @@ def test_a_worker_killed_mid_task_is_retried_and_the_run_ends_the_same(ray_clust
     try:
         deadline, victims = time.monotonic() + START_SECONDS, []
         while not victims and time.monotonic() < deadline and driver.poll() is None:
-            victims = _running("ray::_shard")
+            victims = _running("ray::inference")
             time.sleep(0.05)
         assert victims, "no inference task was seen running"
         time.sleep(0.3)  # well inside the task (a shard of 256 images takes seconds)

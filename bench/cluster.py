@@ -97,6 +97,8 @@ def overhead(cfg, folder: Path, rounds: int) -> dict[str, float]:
     for index in range(rounds):  # alternating, so that both see the same minutes of the machine
         local.append(timed_run(replace(cfg, out=folder / f"local{index}")))
         ray.append(timed_run(replace(cfg, out=folder / f"ray{index}", ray="local")))
+    same = (folder / "local0" / "metrics.json").read_text() == (folder / "ray0" / "metrics.json").read_text()
+    print(f"  the same metrics.json with and without Ray: {'yes' if same else 'NO'}")
     startup = min(ray_start_stop() for _ in range(2))
     best_local, best_ray = min(local), min(ray)
     print(f"  local: {', '.join(f'{t:.1f}' for t in local)} s; --ray: {', '.join(f'{t:.1f}' for t in ray)} s; "

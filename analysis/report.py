@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import re
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -407,8 +408,16 @@ def _figure_reading(key: str, runs: Sequence[RunAnalysis]) -> str:
     return reading
 
 
+_DRAWING = threading.Lock()  # matplotlib's style is one per process (rc_context): one report draws at a time
+
+
 def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
     """All figures as PNG and SVG in ``out``; returns name -> PNG file name."""
+    with _DRAWING:
+        return _write_figures(runs, out)
+
+
+def _write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
     written = {}
     with matplotlib.rc_context(STYLE):
         fig = Figure(figsize=(5.2 * len(runs), 6.2), layout="constrained")

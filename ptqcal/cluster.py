@@ -39,6 +39,8 @@ RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CL
 class Local:
     """Every piece of work in this process, one after another (a run without ``--ray``)."""
 
+    side_by_side = False  # several models: one after another
+
     def task_threads(self, cfg: RunConfig) -> int:
         """ORT's thread count inside a task: the run's (0: one per physical core)."""
         return cfg.threads
@@ -97,6 +99,8 @@ class RayCluster:
     """Tasks on a Ray cluster: ``address`` is ``auto``, ``host:port``, or :data:`LOCAL` to start
     Ray on this machine, on the loopback address, for the run (every CPU; stopped by
     :meth:`close`). A Ray the caller already initialised is used as it is."""
+
+    side_by_side = True  # several models: their runs submit their tasks at once (the driver waits on threads)
 
     def __init__(self, address: str):
         os.environ.update(RAY_ENVIRONMENT)  # before Ray is imported (it reads them then); a local cluster inherits them

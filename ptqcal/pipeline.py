@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -166,5 +167,12 @@ def _run_models(cfg: RunConfig, models: list[str], cluster) -> Path:
     for stem in stems:
         check_target(out / stem, (RUN,))
     with writing(out, COMPARISON, stems):
-        folders = [run(replace(cfg, model=model, out=out / stem), cluster).parent for model, stem in zip(models, stems)]
+        configs = [replace(cfg, model=model, out=out / stem) for model, stem in zip(models, stems)]
+        if cluster.side_by_side:
+            # every model's tasks fill the cluster at once, untimed (timings taken while other tasks run
+            # would not be timings); then each model is timed alone, its other steps read from its cache
+            log(cfg, f"{len(configs)} models side by side on the cluster")
+            with ThreadPoolExecutor(len(configs)) as pool:
+                list(pool.map(lambda c: run(replace(c, timing=False, quiet=True), cluster), configs))
+        folders = [run(c, cluster).parent for c in configs]
         return report_once(folders, out, previous=out)

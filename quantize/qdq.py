@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -179,17 +180,22 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
     return out_path
 
 
+_TEMPDIR = threading.RLock()  # tempfile.tempdir is one per process: one such call at a time
+
+
 @contextmanager
 def _ort_temporary_files(folder: str | Path) -> Iterator[None]:
     """``quant_pre_process`` and ``quantize_static`` make their own temporary folders in
     ``tempfile.gettempdir()`` and take no folder argument. For the call, point them at ours (inside
-    the run's cache, restored after), so a killed run leaves nothing in $TMPDIR."""
-    previous = tempfile.tempdir
-    tempfile.tempdir = str(folder)
-    try:
-        yield
-    finally:
-        tempfile.tempdir = previous
+    the run's cache, restored after), so a killed run leaves nothing in $TMPDIR. Threads (several
+    models' runs side by side) take turns."""
+    with _TEMPDIR:
+        previous = tempfile.tempdir
+        tempfile.tempdir = str(folder)
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
 
 
 def quantized_tensors(quantized_path: str | Path) -> set[str]:

@@ -174,7 +174,8 @@ def _digit_files(folder: Path, digits, count: int) -> Path:
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_task_is_retried_and_the_run_ends_the_same(ray_cluster, digits, tmp_path):
+def test_a_killed_worker_is_retried_and_a_killed_driver_resumes_with_the_same_results(ray_cluster, digits,
+                                                                                      tmp_path):
     """On image files, which the cluster decodes chunk by chunk before the shards run."""
     model = _heavy_classifier(tmp_path / "heavy.onnx")
     data = _digit_files(tmp_path / "digits", digits, 832)
@@ -199,6 +200,26 @@ def test_a_worker_killed_mid_task_is_retried_and_the_run_ends_the_same(ray_clust
     assert driver.returncode == 0, stderr
     _same_results(tmp_path / "local", tmp_path / "ray")
     assert json.loads((tmp_path / "ray" / "run.json").read_text())["config"]["ray"] == ray_cluster
+
+    # the driver killed once a shard is cached: the same command resumes from the cache
+    out = tmp_path / "resumed"
+    driver = subprocess.Popen([sys.executable, "-m", "ptqcal", *args, "--out", str(out), "--ray", ray_cluster],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        while not list(out.glob("cache/logits-shard-*.npy")) and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.05)
+        assert driver.poll() is None, "the run ended before a shard was cached"
+        driver.kill()
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert not (out / "report.md").exists()
+    resumed = subprocess.run([sys.executable, "-m", "ptqcal", *[a for a in args if a != "--quiet"], "--out", str(out),
+                              "--ray", ray_cluster], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_results(tmp_path / "local", out)
 
 
 def test_a_worker_that_cannot_see_the_run_folder_says_so_in_one_line(ray_cluster, tmp_path):

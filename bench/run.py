@@ -118,7 +118,7 @@ def sweep(quick: bool, folder: Path) -> dict[str, float]:
     from ptqcal.models import get_model_entry
     from ptqcal.pipeline import run
 
-    n_calib, n_eval, bits = (256, 2000, [8, 4]) if quick else (1024, 10_000, [8, 7, 6, 5, 4])
+    n_calib, n_eval, bits = (128, 1000, [8, 4]) if quick else (1024, 10_000, [8, 7, 6, 5, 4])
     data = folder / "cifar.npz"
     np.savez(data, images=cifar_images(n_eval, 0), labels=np.zeros(n_eval, dtype=np.int64),
              calib_images=cifar_images(n_calib, 1), calib_labels=np.zeros(n_calib, dtype=np.int64))
@@ -167,7 +167,7 @@ def inference(quick: bool, folder: Path) -> dict[str, float]:
 
     model = get_model_entry("cifar_resnet56").build(Path("random"), None, folder)
     sessions = {"float ORT": make_session(float_path), "a8w8 ORT (QLinearConv)": make_session(int8_path)}
-    seconds = 2.0 if quick else 6.0
+    seconds = 1.0 if quick else 6.0
     rows = {}
     rng = np.random.default_rng(0)
     for batch_size in (1, 256):
@@ -271,7 +271,7 @@ def main() -> None:
         print("2. calibration memory")
         import calibration
 
-        counts = [128, 512] if args.quick else [256, 2048]
+        counts = [64, 256] if args.quick else [256, 2048]
         ratios.update(calibration.ratios(calibration.run(counts, 56)))
         print("3. inference")
         ratios.update(inference(args.quick, folder))

@@ -16,7 +16,7 @@ def test_quick_benchmark_prints_every_ratio():
     assert completed.returncode == 0, completed.stderr[-2000:]
     ratios = completed.stdout.split("\nratios\n")[1]
     for name in ("sweep: PyTorch fake-quant / ptqcal", "sweep: ptqcal re-run / first run",
-                 "ORT/ptqcal peak memory at 512", "inference: a8w8 / float ORT at batch 256",
+                 "ORT/ptqcal peak memory at ", "inference: a8w8 / float ORT at batch 256",
                  "evaluator: ptqcal predict / bare session.run", "size: a8w4 / float (weights)",
                  "latency a8w8 / float: the run's report / this benchmark"):
         assert name in ratios

@@ -454,8 +454,8 @@ class ParetoPoints:
         def share(config) -> float:
             if config.change is None:
                 return 0.0
-            held = config.change.float_confidence >= confident
-            return float(config.change.swapped[held].mean()) if held.any() else float("nan")
+            flipped, held = config.change.confident_swaps(confident)
+            return flipped / held if held else float("nan")
 
         return cls(run.name, [c.name for c in configs], [numbers[c.name].weight_bytes for c in configs],
                    [share(c) for c in configs],

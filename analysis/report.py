@@ -326,8 +326,7 @@ MIN_FLIPS = 3  # ... and at least this many (one image of a handful is noise)
 
 def _confident_swaps(config) -> tuple[int, int]:
     """Swapped and total float predictions held with at least :data:`CONFIDENT` confidence."""
-    held = config.change.float_confidence >= CONFIDENT
-    return int(config.change.swapped[held].sum()), int(held.sum())
+    return config.change.confident_swaps(CONFIDENT)
 
 
 def sweep_reading(run: RunAnalysis, mild_ratio: float = 0.5) -> str:

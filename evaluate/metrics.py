@@ -288,6 +288,11 @@ class QuantizationChange:
     def swapped_confidences(self) -> np.ndarray:
         return self.float_confidence[self.swapped]
 
+    def confident_swaps(self, threshold: float) -> tuple[int, int]:
+        """Swapped and total float predictions held with at least ``threshold`` confidence."""
+        held = self.float_confidence >= threshold
+        return int(self.swapped[held].sum()), int(held.sum())
+
     def transitions(self) -> dict[str, int]:
         """Swapped predictions by what happened to them; they add up to the swap count."""
         s = self.swapped

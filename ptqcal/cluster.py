@@ -95,6 +95,19 @@ def _index(cache: Cache, pixels, index: int) -> None:
     pixels.chunk(index, pixels=False)
 
 
+def _check_reachable(address: str, seconds: float = 5.0) -> None:
+    """One line, at once, for a ``host:port`` nothing answers on (Ray itself retries for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray {address}: give the head node's host:port, 'auto' on a node of the cluster, or "
+                        "nothing to start Ray on this machine")
+    try:
+        with socket.create_connection((host, int(port)), timeout=seconds):
+            pass
+    except OSError as exc:
+        raise UserError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or 'timed out'})") from None
+
+
 class RayCluster:
     """Tasks on a Ray cluster: ``address`` is ``auto``, ``host:port``, or :data:`LOCAL` to start
     Ray on this machine, on the loopback address, for the run (every CPU; stopped by
@@ -109,6 +122,8 @@ class RayCluster:
         except ImportError:
             raise UserError("--ray needs Ray: pip install 'ptqcal[ray]'") from None
         self.ray, self.connected = ray, not ray.is_initialized()  # a caller's own connection is left to the caller
+        if self.connected and address not in (LOCAL, "auto"):
+            _check_reachable(address)
         try:
             if self.connected:
                 ray.init(address=address, log_to_driver=False, logging_level="ERROR",

@@ -67,6 +67,25 @@ def test_a_run_without_the_flag_never_imports_ray_and_the_flag_without_ray_is_on
     assert not (tmp_path / "ray").exists()
 
 
+@pytest.mark.parametrize("address, message", [
+    ("nonsense", "--ray nonsense: give the head node's host:port"),
+    ("127.0.0.1:1", "--ray 127.0.0.1:1: no Ray cluster answers there (Connection refused)"),
+])
+def test_an_address_nothing_answers_on_is_one_line_at_once(address, message, tmp_path):
+    """Not Ray's minutes of retries: a port probe first (only of the address given). In a child
+    process, so that this one does not import Ray before the cluster tests set its environment."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed")
+    completed = _python(f"""
+        import sys
+        from ptqcal.cli import main
+        sys.exit(main(["run", "--ray", {address!r}, "--out", {str(tmp_path / "run")!r}]))
+    """)
+    error = completed.stderr.strip()
+    assert completed.returncode == 2 and error.startswith(f"ptqcal: error: {message}")
+    assert len(error.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 # --- a real cluster ---------------------------------------------------------------------------------
 
 def _free_port() -> int:

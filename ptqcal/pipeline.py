@@ -93,13 +93,15 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
     graph = onnx.load(str(prepared), load_external_data=False)
     exclude = layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
     given = None if cfg.calib_ranges is None else CalibrationRanges.load(cfg.calib_ranges).check_fits(
-        graph, cfg.act_bits if cfg.repeats == 1 else ())
+        graph, cfg.act_bits if cfg.repeats == 1 else (), exclude)
     if given is None:
         histograms = cluster.map(steps.calibrate, [(cache, prepared, model.input_name, images.calib, model.preprocess,
-                                                    batches.calib, cfg.progress, cluster.task_threads(cfg))
+                                                    batches.calib, cfg.progress, cluster.task_threads(cfg), exclude)
                                                    for images in draws])
-        log(cfg, f"calibrated {len(histograms[0])} tensors ({cfg.repeats} draw{'s' * (cfg.repeats > 1)}; "
-                 f"{cfg.calib_method} ranges for every precision)")
+        binned = sum(not h.same_as for h in histograms[0].values())
+        log(cfg, f"calibrated {binned} tensors, {len(histograms[0]) - binned} more given the next Relu/Clip's range "
+                 f"as ORT does ({cfg.repeats} draw{'s' * (cfg.repeats > 1)}; {cfg.calib_method} ranges for every "
+                 "precision)")
     plan = []  # (draw, ranges, spec) in sweep order
     for repeat, images in enumerate(draws):
         for bits in cfg.act_bits:

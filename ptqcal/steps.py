@@ -283,18 +283,20 @@ def prepare_for_quantization(cache: Cache, float_path: Path) -> Path:
 
 
 def calibrate(cache: Cache, prepared: Path, input_name: str, pixels: Pixels, preprocess: PreprocessCfg,
-              batch_size: int, progress: bool, threads: int = 0) -> dict:
+              batch_size: int, progress: bool, threads: int = 0, exclude: tuple[str, ...] = ()) -> dict:
     """Histograms of every activation of ``prepared`` over ``pixels`` (normalised batch by batch),
-    in one pass; every range method and activation bit width is computed from them."""
+    in one pass, for quantizations that keep ``exclude``'s nodes float; every range method and
+    activation bit width is computed from them."""
     from .quantize import BatchDataReader, collect_histograms, load_histograms, save_histograms
     from .quantize.calibrate import DEFAULT_BINS
 
-    key = make_key(file_digest(prepared), pixels.key, asdict(preprocess), batch_size, DEFAULT_BINS, versions())
+    key = make_key(file_digest(prepared), pixels.key, asdict(preprocess), batch_size, DEFAULT_BINS, sorted(exclude),
+                   versions())
 
     def collect(tmp: Path) -> None:
         reader = BatchDataReader(input_name, lambda: pixels.batches(batch_size, preprocess),
                                  -(-len(pixels) // batch_size))
-        save_histograms(collect_histograms(prepared, reader, DEFAULT_BINS, progress, threads), tmp)
+        save_histograms(collect_histograms(prepared, reader, DEFAULT_BINS, progress, threads, exclude), tmp)
 
     return load_histograms(cache.file("histograms", key, "npz", collect))
 

@@ -7,9 +7,9 @@ onnxruntime; the calibrator and the quantizer import it on first use.
 from .ranges import RANGE_METHODS, CalibMethod, mse_range
 from .spec import BIT_WIDTHS, QuantizeError, QuantSpec, WeightScale
 
-_LAZY = {"ArrayDataReader": "calibrate", "BatchDataReader": "calibrate", "CalibrationRanges": "calibrate", "TensorHistogram": "calibrate",
+_LAZY = {"ArrayDataReader": "calibrate", "BatchDataReader": "calibrate", "CalibrationRanges": "calibrate", "TensorHistogram": "histogram",
          "calibration_tensors": "calibrate", "collect_histograms": "calibrate", "compute_ranges": "calibrate",
-         "load_histograms": "calibrate", "save_histograms": "calibrate", "prepare": "qdq",
+         "load_histograms": "histogram", "save_histograms": "histogram", "prepare": "qdq",
          "quantize_qdq": "qdq", "layers_to_exclude": "qdq", "weight_layer_names": "qdq"}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,18 +24,15 @@ from tqdm.auto import tqdm
 
 from ptqcal.atomic import atomic_path
 
+from .histogram import DEFAULT_BINS, HistogramBinner, TensorHistogram, usable_cores
 from .ranges import CalibMethod, range_from_histogram
 from .spec import QuantizeError
-
-DEFAULT_BINS = 2048
-
 
 def bar_disabled(progress: bool) -> bool | None:
     """tqdm's ``disable``: off when asked or when ``TQDM_DISABLE`` is set (an explicit argument
     would override tqdm's own reading of it), else ``None``, which shows a bar only on a terminal."""
     wanted_off = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
     return True if not progress or wanted_off else None
-UPSAMPLE_RATE = 16  # as HistogramObserver: sub-bins used when re-binning onto a wider range
 
 
 class ArrayDataReader(CalibrationDataReader):
@@ -82,67 +79,6 @@ class BatchDataReader(CalibrationDataReader):
         return self._num_batches or 0
 
 
-def histc(x: np.ndarray, bins: int, lo: np.float32, hi: np.float32, inside: bool = False) -> np.ndarray:
-    """``torch.histc``: equal-width bins over [lo, hi], values outside ignored, hi in the last bin.
-
-    ``inside=True`` promises every value lies in [lo, hi] (as when the range was just widened to
-    cover them) and skips the masking copy.
-    """
-    if not inside:
-        x = x[(x >= lo) & (x <= hi)]
-    if hi == lo:
-        return np.bincount(np.zeros(len(x), dtype=np.intp), minlength=bins).astype(np.float32)
-    index = x - lo
-    index *= np.float32(bins)
-    index /= hi - lo
-    index = index.astype(np.intp)
-    np.minimum(index, bins - 1, out=index)
-    return np.bincount(index, minlength=bins).astype(np.float32)
-
-
-@dataclass
-class TensorHistogram:
-    """The running histogram of one tensor over [lo, hi]."""
-
-    bins: int = DEFAULT_BINS
-    lo: np.float32 = field(default_factory=lambda: np.float32(np.inf))
-    hi: np.float32 = field(default_factory=lambda: np.float32(-np.inf))
-    counts: np.ndarray | None = None
-
-    def update(self, values: np.ndarray) -> None:
-        x = np.asarray(values, dtype=np.float32).ravel()
-        if x.size == 0:
-            return
-        x_lo, x_hi = x.min(), x.max()
-        if not (np.isfinite(x_lo) and np.isfinite(x_hi)):  # rare: drop inf/NaN, as the observer does
-            x = x[np.isfinite(x)]
-            if x.size == 0:
-                return
-            x_lo, x_hi = x.min(), x.max()
-        if self.counts is None:
-            self.lo, self.hi = x_lo, x_hi
-            self.counts = histc(x, self.bins, x_lo, x_hi, inside=True)
-            return
-        new_lo, new_hi = min(self.lo, x_lo), max(self.hi, x_hi)
-        update = histc(x, self.bins, new_lo, new_hi, inside=True)
-        if new_lo == self.lo and new_hi == self.hi:
-            self.counts = self.counts + update
-        else:
-            self.counts = update + self._rebin(new_lo, new_hi)
-            self.lo, self.hi = new_lo, new_hi
-
-    def _rebin(self, new_lo: np.float32, new_hi: np.float32) -> np.ndarray:
-        """Move the current histogram onto [new_lo, new_hi] (HistogramObserver._combine_histograms)."""
-        if self.lo == self.hi:
-            return histc(np.array([self.lo], dtype=np.float32), self.bins, new_lo, new_hi) * self.counts.sum()
-        fine = np.repeat(self.counts, UPSAMPLE_RATE) / UPSAMPLE_RATE
-        width = (self.hi - self.lo) / np.float32(self.bins * UPSAMPLE_RATE)
-        mids = np.linspace(self.lo, self.hi, self.bins * UPSAMPLE_RATE + 1, dtype=np.float32)[:-1] + width / 2
-        edges = np.linspace(new_lo, new_hi, self.bins + 1, dtype=np.float32)
-        target = np.clip(np.searchsorted(edges, mids, side="right") - 1, 0, self.bins - 1)
-        return np.bincount(target, weights=fine, minlength=self.bins).astype(np.float32)
-
-
 def calibration_tensors(model: onnx.ModelProto) -> list[str]:
     """Float activations that enter or leave a node (what ORT's calibrators select), in graph order."""
     model = onnx.shape_inference.infer_shapes(model)
@@ -158,29 +94,60 @@ def calibration_tensors(model: onnx.ModelProto) -> list[str]:
     return list(names)
 
 
+def ranges_set_by_ort(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """Tensors whose calibrated range ORT's quantizer never reads -> the tensor whose range it uses.
+
+    Before quantizing, ORT gives the input of a quantized Relu or Clip that feeds nothing else the
+    Relu's or Clip's output range (``BaseQuantizer.adjust_tensor_ranges``), then fuses the two (the
+    Conv writes the clipped range directly). Binning those inputs would be wasted work: on
+    EfficientNet-Lite0 they are a third of the tensors and half of the values. Left out, so that
+    the graph ORT writes stays the same: chains of such nodes (ORT rewrites them in graph order),
+    graph inputs and outputs (never fused, so their own range is used), and ``exclude``'s nodes.
+    """
+    from .qdq import op_types_to_quantize
+
+    quantized_ops = set(op_types_to_quantize())
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    boundary = {v.name for v in [*model.graph.input, *model.graph.output]}
+    taken = {node.input[0]: node.output[0] for node in model.graph.node
+             if node.op_type in ("Relu", "Clip") and node.op_type in quantized_ops and node.name not in exclude
+             and consumers.get(node.input[0]) == 1 and node.input[0] not in boundary}
+    chained = set(taken) & set(taken.values())
+    return {name: source for name, source in taken.items() if name not in chained and source not in chained}
+
+
 def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bins: int = DEFAULT_BINS,
-                       progress: bool = True, threads: int = 0) -> dict[str, TensorHistogram]:
-    """One pass over ``reader``: run the model with every calibration tensor exposed as an output."""
+                       progress: bool = True, threads: int = 0,
+                       exclude: tuple[str, ...] = ()) -> dict[str, TensorHistogram]:
+    """One pass over ``reader``: run the model with every calibration tensor exposed as an output
+    and bin them, except those whose range ORT takes from the next node (:func:`ranges_set_by_ort`
+    for a quantization that keeps ``exclude``'s nodes float), which point to that range instead."""
     model = onnx.load(str(model_path))
     names = calibration_tensors(model)
+    derived = ranges_set_by_ort(model, exclude)
+    binned = [name for name in names if name not in derived]
     existing = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in binned if n not in existing)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     options.intra_op_num_threads = threads  # 0: ORT's default
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
-    histograms = {name: TensorHistogram(bins) for name in names}
+    histograms = {name: TensorHistogram(bins) for name in binned}
     total = (len(reader) or None) if hasattr(reader, "__len__") else None
-    with tqdm(total=total, desc="calibrate", unit="batch", disable=bar_disabled(progress), leave=False) as bar:
+    with (tqdm(total=total, desc="calibrate", unit="batch", disable=bar_disabled(progress), leave=False) as bar,
+          HistogramBinner(histograms, threads or usable_cores()) as binner):
         while (feed := reader.get_next()) is not None:
             values = dict(zip(outputs, session.run(outputs, feed)))
             values.update(feed)
-            for name, histogram in histograms.items():
-                histogram.update(values.pop(name))  # free each output once counted: one batch alive at a time
+            binner.update(values)  # one batch alive at a time: each output is freed once counted
             del values, feed
             bar.update()
-    return histograms
+    histograms.update({name: TensorHistogram(bins, same_as=derived[name]) for name in names if name in derived})
+    return {name: histograms[name] for name in names}
 
 
 @dataclass(frozen=True)
@@ -191,6 +158,7 @@ class CalibrationRanges:
     bits: int
     num_images: int
     ranges: dict[str, tuple[float, float]]
+    derived: tuple[str, ...] = ()  # tensors given another's range, as ORT would (ranges_set_by_ort)
 
     def save(self, path: str | Path, used: set[str] | None = None) -> Path:
         """Write the ranges as JSON; with ``used`` (the tensors a quantized graph quantizes), the
@@ -198,7 +166,8 @@ class CalibrationRanges:
         path = Path(path)
         keep = self.ranges if used is None else {k: v for k, v in self.ranges.items() if k in used}
         payload = {"method": self.method, "bits": self.bits, "num_images": self.num_images,
-                   "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in keep.items()}}
+                   "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in keep.items()},
+                   "derived": list(self.derived)}
         if used is not None:
             payload["unused_ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ranges.items()
                                         if k not in used}
@@ -213,14 +182,17 @@ class CalibrationRanges:
             payload = json.loads(Path(path).read_text())
             stored = {**payload.get("unused_ranges", {}), **payload["ranges"]}
             ranges = {str(k): (float(lo), float(hi)) for k, (lo, hi) in stored.items()}
-            return cls(str(payload["method"]), int(payload["bits"]), int(payload["num_images"]), ranges)
+            derived = tuple(str(name) for name in payload.get("derived", []))
+            return cls(str(payload["method"]), int(payload["bits"]), int(payload["num_images"]), ranges, derived)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise QuantizeError(f"{path} is not a calibration ranges file ({type(exc).__name__})",
                                 setting="calib_ranges") from exc
 
-    def check_fits(self, model: onnx.ModelProto, act_bits: tuple[int, ...]) -> "CalibrationRanges":
+    def check_fits(self, model: onnx.ModelProto, act_bits: tuple[int, ...],
+                   exclude: tuple[str, ...] = ()) -> "CalibrationRanges":
         """Raise :class:`QuantizeError` unless these ranges cover every calibration tensor of
-        ``model`` and were computed for the only activation bit width asked for."""
+        ``model``, were computed for the only activation bit width asked for, and took no tensor's
+        range from a node that ``exclude`` keeps float (ORT then needs the tensor's own)."""
         if tuple(act_bits) != (self.bits,):
             raise QuantizeError(f"the saved ranges are {self.bits}-bit ranges: quantize activations to "
                                 f"{self.bits} bits only, with one calibration draw", setting="calib_ranges")
@@ -228,29 +200,22 @@ class CalibrationRanges:
         if missing:
             raise QuantizeError(f"the saved ranges do not fit this model: no range for {', '.join(missing[:3])}"
                                 + (" …" if len(missing) > 3 else ""), setting="calib_ranges")
+        own_needed = sorted(set(self.derived) - set(ranges_set_by_ort(model, exclude)))
+        if own_needed:
+            raise QuantizeError(f"the saved ranges have no own range for {', '.join(own_needed[:3])}"
+                                + (" …" if len(own_needed) > 3 else "") + " (the node after it was quantized "
+                                "when they were calibrated, and is kept float now)", setting="calib_ranges")
         return self
 
 
 def compute_ranges(histograms: dict[str, TensorHistogram], method: str, bits: int = 8,
                    num_images: int = 0, percentile: float = 99.99) -> CalibrationRanges:
-    """Turn collected histograms into ranges with one of :data:`RANGE_METHODS`."""
+    """Turn collected histograms into ranges with one of :data:`RANGE_METHODS`; a tensor that was
+    not binned (``same_as``) gets the range ORT would give it."""
     method = CalibMethod(method).value  # ValueError for an unknown one
     ranges = {name: range_from_histogram(h.counts, h.lo, h.hi, method, bits, percentile)
               for name, h in histograms.items() if h.counts is not None}
-    return CalibrationRanges(method, bits, num_images, ranges)
-
-
-def save_histograms(histograms: dict[str, TensorHistogram], path: str | Path) -> None:
-    """All of a calibration pass in one ``.npz``: any method and bit width can be computed later."""
-    with open(path, "wb") as handle:
-        np.savez(handle, names=np.array(list(histograms), dtype=str),
-                 lo=np.array([h.lo for h in histograms.values()], dtype=np.float32),
-                 hi=np.array([h.hi for h in histograms.values()], dtype=np.float32),
-                 counts=np.stack([h.counts for h in histograms.values()]))
-
-
-def load_histograms(path: str | Path) -> dict[str, TensorHistogram]:
-    with np.load(path) as stored:
-        bins = stored["counts"].shape[1]
-        return {str(name): TensorHistogram(bins, lo, hi, counts)
-                for name, lo, hi, counts in zip(stored["names"], stored["lo"], stored["hi"], stored["counts"])}
+    derived = tuple(name for name, h in histograms.items() if h.same_as and h.same_as in ranges)
+    ranges.update({name: ranges[histograms[name].same_as] for name in derived})
+    return CalibrationRanges(method, bits, num_images, {name: ranges[name] for name in histograms if name in ranges},
+                             derived)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ptqcal.quantize import TensorHistogram, mse_range
-from ptqcal.quantize.calibrate import histc
+from ptqcal.quantize.histogram import histc
 from ptqcal.quantize.ranges import entropy_range, percentile_range
 
 torch = pytest.importorskip("torch")
@@ -21,6 +21,18 @@ def test_histc_matches_torch():
     lo, hi = np.float32(-3.0), np.float32(x.max())
     expected = torch.histc(torch.from_numpy(x), 2048, min=float(lo), max=float(hi)).numpy()
     np.testing.assert_array_equal(histc(x, 2048, lo, hi), expected)
+
+
+@pytest.mark.parametrize("bins", [2048, 1000])
+def test_histc_matches_torch_over_many_blocks(bins):
+    from ptqcal.quantize.histogram import BLOCK
+
+    x = _heavy_tailed(1, size=3 * BLOCK + 17)
+    lo, hi = x.min(), x.max()  # both ends present: the last value lands in the last bin
+    expected = torch.histc(torch.from_numpy(x), bins, min=float(lo), max=float(hi)).numpy()
+    np.testing.assert_array_equal(histc(x, bins, lo, hi, inside=True), expected)
+    np.testing.assert_array_equal(histc(x, bins, np.float32(-2.5), np.float32(7.0)),
+                                  torch.histc(torch.from_numpy(x), bins, min=-2.5, max=7.0).numpy())
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4])

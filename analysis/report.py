@@ -236,7 +236,11 @@ def deployment_table(run: RunAnalysis) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     threads = "ORT's default thread count, one per physical core" if reference.threads == 0 else \
         f"{reference.threads} ORT thread{'s' if reference.threads > 1 else ''}"
-    title = f"**Deployment on this machine** ({threads}; {os.cpu_count()} CPUs)" if timed else \
+    sources = {d.throughput_source for d in numbers.values() if d.throughput is not None}
+    how = {"evaluation": "images/s of session.run over the evaluation's full batches",
+           "timed runs": "images/s of timed runs"}
+    title = (f"**Deployment on this machine** ({threads}; {os.cpu_count()} CPUs; "
+             f"{' or '.join(how.get(s, s) for s in sorted(sources))})") if timed else \
         "**Deployment** (sizes only: timing was skipped)"
     return [title, "\n".join(lines), _not_faster(numbers)] if timed else [title, "\n".join(lines)]
 

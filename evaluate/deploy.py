@@ -14,6 +14,7 @@ WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 LATENCY_RUNS = 50  # timed batch-1 runs, after the warm-up ones
 WARMUP_RUNS = 5
 THROUGHPUT_SECONDS = 0.5  # at least this long of full batches (and at least two of them)
+EVALUATION_BATCHES = 3  # full batches an evaluation must have run (after its first) to give the throughput
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,18 @@ class Deployment:
     latency_ms: float | None = None  # batch 1, median
     latency_p90_ms: float | None = None
     throughput: float | None = None  # images/s at ``batch_size``
+    throughput_source: str = "timed runs"  # or "evaluation": session.run over the run's own batches
+
+
+def evaluation_throughput(timings: list[tuple[int, float]], batch_size: int) -> float | None:
+    """Images/s of ``session.run`` over an evaluation's full batches, (images, seconds) each, after
+    the first (which grows ORT's arena); ``None`` with fewer than :data:`EVALUATION_BATCHES`.
+
+    Every configuration is evaluated anyway: timing those runs costs nothing, where timed runs of a
+    slow configuration (a8w4's float convolutions, 2 s a batch on 2 cores) cost seconds each.
+    """
+    full = [seconds for images, seconds in timings[1:] if images == batch_size]
+    return None if len(full) < EVALUATION_BATCHES else len(full) * batch_size / sum(full)
 
 
 def weight_bytes(path: str | Path) -> int:
@@ -51,10 +64,11 @@ def weight_bytes(path: str | Path) -> int:
 
 
 def measure_deployment(path: str | Path, batch: np.ndarray, threads: int = 0, provider: str = "CPU",
-                       timing: bool = True) -> Deployment:
+                       timing: bool = True, throughput: float | None = None) -> Deployment:
     """Size of the model at ``path`` and, with ``timing``, its batch-1 latency (median and 90th
     percentile of :data:`LATENCY_RUNS` runs after :data:`WARMUP_RUNS`) and its throughput on
-    ``batch`` (ready model input), on the deployed path with ``threads`` intra-op threads."""
+    ``batch`` (ready model input), on the deployed path with ``threads`` intra-op threads; or
+    ``throughput`` as given (:func:`evaluation_throughput` at that batch size)."""
     from .runner import make_session
 
     path = Path(path)
@@ -72,12 +86,13 @@ def measure_deployment(path: str | Path, batch: np.ndarray, threads: int = 0, pr
         start = time.perf_counter()
         session.run(None, {feed: one})
         times.append(time.perf_counter() - start)
+    latency = dict(latency_ms=1000 * float(np.median(times)), latency_p90_ms=1000 * float(np.percentile(times, 90)))
+    if throughput is not None:
+        return Deployment(**sizes, **latency, throughput=float(throughput), throughput_source="evaluation")
     whole = np.ascontiguousarray(batch)
     session.run(None, {feed: whole})
     runs, start = 0, time.perf_counter()
     while runs < 2 or time.perf_counter() - start < THROUGHPUT_SECONDS:
         session.run(None, {feed: whole})
         runs += 1
-    throughput = runs * len(batch) / (time.perf_counter() - start)
-    return Deployment(**sizes, latency_ms=1000 * float(np.median(times)),
-                      latency_p90_ms=1000 * float(np.percentile(times, 90)), throughput=float(throughput))
+    return Deployment(**sizes, **latency, throughput=runs * len(batch) / (time.perf_counter() - start))

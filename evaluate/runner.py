@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -63,18 +64,24 @@ def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int =
 
 
 def predict_batches(session: ort.InferenceSession, batches: Iterable[np.ndarray], total: int | None = None,
-                    desc: str = "evaluate", progress: bool = True) -> np.ndarray:
+                    desc: str = "evaluate", progress: bool = True,
+                    timings: list[tuple[int, float]] | None = None) -> np.ndarray:
     """Logits of a stream of ready model-input batches (e.g. decoded and normalised in a background
-    thread while the session runs); only the logits are kept."""
+    thread while the session runs); only the logits are kept. ``timings`` gets (images, seconds)
+    of each ``session.run``."""
     input_name = session.get_inputs()[0].name
     chunks = []
     with tqdm(total=total, desc=desc, unit="img", disable=bar_disabled(progress), leave=False) as bar:
         for batch in batches:
+            feed = {input_name: np.ascontiguousarray(batch)}
+            start = time.perf_counter()
             try:
-                chunks.append(session.run(None, {input_name: np.ascontiguousarray(batch)})[0])
+                chunks.append(session.run(None, feed)[0])
             except Exception as exc:  # ORT's pybind errors: the graph fails on real input
                 reason = " ".join(str(exc).split())[:300]
                 raise SessionError(f"ONNX Runtime failed to run the model: {reason}") from None
+            if timings is not None:
+                timings.append((len(batch), time.perf_counter() - start))
             bar.update(len(batch))
     return np.concatenate(chunks).astype(np.float32, copy=False)
 

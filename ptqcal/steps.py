@@ -235,16 +235,18 @@ class LogitsJob:
         return make_key(file_digest(self.path), self.pixels.key, asdict(self.preprocess) if self.preprocess else None,
                         self.fused, cfg.batch_size, versions(), *extra)
 
-    def compute(self, cfg: RunConfig, start: int = 0, count: int | None = None, progress: bool = True) -> np.ndarray:
+    def compute(self, cfg: RunConfig, start: int = 0, count: int | None = None, progress: bool = True,
+                timings: list[tuple[int, float]] | None = None) -> np.ndarray:
         """The logits of images ``start`` .. ``start + count`` (batches of ``cfg.batch_size`` from
-        ``start``: a batch-aligned ``start`` gives the batches of the whole run)."""
+        ``start``: a batch-aligned ``start`` gives the batches of the whole run); ``timings`` gets
+        each batch's (images, seconds) of ``session.run``."""
         from .evaluate import make_session
         from .evaluate.runner import predict_batches
 
         total = len(self.pixels) - start if count is None else count
         session = make_session(self.path, fused=self.fused, provider=cfg.provider, threads=cfg.threads)
         return predict_batches(session, self.pixels.batches(cfg.batch_size, self.preprocess, count, start), total,
-                               self.desc, cfg.progress and progress)
+                               self.desc, cfg.progress and progress, timings)
 
 
 def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessCfg | None, cfg: RunConfig,
@@ -252,9 +254,21 @@ def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: Preproces
     """The logits of the model at ``path`` on ``pixels`` (the first ``limit`` images if given),
     normalised batch by batch with ``preprocess`` while the previous batch runs, on ORT's fused
     integer kernels or (``fused=False``) the simulated path."""
+    from .evaluate.deploy import evaluation_throughput
+
     job = LogitsJob(path, pixels, preprocess, desc, fused, kind)
     count = None if limit is None else min(limit, len(pixels))
-    return cache.array(kind, job.key(cfg, limit), lambda: job.compute(cfg, count=count), _check_logits)
+    key = job.key(cfg, limit)
+
+    def compute() -> np.ndarray:
+        timings: list[tuple[int, float]] = []
+        logits = job.compute(cfg, count=count, timings=timings)
+        speed = evaluation_throughput(timings, cfg.batch_size)
+        if speed is not None and count is None:  # the deployment numbers read it (deployment())
+            cache.file("throughput", key, "json", lambda tmp: tmp.write_text(json.dumps(speed)))
+        return logits
+
+    return cache.array(kind, key, compute, _check_logits)
 
 
 def _check_logits(logits: np.ndarray) -> None:
@@ -346,14 +360,18 @@ def deployed_float_ops(cache: Cache, path: Path, cfg: RunConfig) -> dict[str, in
 def deployment(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessCfg, cfg: RunConfig):
     """The size of the model at ``path`` and (unless ``cfg.timing`` is off) its latency and
     throughput on this machine (a :class:`~ptqcal.evaluate.deploy.Deployment`), measured once and
-    cached: a re-run reports the first run's timings, as it reports its wall time."""
+    cached: a re-run reports the first run's timings, as it reports its wall time. The throughput
+    is that of the deployed path's evaluation on ``pixels`` when this process ran it."""
     from .evaluate.deploy import Deployment, measure_deployment
 
     key = make_key(file_digest(path), cfg.threads, cfg.batch_size, cfg.timing, cfg.provider, versions())
+    seen = LogitsJob(path, pixels, preprocess, "", fused=True).key(cfg)
 
     def measure(tmp: Path) -> None:
         batch = preprocess(pixels.head(cfg.batch_size))
-        numbers = measure_deployment(path, batch, cfg.threads, cfg.provider, cfg.timing)
+        throughput = json.loads(cache.path("throughput", seen, "json").read_text()) \
+            if cache.has("throughput", seen, "json") else None
+        numbers = measure_deployment(path, batch, cfg.threads, cfg.provider, cfg.timing, throughput)
         tmp.write_text(json.dumps(asdict(numbers)))
 
     return Deployment(**json.loads(cache.file("deployment", key, "json", measure).read_text()))

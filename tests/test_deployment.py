@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_onnx_classifier
-from ptqcal.evaluate.deploy import Deployment, measure_deployment, weight_bytes
+from ptqcal.evaluate.deploy import Deployment, evaluation_throughput, measure_deployment, weight_bytes
 
 
 def _quantized(tmp_path, model, weight_bits):
@@ -43,6 +43,16 @@ def test_timings_are_timings_and_can_be_skipped(tmp_path):
     assert skipped == Deployment(numbers.file_bytes, numbers.weight_bytes, 0, 16)
 
 
+def test_throughput_from_an_evaluation_counts_its_full_batches_after_the_first(tmp_path):
+    # the first batch grows ORT's arena; the last, partial one is another batch size
+    timings = [(64, 9.0), (64, 1.0), (64, 2.0), (64, 1.0), (10, 0.1)]
+    assert evaluation_throughput(timings, 64) == pytest.approx(3 * 64 / 4.0)
+    assert evaluation_throughput(timings[:3], 64) is None  # two full batches are too few to say
+    given = measure_deployment(tiny_onnx_classifier(tmp_path / "tiny.onnx"),
+                               np.zeros((4, 1, 8, 8), np.float32), throughput=123.0)
+    assert (given.throughput, given.throughput_source) == (123.0, "evaluation") and given.latency_ms > 0
+
+
 @pytest.mark.slow
 def test_run_reports_size_and_speed_per_configuration(tmp_path):
     from ptqcal.cli import main
@@ -50,16 +60,18 @@ def test_run_reports_size_and_speed_per_configuration(tmp_path):
     model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
     common = ["run", "--model", str(model), "--dataset", "digits", "--preprocess", "digits", "--weight-bits", "8",
               "4", "--no-progress", "--quiet"]
-    assert main([*common, "--threads", "1", "--out", str(tmp_path / "timed")]) == 0
+    assert main([*common, "--threads", "1", "--batch-size", "64", "--out", str(tmp_path / "timed")]) == 0
     assert main([*common, "--no-timing", "--out", str(tmp_path / "untimed")]) == 0
     record = json.loads((tmp_path / "timed" / "run.json").read_text())
     assert list(record["deployment"]) == ["float", "a8w8", "a8w4"]
     assert all(d["threads"] == 1 and d["latency_ms"] > 0 for d in record["deployment"].values())
+    # each configuration's images/s come from its own evaluation, at the run's batch size
+    assert all(d["throughput_source"] == "evaluation" and d["batch_size"] == 64 for d in record["deployment"].values())
     assert record["deployment"]["a8w4"]["weight_bytes"] * 8 == record["deployment"]["float"]["weight_bytes"]
     rows = {r["config"]: r for r in csv.DictReader(open(tmp_path / "timed" / "metrics.csv"))}
     assert float(rows["a8w8"]["throughput"]) > 0 and int(rows["float"]["file_bytes"]) > 0
     report = (tmp_path / "timed" / "report.md").read_text()
-    assert "1 ORT thread;" in report and (tmp_path / "timed" / "fig6_deployment.png").exists()
+    assert "1 ORT thread;" in report and "over the evaluation's full batches" in report and (tmp_path / "timed" / "fig6_deployment.png").exists()
     assert "a8w4 is not faster than float" in report or float(rows["a8w4"]["throughput"]) > float(
         rows["float"]["throughput"])
     untimed = (tmp_path / "untimed" / "report.md").read_text()

@@ -18,16 +18,18 @@ import onnx
 @dataclass(frozen=True)
 class ActivationBytes:
     """Per image: the most activation bytes alive at once when the graph runs node by node (what
-    ORT's memory planner must hold), and the bytes of every activation together (what a calibration
-    pass that exposes every tensor as an output holds)."""
+    ORT's memory planner must hold), and the bytes of the activations a calibration pass exposes as
+    outputs, together."""
 
     peak: int
     total: int
 
 
-def activation_bytes(model_path: str | Path, input_shape: tuple[int, ...]) -> ActivationBytes:
+def activation_bytes(model_path: str | Path, input_shape: tuple[int, ...],
+                     not_exposed: frozenset[str] = frozenset()) -> ActivationBytes:
     """Sizes for one input of ``input_shape`` (batch dimension included, set to 1), from ONNX
-    shape inference with that shape fixed; tensors whose shape stays unknown count as empty."""
+    shape inference with that shape fixed; tensors whose shape stays unknown count as empty.
+    ``not_exposed``: tensors a calibration pass does not expose, left out of ``total``."""
     model = onnx.load(str(model_path), load_external_data=False)
     constants = {init.name for init in model.graph.initializer}
     graph_input = next(i for i in model.graph.input if i.name not in constants)
@@ -48,7 +50,7 @@ def activation_bytes(model_path: str | Path, input_shape: tuple[int, ...]) -> Ac
         peak = max(peak, live)
         live -= sum(sizes.get(name, 0) for name in {*node.input, *node.output}
                     if name and name not in constants and last_use.get(name, index) <= index)
-    return ActivationBytes(peak, sum(sizes.values()))
+    return ActivationBytes(peak, sum(size for name, size in sizes.items() if name not in not_exposed))
 
 
 def _bytes(value: onnx.ValueInfoProto) -> int:

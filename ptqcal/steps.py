@@ -70,11 +70,11 @@ class Batches:
 # Per image, from the graph's activation sizes: ORT's CPU arena extends itself in powers of two, so
 # it can reserve up to twice what is live (measured 1.3-1.7x on EfficientNet-Lite0 at 224 px, batches
 # of 32 to 83, and a peak RSS above the budget with 1.5x); the simulated path also keeps each
-# activation's quantized and dequantized copies; calibration holds every tensor in ORT and its copy
-# in numpy.
+# activation's quantized and dequantized copies; calibration holds every tensor it bins in ORT and
+# the copies in numpy of two batches (one binned while ORT runs the next).
 ARENA_FACTOR = 2.0
 SIMULATED_FACTOR = 2.0
-CALIBRATION_FACTOR = 2.0
+CALIBRATION_FACTOR = 3.0
 
 
 def versions() -> dict[str, str]:
@@ -191,12 +191,18 @@ def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cac
 def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig) -> Batches:
     """The largest batches (up to ``cfg.batch_size``, and :data:`CALIB_BATCH` for calibration) whose
     activations and prepared input batches fit ``cfg.max_memory``, from the graph's activation sizes."""
+    import onnx
+
     from .evaluate.memory import activation_bytes, batch_for
     from .pixels import CHUNK_BYTES, PREFETCH
+    from .quantize.calibrate import ranges_set_by_ort
+    from .quantize.qdq import layers_to_exclude
 
     channels, height, width = preprocess.input_size
     shape = (1, channels, height, width) if preprocess.layout == "NCHW" else (1, height, width, channels)
-    sizes = activation_bytes(prepared, shape)
+    graph = onnx.load(str(prepared), load_external_data=False)
+    exclude = layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
+    sizes = activation_bytes(prepared, shape, frozenset(ranges_set_by_ort(graph, exclude)))
     inputs = (PREFETCH + 2) * channels * height * width * np.dtype(preprocess.dtype).itemsize
     budget = max(1, cfg.max_memory - 2 * CHUNK_BYTES)  # a decoded chunk in use and one being decoded
     deployed = ARENA_FACTOR * sizes.peak + inputs
@@ -206,7 +212,7 @@ def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig) ->
     calib = batch_for(budget, CALIBRATION_FACTOR * sizes.total + inputs, CALIB_BATCH)
     note = (f"Batches of {evaluation} (evaluation), {check} (simulated-path check) and {calib} (calibration) "
             f"images: per image the model's activations take {_bytes(sizes.peak)} at their peak when it runs and "
-            f"{_bytes(sizes.total)} together when calibration exposes them all, within a memory budget of "
+            f"{_bytes(sizes.total)} together when calibration exposes those it bins, within a memory budget of "
             f"{_bytes(cfg.max_memory)}.")
     return Batches(evaluation, check, calib, note)
 

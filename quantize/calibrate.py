@@ -134,6 +134,8 @@ def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bi
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     options.intra_op_num_threads = threads  # 0: ORT's default
+    # ORT's threads would spin waiting for work while the binning threads want the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
     histograms = {name: TensorHistogram(bins) for name in binned}
@@ -143,9 +145,10 @@ def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bi
         while (feed := reader.get_next()) is not None:
             values = dict(zip(outputs, session.run(outputs, feed)))
             values.update(feed)
-            binner.update(values)  # one batch alive at a time: each output is freed once counted
+            binner.submit(values)  # binned while ORT runs the next batch; freed once counted
             del values, feed
             bar.update()
+        binner.wait()
     histograms.update({name: TensorHistogram(bins, same_as=derived[name]) for name in names if name in derived})
     return {name: histograms[name] for name in names}
 

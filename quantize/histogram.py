@@ -106,27 +106,39 @@ def usable_cores() -> int:
 
 
 class HistogramBinner:
-    """Updates many tensors' histograms from one batch, in ``workers`` threads.
+    """Updates many tensors' histograms from one batch after another, in ``workers`` threads, while
+    the caller computes the next batch.
 
-    Each histogram gets one update per batch and batches come in order, so the histograms do not
-    depend on the threads. The largest tensors start first, so that no thread is left with a
-    large one at the end.
+    Each histogram gets one update per batch, and a batch starts only once the previous one is
+    binned, so the histograms do not depend on the threads. The largest tensors start first, so
+    that no thread is left with a large one at the end.
     """
 
     def __init__(self, histograms: dict[str, TensorHistogram], workers: int):
         self.histograms = histograms
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ptqcal-binning")
+        self._pending: list = []
 
-    def update(self, values: dict[str, np.ndarray]) -> None:
-        """Bin ``values[name]`` into each histogram; ``values`` is emptied as tensors are counted, so
-        that each output is freed as soon as it is no longer needed."""
+    def submit(self, values: dict[str, np.ndarray]) -> None:
+        """Start binning ``values[name]`` into each histogram (after the previous batch is done) and
+        return; ``values`` is emptied, so each output is freed as soon as it is counted."""
+        self.wait()
         names = sorted(self.histograms, key=lambda name: -values[name].size)
-        futures = [self._pool.submit(self.histograms[name].update, values.pop(name)) for name in names]
-        for future in futures:
+        self._pending = [self._pool.submit(self.histograms[name].update, values.pop(name)) for name in names]
+
+    def wait(self) -> None:
+        """Until every batch submitted is binned (re-raising a binning error)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
             future.result()
 
+    def update(self, values: dict[str, np.ndarray]) -> None:
+        """Bin one batch and wait for it."""
+        self.submit(values)
+        self.wait()
+
     def close(self) -> None:
-        self._pool.shutdown()
+        self._pool.shutdown(cancel_futures=True)
 
     def __enter__(self) -> "HistogramBinner":
         return self

@@ -9,9 +9,9 @@ For one sweep, in the same minutes:
   with the best session settings for this CPU (found here among ORT's threads, spinning, arena,
   memory pattern, execution mode and optimisation level: printed);
 - **ptqcal end to end** (``ptqcal run`` in this process, fresh run folder), its ratio to the floor,
-  and where the difference goes, from a cProfile of a second fresh run: export, calibration,
-  quantization, evaluation beyond ``session.run``, the deployed-vs-simulated check, deployment
-  timing, report, decoding;
+  and where the difference goes, from a second fresh run with its steps timed: export, calibration,
+  quantization, evaluation beyond the floor, the deployed-vs-simulated check, deployment timing,
+  report (decoding counts in the evaluation that first reads each image);
 - the batch size that gives ORT the most images/s (32 ... 512), and whether the logits depend on it;
 - calibration against one float pass over the same images.
 
@@ -23,10 +23,8 @@ JPEGs made from the 270 real ImageNet samples (flips, crops, rescales: ``stream.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
-import pstats
 import sys
 import tempfile
 import time
@@ -116,43 +114,61 @@ def batch_sizes(path: Path, inputs: np.ndarray, sizes=(32, 64, 128, 256, 512)) -
     return rates, same
 
 
-# Where a run's time goes: cumulative seconds of these functions in a cProfile of the run (its main
-# thread: the prefetching and binning threads show as the main thread's waits).
+# Where a run's time goes: these functions are wrapped with timers for a second fresh run (a
+# profiler's overhead would inflate the Python-heavy phases, e.g. drawing, twofold). A phase called
+# inside another counts there (the check's simulated-path logits count under the check).
 PHASES = {
-    "export (or loading the .onnx)": ("pipeline.py", "_export"),
-    "quant_pre_process": ("steps.py", "prepare_for_quantization"),
-    "calibration": ("steps.py", "calibrate"),
-    "quantization": ("steps.py", "quantize_config"),
-    "evaluation (logits of every configuration)": ("steps.py", "model_logits"),
-    "deployed-vs-simulated check": ("steps.py", "check_deployment"),
-    "deployment timing": ("steps.py", "deployment"),
-    "float ops of the deployed graph": ("steps.py", "deployed_float_ops"),
-    "report (figures, tables)": ("runfolder.py", "report_once"),
-    "run record": ("record.py", "save"),
+    "export (or loading the .onnx)": ("ptqcal.pipeline", "_export"),
+    "quant_pre_process": ("ptqcal.steps", "prepare_for_quantization"),
+    "choosing batches": ("ptqcal.steps", "choose_batches"),
+    "calibration": ("ptqcal.steps", "calibrate"),
+    "quantization": ("ptqcal.steps", "quantize_config"),
+    "evaluation (logits of every configuration)": ("ptqcal.steps", "model_logits"),
+    "deployed-vs-simulated check": ("ptqcal.steps", "check_deployment"),
+    "deployment timing": ("ptqcal.steps", "deployment"),
+    "float ops of the deployed graph": ("ptqcal.steps", "deployed_float_ops"),
+    "report (figures, tables)": ("ptqcal.pipeline", "report_once"),
+    "run record": ("ptqcal.evaluate.record", "RunRecord.save"),
 }
 
 
-def _find(stats: dict, file: str, function: str) -> list:
-    return [(key, entry) for key, entry in stats.items() if key[2] == function and key[0].endswith(file)]
+def timed_run(cfg) -> tuple[float, dict[str, float]]:
+    """Wall seconds of ``run(cfg)`` and each phase's own seconds (``other``: the rest)."""
+    import importlib
 
-
-def profile_run(cfg) -> tuple[float, dict[str, float]]:
-    """Wall seconds of ``run(cfg)`` under cProfile, and each phase's cumulative seconds (the
-    evaluation without the check's simulated-path logits, which count under the check)."""
     from ptqcal.pipeline import run
 
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.runcall(run, cfg)
-    wall = time.perf_counter() - start
-    stats = pstats.Stats(profiler).stats
-    phases = {label: sum(entry[3] for _, entry in _find(stats, *where)) for label, where in PHASES.items()}
-    checks = {key for key, _ in _find(stats, *PHASES["deployed-vs-simulated check"])}
-    phases["evaluation (logits of every configuration)"] -= sum(
-        caller_entry[3] for _, entry in _find(stats, *PHASES["evaluation (logits of every configuration)"])
-        for caller, caller_entry in entry[4].items() if caller in checks)
-    phases["other"] = wall - sum(phases.values())
-    return wall, phases
+    seconds = dict.fromkeys(PHASES, 0.0)
+    stack: list[float] = []  # the outer phase's start
+
+    def wrap(label, fn):
+        def timed(*args, **kwargs):
+            if stack:  # inside another phase: counted there
+                return fn(*args, **kwargs)
+            stack.append(time.perf_counter())
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - stack.pop()
+        return timed
+
+    originals = []
+    for label, (module_name, attribute) in PHASES.items():
+        owner = importlib.import_module(module_name)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        originals.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, wrap(label, getattr(owner, name)))
+    try:
+        start = time.perf_counter()
+        run(cfg)
+        wall = time.perf_counter() - start
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    seconds["other"] = wall - sum(seconds.values())
+    return wall, seconds
 
 
 def report(label: str, ours: float, floor_by_config: dict[str, float], wall: float, phases: dict[str, float],
@@ -161,8 +177,8 @@ def report(label: str, ours: float, floor_by_config: dict[str, float], wall: flo
     print(f"  {label}: the floor (bare session.run, every configuration): {bare:.1f} s "
           f"({', '.join(f'{c} {s:.1f}' for c, s in floor_by_config.items())})")
     print(f"  {label}: ptqcal end to end {ours:.1f} s = {ours / bare:.2f}x the floor (target <= {target}x)")
-    print(f"  {label}: where the time goes (cProfile of a second fresh run, {wall:.1f} s; the evaluation includes "
-          f"the float logits of the calibration images):")
+    print(f"  {label}: where the time goes (a second fresh run, {wall:.1f} s, its steps timed; the evaluation "
+          f"includes the float logits of the calibration images):")
     for name, seconds in phases.items():
         print(f"    {name:44s} {seconds:7.1f} s  {100 * seconds / wall:5.1f}%")
     evaluation = phases["evaluation (logits of every configuration)"]
@@ -200,15 +216,20 @@ def compare(cfg, ours: float, inputs: np.ndarray, calib: np.ndarray, label: str,
     print(f"    best: {settings}")
     chosen = {config: settings["float" if config == "float" else "a8w8"] for config in models}
     floor_by_config = floor(models, inputs, batch, chosen)
-    wall, phases = profile_run(replace(cfg, out=run_dir.with_name(run_dir.name + "-profiled")))
+    wall, phases = timed_run(replace(cfg, out=run_dir.with_name(run_dir.name + "-timed")))
     ratios = report(label, ours, floor_by_config, wall, phases, target)
+    measured = json.loads((run_dir / "run.json").read_text())["deployment"]
+    agreement = {c: measured[c]["throughput"] * floor_by_config[c] / len(inputs) for c in floor_by_config
+                 if measured.get(c, {}).get("throughput")}
+    print(f"  {label}: the run's images/s ({measured['float'].get('throughput_source')}) / the floor's: "
+          + ", ".join(f"{c} {r:.2f}" for c, r in agreement.items()))
     float_pass = bare_seconds(session(models["float"], {}), calib, batch)
-    print(f"  {label}: calibration {phases['calibration']:.1f} s (under the profiler) vs one float pass over the same "
+    print(f"  {label}: calibration {phases['calibration']:.1f} s vs one float pass over the same "
           f"{len(calib)} images {float_pass:.1f} s: {phases['calibration'] / float_pass:.1f}x (target <= 3x)")
     rates, same = batch_sizes(models["float"], inputs[:2048])
     print(f"  {label}: float images/s by batch size: " + ", ".join(f"{b}: {r:.0f}" for b, r in rates.items())
           + f"; logits {'identical' if same else 'NOT identical'} across batch sizes")
-    ratios[f"{label}: calibration (profiled) / one float pass"] = phases["calibration"] / float_pass
+    ratios[f"{label}: calibration / one float pass"] = phases["calibration"] / float_pass
     return ratios
 
 

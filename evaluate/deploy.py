@@ -11,7 +11,9 @@ import numpy as np
 import onnx
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
-LATENCY_RUNS = 50  # timed batch-1 runs, after the warm-up ones
+LATENCY_RUNS = 50  # timed batch-1 runs, after the warm-up ones; fewer (at least MIN_LATENCY_RUNS)
+LATENCY_SECONDS = 0.5  # when a slow model's runs take longer than this
+MIN_LATENCY_RUNS = 10
 WARMUP_RUNS = 5
 THROUGHPUT_SECONDS = 0.5  # at least this long of full batches (and at least two of them)
 EVALUATION_BATCHES = 3  # full batches an evaluation must have run (after its first) to give the throughput
@@ -66,7 +68,8 @@ def weight_bytes(path: str | Path) -> int:
 def measure_deployment(path: str | Path, batch: np.ndarray, threads: int = 0, provider: str = "CPU",
                        timing: bool = True, throughput: float | None = None) -> Deployment:
     """Size of the model at ``path`` and, with ``timing``, its batch-1 latency (median and 90th
-    percentile of :data:`LATENCY_RUNS` runs after :data:`WARMUP_RUNS`) and its throughput on
+    percentile of :data:`LATENCY_RUNS` runs after :data:`WARMUP_RUNS`, or as many as fit in
+    :data:`LATENCY_SECONDS`, at least :data:`MIN_LATENCY_RUNS`) and its throughput on
     ``batch`` (ready model input), on the deployed path with ``threads`` intra-op threads; or
     ``throughput`` as given (:func:`evaluation_throughput` at that batch size)."""
     from .runner import make_session
@@ -81,8 +84,8 @@ def measure_deployment(path: str | Path, batch: np.ndarray, threads: int = 0, pr
     one = np.ascontiguousarray(batch[:1])
     for _ in range(WARMUP_RUNS):
         session.run(None, {feed: one})
-    times = []
-    for _ in range(LATENCY_RUNS):
+    times: list[float] = []
+    while len(times) < LATENCY_RUNS and (len(times) < MIN_LATENCY_RUNS or sum(times) < LATENCY_SECONDS):
         start = time.perf_counter()
         session.run(None, {feed: one})
         times.append(time.perf_counter() - start)

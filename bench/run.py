@@ -12,7 +12,11 @@
    and ptqcal's evaluation loop vs bare ``session.run`` on pre-loaded arrays;
 4. ImageNet-sized input: EfficientNet-Lite0 on the real ImageNet samples, decoding in worker
    threads vs one thread;
-5. model size on disk: float vs a8w8 vs a8w4.
+5. model size on disk: float vs a8w8 vs a8w4;
+6. the engine's floor (``floor.py``): for the sweep of 1. and for an EfficientNet-Lite0 sweep on JPEGs,
+   ptqcal end to end against ONNX Runtime alone running every configuration over the same images,
+   where the difference goes, the best session settings and batch size, calibration against one
+   float pass.
 
 Real CIFAR-100 / ImageNet images come from ../shared (repeated with flips and shifts to the count)
 when present, else random pixels. ResNet56 has random weights (seed 0): speed does not depend on them.
@@ -136,9 +140,16 @@ def sweep(quick: bool, folder: Path) -> dict[str, float]:
     print(f"    PyTorch, torch.ao reference quantized model:                {reference:7.1f} s")
     print(f"    ptqcal end to end:                                          {ours:7.1f} s")
     print(f"    ptqcal re-run on its cache:                                 {again:7.1f} s")
+    from ptqcal.models.preprocess import CIFAR100_PREPROCESS
+
+    import floor
+
+    # the engine's floor for this very run: its models, its images, its batch size
+    engine = floor.compare(cfg, ours, CIFAR100_PREPROCESS(evaluation), CIFAR100_PREPROCESS(calib), "ResNet56 sweep",
+                           floor.RESNET56_TARGET)
     return {"sweep: PyTorch fake-quant / ptqcal": baseline / ours,
             "sweep: PyTorch reference model / ptqcal": reference / ours,
-            "sweep: ptqcal re-run / first run": again / ours}
+            "sweep: ptqcal re-run / first run": again / ours, **engine}
 
 
 # --- 3. inference -------------------------------------------------------------------------------------
@@ -279,6 +290,13 @@ def main() -> None:
         ratios.update(imagenet(args.quick, folder))
         print("5. model size")
         ratios.update(sizes(folder))
+        print("6. EfficientNet-Lite0 sweep against the engine's floor")
+        if args.quick:  # minutes more: the whole benchmark has it, and bench/floor.py --part lite0
+            print("  skipped with --quick (python bench/floor.py --part lite0 --quick runs it alone)")
+        else:
+            import floor
+
+            ratios.update(floor.lite0(False, folder / "lite0"))
     print("\nratios")
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")

@@ -11,6 +11,7 @@ The data classes hold fractions, like every result; percent is applied here, whe
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -150,6 +151,21 @@ def _band(axis, x, values, std, color, scale: float = 1.0):
         axis.fill_between(x, values - std, values + std, color=color, alpha=0.2, lw=0)
 
 
+UNIFORM = re.compile(r"a\d+w\d+")  # one activation and one weight width for every layer
+
+
+def _part(values: Sequence[float] | None, keep: np.ndarray) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=float)[keep]
+
+
+def _joined_points(axis: Axes, x: np.ndarray, y: np.ndarray, joined: np.ndarray, marker: str, color: str,
+                   label: str) -> None:
+    """Points at every ``x``; the line through the ``joined`` ones only."""
+    y = np.asarray(y, dtype=float)
+    axis.plot(x[joined], y[joined], f"{marker}-", color=color, label=label)
+    axis.plot(x[~joined], y[~joined], marker, color=color)
+
+
 def plot_swap_panels(panels: Sequence[SwapPanel], ax: Sequence[Axes] | None = None) -> Figure:
     """Figure 2, one column per model: % swapped and Δ error per precision; their ratio; and the
     float confidence of the swapped predictions (first calibration draw). Bands: ± one std over
@@ -158,19 +174,21 @@ def plot_swap_panels(panels: Sequence[SwapPanel], ax: Sequence[Axes] | None = No
     bins = np.linspace(0, 1, 16)
     for column, panel in enumerate(panels):
         x = np.arange(len(panel.configs))
+        # the line joins the uniform precisions only: fp16 and a mixed model are points of their own
+        joined = np.array([UNIFORM.fullmatch(name) is not None for name in panel.configs], dtype=bool)
         top, middle, bottom = axes[:, column]
-        top.plot(x, _percent(panel.swapped), "o-", color=QUANT_COLOR, label="% predictions swapped")
-        _band(top, x, panel.swapped, panel.swapped_std, QUANT_COLOR, 100)
-        top.plot(x, _percent(panel.delta_error), "s-", color=FLOAT_COLOR, label="Δ top-1 error (pp)")
-        _band(top, x, panel.delta_error, panel.delta_std, FLOAT_COLOR, 100)
+        _joined_points(top, x, _percent(panel.swapped), joined, "o", QUANT_COLOR, "% predictions swapped")
+        _band(top, x[joined], np.asarray(panel.swapped)[joined], _part(panel.swapped_std, joined), QUANT_COLOR, 100)
+        _joined_points(top, x, _percent(panel.delta_error), joined, "s", FLOAT_COLOR, "Δ top-1 error (pp)")
+        _band(top, x[joined], np.asarray(panel.delta_error)[joined], _part(panel.delta_std, joined), FLOAT_COLOR, 100)
         top.axhline(0, color="0.6", lw=0.8)
         top.set_ylabel("% of evaluation set")
         top.set_title(panel.model)
         _legend(top)
         counts = np.array([len(c) for c in panel.swapped_confidences])
         ratio = np.array(panel.ratio, dtype=float)
-        middle.plot(x, ratio, "-", color="#00798c")
-        _band(middle, x, ratio, panel.ratio_std, "#00798c")
+        middle.plot(x[joined], ratio[joined], "-", color="#00798c")
+        _band(middle, x[joined], ratio[joined], _part(panel.ratio_std, joined), "#00798c")
         few = counts < FEW_SWAPS
         middle.plot(x[~few], ratio[~few], "o", color="#00798c")
         if few.any():

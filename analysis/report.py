@@ -294,8 +294,9 @@ def mixed_section(run: RunAnalysis) -> list[str]:
             f"{ATTRIBUTION_CONFIDENT:.0%} confidence by the float model)")
     lines = ["| moves (one layer one width down) | weight bytes | × float | % confident swapped | % swapped |", "|---|---|---|---|---|"]
     for step in choice.steps:
+        confident = f"{100 * step.confident_swapped:.2f}" if choice.confident else "–"  # none to swap
         lines.append(f"| {step.moves} | {step.weight_bytes:,} | {step.weight_bytes / choice.float_weight_bytes:.3f} "
-                     f"| {100 * step.confident_swapped:.2f} | {100 * step.swapped:.2f} |")
+                     f"| {confident} | {100 * step.swapped:.2f} |")
     if not choice.met:
         return [f"**Mixed precision** (target: {target}): no assignment of the run's weight bit widths meets it "
                 f"on the {seen}; the search measured:", "\n".join(lines)]

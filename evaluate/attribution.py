@@ -37,13 +37,15 @@ class Attribution:
         return sorted(self.effects, key=lambda e: (-np.nan_to_num(e.confident_swapped), -e.swapped, e.sqnr_db))
 
     def to_json(self) -> dict:
+        """JSON values; an undefined share (NaN: no confident prediction) is ``null`` (JSON has no NaN)."""
         return {"images": self.images, "confident": self.confident, "held_out": self.held_out,
-                "effects": [asdict(e) for e in self.effects]}
+                "effects": [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in asdict(e).items()}
+                            for e in self.effects]}
 
     @classmethod
     def from_json(cls, values: dict) -> "Attribution":
-        return cls([LayerEffect(**e) for e in values["effects"]], int(values["images"]), int(values["confident"]),
-                   bool(values.get("held_out", False)))
+        effects = [LayerEffect(**{k: float("nan") if v is None else v for k, v in e.items()}) for e in values["effects"]]
+        return cls(effects, int(values["images"]), int(values["confident"]), bool(values.get("held_out", False)))
 
 
 EFFECT_FIELDS = [f.name for f in fields(LayerEffect)]

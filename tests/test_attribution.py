@@ -122,3 +122,16 @@ def test_a_graph_without_weight_layers_attributes_nothing_and_the_report_still_b
     build_report([tmp_path / "run"], tmp_path / "report")
     assert "Which layers" not in (tmp_path / "report" / "report.md").read_text()
     assert not (tmp_path / "report" / "fig7_layers.png").exists() and not (tmp_path / "report" / "layers.csv").exists()
+
+
+def test_an_undefined_confident_share_is_null_in_json_and_nan_again_when_read():
+    import json
+    import math
+
+    from ptqcal.evaluate.attribution import Attribution, LayerEffect
+
+    result = Attribution([LayerEffect("conv", 4, 0.25, float("nan"), 0.01, 20.0)], images=8, confident=0)
+    text = json.dumps(result.to_json(), allow_nan=False)  # strict JSON: no NaN token
+    assert json.loads(text)["effects"][0]["confident_swapped"] is None
+    back = Attribution.from_json(json.loads(text))
+    assert math.isnan(back.effects[0].confident_swapped) and back.effects[0].swapped == 0.25

@@ -115,3 +115,19 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
 
     assert main(["report", str(tmp_path)]) == 2
     assert "not a ptqcal run folder" in capsys.readouterr().err
+
+
+def test_figure_2_joins_only_the_uniform_precisions():
+    """A mixed (or fp16) model is a point of its own, not the next step of the precision sweep."""
+    from ptqcal.analysis.figures import SwapPanel, plot_swap_panels
+
+    configs = ["a8w8", "a8w4", "mixed"]
+    panel = SwapPanel("m", configs, [0.01, 0.20, 0.02], [0.0, 0.05, 0.001], [0.0, 0.25, 0.05],
+                      [np.array([0.5])] * 3)
+    fig = plot_swap_panels([panel])
+    top, middle = fig.axes[0], fig.axes[1]
+    lines = [line for line in top.lines if line.get_linestyle() == "-" and len(line.get_xdata()) > 1]
+    assert lines and all(list(line.get_xdata()) == [0, 1] for line in lines)  # not through mixed at 2
+    points = {tuple(line.get_xdata()) for line in top.lines}
+    assert (2,) in points  # mixed is still drawn, as a point
+    assert [list(line.get_xdata()) for line in middle.lines if line.get_linestyle() == "-"][0] == [0, 1]

@@ -111,9 +111,14 @@ def batch_sizes(path: Path, inputs: np.ndarray, sizes=(32, 64, 128, 256, 512)) -
     name = sess.get_inputs()[0].name
     rates, logits = {}, {}
     for size in sizes:
-        rates[size] = len(inputs) / bare_seconds(sess, inputs, size)
-        logits[size] = np.concatenate([sess.run(None, {name: np.ascontiguousarray(inputs[s:s + size])})[0]
-                                       for s in range(0, len(inputs), size)])
+        sess.run(None, {name: inputs[:size]})  # warm-up at this size
+        parts, total = [], 0.0
+        for start in range(0, len(inputs), size):
+            part = np.ascontiguousarray(inputs[start:start + size])
+            begin = time.perf_counter()
+            parts.append(sess.run(None, {name: part})[0])
+            total += time.perf_counter() - begin
+        rates[size], logits[size] = len(inputs) / total, np.concatenate(parts)
     same = all(np.array_equal(logits[sizes[0]], other) for other in logits.values())
     return rates, same
 
@@ -212,12 +217,16 @@ def resnet56(quick: bool, folder: Path) -> dict[str, float]:
                    RESNET56_TARGET)
 
 
-def compare(cfg, ours: float, inputs: np.ndarray, calib: np.ndarray, label: str, target: float) -> dict[str, float]:
+def compare(cfg, ours: float, inputs: np.ndarray, calib: np.ndarray, label: str, target: float,
+            sample: int = 1024) -> dict[str, float]:
+    """The floor of the run ``cfg`` wrote (its models, ``inputs`` pre-normalised, its batch), ptqcal's
+    ``ours`` seconds against it, where they go, settings and batch sizes measured on ``sample``
+    images, and calibration against one float pass over ``calib``."""
     run_dir = cfg.out
     batch = _run_batch(run_dir)
     models = {p.stem.removeprefix("model_"): p for p in sorted(run_dir.glob("model_*.onnx"))}
     models = {"float": models.pop("float"), **models}
-    settings = best_settings({c: models[c] for c in ("float", "a8w8")}, inputs[:1024], batch)
+    settings = best_settings({c: models[c] for c in ("float", "a8w8")}, inputs[:sample], batch)
     print(f"    best: {settings}")
     chosen = {config: settings["float" if config == "float" else "a8w8"] for config in models}
     floor_by_config = floor(models, inputs, batch, chosen)
@@ -231,9 +240,10 @@ def compare(cfg, ours: float, inputs: np.ndarray, calib: np.ndarray, label: str,
     float_pass = bare_seconds(session(models["float"], {}), calib, batch)
     print(f"  {label}: calibration {phases['calibration']:.1f} s vs one float pass over the same "
           f"{len(calib)} images {float_pass:.1f} s: {phases['calibration'] / float_pass:.1f}x (target <= {CALIBRATION_TARGET}x)")
-    rates, same = batch_sizes(models["float"], inputs[:2048])
-    print(f"  {label}: float images/s by batch size: " + ", ".join(f"{b}: {r:.0f}" for b, r in rates.items())
-          + f"; logits {'identical' if same else 'NOT identical'} across batch sizes")
+    for config in ("float", "a8w8"):
+        rates, same = batch_sizes(models[config], inputs[:2 * sample])
+        print(f"  {label}: {config} images/s by batch size: " + ", ".join(f"{b}: {r:.0f}" for b, r in rates.items())
+              + f"; logits {'identical' if same else 'NOT identical'} across batch sizes")
     ratios[f"{label}: calibration / one float pass"] = phases["calibration"] / float_pass
     return ratios
 

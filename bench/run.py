@@ -146,7 +146,7 @@ def sweep(quick: bool, folder: Path) -> dict[str, float]:
 
     # the engine's floor for this very run: its models, its images, its batch size
     engine = floor.compare(cfg, ours, CIFAR100_PREPROCESS(evaluation), CIFAR100_PREPROCESS(calib), "ResNet56 sweep",
-                           floor.RESNET56_TARGET)
+                           floor.RESNET56_TARGET, 256 if quick else 1024)
     return {"sweep: PyTorch fake-quant / ptqcal": baseline / ours,
             "sweep: PyTorch reference model / ptqcal": reference / ours,
             "sweep: ptqcal re-run / first run": again / ours, **engine}

@@ -18,18 +18,19 @@ import onnx
 @dataclass(frozen=True)
 class ActivationBytes:
     """Per image: the most activation bytes alive at once when the graph runs node by node (what
-    ORT's memory planner must hold), and the bytes of the activations a calibration pass exposes as
-    outputs, together."""
+    ORT's memory planner must hold), the bytes of every activation together, and of those a
+    calibration pass bins (it exposes them as outputs)."""
 
     peak: int
     total: int
+    binned: int
 
 
 def activation_bytes(model_path: str | Path, input_shape: tuple[int, ...],
                      not_exposed: frozenset[str] = frozenset()) -> ActivationBytes:
     """Sizes for one input of ``input_shape`` (batch dimension included, set to 1), from ONNX
     shape inference with that shape fixed; tensors whose shape stays unknown count as empty.
-    ``not_exposed``: tensors a calibration pass does not expose, left out of ``total``."""
+    ``not_exposed``: tensors a calibration pass does not bin, left out of ``binned``."""
     model = onnx.load(str(model_path), load_external_data=False)
     constants = {init.name for init in model.graph.initializer}
     graph_input = next(i for i in model.graph.input if i.name not in constants)
@@ -50,7 +51,8 @@ def activation_bytes(model_path: str | Path, input_shape: tuple[int, ...],
         peak = max(peak, live)
         live -= sum(sizes.get(name, 0) for name in {*node.input, *node.output}
                     if name and name not in constants and last_use.get(name, index) <= index)
-    return ActivationBytes(peak, sum(size for name, size in sizes.items() if name not in not_exposed))
+    return ActivationBytes(peak, sum(sizes.values()),
+                           sum(size for name, size in sizes.items() if name not in not_exposed))
 
 
 def _bytes(value: onnx.ValueInfoProto) -> int:

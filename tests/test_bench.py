@@ -18,7 +18,8 @@ def test_quick_benchmark_prints_every_ratio():
     for name in ("sweep: PyTorch fake-quant / ptqcal", "sweep: ptqcal re-run / first run",
                  "ORT/ptqcal peak memory at ", "inference: a8w8 / float ORT at batch 256",
                  "evaluator: ptqcal predict / bare session.run", "size: a8w4 / float (weights)",
-                 "latency a8w8 / float: the run's report / this benchmark"):
+                 "latency a8w8 / float: the run's report / this benchmark",
+                 "ResNet56 sweep: ptqcal end to end / floor", "ResNet56 sweep: calibration / one float pass"):
         assert name in ratios
     size = next(line for line in ratios.splitlines() if "a8w4 / float (weights)" in line)
     assert float(size.split(":")[-1].strip().rstrip("x")) == pytest.approx(0.125, abs=0.01)

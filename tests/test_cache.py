@@ -78,9 +78,9 @@ def test_hits_misses_and_invalidation(tmp_path, capsys):
     after = _entries(out / "cache")
     assert {k: v for k, v in after.items() if k in first} == first, "nothing already computed was rewritten"
     new = sorted(_kind(name) for name in set(after) - set(first))
-    # the a8w6 model, its logits, its simulated check logits (the deployed ones are its logits' first
-    # rows), its size and speed, and the run's timing
-    assert new == ["check-logits", "deployment", "logits", "quantized", "seconds"]
+    # the a8w6 model, its logits and their session.run speed, its simulated check logits (the deployed
+    # ones are its logits' first rows), its size and speed, and the run's timing
+    assert new == ["check-logits", "deployment", "logits", "quantized", "seconds", "throughput"]
     assert (out / "model_a8w6.onnx").exists()
 
     before_seed = _entries(out / "cache")

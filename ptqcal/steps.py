@@ -275,10 +275,16 @@ def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: Preproces
         logits = job.compute(cfg, count=count, timings=timings)
         speed = evaluation_throughput(timings, cfg.batch_size)
         if speed is not None and count is None:  # the deployment numbers read it (deployment())
-            cache.file("throughput", key, "json", lambda tmp: tmp.write_text(json.dumps(speed)))
+            cache.file("throughput", _speed_key(key, cfg), "json", lambda tmp: tmp.write_text(json.dumps(speed)))
         return logits
 
     return cache.array(kind, key, compute, _check_logits)
+
+
+def _speed_key(logits_key: str, cfg: RunConfig) -> str:
+    """The key of an evaluation's speed: its logits' key (model, images, batch, provider), and the
+    thread count, which changes the speed and not the logits."""
+    return make_key(logits_key, cfg.threads)
 
 
 def _check_logits(logits: np.ndarray) -> None:
@@ -375,7 +381,7 @@ def deployment(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessC
     from .evaluate.deploy import Deployment, measure_deployment
 
     key = make_key(file_digest(path), cfg.threads, cfg.batch_size, cfg.timing, cfg.provider, versions())
-    seen = LogitsJob(path, pixels, preprocess, "", fused=True).key(cfg)
+    seen = _speed_key(LogitsJob(path, pixels, preprocess, "", fused=True).key(cfg), cfg)
 
     def measure(tmp: Path) -> None:
         batch = preprocess(pixels.head(cfg.batch_size))

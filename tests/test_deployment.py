@@ -74,6 +74,10 @@ def test_run_reports_size_and_speed_per_configuration(tmp_path):
     assert "1 ORT thread;" in report and "over the evaluation's full batches" in report and (tmp_path / "timed" / "fig6_deployment.png").exists()
     assert "a8w4 is not faster than float" in report or float(rows["a8w4"]["throughput"]) > float(
         rows["float"]["throughput"])
+    # the same logits with another thread count: their speed was not measured with it
+    assert main([*common, "--threads", "2", "--batch-size", "64", "--out", str(tmp_path / "timed")]) == 0
+    again = json.loads((tmp_path / "timed" / "run.json").read_text())["deployment"]
+    assert all(d["threads"] == 2 and d["throughput_source"] == "timed runs" for d in again.values())
     untimed = (tmp_path / "untimed" / "report.md").read_text()
     assert "sizes only" in untimed and not (tmp_path / "untimed" / "fig6_deployment.png").exists()
     assert json.loads((tmp_path / "untimed" / "run.json").read_text())["deployment"]["a8w8"]["latency_ms"] is None

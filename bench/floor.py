@@ -239,7 +239,8 @@ def compare(cfg, ours: float, inputs: np.ndarray, calib: np.ndarray, label: str,
           + ", ".join(f"{c} {r:.2f}" for c, r in agreement.items()))
     float_pass = bare_seconds(session(models["float"], {}), calib, batch)
     print(f"  {label}: calibration {phases['calibration']:.1f} s vs one float pass over the same "
-          f"{len(calib)} images {float_pass:.1f} s: {phases['calibration'] / float_pass:.1f}x (target <= {CALIBRATION_TARGET}x)")
+          f"{len(calib)} images {float_pass:.1f} s: {phases['calibration'] / float_pass:.1f}x "
+          f"(target <= {CALIBRATION_TARGET}x)")
     for config in ("float", "a8w8"):
         rates, same = batch_sizes(models[config], inputs[:2 * sample])
         print(f"  {label}: {config} images/s by batch size: " + ", ".join(f"{b}: {r:.0f}" for b, r in rates.items())

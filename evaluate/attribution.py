@@ -44,7 +44,8 @@ class Attribution:
 
     @classmethod
     def from_json(cls, values: dict) -> "Attribution":
-        effects = [LayerEffect(**{k: float("nan") if v is None else v for k, v in e.items()}) for e in values["effects"]]
+        effects = [LayerEffect(**{k: float("nan") if v is None else v for k, v in e.items()})
+                   for e in values["effects"]]
         return cls(effects, int(values["images"]), int(values["confident"]), bool(values.get("held_out", False)))
 
 

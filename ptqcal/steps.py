@@ -216,8 +216,8 @@ def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig) ->
     calib = batch_for(budget, calibration + inputs, CALIB_BATCH)
     note = (f"Batches of {evaluation} (evaluation), {check} (simulated-path check) and {calib} (calibration) "
             f"images: per image the model's activations take {_bytes(sizes.peak)} at their peak when it runs and "
-            f"{_bytes(sizes.total)} all together ({_bytes(sizes.binned)} binned by calibration), within a memory budget of "
-            f"{_bytes(cfg.max_memory)}.")
+            f"{_bytes(sizes.total)} all together ({_bytes(sizes.binned)} binned by calibration), within a memory "
+            f"budget of {_bytes(cfg.max_memory)}.")
     return Batches(evaluation, check, calib, note)
 
 

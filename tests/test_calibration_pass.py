@@ -17,7 +17,8 @@ ACTIVATIONS = ("relu_in", "relu1", "clip2", "relu3", "clip3", "clip_kept", "relu
 
 
 def _conv(rng, name, src, dst, channels_in, channels_out):
-    weight = numpy_helper.from_array(rng.normal(0, 0.4, (channels_out, channels_in, 3, 3)).astype(np.float32), f"{name}_w")
+    values = rng.normal(0, 0.4, (channels_out, channels_in, 3, 3)).astype(np.float32)
+    weight = numpy_helper.from_array(values, f"{name}_w")
     return helper.make_node("Conv", [src, weight.name], [dst], name=name, pads=[1, 1, 1, 1]), weight
 
 
@@ -32,7 +33,8 @@ def model_path(tmp_path_factory):
     nodes = [helper.make_node("Relu", ["input"], ["r0"], name="relu_in")]
     for conv, activations in [(("conv1", "r0", "c1", 1, 4), [("Relu", "c1", "a1", "relu1")]),
                               (("conv2", "a1", "c2", 4, 4), [("Clip", "c2", "a2", "clip2")]),
-                              (("conv3", "a2", "c3", 4, 4), [("Relu", "c3", "a3", "relu3"), ("Clip", "a3", "a3b", "clip3")]),
+                              (("conv3", "a2", "c3", 4, 4),
+                               [("Relu", "c3", "a3", "relu3"), ("Clip", "a3", "a3b", "clip3")]),
                               (("conv4", "a3b", "c4", 4, 4), [("Clip", "c4", "a4", "clip_kept")]),
                               (("conv5", "a4", "c5", 4, 4), [("Relu", "c5", "a5", "relu5")])]:
         node, weight = _conv(rng, *conv)

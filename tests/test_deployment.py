@@ -71,7 +71,8 @@ def test_run_reports_size_and_speed_per_configuration(tmp_path):
     rows = {r["config"]: r for r in csv.DictReader(open(tmp_path / "timed" / "metrics.csv"))}
     assert float(rows["a8w8"]["throughput"]) > 0 and int(rows["float"]["file_bytes"]) > 0
     report = (tmp_path / "timed" / "report.md").read_text()
-    assert "1 ORT thread;" in report and "over the evaluation's full batches" in report and (tmp_path / "timed" / "fig6_deployment.png").exists()
+    assert "1 ORT thread;" in report and "over the evaluation's full batches" in report
+    assert (tmp_path / "timed" / "fig6_deployment.png").exists()
     assert "a8w4 is not faster than float" in report or float(rows["a8w4"]["throughput"]) > float(
         rows["float"]["throughput"])
     # the same logits with another thread count: their speed was not measured with it

@@ -74,17 +74,22 @@ def session(path: Path, setting: dict):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def bare_seconds(sess, inputs: np.ndarray, batch: int) -> float:
-    """Seconds of ``session.run`` alone over ``inputs`` in batches (one warm-up batch first)."""
+def timed_batches(sess, inputs: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
+    """Seconds of ``session.run`` alone over ``inputs`` in batches (after one warm-up batch), and the
+    logits."""
     name = sess.get_inputs()[0].name
     sess.run(None, {name: inputs[:batch]})
-    total = 0.0
+    total, logits = 0.0, []
     for start in range(0, len(inputs), batch):
         part = np.ascontiguousarray(inputs[start:start + batch])
         begin = time.perf_counter()
-        sess.run(None, {name: part})
+        logits.append(sess.run(None, {name: part})[0])
         total += time.perf_counter() - begin
-    return total
+    return total, np.concatenate(logits)
+
+
+def bare_seconds(sess, inputs: np.ndarray, batch: int) -> float:
+    return timed_batches(sess, inputs, batch)[0]
 
 
 def best_settings(models: dict[str, Path], inputs: np.ndarray, batch: int) -> dict[str, str]:
@@ -108,18 +113,9 @@ def batch_sizes(path: Path, inputs: np.ndarray, sizes=(32, 64, 128, 256, 512)) -
     """Images/s of bare ``session.run`` at each batch size, and whether the logits are bitwise
     the same at every size."""
     sess = session(path, {})
-    name = sess.get_inputs()[0].name
-    rates, logits = {}, {}
-    for size in sizes:
-        sess.run(None, {name: inputs[:size]})  # warm-up at this size
-        parts, total = [], 0.0
-        for start in range(0, len(inputs), size):
-            part = np.ascontiguousarray(inputs[start:start + size])
-            begin = time.perf_counter()
-            parts.append(sess.run(None, {name: part})[0])
-            total += time.perf_counter() - begin
-        rates[size], logits[size] = len(inputs) / total, np.concatenate(parts)
-    same = all(np.array_equal(logits[sizes[0]], other) for other in logits.values())
+    timed = {size: timed_batches(sess, inputs, size) for size in sizes}
+    rates = {size: len(inputs) / seconds for size, (seconds, _) in timed.items()}
+    same = all(np.array_equal(timed[sizes[0]][1], logits) for _, logits in timed.values())
     return rates, same
 
 
@@ -141,7 +137,7 @@ PHASES = {
 }
 
 
-def timed_run(cfg) -> tuple[float, dict[str, float]]:
+def phase_times(cfg) -> tuple[float, dict[str, float]]:
     """Wall seconds of ``run(cfg)`` and each phase's own seconds (``other``: the rest)."""
     import importlib
 
@@ -223,16 +219,16 @@ def compare(cfg, ours: float, inputs: np.ndarray, calib: np.ndarray, label: str,
     ``ours`` seconds against it, where they go, settings and batch sizes measured on ``sample``
     images, and calibration against one float pass over ``calib``."""
     run_dir = cfg.out
-    batch = _run_batch(run_dir)
+    measured = json.loads((run_dir / "run.json").read_text())["deployment"]
+    batch = measured["float"]["batch_size"]  # the evaluation batch the run chose
     models = {p.stem.removeprefix("model_"): p for p in sorted(run_dir.glob("model_*.onnx"))}
     models = {"float": models.pop("float"), **models}
     settings = best_settings({c: models[c] for c in ("float", "a8w8")}, inputs[:sample], batch)
     print(f"    best: {settings}")
     chosen = {config: settings["float" if config == "float" else "a8w8"] for config in models}
     floor_by_config = floor(models, inputs, batch, chosen)
-    wall, phases = timed_run(replace(cfg, out=run_dir.with_name(run_dir.name + "-timed")))
+    wall, phases = phase_times(replace(cfg, out=run_dir.with_name(run_dir.name + "-timed")))
     ratios = report(label, ours, floor_by_config, wall, phases, target)
-    measured = json.loads((run_dir / "run.json").read_text())["deployment"]
     agreement = {c: measured[c]["throughput"] * floor_by_config[c] / len(inputs) for c in floor_by_config
                  if measured.get(c, {}).get("throughput")}
     print(f"  {label}: the run's images/s ({measured['float'].get('throughput_source')}) / the floor's: "
@@ -247,15 +243,6 @@ def compare(cfg, ours: float, inputs: np.ndarray, calib: np.ndarray, label: str,
               + f"; logits {'identical' if same else 'NOT identical'} across batch sizes")
     ratios[f"{label}: calibration / one float pass"] = phases["calibration"] / float_pass
     return ratios
-
-
-def _run_batch(run_dir: Path) -> int:
-    """The evaluation batch the run chose (its note in run.json says it)."""
-    import re
-
-    notes = json.loads((run_dir / "run.json").read_text())["notes"]
-    found = next(re.search(r"Batches of (\d+) \(evaluation\)", note) for note in notes if "(evaluation)" in note)
-    return int(found.group(1))
 
 
 def lite0(quick: bool, folder: Path) -> dict[str, float]:

@@ -44,7 +44,8 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, cluster) -> Pat
     images = draws[0]
     steps.normalise(model.preprocess, images.eval.head(1))  # a size mismatch is a user error, said now
     prepared = steps.prepare_for_quantization(cache, model.float_path)
-    batches = steps.choose_batches(prepared, model.preprocess, cfg)
+    exclude = steps.layers_kept_float(prepared, cfg)
+    batches = steps.choose_batches(prepared, model.preprocess, cfg, exclude)
     recorded, cfg = cfg, replace(cfg, batch_size=batches.eval)
     log(cfg, f"model {model.name}: {len(images.calib)} calibration / {len(images.eval)} evaluation images "
          f"({dataset.name}); batches of {batches.eval} (evaluation) and {batches.calib} (calibration)")
@@ -61,7 +62,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, cluster) -> Pat
     sweep.deployment[FLOAT_NAME] = steps.deployment(cache, model.float_path, images.eval, model.preprocess, cfg)
     if cfg.fp16:
         add_fp16(cfg, model, images, cache, sweep)
-    exclude = _quantize_sweep(cfg, model, prepared, batches, draws, cache, work, sweep, cluster)
+    _quantize_sweep(cfg, model, prepared, exclude, batches, draws, cache, work, sweep, cluster)
     if cfg.attribute or cfg.mixed:
         from .attribution import attribute_run
 
@@ -80,18 +81,17 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, cluster) -> Pat
     return work
 
 
-def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, draws, cache: Cache, work: Path,
-                    sweep: Sweep, cluster) -> tuple[str, ...]:
-    """Every calibration draw x activation bits x weight bits; returns the layers kept in float.
+def _quantize_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, ...], batches: steps.Batches, draws,
+                    cache: Cache, work: Path, sweep: Sweep, cluster) -> None:
+    """Every calibration draw x activation bits x weight bits, with ``exclude``'s nodes kept float.
     The draws' calibrations, the configurations' quantizations and their logits are independent
     work for ``cluster``; the results are then gathered in sweep order."""
     import onnx
 
-    from .quantize import CalibrationRanges, compute_ranges, layers_to_exclude
+    from .quantize import CalibrationRanges, compute_ranges
     from .quantize.qdq import quantized_tensors
 
     graph = onnx.load(str(prepared), load_external_data=False)
-    exclude = layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
     given = None if cfg.calib_ranges is None else CalibrationRanges.load(cfg.calib_ranges).check_fits(
         graph, cfg.act_bits if cfg.repeats == 1 else (), exclude)
     if given is None:
@@ -117,7 +117,6 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, batches: steps.Batche
             ranges.save(work / f"calibration_ranges_a{spec.act_bits}{name[len(spec.name):]}.json",
                         quantized_tensors(path))
         add_config(cfg, model, name, path, draws[0].eval, batches, cache, sweep, repeat == 0)
-    return exclude
 
 
 def run(cfg: RunConfig, cluster=None) -> Path:

@@ -76,8 +76,8 @@ class Batches:
 # histograms (merged batch by batch), stay those of earlier versions wherever both fit.
 ARENA_FACTOR = 2.0
 SIMULATED_FACTOR = 2.0
-CALIBRATION_FACTOR = 3.0
-CALIBRATION_FACTOR_BEFORE = 2.0
+CALIBRATION_FACTOR = 3.0  # x the tensors calibration bins
+CALIBRATION_ALL_FACTOR = 2.0  # x every activation
 
 
 def versions() -> dict[str, str]:
@@ -191,20 +191,31 @@ def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cac
                   selection.calib_note, search, selection.search_note)
 
 
-def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig) -> Batches:
+def layers_kept_float(prepared: Path, cfg: RunConfig) -> tuple[str, ...]:
+    """The nodes every quantized configuration of ``cfg`` keeps float (``--exclude``'s names, each
+    checked to be a node, and the first or last weight layer when asked)."""
+    import onnx
+
+    from .quantize import layers_to_exclude
+
+    graph = onnx.load(str(prepared), load_external_data=False)
+    return layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
+
+
+def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig,
+                   exclude: tuple[str, ...] = ()) -> Batches:
     """The largest batches (up to ``cfg.batch_size``, and :data:`CALIB_BATCH` for calibration) whose
-    activations and prepared input batches fit ``cfg.max_memory``, from the graph's activation sizes."""
+    activations and prepared input batches fit ``cfg.max_memory``, from the graph's activation sizes
+    (a calibration for quantizations that keep ``exclude``'s nodes float)."""
     import onnx
 
     from .evaluate.memory import activation_bytes, batch_for
     from .pixels import CHUNK_BYTES, PREFETCH
     from .quantize.calibrate import ranges_set_by_ort
-    from .quantize.qdq import layers_to_exclude
 
     channels, height, width = preprocess.input_size
     shape = (1, channels, height, width) if preprocess.layout == "NCHW" else (1, height, width, channels)
     graph = onnx.load(str(prepared), load_external_data=False)
-    exclude = layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
     sizes = activation_bytes(prepared, shape, frozenset(ranges_set_by_ort(graph, exclude)))
     inputs = (PREFETCH + 2) * channels * height * width * np.dtype(preprocess.dtype).itemsize
     budget = max(1, cfg.max_memory - 2 * CHUNK_BYTES)  # a decoded chunk in use and one being decoded
@@ -212,7 +223,7 @@ def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig) ->
     simulated = ARENA_FACTOR * SIMULATED_FACTOR * sizes.peak + inputs
     evaluation = batch_for(budget, deployed if cfg.execution == "deployed" else simulated, cfg.batch_size)
     check = batch_for(budget, simulated, cfg.batch_size)
-    calibration = max(CALIBRATION_FACTOR * sizes.binned, CALIBRATION_FACTOR_BEFORE * sizes.total)
+    calibration = max(CALIBRATION_FACTOR * sizes.binned, CALIBRATION_ALL_FACTOR * sizes.total)
     calib = batch_for(budget, calibration + inputs, CALIB_BATCH)
     note = (f"Batches of {evaluation} (evaluation), {check} (simulated-path check) and {calib} (calibration) "
             f"images: per image the model's activations take {_bytes(sizes.peak)} at their peak when it runs and "
@@ -274,7 +285,7 @@ def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: Preproces
         timings: list[tuple[int, float]] = []
         logits = job.compute(cfg, count=count, timings=timings)
         speed = evaluation_throughput(timings, cfg.batch_size)
-        if speed is not None and count is None:  # the deployment numbers read it (deployment())
+        if speed is not None and count is None and kind == "logits":  # deployment() reads it
             cache.file("throughput", _speed_key(key, cfg), "json", lambda tmp: tmp.write_text(json.dumps(speed)))
         return logits
 

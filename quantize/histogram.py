@@ -132,11 +132,6 @@ class HistogramBinner:
         for future in pending:
             future.result()
 
-    def update(self, values: dict[str, np.ndarray]) -> None:
-        """Bin one batch and wait for it."""
-        self.submit(values)
-        self.wait()
-
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
 

@@ -7,11 +7,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from conftest import save_classifier
 from ptqcal.quantize import (ArrayDataReader, CalibrationRanges, QuantizeError, QuantSpec, collect_histograms,
                              compute_ranges, quantize_qdq)
 from ptqcal.quantize.calibrate import ranges_set_by_ort
 from ptqcal.quantize.histogram import HistogramBinner, TensorHistogram
-from tests.conftest import save_classifier
 
 ACTIVATIONS = ("relu_in", "relu1", "clip2", "relu3", "clip3", "clip_kept", "relu5")
 
@@ -95,8 +95,9 @@ def test_binning_in_threads_gives_the_histograms_of_one_tensor_at_a_time():
     with HistogramBinner(threaded, workers=3) as binner:
         for batch in batches:
             values = dict(batch)
-            binner.update(values)
+            binner.submit(values)  # returns at once: binned while the next batch is made
             assert not values  # handed over, so each is freed once counted
+        binner.wait()
     for name, histogram in alone.items():
         assert (threaded[name].lo, threaded[name].hi) == (histogram.lo, histogram.hi)
         np.testing.assert_array_equal(threaded[name].counts, histogram.counts)

@@ -203,9 +203,15 @@ class CalibrationRanges:
         if missing:
             raise QuantizeError(f"the saved ranges do not fit this model: no range for {', '.join(missing[:3])}"
                                 + (" …" if len(missing) > 3 else ""), setting="calib_ranges")
+        return self.check_derived(model, exclude)
+
+    def check_derived(self, model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> "CalibrationRanges":
+        """Raise :class:`QuantizeError` if a range was taken from a Relu/Clip that a quantization
+        keeping ``exclude``'s nodes float leaves float: ORT would then use the tensor's own range,
+        which was never measured (calibrate with the same ``exclude``)."""
         own_needed = sorted(set(self.derived) - set(ranges_set_by_ort(model, exclude)))
         if own_needed:
-            raise QuantizeError(f"the saved ranges have no own range for {', '.join(own_needed[:3])}"
+            raise QuantizeError(f"the ranges have no own range for {', '.join(own_needed[:3])}"
                                 + (" …" if len(own_needed) > 3 else "") + " (the node after it was quantized "
                                 "when they were calibrated, and is kept float now)", setting="calib_ranges")
         return self

@@ -165,6 +165,7 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
         prepared_path = Path(tmp) / "prepared.onnx"
         onnx.save(model, str(prepared_path))
         layers_to_exclude(model, spec.exclude)  # every name must be a node
+        ranges.check_derived(model, spec.exclude)  # calibrated for the same nodes kept float
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
         partial = Path(tmp) / "model.onnx"

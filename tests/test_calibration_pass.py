@@ -81,6 +81,10 @@ def test_saved_ranges_that_took_a_range_refuse_a_run_that_keeps_that_node_float(
     assert loaded.check_fits(graph, (8,)) is loaded
     with pytest.raises(QuantizeError, match="no own range for c4"):
         loaded.check_fits(graph, (8,), exclude=("clip_kept",))
+    # quantizing with a node kept float that the calibration quantized: refused, not guessed
+    with pytest.raises(QuantizeError, match="no own range for c4"):
+        quantize_qdq(model_path, tmp_path / "q.onnx", ranges, QuantSpec(8, 8, exclude=("clip_kept",)))
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_binning_in_threads_gives_the_histograms_of_one_tensor_at_a_time():

@@ -58,7 +58,7 @@ class TimedTasks:
 
     def warm_logits(self, cache, jobs, cfg):
         from ptqcal.cluster import shards
-        from ptqcal.steps import _check_logits
+        from ptqcal.steps import check_logits
 
         for job in jobs:
             if cache.has(job.kind, job.key(cfg), "npy"):
@@ -69,7 +69,7 @@ class TimedTasks:
                 parts.append(job.compute(cfg, start, count, progress=False))
                 self.seconds["inference"].append(time.perf_counter() - began)
             logits = np.concatenate(parts)
-            cache.array(job.kind, job.key(cfg), lambda: logits, _check_logits)
+            cache.array(job.kind, job.key(cfg), lambda: logits, check_logits)
 
     def close(self):
         pass

@@ -93,7 +93,7 @@ def torch_sweep(model, calib: np.ndarray, evaluation: np.ndarray, bits: list[int
     from torch.ao.quantization import disable_fake_quant, disable_observer, enable_fake_quant, enable_observer
 
     from ptqcal.models.preprocess import CIFAR100_PREPROCESS
-    from ptqcal.torch_reference import torch_fake_quant, torch_logits
+    from ptqcal.export.torch_reference import torch_fake_quant, torch_logits
 
     start = time.perf_counter()
     x_eval, x_calib = CIFAR100_PREPROCESS(evaluation), CIFAR100_PREPROCESS(calib)

@@ -106,7 +106,7 @@ def speed(model: Path, labels: Path, count: int, folder: Path) -> dict[str, floa
     from ptqcal.data import load_csv
     from ptqcal.evaluate import make_session
     from ptqcal.models import inspect_onnx, onnx_preprocess
-    from ptqcal.pixels import Pixels
+    from ptqcal.data.pixels import Pixels
 
     preprocess = onnx_preprocess(inspect_onnx(model))
     split = load_csv(labels).take(np.arange(count))

@@ -8,7 +8,8 @@ from .metrics import (ECE_BINS, ClassificationAccumulator, Metrics, Quantization
                       classification_metrics, expected_calibration_error, log_softmax, nll, quantization_change,
                       reliability_curve, reliability_of_logits, softmax, top_k_error)
 from .record import FORMAT_VERSION, RunRecord, RunRecordError
-from .results import FLOAT_NAME, REPEAT_MARK, ConfigResult, Execution, PathAgreement, compare_paths, evaluate_logits
+from .agreement import PathAgreement, TorchAgreement, compare_paths, torch_agreement
+from .results import FLOAT_NAME, REPEAT_MARK, ConfigResult, Execution, evaluate_logits
 
 _RUNNER = {"make_session", "optimized_op_types", "predict"}
 
@@ -22,7 +23,7 @@ def __getattr__(name: str):
 
 
 __all__ = ["ECE_BINS", "FLOAT_NAME", "FORMAT_VERSION", "REPEAT_MARK", "ClassificationAccumulator", "ConfigResult", "Execution",
-           "Metrics", "PathAgreement", "QuantizationChange", "ReliabilityCurve", "RunRecord", "RunRecordError",
+           "Metrics", "PathAgreement", "QuantizationChange", "TorchAgreement", "ReliabilityCurve", "RunRecord", "RunRecordError",
            "classification_metrics", "compare_paths", "evaluate_logits", "expected_calibration_error", "log_softmax",
            "make_session", "nll", "optimized_op_types", "predict", "quantization_change", "reliability_curve",
-           "reliability_of_logits", "softmax", "top_k_error"]
+           "reliability_of_logits", "softmax", "top_k_error", "torch_agreement"]

@@ -1,5 +1,6 @@
-"""Mixed precision guided by confidence: the order in which layers give up weight bits, and the
-typed result of the search (numpy only; :mod:`ptqcal.mixed` quantizes and measures).
+"""Mixed precision guided by confidence: the order in which layers give up weight bits, the search
+along that order, and its typed result (numpy only: the caller quantizes and runs the models it
+asks for).
 
 The search is greedy. Every layer starts at the run's highest weight width. A *move* lowers one
 layer to its next width that stores fewer bytes; moves are ordered by what attribution measured
@@ -7,19 +8,25 @@ for them (each layer quantized alone): the increase in confident swaps per byte 
 in swaps, then in quantization noise of the layer's output. A prefix of that order is an
 assignment: the longer the prefix, the smaller the weights. The search then measures prefixes of
 the whole model (every layer at its width, activations quantized) on held-out images, because
-layers' effects do not simply add up.
+layers' effects do not simply add up:
+
+* ``max_confident_swaps``: the longest prefix (fewest weight bytes) whose confident swaps stay
+  within the limit, found by bisection (assuming that lowering more layers does not swap fewer);
+* ``max_size_ratio``: the shortest prefix (fewest confident swaps, greedily) whose weight bytes fit.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ptqcal.errors import InputError
 from ptqcal.quantize.spec import stored_bits
-from .attribution import Attribution
+from .attribution import CONFIDENT, Attribution
+from .metrics import quantization_change
 
 TARGETS = ("max_confident_swaps", "max_size_ratio")
 
@@ -112,3 +119,74 @@ class MixedChoice:
     def from_json(cls, values: dict) -> "MixedChoice":
         return cls(**{**values, "layer_bits": {k: int(v) for k, v in values["layer_bits"]},
                       "steps": [SearchStep(**s) for s in values["steps"]]})
+
+
+class SearchError(InputError):
+    """A target the search cannot work towards on the images it was given."""
+
+
+# measure(layer_bits) -> the logits, on the search's images, of the model whose weight layers take
+# these widths (every other setting as in the run)
+Measure = Callable[[dict[str, int]], np.ndarray]
+
+
+def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: Mapping[str, int],
+           widths: Sequence[int], act_bits: int, attribution: Attribution, float_logits: np.ndarray,
+           measure_logits: Measure) -> MixedChoice:
+    """Per-layer weight widths for ``target`` <= ``limit`` (see :data:`TARGETS`).
+
+    ``elements``: weight count of every quantized layer (graph order); ``float_bytes``: float bytes
+    of every weight layer, those kept float included; ``float_logits``: the float model on the
+    search's images. The choice's ``layer_bits`` is empty when no assignment meets the target."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}")
+    moves = ordered_moves(attribution, elements, widths)
+    kept_float = sum(b for layer, b in float_bytes.items() if layer not in elements)
+    prefix_bits = lambda k: assignment(elements, widths, moves[:k])  # noqa: E731
+
+    def size(k: int) -> int:
+        return kept_float + sum(stored_bytes(elements[layer], bits) for layer, bits in prefix_bits(k).items())
+
+    no_labels = np.zeros(len(float_logits), np.int64)  # swaps need no labels
+    reference = quantization_change(float_logits, float_logits, no_labels)
+    confident = int((reference.float_confidence >= CONFIDENT).sum())
+    if target == "max_confident_swaps" and not confident:
+        raise SearchError(f"the float model holds none of the {len(float_logits)} held-out images with "
+                          f"{CONFIDENT:.0%} confidence, so there are no confident swaps to bound: bound the weights' "
+                          "size instead", setting="max_confident_swaps")
+    measured: dict[int, SearchStep] = {}
+
+    def measure(k: int) -> SearchStep:
+        if k not in measured:
+            change = quantization_change(float_logits, measure_logits(prefix_bits(k)), no_labels)
+            swapped, held = change.confident_swaps(CONFIDENT)
+            measured[k] = SearchStep(k, size(k), swapped / held if held else 0.0, change.swap_rate)
+        return measured[k]
+
+    chosen = _confident_prefix(limit, len(moves), measure) if target == "max_confident_swaps" \
+        else _size_prefix(limit * sum(float_bytes.values()), len(moves), size, measure)
+    history = list(measured.values())
+    if chosen is not None and history[-1].moves != chosen:  # the choice is the last row
+        history.append(measured[chosen])
+    return MixedChoice(target, limit, sum(float_bytes.values()), len(float_logits), confident, act_bits,
+                       {} if chosen is None else prefix_bits(chosen), history)
+
+
+def _confident_prefix(limit: float, count: int, measure) -> int | None:
+    """The most moves whose model swaps at most ``limit`` of the confident predictions (bisection)."""
+    if measure(0).confident_swapped > limit:
+        return None
+    if measure(count).confident_swapped <= limit:
+        return count
+    good, bad = 0, count
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if measure(middle).confident_swapped <= limit else (good, middle)
+    return good
+
+
+def _size_prefix(budget: float, count: int, size, measure) -> int | None:
+    """The fewest moves whose weights fit ``budget`` bytes (measured, to report it)."""
+    fitting = next((k for k in range(count + 1) if size(k) <= budget), None)
+    measure(count if fitting is None else fitting)
+    return fitting

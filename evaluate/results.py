@@ -87,20 +87,3 @@ def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray, float_log
         curve, confidence = reliability_of_logits(logits, labels, temperature)
         metrics = replace(metrics, ece_temperature=curve.ece, mean_confidence_temperature=float(confidence.mean()))
     return ConfigResult(name, logits, metrics, change, (metrics,))
-
-
-@dataclass(frozen=True)
-class PathAgreement:
-    """How far ORT's fused integer kernels (deployed) and float ops between Q/DQ (simulated)
-    agree for one quantized model on the same images."""
-
-    config: str
-    images: int
-    max_abs_logit_diff: float
-    top1_agreement: float  # fraction of images with the same top-1 prediction
-
-
-def compare_paths(config: str, deployed: np.ndarray, simulated: np.ndarray) -> PathAgreement:
-    """Compare the deployed and simulated logits of one quantized model on the same images."""
-    return PathAgreement(config, len(deployed), float(np.max(np.abs(deployed - simulated))),
-                         float(np.mean(deployed.argmax(1) == simulated.argmax(1))))

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from ptqcal.errors import InputError
-from ptqcal.quantize.calibrate import bar_disabled
+from ptqcal.progress import bar_disabled
 
 
 class SessionError(InputError):
@@ -29,12 +29,12 @@ def execution_provider(name: str) -> str:
     return full
 
 
-def make_session(model_path: str | Path, fused: bool = True, optimized_model_path: str | Path | None = None,
+def make_session(model: str | Path | bytes, fused: bool = True, optimized_model_path: str | Path | None = None,
                  provider: str = "CPU", threads: int = 0) -> ort.InferenceSession:
-    """A session on ``provider`` (CPU by default) with ``threads`` intra-op threads (0: ORT's
-    default, one per physical core). ``fused=False`` keeps Q/DQ around float ops (the simulated
-    path); the default lets ORT fuse them into integer kernels such as QLinearConv (the deployed
-    path)."""
+    """The one session factory: ``model`` (a path, or a serialised ModelProto) on ``provider`` (CPU
+    by default) with ``threads`` intra-op threads (0: ORT's default, one per physical core).
+    ``fused=False`` keeps Q/DQ around float ops (the simulated path); the default lets ORT fuse them
+    into integer kernels such as QLinearConv (the deployed path)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
@@ -44,10 +44,11 @@ def make_session(model_path: str | Path, fused: bool = True, optimized_model_pat
         options.optimized_model_filepath = str(optimized_model_path)
     providers = [execution_provider(provider)]
     try:
-        return ort.InferenceSession(str(model_path), options, providers=providers)
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind error types for graphs it cannot run
         reason = " ".join(str(exc).split())[:300]
-        raise SessionError(f"ONNX Runtime cannot run {Path(model_path).name}: {reason}") from None
+        name = "the model" if isinstance(model, bytes) else Path(model).name
+        raise SessionError(f"ONNX Runtime cannot run {name}: {reason}") from None
 
 
 def predict(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int = 256, desc: str = "evaluate",

@@ -21,7 +21,7 @@ import os
 import socket
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -34,6 +34,24 @@ RETRIES = 3  # times Ray re-runs a task whose worker process died
 LOCAL = "local"  # --ray without an address: a Ray instance started for the run, stopped after it
 # Ray never reports usage statistics from a ptqcal run; single-machine mode keeps a local cluster on loopback
 RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+class Executor(Protocol):
+    """Where a run's independent work runs: what :class:`Local` and :class:`RayCluster` implement."""
+
+    side_by_side: bool  # several models submit their work at once (else one model after another)
+
+    def task_threads(self, cfg: RunConfig) -> int:
+        """ORT's intra-op thread count inside one piece of work."""
+
+    def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
+        """``fn(*call)`` for each call (whose first item is the run's cache); the results in order."""
+
+    def warm_logits(self, cache: Cache, jobs: Sequence, cfg: RunConfig) -> None:
+        """Compute ahead (or not) the logits of ``jobs`` (:class:`~ptqcal.steps.LogitsJob`) into the cache."""
+
+    def close(self) -> None:
+        """Release what the executor started."""
 
 
 class Local:
@@ -81,12 +99,12 @@ def _call(fn: Callable, cache: Cache, *args) -> Any:
 def _shard(cache: Cache, job, pixels, cfg: RunConfig, start: int, count: int) -> np.ndarray:
     """One shard's logits, cached under its own key so that a resumed run does not recompute it.
     ``job`` travels without its pixels, which every shard of every job shares from one object."""
-    from .steps import _check_logits
+    from .steps import check_logits
 
     job = replace(job, pixels=pixels)
     _readable(cache, pixels)
     return cache.array(f"{job.kind}-shard", job.key(cfg, (start, count)),
-                       lambda: job.compute(cfg, start, count, progress=False), _check_logits)
+                       lambda: job.compute(cfg, start, count, progress=False), check_logits)
 
 
 def _index(cache: Cache, pixels, index: int) -> None:
@@ -159,8 +177,8 @@ class RayCluster:
         local run writes)."""
         from tqdm.auto import tqdm
 
-        from .evaluate.runner import bar_disabled
-        from .steps import _check_logits
+        from .progress import bar_disabled
+        from .steps import check_logits
 
         task = self._remote(_shard).options(name="inference")
         pending = [job for job in jobs if not cache.has(job.kind, job.key(cfg), "npy")]
@@ -182,7 +200,7 @@ class RayCluster:
                 bar.update(sizes[done[0]])
         for job, parts in work:
             logits = np.concatenate(self._get([future for future, _ in parts]))
-            cache.array(job.kind, job.key(cfg), lambda: logits, _check_logits)
+            cache.array(job.kind, job.key(cfg), lambda: logits, check_logits)
 
     def close(self) -> None:
         """Stop the Ray started for the run, or disconnect from the cluster (which keeps running)."""
@@ -190,6 +208,6 @@ class RayCluster:
             self.ray.shutdown()
 
 
-def executor(cfg: RunConfig):
+def make_executor(cfg: RunConfig) -> Executor:
     """The executor ``cfg`` asks for."""
     return Local() if cfg.ray is None else RayCluster(cfg.ray)

@@ -4,64 +4,20 @@ from __future__ import annotations
 
 import csv
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import numpy as np
 
 from . import steps
 from .atomic import atomic_path
 from .cache import Cache
 from .config import RunConfig, flag_of
 from .errors import UserError
+from .evaluate.agreement import TorchAgreement, torch_agreement
+from .evaluate.memory import CALIB_BATCH
 from .data import Split
 from .models import get_model_entry
-from .pixels import Pixels
-
-
-# Ops whose output torch.ao quantizes with their input's scale and zero point
-TORCH_SHARED_QPARAM_OPS = ("GlobalAveragePool", "AveragePool", "MaxPool", "Flatten", "Reshape")
-
-
-def share_input_ranges(graph, ranges):
-    """Give the outputs of :data:`TORCH_SHARED_QPARAM_OPS` their input's range, as torch.ao does
-    (ORT calibrates them separately: a pooled tensor gets a range of its own, 3x finer on ResNet20)."""
-    from .quantize import CalibrationRanges
-
-    shared = dict(ranges.ranges)
-    for node in graph.node:  # graph order, so chains (pool -> flatten) inherit from the start
-        if node.op_type in TORCH_SHARED_QPARAM_OPS and node.input[0] in shared:
-            shared[node.output[0]] = shared[node.input[0]]
-    return CalibrationRanges(ranges.method, ranges.bits, ranges.num_images, shared)
-
-
-@dataclass(frozen=True)
-class TorchAgreement:
-    """How far ptqcal's ORT model and torch.ao's agree for one configuration (fractions)."""
-
-    config: str
-    top1_agreement: float  # ONNX Runtime vs PyTorch quantized predictions
-    max_abs_logit_diff: float
-    onnx_top1_error: float
-    torch_top1_error: float
-    onnx_swapped: float  # predictions each quantized model changed from the float model's
-    torch_swapped: float
-    # the largest float top-1 minus top-2 logit among the images the two disagree on (0 if none):
-    # two faithful quantizers should part only where the float model itself barely decides
-    disagreement_max_float_margin: float
-
-
-def torch_agreement(config: str, float_logits: np.ndarray, onnx_logits: np.ndarray, torch_logits: np.ndarray,
-                    labels: np.ndarray) -> TorchAgreement:
-    from .evaluate.metrics import logit_margin, quantization_change, top_k_error
-
-    """Agreement of two quantized models' logits, each also against the float model's."""
-    disagree = onnx_logits.argmax(1) != torch_logits.argmax(1)
-    return TorchAgreement(config, float(np.mean(~disagree)), float(np.max(np.abs(onnx_logits - torch_logits))),
-                          top_k_error(onnx_logits, labels), top_k_error(torch_logits, labels),
-                          quantization_change(float_logits, onnx_logits, labels).swap_rate,
-                          quantization_change(float_logits, torch_logits, labels).swap_rate,
-                          float(logit_margin(float_logits)[disagree].max(initial=0.0)))
+from .data.pixels import Pixels
 
 
 def _refuse_unmatched(cfg: RunConfig) -> None:
@@ -86,7 +42,7 @@ def compare_torch(cfg: RunConfig) -> list[TorchAgreement]:
         raise UserError("compare-torch needs a PyTorch model from the registry, not an .onnx file")
     _refuse_unmatched(cfg)
     try:
-        from .torch_reference import torch_fake_quant, torch_logits
+        from .export.torch_reference import share_input_ranges, torch_fake_quant, torch_logits
     except ImportError as exc:
         raise UserError("compare-torch needs PyTorch: pip install 'ptqcal[torch]'") from exc
     import onnx
@@ -105,8 +61,8 @@ def compare_torch(cfg: RunConfig) -> list[TorchAgreement]:
         inputs = steps.normalise(model.preprocess, eval_split.images)
         prepared = steps.prepare_for_quantization(cache, model.float_path)
         histograms = steps.calibrate(cache, prepared, model.input_name, images.calib, model.preprocess,
-                                     steps.CALIB_BATCH, cfg.progress)
-        batches = [calib[i:i + steps.CALIB_BATCH] for i in range(0, len(calib), steps.CALIB_BATCH)]
+                                     CALIB_BATCH, cfg.progress)
+        batches = [calib[i:i + CALIB_BATCH] for i in range(0, len(calib), CALIB_BATCH)]
         ready = Pixels(Split(inputs, eval_split.labels), model.preprocess)  # already normalised: no transform
         float_logits = steps.model_logits(cache, model.float_path, ready, None, cfg, "float")
         graph = onnx.load(str(prepared), load_external_data=False).graph

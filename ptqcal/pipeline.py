@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import steps
 from .cache import Cache, link_or_copy
-from .cluster import executor
+from .cluster import Executor, make_executor
 from .config import RunConfig
 from .errors import UserError
 from .evaluate import FLOAT_NAME, REPEAT_MARK, RunRecord
@@ -31,14 +31,14 @@ def _export(cache: Cache, cfg: RunConfig, dataset) -> steps.PreparedModel:
     return steps.prepare_model(cfg, dataset, cache)
 
 
-def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, cluster) -> Path:
+def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Executor) -> Path:
     """Run every step of ``cfg`` and write its record into a new work folder; returns the folder.
-    ``cluster`` (:mod:`ptqcal.cluster`) runs the independent work."""
+    ``executor`` (:mod:`ptqcal.cluster`) runs the independent work."""
     started = time.perf_counter()
     from .evaluate.runner import execution_provider
 
     execution_provider(cfg.provider)  # an unavailable provider is said before any work
-    model = cluster.map(_export, [(cache, cfg, dataset)])[0]
+    model = executor.map(_export, [(cache, cfg, dataset)])[0]
     steps.check_labels(dataset, model.num_classes)
     draws = [steps.draw_images(dataset, cfg, model.preprocess, cache, r) for r in range(cfg.repeats)]
     images = draws[0]
@@ -49,7 +49,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, cluster) -> Pat
     recorded, cfg = cfg, replace(cfg, batch_size=batches.eval)
     log(cfg, f"model {model.name}: {len(images.calib)} calibration / {len(images.eval)} evaluation images "
          f"({dataset.name}); batches of {batches.eval} (evaluation) and {batches.calib} (calibration)")
-    cluster.warm_logits(cache, [steps.LogitsJob(model.float_path, images.eval, model.preprocess, FLOAT_NAME),
+    executor.warm_logits(cache, [steps.LogitsJob(model.float_path, images.eval, model.preprocess, FLOAT_NAME),
                                 steps.LogitsJob(model.float_path, images.calib, model.preprocess, "calibration",
                                                 kind="calib-logits")], cfg)
     float_logits = steps.model_logits(cache, model.float_path, images.eval, model.preprocess, cfg, FLOAT_NAME)
@@ -62,11 +62,9 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, cluster) -> Pat
     sweep.deployment[FLOAT_NAME] = steps.deployment(cache, model.float_path, images.eval, model.preprocess, cfg)
     if cfg.fp16:
         add_fp16(cfg, model, images, cache, sweep)
-    _quantize_sweep(cfg, model, prepared, exclude, batches, draws, cache, work, sweep, cluster)
+    _quantize_sweep(cfg, model, prepared, exclude, batches, draws, cache, work, sweep, executor)
     if cfg.attribute or cfg.mixed:
-        from .attribution import attribute_run
-
-        sweep.attribution = attribute_run(cfg, model.preprocess, prepared, images, cache)
+        sweep.attribution = steps.attribution(cfg, model.preprocess, prepared, images, cache)
     if cfg.mixed:
         add_mixed(cfg, model, prepared, batches, images, exclude, cache, sweep)
     for name, source in sweep.files.items():
@@ -82,21 +80,21 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, cluster) -> Pat
 
 
 def _quantize_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, ...], batches: steps.Batches, draws,
-                    cache: Cache, work: Path, sweep: Sweep, cluster) -> None:
+                    cache: Cache, work: Path, sweep: Sweep, executor: Executor) -> None:
     """Every calibration draw x activation bits x weight bits, with ``exclude``'s nodes kept float.
     The draws' calibrations, the configurations' quantizations and their logits are independent
-    work for ``cluster``; the results are then gathered in sweep order."""
+    work for ``executor``; the results are then gathered in sweep order."""
     import onnx
 
     from .quantize import CalibrationRanges, compute_ranges
-    from .quantize.qdq import quantized_tensors
+    from .quantize.graph import quantized_tensors
 
     graph = onnx.load(str(prepared), load_external_data=False)
     given = None if cfg.calib_ranges is None else CalibrationRanges.load(cfg.calib_ranges).check_fits(
         graph, cfg.act_bits if cfg.repeats == 1 else (), exclude)
     if given is None:
-        histograms = cluster.map(steps.calibrate, [(cache, prepared, model.input_name, images.calib, model.preprocess,
-                                                    batches.calib, cfg.progress, cluster.task_threads(cfg), exclude)
+        histograms = executor.map(steps.calibrate, [(cache, prepared, model.input_name, images.calib, model.preprocess,
+                                                    batches.calib, cfg.progress, executor.task_threads(cfg), exclude)
                                                    for images in draws])
         binned = sum(not h.same_as for h in histograms[0].values())
         log(cfg, f"calibrated {binned} tensors, {len(histograms[0]) - binned} more given the next Relu/Clip's range "
@@ -108,9 +106,9 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, .
             ranges = given or compute_ranges(histograms[repeat], cfg.calib_method, bits, len(images.calib.labels))
             sweep.ranges.setdefault(bits, ranges)  # the first draw's, for a mixed-precision model
             plan += [(repeat, ranges, QuantSpec(w, bits, cfg.weight_scale, exclude)) for w in cfg.weight_bits]
-    paths = cluster.map(steps.quantize_config, [(cache, prepared, ranges, spec) for _, ranges, spec in plan])
+    paths = executor.map(steps.quantize_config, [(cache, prepared, ranges, spec) for _, ranges, spec in plan])
     names = [spec.name + ("" if repeat == 0 else f"{REPEAT_MARK}{repeat}") for repeat, _, spec in plan]
-    cluster.warm_logits(cache, [config_job(cfg, model, name, path, draws[0].eval)
+    executor.warm_logits(cache, [config_job(cfg, model, name, path, draws[0].eval)
                                 for name, path in zip(names, paths)], cfg)
     for (repeat, ranges, spec), name, path in zip(plan, names, paths):
         if spec.weight_bits == cfg.weight_bits[0]:  # which ranges the graph uses, beside the others
@@ -119,25 +117,25 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, .
         add_config(cfg, model, name, path, draws[0].eval, batches, cache, sweep, repeat == 0)
 
 
-def run(cfg: RunConfig, cluster=None) -> Path:
+def run(cfg: RunConfig, executor: Executor | None = None) -> Path:
     """Run the whole analysis of one model; returns the path of ``report.md``.
 
     The finished run folder replaces the old one in one rename; its ``cache/`` carries over. On
     an input error nothing new is left behind; after a crash or a kill only cache entries
-    (whole files) stay, so the next run resumes. ``cluster``: where the independent work runs
+    (whole files) stay, so the next run resumes. ``executor``: where the independent work runs
     (default: the one ``cfg`` asks for, closed after the run).
     """
     cfg.validate()
-    if cluster is None:
-        with closing(executor(cfg)) as cluster:
-            return run(cfg, cluster)
+    if executor is None:
+        with closing(make_executor(cfg)) as executor:
+            return run(cfg, executor)
     out = cfg.out_dir
     with writing(out, RUN):
         dataset = steps.load_run_dataset(cfg)
         cache = Cache(out / "cache")
         works: list[Path] = []
         try:
-            work = measure(cfg, dataset, cache, lambda: works.append(new_work_dir(out)) or works[-1], cluster)
+            work = measure(cfg, dataset, cache, lambda: works.append(new_work_dir(out)) or works[-1], executor)
             write_marker(work, RUN)
             report_once([work], work, previous=out)
             swap_in(work, out)
@@ -152,13 +150,13 @@ def run(cfg: RunConfig, cluster=None) -> Path:
 def run_models(cfg: RunConfig, models: list[str]) -> Path:
     """Several models, each in ``out/<model>``, and one report comparing them in ``out``."""
     cfg.validate()
-    with closing(executor(cfg)) as cluster:
-        return _run_models(cfg, models, cluster)
+    with closing(make_executor(cfg)) as executor:
+        return _run_models(cfg, models, executor)
 
 
-def _run_models(cfg: RunConfig, models: list[str], cluster) -> Path:
+def _run_models(cfg: RunConfig, models: list[str], executor: Executor) -> Path:
     if len(models) == 1:
-        return run(replace(cfg, model=models[0]), cluster)
+        return run(replace(cfg, model=models[0]), executor)
     stems = [Path(m).stem for m in models]
     twice = sorted({s for s in stems if stems.count(s) > 1})
     if twice:
@@ -169,11 +167,11 @@ def _run_models(cfg: RunConfig, models: list[str], cluster) -> Path:
         check_target(out / stem, (RUN,))
     with writing(out, COMPARISON, stems):
         configs = [replace(cfg, model=model, out=out / stem) for model, stem in zip(models, stems)]
-        if cluster.side_by_side:
+        if executor.side_by_side:
             # every model's tasks fill the cluster at once, untimed (timings taken while other tasks run
             # would not be timings); then each model is timed alone, its other steps read from its cache
             log(cfg, f"{len(configs)} models side by side on the cluster")
             with ThreadPoolExecutor(len(configs)) as pool:
-                list(pool.map(lambda c: run(replace(c, timing=False, quiet=True), cluster), configs))
-        folders = [run(c, cluster).parent for c in configs]
+                list(pool.map(lambda c: run(replace(c, timing=False, quiet=True), executor), configs))
+        folders = [run(c, executor).parent for c in configs]
         return report_once(folders, out, previous=out)

@@ -20,9 +20,8 @@ from .data import Dataset, decode_images, load_dataset, select
 from .errors import UserError
 from .models import PreprocessCfg, PreprocessOverrides, get_model_entry, inspect_onnx, onnx_preprocess, without_softmax
 from .models.preprocess import METADATA_KEY
-from .pixels import Pixels
+from .data.pixels import Pixels
 
-CALIB_BATCH = 32  # largest calibration batch: every activation of a batch is in memory at once
 EXPORT_CHECK_IMAGES = 16  # evaluation images the exported graph is checked on against PyTorch
 
 
@@ -65,19 +64,6 @@ class Batches:
     check: int
     calib: int
     note: str
-
-
-# Per image, from the graph's activation sizes: ORT's CPU arena extends itself in powers of two, so
-# it can reserve up to twice what is live (measured 1.3-1.7x on EfficientNet-Lite0 at 224 px, batches
-# of 32 to 83, and a peak RSS above the budget with 1.5x); the simulated path also keeps each
-# activation's quantized and dequantized copies. Calibration holds the tensors it bins in ORT and the
-# copies in numpy of two batches (one binned while ORT runs the next): 3x what it bins. Its batch
-# fits that and, as it always did, twice every activation, so that the batches, and so the
-# histograms (merged batch by batch), stay those of earlier versions wherever both fit.
-ARENA_FACTOR = 2.0
-SIMULATED_FACTOR = 2.0
-CALIBRATION_FACTOR = 3.0  # x the tensors calibration bins
-CALIBRATION_ALL_FACTOR = 2.0  # x every activation
 
 
 def versions() -> dict[str, str]:
@@ -204,14 +190,14 @@ def layers_kept_float(prepared: Path, cfg: RunConfig) -> tuple[str, ...]:
 
 def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig,
                    exclude: tuple[str, ...] = ()) -> Batches:
-    """The largest batches (up to ``cfg.batch_size``, and :data:`CALIB_BATCH` for calibration) whose
-    activations and prepared input batches fit ``cfg.max_memory``, from the graph's activation sizes
-    (a calibration for quantizations that keep ``exclude``'s nodes float)."""
+    """The batches :func:`ptqcal.evaluate.memory.plan_batches` fits into ``cfg.max_memory`` (up to
+    ``cfg.batch_size``), from the graph's activation sizes (a calibration for quantizations that keep
+    ``exclude``'s nodes float); a budget one image does not fit is the user's to change."""
     import onnx
 
-    from .evaluate.memory import activation_bytes, batch_for
-    from .pixels import CHUNK_BYTES, PREFETCH
-    from .quantize.calibrate import ranges_set_by_ort
+    from .data.pixels import CHUNK_BYTES, PREFETCH
+    from .evaluate.memory import activation_bytes, plan_batches
+    from .quantize.graph import ranges_set_by_ort
 
     channels, height, width = preprocess.input_size
     shape = (1, channels, height, width) if preprocess.layout == "NCHW" else (1, height, width, channels)
@@ -219,17 +205,16 @@ def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig,
     sizes = activation_bytes(prepared, shape, frozenset(ranges_set_by_ort(graph, exclude)))
     inputs = (PREFETCH + 2) * channels * height * width * np.dtype(preprocess.dtype).itemsize
     budget = max(1, cfg.max_memory - 2 * CHUNK_BYTES)  # a decoded chunk in use and one being decoded
-    deployed = ARENA_FACTOR * sizes.peak + inputs
-    simulated = ARENA_FACTOR * SIMULATED_FACTOR * sizes.peak + inputs
-    evaluation = batch_for(budget, deployed if cfg.execution == "deployed" else simulated, cfg.batch_size)
-    check = batch_for(budget, simulated, cfg.batch_size)
-    calibration = max(CALIBRATION_FACTOR * sizes.binned, CALIBRATION_ALL_FACTOR * sizes.total)
-    calib = batch_for(budget, calibration + inputs, CALIB_BATCH)
-    note = (f"Batches of {evaluation} (evaluation), {check} (simulated-path check) and {calib} (calibration) "
+    plan = plan_batches(sizes, inputs, budget, cfg.batch_size, cfg.execution == "deployed")
+    if not plan.fits:
+        raise UserError(f"--max-memory {_bytes(cfg.max_memory)} cannot be met: one image of this model needs "
+                        f"{_bytes(sizes.peak)} of activations at their peak ({_bytes(sizes.total)} all together) "
+                        f"besides {_bytes(2 * CHUNK_BYTES)} of decoded pixels; give a larger budget")
+    note = (f"Batches of {plan.eval} (evaluation), {plan.check} (simulated-path check) and {plan.calib} (calibration) "
             f"images: per image the model's activations take {_bytes(sizes.peak)} at their peak when it runs and "
             f"{_bytes(sizes.total)} all together ({_bytes(sizes.binned)} binned by calibration), within a memory "
             f"budget of {_bytes(cfg.max_memory)}.")
-    return Batches(evaluation, check, calib, note)
+    return Batches(plan.eval, plan.check, plan.calib, note)
 
 
 def _bytes(count: float) -> str:
@@ -289,7 +274,7 @@ def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: Preproces
             cache.file("throughput", _speed_key(key, cfg), "json", lambda tmp: tmp.write_text(json.dumps(speed)))
         return logits
 
-    return cache.array(kind, key, compute, _check_logits)
+    return cache.array(kind, key, compute, check_logits)
 
 
 def _speed_key(logits_key: str, cfg: RunConfig) -> str:
@@ -298,7 +283,7 @@ def _speed_key(logits_key: str, cfg: RunConfig) -> str:
     return make_key(logits_key, cfg.threads)
 
 
-def _check_logits(logits: np.ndarray) -> None:
+def check_logits(logits: np.ndarray) -> None:
     """Only logits a report can use are stored: (N, classes) and finite."""
     if logits.ndim != 2:
         raise UserError(f"the model's output has shape {list(logits.shape)}, expected (N, classes)")
@@ -345,7 +330,7 @@ def calibrate(cache: Cache, prepared: Path, input_name: str, pixels: Pixels, pre
 def quantize_config(cache: Cache, prepared: Path, ranges, spec) -> Path:
     """The QDQ model of ``spec`` (a :class:`~ptqcal.quantize.QuantSpec`) with ``ranges``."""
     from .quantize import quantize_qdq
-    from .quantize.qdq import op_types_to_quantize
+    from .quantize.graph import op_types_to_quantize
 
     key = make_key(file_digest(prepared), ranges.ranges, asdict(spec), op_types_to_quantize(), versions())
     return cache.file("quantized", key, "onnx", lambda tmp: quantize_qdq(prepared, tmp, ranges, spec))
@@ -402,3 +387,52 @@ def deployment(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessC
         tmp.write_text(json.dumps(asdict(numbers)))
 
     return Deployment(**json.loads(cache.file("deployment", key, "json", measure).read_text()))
+
+
+def attribution(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, images: Images, cache: Cache):
+    """Which layers flip confident predictions (:func:`ptqcal.evaluate.attribution.attribute`), on
+    the images held out for a search, or else on ``cfg.attribution_size`` images drawn with
+    ``cfg.seed`` from the evaluation images; every (layer, bits) result is cached."""
+    from .data import DEFAULT_SEARCH_SIZE, seeded_subset
+    from .evaluate.attribution import LayerEffect, attribute
+
+    pixels = images.search if images.search is not None else \
+        Pixels(seeded_subset(images.eval.split, cfg.attribution_size or DEFAULT_SEARCH_SIZE, cfg.seed), preprocess,
+               cache, cfg.strict)
+
+    def memo(layer: str, bits: int, compute) -> LayerEffect:
+        key = make_key(file_digest(prepared), pixels.key, layer, bits, str(cfg.weight_scale), cfg.batch_size)
+        path = cache.file("layer-effect", key, "json", lambda tmp: tmp.write_text(json.dumps(asdict(compute()))))
+        return LayerEffect(**json.loads(path.read_text()))
+
+    return attribute(prepared, lambda limit: pixels.batches(cfg.batch_size, preprocess, limit), pixels.labels,
+                     cfg.weight_bits, str(cfg.weight_scale), cfg.provider, cfg.threads, memo,
+                     held_out=images.search is not None)
+
+
+def mixed_search(cfg: RunConfig, cache: Cache, prepared: Path, ranges, exclude: tuple[str, ...], pixels: Pixels,
+                 preprocess: PreprocessCfg, attribution):
+    """The mixed-precision search for ``cfg``'s target (:func:`ptqcal.evaluate.mixed.search`) on
+    ``pixels`` (held out of evaluation), each model it measures quantized and run through the cache;
+    returns the choice and the spec of the chosen model (``None`` when no assignment meets it)."""
+    from .evaluate.mixed import search
+    from .quantize import QuantSpec
+    from .quantize.graph import weight_sizes
+
+    elements, float_bytes = weight_sizes(prepared)
+    act_bits, widths = max(cfg.act_bits), cfg.weight_bits
+
+    def spec(layer_bits: dict[str, int]) -> QuantSpec:
+        return QuantSpec(max(widths), act_bits, cfg.weight_scale, exclude, layer_bits=tuple(layer_bits.items()))
+
+    def measure(layer_bits: dict[str, int]) -> np.ndarray:
+        path = quantize_config(cache, prepared, ranges, spec(layer_bits))
+        return model_logits(cache, path, pixels, preprocess, cfg, "mixed search", fused=cfg.execution == "deployed",
+                            kind="search-logits")
+
+    float_logits = model_logits(cache, prepared, pixels, preprocess, cfg, "float (search)", kind="search-logits")
+    target, limit = ("max_confident_swaps", cfg.max_confident_swaps) if cfg.max_confident_swaps is not None \
+        else ("max_size_ratio", cfg.max_size_ratio)
+    quantized = {layer: count for layer, count in elements.items() if layer not in exclude}
+    choice = search(target, limit, quantized, float_bytes, widths, act_bits, attribution, float_logits, measure)
+    return choice, spec(choice.layer_bits) if choice.met else None

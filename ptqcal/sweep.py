@@ -60,7 +60,7 @@ def config_job(cfg: RunConfig, model, name: str, path: Path, pixels) -> steps.Lo
 def add_config(cfg: RunConfig, model, name: str, path: Path, pixels, batches: steps.Batches, cache: Cache,
                sweep: Sweep, first_draw: bool = True) -> None:
     """Evaluate one quantized model; the first draw's also gets its file, deployment numbers and check."""
-    from .quantize.qdq import clipped_biases
+    from .quantize.graph import clipped_biases
 
     job = config_job(cfg, model, name, path, pixels)
     sweep.logits[name] = steps.model_logits(cache, path, pixels, model.preprocess, cfg, name, fused=job.fused)
@@ -79,10 +79,8 @@ def add_config(cfg: RunConfig, model, name: str, path: Path, pixels, batches: st
 def add_mixed(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, images, exclude, cache: Cache,
               sweep: Sweep) -> None:
     """Search the per-layer weight bits on the held-out images; evaluate the choice like the others."""
-    from . import mixed
-
     ranges = sweep.ranges[max(cfg.act_bits)]
-    sweep.mixed, spec = mixed.search(cfg, cache, prepared, ranges, exclude, images.search, model.preprocess,
+    sweep.mixed, spec = steps.mixed_search(cfg, cache, prepared, ranges, exclude, images.search, model.preprocess,
                                      sweep.attribution)
     if spec is None:
         log(cfg, f"mixed: no assignment of weight bits {list(cfg.weight_bits)} meets the target")

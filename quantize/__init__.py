@@ -1,16 +1,21 @@
 """ONNX Runtime static QDQ quantization with a streaming histogram calibrator.
 
-What a configuration is (:mod:`.spec`) and how ranges are chosen (:mod:`.ranges`) import without
-onnxruntime; the calibrator and the quantizer import it on first use.
+What a configuration is (:mod:`.spec`), how ranges are chosen (:mod:`.ranges`) and what a graph
+says about its quantization (:mod:`.graph`) import without onnxruntime; the calibrator
+(:mod:`.calibrate`) and the quantizer (:mod:`.qdq`) import it on first use.
 """
 
 from .ranges import RANGE_METHODS, CalibMethod, mse_range
 from .spec import BIT_WIDTHS, QuantizeError, QuantSpec, WeightScale
 
-_LAZY = {"ArrayDataReader": "calibrate", "BatchDataReader": "calibrate", "CalibrationRanges": "calibrate", "TensorHistogram": "histogram",
-         "calibration_tensors": "calibrate", "collect_histograms": "calibrate", "compute_ranges": "calibrate",
-         "load_histograms": "histogram", "save_histograms": "histogram", "prepare": "qdq",
-         "quantize_qdq": "qdq", "layers_to_exclude": "qdq", "weight_layer_names": "qdq"}
+_LAZY = {"ArrayDataReader": "calibrate", "BatchDataReader": "calibrate", "CalibrationRanges": "calibrate",
+         "collect_histograms": "calibrate", "compute_ranges": "calibrate",
+         "TensorHistogram": "histogram", "load_histograms": "histogram", "save_histograms": "histogram",
+         "prepare": "qdq", "quantize_qdq": "qdq",
+         # graph queries: onnx only (ORT's registry is read by op_types_to_quantize when called)
+         "calibration_tensors": "graph", "clipped_biases": "graph", "weight_sizes": "graph",
+         "layers_to_exclude": "graph", "op_types_to_quantize": "graph", "quantized_tensors": "graph",
+         "ranges_set_by_ort": "graph", "weight_bytes": "graph", "weight_layer_names": "graph"}
 
 
 def __getattr__(name: str):

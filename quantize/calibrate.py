@@ -11,7 +11,6 @@ same histograms: one calibration pass serves every method and every activation b
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,19 +19,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
-from tqdm.auto import tqdm
 
 from ptqcal.atomic import atomic_path
+from ptqcal.progress import progress_bar
 
+from .graph import calibration_tensors, ranges_set_by_ort
 from .histogram import DEFAULT_BINS, HistogramBinner, TensorHistogram, usable_cores
 from .ranges import CalibMethod, range_from_histogram
 from .spec import QuantizeError
-
-def bar_disabled(progress: bool) -> bool | None:
-    """tqdm's ``disable``: off when asked or when ``TQDM_DISABLE`` is set (an explicit argument
-    would override tqdm's own reading of it), else ``None``, which shows a bar only on a terminal."""
-    wanted_off = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
-    return True if not progress or wanted_off else None
 
 
 class ArrayDataReader(CalibrationDataReader):
@@ -79,46 +73,6 @@ class BatchDataReader(CalibrationDataReader):
         return self._num_batches or 0
 
 
-def calibration_tensors(model: onnx.ModelProto) -> list[str]:
-    """Float activations that enter or leave a node (what ORT's calibrators select), in graph order."""
-    model = onnx.shape_inference.infer_shapes(model)
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-    typed = {vi.name: vi.type.tensor_type.elem_type
-             for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
-    initializers = {init.name for init in model.graph.initializer}
-    names: dict[str, None] = {}
-    for node in model.graph.node:
-        for name in [*node.input, *node.output]:
-            if name and name not in initializers and typed.get(name) in float_types:
-                names[name] = None
-    return list(names)
-
-
-def ranges_set_by_ort(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """Tensors whose calibrated range ORT's quantizer never reads -> the tensor whose range it uses.
-
-    Before quantizing, ORT gives the input of a quantized Relu or Clip that feeds nothing else the
-    Relu's or Clip's output range (``BaseQuantizer.adjust_tensor_ranges``), then fuses the two (the
-    Conv writes the clipped range directly). Binning those inputs would be wasted work: on
-    EfficientNet-Lite0 they are a third of the tensors and half of the values. Left out, so that
-    the graph ORT writes stays the same: chains of such nodes (ORT rewrites them in graph order),
-    graph inputs and outputs (never fused, so their own range is used), and ``exclude``'s nodes.
-    """
-    from .qdq import op_types_to_quantize
-
-    quantized_ops = set(op_types_to_quantize())
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    boundary = {v.name for v in [*model.graph.input, *model.graph.output]}
-    taken = {node.input[0]: node.output[0] for node in model.graph.node
-             if node.op_type in ("Relu", "Clip") and node.op_type in quantized_ops and node.name not in exclude
-             and consumers.get(node.input[0]) == 1 and node.input[0] not in boundary}
-    chained = set(taken) & set(taken.values())
-    return {name: source for name, source in taken.items() if name not in chained and source not in chained}
-
-
 def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bins: int = DEFAULT_BINS,
                        progress: bool = True, threads: int = 0,
                        exclude: tuple[str, ...] = ()) -> dict[str, TensorHistogram]:
@@ -140,7 +94,7 @@ def collect_histograms(model_path: str | Path, reader: CalibrationDataReader, bi
     outputs = [o.name for o in session.get_outputs()]
     histograms = {name: TensorHistogram(bins) for name in binned}
     total = (len(reader) or None) if hasattr(reader, "__len__") else None
-    with (tqdm(total=total, desc="calibrate", unit="batch", disable=bar_disabled(progress), leave=False) as bar,
+    with (progress_bar(total, "calibrate", "batch", progress) as bar,
           HistogramBinner(histograms, threads or usable_cores()) as binner):
         while (feed := reader.get_next()) is not None:
             values = dict(zip(outputs, session.run(outputs, feed)))

@@ -11,6 +11,7 @@ QuantizeLinear saturates only at the container's 0..255.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -26,15 +27,12 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ptqcal.atomic import atomic_path
+
 from .calibrate import CalibrationRanges
-from .spec import QuantizeError, QuantSpec, WeightScale, stored_bits, weight_grid
+from .graph import layers_to_exclude, op_types_to_quantize, weight_axes, weighted_nodes
+from .spec import QuantSpec, WeightScale, stored_bits, weight_grid
 
 INT4_OPSET = 21
-WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
-# Normalisations ORT would quantize by default: their scale vector would get the sweep's weight
-# bits (per tensor; rank 1 has no channel axis), and no CPU integer kernel runs them. They stay
-# float, so the weight bits of a configuration mean the weights of its Conv/Gemm/MatMul layers.
-KEPT_FLOAT_OPS = ("LayerNormalization", "InstanceNormalization")
 
 
 def weight_scales(weight: np.ndarray, axis: int, bits: int, convention: str = WeightScale.TORCH) -> np.ndarray:
@@ -83,40 +81,6 @@ def name_nodes(model: onnx.ModelProto) -> bool:
             taken.add(node.name)
             renamed = True
     return renamed
-
-
-def weighted_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The Conv/Gemm/MatMul nodes with a constant weight, in graph order."""
-    initializers = {init.name for init in model.graph.initializer}
-    return [n for n in model.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in initializers]
-
-
-def weight_axes(model: onnx.ModelProto) -> dict[str, int]:
-    """Weight initializer -> output-channel axis."""
-    def axis(node: onnx.NodeProto) -> int:
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
-
-    return {node.input[1]: axis(node) for node in weighted_nodes(model)}
-
-
-def weight_layer_names(model: onnx.ModelProto) -> list[str]:
-    """Names of the Conv/Gemm/MatMul nodes with constant weights, in graph order."""
-    return [node.name for node in weighted_nodes(model)]
-
-
-def layers_to_exclude(model: onnx.ModelProto, names: tuple[str, ...] = (), first: bool = False,
-                      last: bool = False) -> tuple[str, ...]:
-    """Node names to keep in float: ``names``, plus the first and/or last weight layer.
-
-    Raises :class:`QuantizeError` for a name that is no node of ``model``.
-    """
-    unknown = sorted(set(names) - {node.name for node in model.graph.node})
-    if unknown:
-        raise QuantizeError(f"no node of the model is named {', '.join(unknown)}", setting="exclude")
-    layers = weight_layer_names(model)
-    chosen = list(names) + ([layers[0]] if first and layers else []) + ([layers[-1]] if last and layers else [])
-    return tuple(dict.fromkeys(chosen))
 
 
 def _weight_type(bits: int) -> QuantType:
@@ -181,16 +145,17 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
     return out_path
 
 
-_TEMPDIR = threading.RLock()  # tempfile.tempdir is one per process: one such call at a time
+# tempfile.tempdir and the root logger are one per process: one ORT call changes them at a time
+# (Ray's driver threads and the pipeline's configuration threads quantize side by side)
+_PROCESS_STATE = threading.RLock()
 
 
 @contextmanager
 def _ort_temporary_files(folder: str | Path) -> Iterator[None]:
     """``quant_pre_process`` and ``quantize_static`` make their own temporary folders in
     ``tempfile.gettempdir()`` and take no folder argument. For the call, point them at ours (inside
-    the run's cache, restored after), so a killed run leaves nothing in $TMPDIR. Threads (several
-    models' runs side by side) take turns."""
-    with _TEMPDIR:
+    the run's cache), so a killed run leaves nothing in $TMPDIR; restored after, whatever happens."""
+    with _PROCESS_STATE:
         previous = tempfile.tempdir
         tempfile.tempdir = str(folder)
         try:
@@ -199,38 +164,37 @@ def _ort_temporary_files(folder: str | Path) -> Iterator[None]:
             tempfile.tempdir = previous
 
 
-def quantized_tensors(quantized_path: str | Path) -> set[str]:
-    """The activation tensors a QDQ model quantizes (inputs of its activation QuantizeLinear nodes)."""
-    model = onnx.load(str(quantized_path), load_external_data=False)
-    constants = {init.name for init in model.graph.initializer}
-    return {node.input[0].split("_clip_")[0] for node in model.graph.node
-            if node.op_type == "QuantizeLinear" and node.input[0] not in constants}
+class _FromOrtQuantizer(logging.Filter):
+    """Drops the records logged by ORT's quantization package (told apart by their source file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import onnxruntime.quantization
+
+        self._folder = os.path.normcase(os.path.dirname(onnxruntime.quantization.__file__)) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not os.path.normcase(record.pathname).startswith(self._folder)
 
 
 @contextmanager
 def _ort_warnings_held() -> Iterator[None]:
-    """ORT's quantizer warns through the root logger, one line per layer (e.g. each int32 bias it
-    clips). For the call, a handler on the root logger takes those records (so Python's last-resort
-    handler prints none of them; removed after): what they say is read from the graph instead
-    (:func:`clipped_biases`) and reported once."""
-    handler = logging.NullHandler()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-
-
-def clipped_biases(quantized_path: str | Path) -> list[str]:
-    """Names of the int32 biases whose codes ORT clipped at the int32 limits (their scale, input
-    scale x weight scale, is too small for the float bias)."""
-    model = onnx.load(str(quantized_path), load_external_data=False)
-    limits = np.iinfo(np.int32)
-    dequantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
-    return [init.name for init in model.graph.initializer
-            if init.data_type == onnx.TensorProto.INT32 and init.name in dequantized
-            and np.isin(numpy_helper.to_array(init), (limits.min, limits.max)).any()]
+    """ORT's quantizer warns with ``logging.warning``, on the root logger, one line per layer (e.g.
+    each int32 bias it clips): what they say is read from the graph instead (``clipped_biases``) and
+    reported once. For the call only, a filter on the root logger drops ORT's records (whatever
+    handlers are configured), and a NullHandler keeps ``logging.warning`` from calling
+    ``basicConfig``, which would leave a stderr handler on an unconfigured root logger for good.
+    Both are removed after, whatever happens. Meanwhile another thread's record that no handler
+    takes is not printed by Python's last resort either."""
+    root, records, handler = logging.getLogger(), _FromOrtQuantizer(), logging.NullHandler()
+    with _PROCESS_STATE:
+        root.addFilter(records)
+        root.addHandler(handler)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+            root.removeFilter(records)
 
 
 def _ort_quantize(prepared_path: Path, partial: Path, cache: Path, model: onnx.ModelProto,
@@ -253,14 +217,6 @@ def _ort_quantize(prepared_path: Path, partial: Path, cache: Path, model: onnx.M
                            "QDQDisableWeightAdjustForInt32Bias": True,
                            "QuantizeBias": spec.quantize_bias},
         )
-
-
-def op_types_to_quantize() -> list[str]:
-    """ORT's default choice for QDQ (every op it has a QDQ or QLinear rule for) without
-    :data:`KEPT_FLOAT_OPS`."""
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    return sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - set(KEPT_FLOAT_OPS))
 
 
 def with_layer_weights_quantized(model: onnx.ModelProto, layer: str, bits: int,

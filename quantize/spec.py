@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -66,3 +67,8 @@ def stored_bits(bits: int) -> int:
     """The bits each b-bit weight code takes in the file: ORT's integer types are int4 and int8, so
     4-bit codes are packed two to a byte and every other width 2..8 sits in an int8 container."""
     return 4 if bits == 4 else 8
+
+
+def stored_bytes(elements: int, bits: int) -> int:
+    """The bytes ``elements`` b-bit weight codes take in the file (:func:`stored_bits` each)."""
+    return math.ceil(elements * stored_bits(bits) / 8)

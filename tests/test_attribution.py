@@ -10,11 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import save_classifier
-from ptqcal.cache import Cache
-from ptqcal.config import RunConfig
 from ptqcal.data import Split
 from ptqcal.models.preprocess import PreprocessCfg
-from ptqcal.pixels import Pixels
+from ptqcal.data.pixels import Pixels
 
 
 def _two_layer_model(path):
@@ -34,14 +32,13 @@ def _two_layer_model(path):
 
 
 def test_a_layer_on_the_grid_changes_nothing_and_the_other_is_ranked_first(tmp_path):
-    from ptqcal.attribution import attribute
+    from ptqcal.evaluate.attribution import attribute
 
     model = _two_layer_model(tmp_path / "m.onnx")
     preprocess = PreprocessCfg((1, 8, 8), (0.5,), (0.25,))
     images = np.random.default_rng(1).integers(0, 256, (400, 8, 8), dtype=np.uint8)
     pixels = Pixels(Split(images, np.random.default_rng(2).integers(0, 6, 400)), preprocess)
-    cfg = RunConfig(weight_bits=(2,), weight_scale="ort", batch_size=64, progress=False)
-    result = attribute(Cache(tmp_path / "cache"), model, pixels, preprocess, cfg)
+    result = attribute(model, lambda limit: pixels.batches(64, preprocess, limit), pixels.labels, (2,), "ort")
     effects = {e.layer: e for e in result.effects}
     assert effects["conv"].swapped == 0.0 and effects["conv"].delta_top1_error == 0.0
     assert effects["conv"].sqnr_db > 100  # no quantization noise at all: ORT's measure caps at its epsilon
@@ -53,7 +50,8 @@ def test_a_layer_on_the_grid_changes_nothing_and_the_other_is_ranked_first(tmp_p
 def test_fake_quantized_weights_are_what_the_qdq_graph_dequantizes(bits, tmp_path, digits_onnx, digits_inputs):
     from ptqcal.quantize import QuantSpec, collect_histograms, compute_ranges, prepare, quantize_qdq
     from ptqcal.quantize.calibrate import ArrayDataReader
-    from ptqcal.quantize.qdq import weighted_nodes, with_layer_weights_quantized
+    from ptqcal.quantize.graph import weighted_nodes
+    from ptqcal.quantize.qdq import with_layer_weights_quantized
 
     prepared = prepare(digits_onnx, tmp_path / "prepared.onnx")
     histograms = collect_histograms(prepared, ArrayDataReader("input", digits_inputs[0][:64], 32), progress=False)
@@ -102,8 +100,8 @@ def test_run_attribute_writes_the_table_the_csv_and_the_figure(tmp_path):
 def test_a_graph_without_weight_layers_attributes_nothing_and_the_report_still_builds(tmp_path):
     """Flatten -> identity logits: no Conv/Gemm/MatMul weight, so no effect, no table, no Figure 7."""
     from ptqcal.analysis.report import build_report
-    from ptqcal.attribution import attribute
     from ptqcal.evaluate import RunRecord
+    from ptqcal.evaluate.attribution import attribute
 
     graph = helper.make_graph([helper.make_node("Flatten", ["input"], ["logits"], name="flat")], "g",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 2, 2])],
@@ -114,8 +112,8 @@ def test_a_graph_without_weight_layers_attributes_nothing_and_the_report_still_b
     preprocess = PreprocessCfg((1, 2, 2), (0.0,), (1.0,))
     images = np.random.default_rng(0).integers(0, 256, (50, 2, 2), dtype=np.uint8)
     labels = np.random.default_rng(1).integers(0, 4, 50)
-    result = attribute(Cache(tmp_path / "cache"), tmp_path / "m.onnx", Pixels(Split(images, labels), preprocess),
-                       preprocess, RunConfig(weight_bits=(4,), progress=False))
+    pixels = Pixels(Split(images, labels), preprocess)
+    result = attribute(tmp_path / "m.onnx", lambda limit: pixels.batches(256, preprocess, limit), labels, (4,), "torch")
     assert result.effects == [] and result.images == 50
     logits = preprocess(images).reshape(50, 4)
     RunRecord("m", labels, {"float": logits, "a8w4": logits}, attribution=result).save(tmp_path / "run")

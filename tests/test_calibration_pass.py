@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 from conftest import save_classifier
 from ptqcal.quantize import (ArrayDataReader, CalibrationRanges, QuantizeError, QuantSpec, collect_histograms,
                              compute_ranges, quantize_qdq)
-from ptqcal.quantize.calibrate import ranges_set_by_ort
+from ptqcal.quantize.graph import ranges_set_by_ort
 from ptqcal.quantize.histogram import HistogramBinner, TensorHistogram
 
 ACTIVATIONS = ("relu_in", "relu1", "clip2", "relu3", "clip3", "clip_kept", "relu5")

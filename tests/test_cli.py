@@ -279,7 +279,7 @@ def test_saved_ranges_are_reused_without_calibrating(tmp_path, capsys, monkeypat
 def test_progress_bars_follow_the_terminal_and_tqdm_disable(monkeypatch):
     from tqdm.auto import tqdm
 
-    from ptqcal.quantize.calibrate import bar_disabled
+    from ptqcal.progress import bar_disabled
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     assert bar_disabled(False) is True

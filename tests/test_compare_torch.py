@@ -8,7 +8,7 @@ import pytest
 
 from conftest import shared_file
 
-from ptqcal.compare import TorchAgreement, torch_agreement
+from ptqcal.evaluate.agreement import TorchAgreement, torch_agreement
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_torch_agreement_counts_by_hand():
 
 def test_torch_reference_leaves_the_float_model_untouched():
     torch = pytest.importorskip("torch")
-    from ptqcal.torch_reference import torch_fake_quant
+    from ptqcal.export.torch_reference import torch_fake_quant
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),

@@ -5,13 +5,15 @@ a stage changes no global state."""
 import ast
 import logging
 import re
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("models", "export", "quantize", "evaluate", "analysis")  # in the order data flows
-SHARED = {"ptqcal", "ptqcal.errors", "ptqcal.atomic", "ptqcal.cache"}  # leaves any stage may use
+SHARED = {"ptqcal", "ptqcal.errors", "ptqcal.atomic", "ptqcal.cache", "ptqcal.progress"}  # leaves any stage may use
 MAX_FUNCTION_LINES = 50
 
 
@@ -45,7 +47,7 @@ def test_no_stage_imports_a_later_stage_or_the_face(stage):
 
 
 def test_shared_leaves_import_nothing_of_ptqcal_but_each_other():
-    for leaf in ("errors", "atomic", "cache"):
+    for leaf in ("errors", "atomic", "cache", "progress"):
         names = _imports(REPO / "ptqcal" / f"{leaf}.py", "ptqcal")
         assert names <= SHARED, f"ptqcal/{leaf}.py imports {names - SHARED}"
 
@@ -86,21 +88,73 @@ def test_importing_the_figures_leaves_matplotlibs_backend_alone(tmp_path):
     assert completed.returncode == 0, completed.stderr
 
 
-def test_quantizing_leaves_the_root_logger_alone(digits_onnx, tmp_path):
-    from ptqcal.quantize import CalibrationRanges, QuantSpec, calibration_tensors, prepare, quantize_qdq
+def _external_imports(path: Path) -> set[str]:
+    """Top-level names of the modules ``path`` imports that are not ptqcal's (relative imports skipped)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+    return names - {"ptqcal"}
 
+
+def test_the_graph_queries_are_a_leaf_of_the_quantize_stage():
+    """The calibrator and the quantizer both ask the graph; it asks neither (nor any ptqcal module but
+    the spec), and imports only onnx, numpy and the standard library (ORT's registry on first use)."""
+    path = REPO / "quantize" / "graph.py"
+    assert _imports(path, "ptqcal.quantize") <= {"ptqcal.quantize", "ptqcal.quantize.spec"}
+    assert _external_imports(path) - set(sys.stdlib_module_names) <= {"onnx", "numpy", "onnxruntime"}
+    lazy = {n.module for f in ast.walk(ast.parse(path.read_text())) if isinstance(f, ast.FunctionDef)
+            for n in ast.walk(f) if isinstance(n, ast.ImportFrom)}
+    assert lazy == {"onnxruntime.quantization.registry"}, "onnxruntime only inside op_types_to_quantize"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_import_cycle_among_a_stages_modules(stage):
+    """Imports anywhere in a module (lazy ones too) count: a cycle that only a lazy import hides is one."""
+    package = f"ptqcal.{stage}"
+    modules = {path.stem: path for path in (REPO / stage).glob("*.py") if path.stem != "__init__"}
+    graph = {name: {m.rsplit(".", 1)[1] for m in _imports(path, package)
+                    if m.startswith(f"{package}.") and m.rsplit(".", 1)[1] in modules and m.count(".") == 2}
+             for name, path in modules.items()}
+    visiting, done = [], set()
+
+    def visit(name: str) -> None:
+        assert name not in visiting, f"import cycle: {' -> '.join([*visiting[visiting.index(name):], name])}"
+        if name in done:
+            return
+        visiting.append(name)
+        for imported in sorted(graph[name]):
+            visit(imported)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+
+
+def test_quantizing_leaves_the_logging_and_tempfile_state_alone(digits_onnx, tmp_path):
+    """ORT's quantizer logs on the root logger and makes temporary folders in tempfile's folder: the
+    handler and filter that hold its lines back and the folder pointed into the cache are the call's
+    only, and the root logger's level is never touched."""
     import onnx
 
-    prepared = prepare(digits_onnx, tmp_path / "p.onnx")
-    ranges = CalibrationRanges("minmax", 8, 1, {n: (-1.0, 1.0) for n in calibration_tensors(onnx.load(prepared))})
+    from ptqcal.quantize import CalibrationRanges, QuantSpec, calibration_tensors, prepare, quantize_qdq
+
     root = logging.getLogger()
+    before = (list(root.handlers), list(root.filters), root.level, tempfile.tempdir)
     root.setLevel(logging.DEBUG)
     try:
+        prepared = prepare(digits_onnx, tmp_path / "p.onnx")
+        ranges = CalibrationRanges("minmax", 8, 1, {n: (-1.0, 1.0) for n in calibration_tensors(onnx.load(prepared))})
         quantize_qdq(prepared, tmp_path / "q.onnx", ranges, QuantSpec(8))
+        quantize_qdq(prepared, tmp_path / "q3.onnx", ranges, QuantSpec(3, 4))  # the narrow paths too
         assert root.level == logging.DEBUG
     finally:
-        root.setLevel(logging.WARNING)
-    assert not list(tmp_path.glob(".ptqcal-quant-*")), "ORT's temporary files are removed"
+        root.setLevel(before[2])
+    assert (list(root.handlers), list(root.filters), root.level, tempfile.tempdir) == before
+    assert not list(tmp_path.glob(".ptqcal-*")), "ORT's temporary files are removed"
 
 
 def test_building_random_weights_leaves_torchs_rng_alone(tmp_path):

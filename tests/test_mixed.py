@@ -71,15 +71,13 @@ def _all_quantized(model, layers, bits):
 
 
 def test_the_fragile_layer_ranks_first_and_the_bottom_half_swaps_less_than_the_top(fragile_mlp, digits, tmp_path):
-    from ptqcal.attribution import attribute
-    from ptqcal.cache import Cache
-    from ptqcal.config import RunConfig
+    from ptqcal.data.pixels import Pixels
+    from ptqcal.evaluate.attribution import attribute
     from ptqcal.models.preprocess import DIGITS_PREPROCESS
-    from ptqcal.pixels import Pixels
 
     pixels = Pixels(digits.eval, DIGITS_PREPROCESS)
-    result = attribute(Cache(tmp_path / "cache"), fragile_mlp, pixels, DIGITS_PREPROCESS,
-                       RunConfig(weight_bits=(4,), batch_size=256, progress=False))
+    result = attribute(fragile_mlp, lambda limit: pixels.batches(256, DIGITS_PREPROCESS, limit), pixels.labels, (4,),
+                       "torch")
     ranking = [e.layer for e in result.ranked()]
     assert ranking[0] == FRAGILE and result.confident > 0.5 * result.images
     model, inputs = onnx.load(str(fragile_mlp)), DIGITS_PREPROCESS(digits.eval.images)

@@ -161,7 +161,7 @@ def test_clipped_int32_biases_are_found_in_the_graph_and_not_printed(tmp_path, c
     from onnx import TensorProto, helper, numpy_helper
 
     from ptqcal.quantize import prepare
-    from ptqcal.quantize.qdq import clipped_biases
+    from ptqcal.quantize.graph import clipped_biases
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.normal(size=(4, 1, 3, 3)) * 1e-9).astype(np.float32), "tiny_w"),

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_onnx_classifier
-from ptqcal import pixels as pixels_module
+from ptqcal.data import pixels as pixels_module
 from ptqcal.cache import Cache
 from ptqcal.data import Split, decode_images
 from ptqcal.errors import UserError
 from ptqcal.models.preprocess import PreprocessCfg
-from ptqcal.pixels import Pixels, prefetched, rebatch
+from ptqcal.data.pixels import Pixels, prefetched, rebatch
 
 
 @pytest.mark.parametrize("seed", range(5))

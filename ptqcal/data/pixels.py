@@ -16,10 +16,11 @@ from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
-from .cache import Cache, array_digest, make_key
-from .data import Split, decode_images
-from .errors import UserError
-from .models import PreprocessCfg
+from ..cache import Cache, array_digest, make_key
+from .decode import decode_images
+from .splits import Split
+from ..errors import UserError
+from ..models import PreprocessCfg
 
 CHUNK_BYTES = 32 << 20  # decoded pixels per cached chunk (about 210 images at 224x224x3)
 PREFETCH = 2  # batches prepared ahead of the model

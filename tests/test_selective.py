@@ -47,11 +47,14 @@ def test_coverage_at_risk_hand_worked():
     assert coverage_at_risk(~CORRECT, SCORE, 0.1) == 0.0  # the most confident prediction is already wrong
 
 
-def test_decimal_coverage_is_not_lost_to_rounding():
-    # 0.7 * 10 is 7.000000000000001 in floats: coverage 0.7 must still be reached at 7 of 10
+def test_computed_coverage_is_not_lost_to_rounding():
+    # 0.1 * 7 is 0.7000000000000001 in floats, above 7/10: coverage must still be reached at 7 of 10
     score = np.arange(10, 0, -1.0)
     correct = np.array([True] * 7 + [False] * 3)
-    assert risk_at_coverage(correct, score, 0.7) == 0.0
+    assert 0.1 * 7 > 7 / 10
+    assert risk_at_coverage(correct, score, 0.1 * 7) == 0.0
+    assert 0.7 - 0.4 < 3 / 10  # a risk target computed as 0.7 - 0.4 must still admit risk 3/10 (full coverage)
+    assert coverage_at_risk(correct, score, 0.7 - 0.4) == 1.0
 
 
 def slow_curve(correct, score):

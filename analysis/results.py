@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ptqcal.evaluate.metrics import QuantizationChange, bootstrap_interval, expected_calibration_error, softmax
-from ptqcal.evaluate.record import RunRecord
-from ptqcal.quantize.spec import MIXED_NAME
+from ptqcal.evaluate.record import ConfigInfo, ConfigKind, RunRecord
 from ptqcal.evaluate.results import FLOAT_NAME, REPEAT_MARK, ConfigResult, evaluate_logits
 from ptqcal.evaluate.temperature import cross_fitted_temperatures
 
@@ -63,10 +62,16 @@ class RunAnalysis:
     def quantized(self) -> list[ConfigResult]:
         return self.configs[1:]
 
+    def descriptor(self, config: str) -> ConfigInfo:
+        """What ``config`` is (kind and bit widths), as the run recorded it."""
+        return self.record.descriptor(config)
+
     @property
     def uniform(self) -> list[ConfigResult]:
-        """The quantized configurations with one precision everywhere, in sweep order (no ``mixed``)."""
-        return [c for c in self.quantized if c.name != MIXED_NAME]
+        """The quantized configurations with one precision everywhere (fp16, or one weight and one
+        activation width), in sweep order: not a mixed one."""
+        return [c for c in self.quantized if self.descriptor(c.name).kind is ConfigKind.FP16
+                or self.descriptor(c.name).uniform]
 
     @property
     def draws(self) -> int:
@@ -91,7 +96,9 @@ def _intervals(logits: np.ndarray, labels: np.ndarray, change: QuantizationChang
 
 def analyse_record(record: RunRecord, folder: Path | None = None, seed: int = 0) -> RunAnalysis:
     """Metrics (with bootstrap intervals and the spread over calibration draws), what quantization
-    changed, and temperature scaling, for every configuration of ``record``."""
+    changed, and temperature scaling, for every configuration of ``record``. A configuration
+    without a descriptor fails here, loudly (``LookupError``): nothing is guessed from its name."""
+    record.require_descriptors()
     labels, float_logits = record.labels, record.logits[FLOAT_NAME]
     fitted = cross_fitted_temperatures(float_logits, labels, seed)
     temperatures, halves = fitted if fitted else (None, None)

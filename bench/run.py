@@ -253,7 +253,7 @@ def imagenet(quick: bool, folder: Path) -> dict[str, float]:
 # --- 5. sizes ----------------------------------------------------------------------------------------------
 
 def sizes(folder: Path) -> dict[str, float]:
-    from ptqcal.evaluate.deploy import weight_bytes
+    from ptqcal.quantize.graph import weight_bytes
 
     run_dir = folder / "run"
     float_path = run_dir / "model_float.onnx"

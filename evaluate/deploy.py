@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+from ptqcal.quantize.graph import weight_bytes
+
 LATENCY_RUNS = 50  # timed batch-1 runs, after the warm-up ones; fewer (at least MIN_LATENCY_RUNS)
 LATENCY_SECONDS = 0.5  # when a slow model's runs take longer than this
 MIN_LATENCY_RUNS = 10
@@ -46,23 +46,6 @@ def evaluation_throughput(timings: list[tuple[int, float]], batch_size: int) -> 
     """
     full = [seconds for images, seconds in timings[1:] if images == batch_size]
     return None if len(full) < EVALUATION_BATCHES else len(full) * batch_size / sum(full)
-
-
-def weight_bytes(path: str | Path) -> int:
-    """Bytes stored for the Conv/Gemm/MatMul weights of a model: float tensors, or the integer codes
-    DequantizeLinear turns into them (as stored: int4 counts two codes to a byte)."""
-    model = onnx.load(str(path), load_external_data=False)
-    initializers = {init.name: init for init in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    total = 0
-    for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS and len(node.input) > 1:
-            source = producers.get(node.input[1])
-            name = source.input[0] if source is not None and source.op_type == "DequantizeLinear" else node.input[1]
-            if name in initializers:
-                init = initializers[name]
-                total += len(init.raw_data) if init.raw_data else onnx.numpy_helper.to_array(init).nbytes
-    return total
 
 
 def measure_deployment(path: str | Path, batch: np.ndarray, threads: int = 0, provider: str = "CPU",

@@ -17,14 +17,13 @@ layers' effects do not simply add up:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ptqcal.errors import InputError
-from ptqcal.quantize.spec import stored_bits
+from ptqcal.quantize.spec import stored_bytes
 from .attribution import CONFIDENT, Attribution
 from .metrics import quantization_change
 
@@ -39,11 +38,6 @@ class Move:
     from_bits: int
     to_bits: int
     saved: int
-
-
-def stored_bytes(elements: int, bits: int) -> int:
-    """Bytes of ``elements`` weight codes of ``bits`` as stored (int4 packed, else int8)."""
-    return math.ceil(elements * stored_bits(bits) / 8)
 
 
 def ordered_moves(attribution: Attribution, elements: Mapping[str, int], widths: Sequence[int]) -> list[Move]:

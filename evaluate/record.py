@@ -2,8 +2,11 @@
 
 A run folder holds ``logits.npz`` (labels, the float model's logits on the evaluation and the
 calibration images, and one array per configuration and calibration draw, e.g. ``a8w4`` and
-``a8w4#r1``) and ``run.json`` (format version, model, settings, header lines, notes). One type
-writes and reads both, so no key is spelled twice.
+``a8w4#r1``) and ``run.json`` (format version, model, settings, header lines, notes, and a
+:class:`ConfigInfo` per configuration). One type writes and reads both, so no key is spelled twice.
+
+What a configuration is (its kind and bit widths) is a field of the record, never parsed from its
+name: a name is a label, and a user's or another toolchain's model can be called anything.
 """
 
 from __future__ import annotations
@@ -12,19 +15,26 @@ import io
 import json
 import zipfile
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ptqcal import __version__
 from ptqcal.atomic import atomic_path
 from ptqcal.errors import InputError
 
 from .attribution import Attribution
 from .deploy import Deployment
 from .mixed import MixedChoice
+from .results import REPEAT_MARK
 
-FORMAT_VERSION = 2  # 1: the unversioned records of ptqcal 0.2 (read the same way)
+# 1: the unversioned records of ptqcal 0.2; 2: no configuration descriptors; 3: a ConfigInfo per
+# configuration. Records before 3 are refused, not read: their kinds and bit widths could only be
+# guessed from the names.
+FORMAT_VERSION = 3
+DESCRIBED_SINCE = 3
 RECORD_FILE = "run.json"
 LOGITS_FILE = "logits.npz"
 _SPECIAL = ("labels", "calib_labels", "calib_float")
@@ -32,6 +42,83 @@ _SPECIAL = ("labels", "calib_labels", "calib_float")
 
 class RunRecordError(InputError):
     """A folder that holds no readable ptqcal run."""
+
+
+class ConfigKind(StrEnum):
+    """What produced a configuration's logits."""
+
+    FLOAT = "float"  # the float model: the reference every change is measured against
+    FP16 = "fp16"  # the float model with float16 weights and activations
+    UNIFORM = "uniform"  # ptqcal's QDQ model, one weight and one activation width for every layer
+    MIXED = "mixed"  # ptqcal's QDQ model, weight widths chosen layer by layer
+    # Kinds to come fit the same fields: "external" (a user's own quantized .onnx) and "peer"
+    # (another toolchain's graph, e.g. ORT's quantize_static or NNCF), with bit widths where they
+    # are one width for every layer and None where not.
+
+
+# The kinds whose bit widths are known without looking: integer widths for every layer, or none.
+_HAS_BITS = {ConfigKind.FLOAT: False, ConfigKind.FP16: False, ConfigKind.UNIFORM: True, ConfigKind.MIXED: False}
+MAX_BITS = 32  # wider than any integer format a classifier is quantized to; anything above is damage
+
+
+def _bits(value: Any, what: str) -> int | None:
+    # bool is an int to Python, and 8.0 or "8" would be a guess: only a JSON integer is a width
+    if value is None or (type(value) is int and 1 <= value <= MAX_BITS):
+        return value
+    raise ValueError(f"{what} must be an integer from 1 to {MAX_BITS} or null, not {str(value)[:20]!r}")
+
+
+@dataclass(frozen=True)
+class ConfigInfo:
+    """What one configuration of a run is.
+
+    Attributes
+    ----------
+    name : str
+        The configuration's name (the key of its logits; calibration draws ``a8w4#r1`` share
+        ``a8w4``'s descriptor).
+    kind : ConfigKind
+    weight_bits, act_bits : int or None
+        The integer width of every quantized layer's weights and activations, where one width holds
+        for every layer (``uniform``); ``None`` where it does not (``mixed``) or nothing is integer.
+    """
+
+    name: str
+    kind: ConfigKind
+    weight_bits: int | None = None
+    act_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ConfigKind(self.kind))
+        for what in ("weight_bits", "act_bits"):
+            _bits(getattr(self, what), what)
+        has_bits = (self.weight_bits is not None, self.act_bits is not None)
+        wanted = _HAS_BITS.get(self.kind)
+        if wanted is not None and has_bits != (wanted, wanted):
+            raise ValueError(f"a {self.kind} configuration has {'both bit widths' if wanted else 'no bit widths'}")
+
+    @property
+    def uniform(self) -> bool:
+        """One weight and one activation width for every layer: a step of the bit-width sweep."""
+        return self.weight_bits is not None and self.act_bits is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": str(self.kind), "weight_bits": self.weight_bits, "act_bits": self.act_bits}
+
+    @classmethod
+    def from_json(cls, name: str, value: Any) -> "ConfigInfo":
+        """Strictly: exactly the three keys, a known kind, integer or null widths (``ValueError``)."""
+        if not isinstance(value, dict) or set(value) != {"kind", "weight_bits", "act_bits"}:
+            raise ValueError("not an object of kind, weight_bits and act_bits")
+        if not isinstance(value["kind"], str) or value["kind"] not in set(ConfigKind):
+            raise ValueError(f"unknown kind {str(value['kind'])[:20]!r}")
+        return cls(name, ConfigKind(value["kind"]), _bits(value["weight_bits"], "weight_bits"),
+                   _bits(value["act_bits"], "act_bits"))
+
+
+def base_name(config: str) -> str:
+    """The configuration a calibration draw belongs to (``a8w4#r1`` -> ``a8w4``)."""
+    return config.split(REPEAT_MARK)[0]
 
 
 @dataclass
@@ -63,6 +150,10 @@ class RunRecord:
         Each weight layer quantized alone (``run --attribute``).
     mixed : MixedChoice or None
         The mixed-precision search and what it chose (a target was given).
+    descriptors : dict of str to ConfigInfo
+        Configuration name (without draw suffix) to what it is. Empty by default: nothing is
+        derived, and a record that leaves a configuration undescribed is refused when saved or
+        analysed.
     """
 
     model: str
@@ -77,14 +168,36 @@ class RunRecord:
     deployment: dict[str, Deployment] = field(default_factory=dict)
     attribution: Attribution | None = None
     mixed: MixedChoice | None = None
+    descriptors: dict[str, ConfigInfo] = field(default_factory=dict)
 
     @property
     def configs(self) -> list[str]:
         return list(self.logits)
 
+    def descriptor(self, config: str) -> ConfigInfo:
+        """What ``config`` (or the configuration a calibration draw of it belongs to) is."""
+        try:
+            return self.descriptors[base_name(config)]
+        except KeyError:
+            self.require_descriptors()  # says what is missing, and why it matters
+            raise
+
+    def require_descriptors(self) -> None:
+        """Raise ``LookupError`` unless every configuration, and nothing else, is described: a
+        missing descriptor is a bug of whatever built the record, so it fails loudly (a traceback,
+        not a one-line input error), and nothing guesses the kind from the name."""
+        names = {base_name(config) for config in self.logits}
+        missing, extra = sorted(names - set(self.descriptors)), sorted(set(self.descriptors) - names)
+        wrong = [name for name, info in self.descriptors.items() if info.name != name]
+        if missing or extra or wrong:
+            raise LookupError(f"the run record of {self.model} describes its configurations wrongly (missing "
+                              f"{missing}, without logits {extra}, under another name {wrong}): whatever builds a "
+                              "RunRecord must pass descriptors= (e.g. Sweep.descriptors)")
+
     def save(self, folder: str | Path) -> Path:
         """Write ``logits.npz`` and ``run.json`` into ``folder`` (each whole or not at all)."""
         folder = Path(folder)
+        self.require_descriptors()  # a record that could not be read back is not written
         # not compressed: float32 logits shrink by a tenth, and compressing them took a second of a
         # 10,000-image sweep
         with atomic_path(folder / LOGITS_FILE) as tmp, open(tmp, "wb") as handle:
@@ -94,7 +207,8 @@ class RunRecord:
                 "run": self.summary, "seconds": self.seconds, "config": self.settings,
                 "deployment": {name: asdict(numbers) for name, numbers in self.deployment.items()},
                 "attribution": None if self.attribution is None else self.attribution.to_json(),
-                "mixed": None if self.mixed is None else self.mixed.to_json()}
+                "mixed": None if self.mixed is None else self.mixed.to_json(),
+                "descriptors": {name: info.to_json() for name, info in self.descriptors.items()}}
         with atomic_path(folder / RECORD_FILE) as tmp:
             tmp.write_text(json.dumps(info, indent=2))
         return folder
@@ -105,20 +219,54 @@ class RunRecord:
         folder = Path(folder)
         if not (folder / RECORD_FILE).is_file() or not (folder / LOGITS_FILE).is_file():
             raise RunRecordError(f"{folder} is not a ptqcal run folder (no {RECORD_FILE} and {LOGITS_FILE})")
+        info = _read_info(folder)
+        descriptors = _read_descriptors(folder, info.get("descriptors"))
         try:
-            info = json.loads((folder / RECORD_FILE).read_text())
-            if not isinstance(info, dict) or int(info.get("format", 1)) > FORMAT_VERSION:
-                raise ValueError("unknown record format")
             with np.load(folder / LOGITS_FILE, allow_pickle=False) as arrays:
                 stored = {key: arrays[key] for key in arrays.files}
             logits = {str(name): stored[name] for name in info["configs"]}
             deployment = {str(k): Deployment(**v) for k, v in info.get("deployment", {}).items()}
             attribution = Attribution.from_json(info["attribution"]) if info.get("attribution") else None
             mixed = MixedChoice.from_json(info["mixed"]) if info.get("mixed") else None
+            record = cls(str(info.get("model", folder.name)), stored["labels"], logits,
+                         stored.get("calib_labels", np.zeros(0, np.int64)),
+                         stored.get("calib_float", np.zeros((0, 0), np.float32)), dict(info.get("run", {})),
+                         [str(n) for n in info.get("notes", [])], dict(info.get("config", {})),
+                         float(info.get("seconds", 0.0)), deployment, attribution, mixed, descriptors)
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from exc
-        return cls(str(info.get("model", folder.name)), stored["labels"], logits,
-                   stored.get("calib_labels", np.zeros(0, np.int64)),
-                   stored.get("calib_float", np.zeros((0, 0), np.float32)), dict(info.get("run", {})),
-                   [str(n) for n in info.get("notes", [])], dict(info.get("config", {})),
-                   float(info.get("seconds", 0.0)), deployment, attribution, mixed)
+        try:
+            record.require_descriptors()
+        except LookupError:
+            raise RunRecordError(f"{folder} holds a damaged ptqcal run (its descriptors do not match its "
+                                 "configurations)") from None
+        return record
+
+
+def _read_info(folder: Path) -> dict[str, Any]:
+    """``run.json`` of a record this version reads: one line for a damaged, a newer or an older one."""
+    try:
+        info = json.loads((folder / RECORD_FILE).read_text())
+        version = info.get("format", 1) if isinstance(info, dict) else None
+        if type(version) is not int or version > FORMAT_VERSION:
+            raise ValueError("unknown record format")
+    except (OSError, ValueError) as exc:
+        raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from exc
+    if version < DESCRIBED_SINCE:
+        raise RunRecordError(f"{folder} was made by an older ptqcal (run record format {version}, which does not "
+                             f"say what each configuration is): re-run it with ptqcal {__version__}")
+    return info
+
+
+def _read_descriptors(folder: Path, value: Any) -> dict[str, ConfigInfo]:
+    """The saved descriptors, each checked strictly: a tampered one is one line naming it."""
+    if not isinstance(value, dict):
+        raise RunRecordError(f"{folder} holds a damaged ptqcal run (no configuration descriptors)")
+    descriptors = {}
+    for name, info in value.items():
+        try:
+            descriptors[name] = ConfigInfo.from_json(name, info)
+        except ValueError as exc:
+            raise RunRecordError(f"{folder} holds a damaged ptqcal run (descriptor of {name[:40]!r}: "
+                                 f"{' '.join(str(exc).split())})") from None
+    return descriptors

@@ -94,19 +94,3 @@ def torch_logits(model: torch.nn.Module, inputs: np.ndarray, batch_size: int = 2
         warnings.simplefilter("ignore")  # the reference model's quantize_per_tensor is deprecated
         return torch.cat([model(torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch_size])))
                           for i in range(0, len(inputs), batch_size)]).numpy()
-
-
-# Ops whose output torch.ao quantizes with their input's scale and zero point
-TORCH_SHARED_QPARAM_OPS = ("GlobalAveragePool", "AveragePool", "MaxPool", "Flatten", "Reshape")
-
-
-def share_input_ranges(graph, ranges):
-    """Give the outputs of :data:`TORCH_SHARED_QPARAM_OPS` their input's range, as torch.ao does
-    (ORT calibrates them separately: a pooled tensor gets a range of its own, 3x finer on ResNet20)."""
-    from ptqcal.quantize import CalibrationRanges
-
-    shared = dict(ranges.ranges)
-    for node in graph.node:  # graph order, so chains (pool -> flatten) inherit from the start
-        if node.op_type in TORCH_SHARED_QPARAM_OPS and node.input[0] in shared:
-            shared[node.output[0]] = shared[node.input[0]]
-    return CalibrationRanges(ranges.method, ranges.bits, ranges.num_images, shared)

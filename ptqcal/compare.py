@@ -42,12 +42,13 @@ def compare_torch(cfg: RunConfig) -> list[TorchAgreement]:
         raise UserError("compare-torch needs a PyTorch model from the registry, not an .onnx file")
     _refuse_unmatched(cfg)
     try:
-        from .export.torch_reference import share_input_ranges, torch_fake_quant, torch_logits
+        from .export.torch_reference import torch_fake_quant, torch_logits
     except ImportError as exc:
         raise UserError("compare-torch needs PyTorch: pip install 'ptqcal[torch]'") from exc
     import onnx
 
     from .quantize import QuantSpec, compute_ranges
+    from .quantize.calibrate import share_input_ranges
 
     dataset = steps.load_run_dataset(cfg)
     with tempfile.TemporaryDirectory(prefix="ptqcal-compare-") as tmp:

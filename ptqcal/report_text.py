@@ -1,17 +1,16 @@
-"""The sentences a run record carries into its report: the header lines and the notes."""
+"""The sentences a run record carries into its report: the header lines and the notes, composed
+from the run's settings and what it measured. Sentences that judge numbers are made in
+:mod:`ptqcal.analysis.judgement`; this module only says where they go."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .config import RunConfig
 from .evaluate import PathAgreement
+from .evaluate.record import ConfigInfo
 from .models import PreprocessCfg
-
-# Deployed and simulated paths of one model should agree on nearly every prediction; below this
-# the report explains where the difference comes from.
-PATH_AGREEMENT_FLOOR = 0.98
 
 
 def run_summary(cfg: RunConfig, model, dataset_name: str, images) -> dict[str, str | int]:
@@ -49,8 +48,14 @@ def describe_preprocess(p: PreprocessCfg) -> str:
 def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgreement],
               failed: Sequence[Path], calib_note: str | None = None,
               float_ops: tuple[str, dict[str, int]] | None = None,
-              clipped_biases: dict[str, int] | None = None) -> list[str]:
-    """Notes on how the run was evaluated and what it could not do."""
+              clipped_biases: dict[str, int] | None = None,
+              descriptors: Mapping[str, ConfigInfo] | None = None) -> list[str]:
+    """Notes on how the run was evaluated and what it could not do. ``descriptors`` (the sweep's)
+    say which checked configurations have 8-bit weights; without them a check whose paths part
+    fails loudly rather than guess from the names."""
+    from .analysis.judgement import kernel_notes
+    from .evaluate.cpu import has_vnni
+
     notes = [calib_note + "."] if calib_note else []
     clipped = {name: count for name, count in (clipped_biases or {}).items() if count}
     if clipped:
@@ -73,7 +78,7 @@ def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgr
                      f"(float ops between Q/DQ) on the first {checks[0].images} evaluation images: "
                      + "; ".join(f"{c.config}: max |Δlogit| {c.max_abs_logit_diff:.2e}, top-1 agreement "
                                  f"{100 * c.top1_agreement:.1f}%" for c in checks) + ".")
-    notes += _kernel_notes(checks)
+    notes += kernel_notes(checks, descriptors or {}, has_vnni())
     if any(bits == 4 for bits in cfg.weight_bits):
         notes.append("int4 weights (QInt4, opset 21) have no integer Conv, Gemm or MatMul kernel on CPU: ORT "
                      "dequantizes them and runs those layers in float, so a*w4 is simulated even on the deployed "
@@ -84,17 +89,3 @@ def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgr
     if exclude:
         notes.append(f"Kept in float: {', '.join(exclude)}.")
     return notes
-
-
-def _kernel_notes(checks: Sequence[PathAgreement]) -> list[str]:
-    """Why the deployed path parts from the simulated one, when it does at full 8-bit weights."""
-    from .evaluate.cpu import has_vnni
-
-    parted = [c.config for c in checks if c.top1_agreement < PATH_AGREEMENT_FLOOR and c.config.endswith("w8")]
-    if not parted or has_vnni() is not False:
-        return []
-    return [f"On this CPU the deployed {', '.join(parted)} parts from the simulated one: it has AVX2 but no VNNI, "
-            "so ORT's uint8 x int8 kernels multiply with VPMADDUBSW, whose pairwise int16 sums saturate when "
-            "8-bit weights meet large activations. CPUs with VNNI (AVX512-VNNI, AVX-VNNI) sum in int32 and do not "
-            "saturate; 7-bit weights (a8w7) never do. The simulated path is what such a "
-            "CPU computes."]

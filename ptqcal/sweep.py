@@ -1,6 +1,6 @@
 """The configurations a run evaluates, and what each one adds to it: logits, file, deployment
-numbers and the deployed-vs-simulated check (:mod:`ptqcal.pipeline` decides which and in what
-order)."""
+numbers, the deployed-vs-simulated check and its descriptor, what it is (:mod:`ptqcal.pipeline`
+decides which and in what order)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from .config import RunConfig
 from .evaluate import FLOAT_NAME, PathAgreement
 from .evaluate.attribution import Attribution
 from .evaluate.deploy import Deployment
+from .evaluate.metrics import quantization_change
 from .evaluate.mixed import MixedChoice
+from .evaluate.record import ConfigInfo, ConfigKind, base_name
+from .quantize.spec import QuantSpec
 
 FP16_NAME = "fp16"
 
@@ -28,7 +31,8 @@ def log(cfg: RunConfig, message: str) -> None:
 @dataclass
 class Sweep:
     """What the quantized configurations produced: logits by name, files to place in the run
-    folder, and the deployed-vs-simulated checks of the first draw."""
+    folder, the deployed-vs-simulated checks of the first draw, and what each configuration is
+    (``descriptors``, for :class:`~ptqcal.evaluate.RunRecord`: the float model's from the start)."""
 
     logits: dict[str, np.ndarray] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
@@ -39,6 +43,16 @@ class Sweep:
     attribution: Attribution | None = None
     ranges: dict = field(default_factory=dict)  # activation bits -> the first draw's CalibrationRanges
     mixed: MixedChoice | None = None
+    descriptors: dict[str, ConfigInfo] = field(
+        default_factory=lambda: {FLOAT_NAME: ConfigInfo(FLOAT_NAME, ConfigKind.FLOAT)})
+
+
+def describe(spec: QuantSpec) -> ConfigInfo:
+    """What ``spec`` quantizes to, from its fields: widths per layer make it mixed, else one weight
+    and one activation width hold for every layer."""
+    if spec.layer_bits:
+        return ConfigInfo(spec.name, ConfigKind.MIXED)
+    return ConfigInfo(spec.name, ConfigKind.UNIFORM, spec.weight_bits, spec.act_bits)
 
 
 def add_fp16(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep) -> None:
@@ -48,6 +62,7 @@ def add_fp16(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep) -> None:
     path = cache.file("fp16", make_key(file_digest(model.float_path), steps.versions()), "onnx",
                       lambda tmp: convert_fp16(model.float_path, tmp))
     sweep.files["model_fp16.onnx"] = path
+    sweep.descriptors[FP16_NAME] = ConfigInfo(FP16_NAME, ConfigKind.FP16)
     sweep.logits[FP16_NAME] = steps.model_logits(cache, path, images.eval, model.preprocess, cfg, FP16_NAME)
     sweep.deployment[FP16_NAME] = steps.deployment(cache, path, images.eval, model.preprocess, cfg)
 
@@ -58,9 +73,14 @@ def config_job(cfg: RunConfig, model, name: str, path: Path, pixels) -> steps.Lo
 
 
 def add_config(cfg: RunConfig, model, name: str, path: Path, pixels, batches: steps.Batches, cache: Cache,
-               sweep: Sweep, first_draw: bool = True) -> None:
-    """Evaluate one quantized model; the first draw's also gets its file, deployment numbers and check."""
+               sweep: Sweep, first_draw: bool = True, *, spec: QuantSpec) -> None:
+    """Evaluate one quantized model, made from ``spec`` (its calibration draw ``name``, e.g.
+    ``a8w4#r1``); the first draw's also gets its file, deployment numbers and check."""
     from .quantize.graph import clipped_biases
+
+    if base_name(name) != spec.name:
+        raise ValueError(f"configuration {name!r} is not a draw of {spec.name!r}")
+    sweep.descriptors[spec.name] = describe(spec)
 
     job = config_job(cfg, model, name, path, pixels)
     sweep.logits[name] = steps.model_logits(cache, path, pixels, model.preprocess, cfg, name, fused=job.fused)
@@ -88,9 +108,12 @@ def add_mixed(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, ima
     counts = {bits: sum(b == bits for b in sweep.mixed.layer_bits.values()) for bits in sorted(cfg.weight_bits)}
     log(cfg, "mixed: " + ", ".join(f"{n} layers at {bits} bits" for bits, n in counts.items() if n))
     add_config(cfg, model, spec.name, steps.quantize_config(cache, prepared, ranges, spec), images.eval, batches,
-               cache, sweep)
+               cache, sweep, spec=spec)
 
 
 def _log_config(cfg: RunConfig, name: str, logits: np.ndarray, float_logits: np.ndarray, labels: np.ndarray) -> None:
-    swapped = np.mean(logits.argmax(1) != float_logits.argmax(1))
-    log(cfg, f"{name}: top-1 error {100 * np.mean(logits.argmax(1) != labels):.2f}%, {100 * swapped:.2f}% swapped")
+    if cfg.quiet:  # the change costs a softmax of the float logits: only for a line someone reads
+        return
+    change = quantization_change(float_logits, logits, labels)  # swaps are counted in one place
+    log(cfg, f"{name}: top-1 error {100 * np.mean(~change.quant_correct):.2f}%, {100 * change.swap_rate:.2f}% "
+             "swapped")

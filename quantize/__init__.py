@@ -15,7 +15,10 @@ _LAZY = {"ArrayDataReader": "calibrate", "BatchDataReader": "calibrate", "Calibr
          # graph queries: onnx only (ORT's registry is read by op_types_to_quantize when called)
          "calibration_tensors": "graph", "clipped_biases": "graph", "weight_sizes": "graph",
          "layers_to_exclude": "graph", "op_types_to_quantize": "graph", "quantized_tensors": "graph",
-         "ranges_set_by_ort": "graph", "weight_bytes": "graph", "weight_layer_names": "graph"}
+         "ranges_set_by_ort": "graph", "weight_bytes": "graph", "weight_layer_names": "graph",
+         # what a graph is (onnx only) and other toolchains' quantizations (onnxruntime, optional extras)
+         "GraphCensus": "census", "census_lines": "census", "graph_census": "census",
+         "PEERS": "peers", "PeerError": "peers", "run_peer": "peers"}
 
 
 def __getattr__(name: str):

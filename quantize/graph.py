@@ -131,17 +131,26 @@ def clipped_biases(quantized: onnx.ModelProto | str | Path) -> list[str]:
             and np.isin(numpy_helper.to_array(init), (limits.min, limits.max)).any()]
 
 
+# Which input of each op is its weight: float layers (through a DequantizeLinear in QDQ graphs), ORT's
+# QOperator and dynamic-quantization kernels, and its weight-only int4 MatMulNBits, so that every
+# format's weights are counted alike
+WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3,
+                "ConvInteger": 1, "MatMulInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulNBits": 1}
+
+
 def weight_bytes(model: onnx.ModelProto | str | Path) -> int:
-    """Bytes stored for the Conv/Gemm/MatMul weights of a model: float tensors, or the integer codes
-    DequantizeLinear turns into them (as stored: int4 counts two codes to a byte)."""
+    """Bytes stored for the weights of a model's layers (:data:`WEIGHT_INPUT`): float tensors, or
+    the integer codes DequantizeLinear or an integer kernel reads (as stored: int4 counts two codes
+    to a byte)."""
     model = _graph(model)
     initializers = {init.name: init for init in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     total = 0
     for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS and len(node.input) > 1:
-            source = producers.get(node.input[1])
-            name = source.input[0] if source is not None and source.op_type == "DequantizeLinear" else node.input[1]
+        index = WEIGHT_INPUT.get(node.op_type)
+        if index is not None and len(node.input) > index:
+            source = producers.get(node.input[index])
+            name = source.input[0] if source is not None and source.op_type == "DequantizeLinear" else node.input[index]
             if name in initializers:
                 init = initializers[name]
                 total += len(init.raw_data) if init.raw_data else numpy_helper.to_array(init).nbytes

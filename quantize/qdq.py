@@ -6,6 +6,10 @@ their codes on the narrower grid: weights get the per-channel scales of a b-bit 
 range, since ORT clips only to int8's); activations below 8 bits get the scale and zero point of a
 b-bit quantizer and a Clip to the calibrated range in front of each QuantizeLinear, because
 QuantizeLinear saturates only at the container's 0..255.
+
+This module writes models; what a graph says about its quantization (weight layers, op types, the
+tensors and biases a QDQ model quantized) is asked of :mod:`.graph`. ORT's calls change
+process-wide state (``tempfile.tempdir``, the root logger) for their duration only.
 """
 
 from __future__ import annotations

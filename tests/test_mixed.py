@@ -19,7 +19,8 @@ from onnx import helper, numpy_helper
 
 from conftest import save_classifier
 from ptqcal.evaluate.attribution import Attribution, LayerEffect
-from ptqcal.evaluate.mixed import assignment, ordered_moves, stored_bytes
+from ptqcal.evaluate.mixed import assignment, ordered_moves
+from ptqcal.quantize.spec import stored_bytes
 
 FRAGILE = "fc3"
 OUTLIER = 8.0
@@ -120,7 +121,7 @@ def test_mixed_meets_its_target_on_the_held_out_images_and_stores_each_layer_on_
                                                                                            tmp_path):
     from ptqcal.cli import main
     from ptqcal.data import select
-    from ptqcal.evaluate.deploy import weight_bytes
+    from ptqcal.quantize.graph import weight_bytes
     from ptqcal.evaluate.metrics import softmax
     from ptqcal.models.preprocess import DIGITS_PREPROCESS
     from ptqcal.quantize.qdq import weight_scales
@@ -159,7 +160,7 @@ def test_mixed_meets_its_target_on_the_held_out_images_and_stores_each_layer_on_
 @pytest.mark.slow
 def test_a_size_target_fits_the_bytes_and_an_unreachable_one_says_so(fragile_mlp, tmp_path):
     from ptqcal.cli import main
-    from ptqcal.evaluate.deploy import weight_bytes
+    from ptqcal.quantize.graph import weight_bytes
 
     base = ["run", "--model", str(fragile_mlp), "--dataset", "digits", "--preprocess", "digits", "--weight-bits", "8",
             "4", "--no-timing", "--check-images", "0", "--no-progress", "--quiet"]

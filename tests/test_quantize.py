@@ -1,5 +1,7 @@
 """The QDQ graphs ORT gets from us: what is quantized, how, and that ORT runs it fused."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -153,15 +155,11 @@ def test_unsupported_bit_widths_are_rejected():
             QuantSpec(8, bits).validate()
 
 
-def test_clipped_int32_biases_are_found_in_the_graph_and_not_printed(tmp_path, capfd):
+def _tiny_bias_model(tmp_path: Path) -> tuple[Path, np.ndarray]:
     """A Conv whose weights are tiny and whose bias is not: its bias scale (input scale x weight
-    scale) is ~1e-12, so the bias's int32 code would be ~1e12 and ORT clips it; the other layer's
-    bias is left alone. ORT's per-layer warning is held back (the report says it once)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from ptqcal.quantize import prepare
-    from ptqcal.quantize.graph import clipped_biases
+    scale) is ~1e-12, so the bias's int32 code would be ~1e12 and ORT clips it (and warns); the other
+    layer's bias is left alone. Returns the prepared model and calibration images."""
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.normal(size=(4, 1, 3, 3)) * 1e-9).astype(np.float32), "tiny_w"),
@@ -177,14 +175,48 @@ def test_clipped_int32_biases_are_found_in_the_graph_and_not_printed(tmp_path, c
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "m.onnx"))
-    prepared = prepare(tmp_path / "m.onnx", tmp_path / "prepared.onnx")
-    x = rng.uniform(0, 1, (16, 1, 8, 8)).astype(np.float32)
+    return prepare(tmp_path / "m.onnx", tmp_path / "prepared.onnx"), rng.uniform(0, 1, (16, 1, 8, 8)).astype(np.float32)
+
+
+def test_clipped_int32_biases_are_found_in_the_graph_and_not_printed(tmp_path, capfd):
+    """ORT's per-layer warning is held back (the report says it once)."""
+    from ptqcal.quantize.graph import clipped_biases
+
+    prepared, x = _tiny_bias_model(tmp_path)
     ranges = compute_ranges(collect_histograms(prepared, ArrayDataReader("input", x, 16), progress=False), "minmax", 8,
                             16)
     capfd.readouterr()
     path = quantize_qdq(prepared, tmp_path / "q.onnx", ranges, QuantSpec(8, 8))
     assert "exceeds the range" not in capfd.readouterr().err
     assert [name.split("_quantized")[0] for name in clipped_biases(path)] == ["tiny_b"]
+
+
+def test_ort_warnings_leave_an_unconfigured_root_logger_unconfigured(tmp_path):
+    """``logging.warning`` on a root logger without handlers calls ``basicConfig``, which would leave
+    a stderr handler behind for good: in a fresh interpreter (pytest configures the root logger),
+    ORT's warning prints nothing and the root logger ends as it began."""
+    import subprocess
+    import sys
+
+    prepared, x = _tiny_bias_model(tmp_path)
+    np.save(tmp_path / "x.npy", x)
+    code = f"""
+import logging, tempfile
+import numpy as np
+from ptqcal.quantize import ArrayDataReader, QuantSpec, collect_histograms, compute_ranges, quantize_qdq
+from ptqcal.quantize.graph import clipped_biases
+x = np.load({str(tmp_path / "x.npy")!r})
+ranges = compute_ranges(collect_histograms({str(prepared)!r}, ArrayDataReader("input", x, 16), progress=False), "minmax")
+root = logging.getLogger()
+before = (list(root.handlers), list(root.filters), root.level, tempfile.tempdir)
+path = quantize_qdq({str(prepared)!r}, {str(tmp_path / "q.onnx")!r}, ranges, QuantSpec(8, 8))
+assert clipped_biases(path), "ORT clipped (and warned about) a bias"
+assert (list(root.handlers), list(root.filters), root.level, tempfile.tempdir) == before
+logging.getLogger("elsewhere").warning("after the call, the last resort prints again")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "after the call, the last resort prints again"
 
 
 def test_the_report_says_which_configurations_had_biases_clipped():

@@ -11,6 +11,15 @@ import pytest
 from ptqcal.analysis import analyse_run, build_report
 
 
+UNIFORM = {"a8w8": (8, 8), "a8w4": (4, 8)}  # name -> (weight bits, activation bits)
+
+
+def _descriptors(names=("float", "a8w8", "a8w4")):
+    """run.json's descriptors of ``names``: the float model and uniform configurations."""
+    return {name: {"kind": "float", "weight_bits": None, "act_bits": None} if name == "float" else
+            {"kind": "uniform", "weight_bits": UNIFORM[name][0], "act_bits": UNIFORM[name][1]} for name in names}
+
+
 def _fake_run(folder, seed, repeats=1, classes=10, n=800):
     """A run folder as `ptqcal run` writes it, with logits made here."""
     rng = np.random.default_rng(seed)
@@ -26,7 +35,8 @@ def _fake_run(folder, seed, repeats=1, classes=10, n=800):
             configs.append(name)
     folder.mkdir(parents=True)
     np.savez(folder / "logits.npz", **arrays)
-    (folder / "run.json").write_text(json.dumps({"model": folder.name, "configs": configs, "notes": ["made up"],
+    (folder / "run.json").write_text(json.dumps({"format": 3, "model": folder.name, "configs": configs,
+                                                 "notes": ["made up"], "descriptors": _descriptors(),
                                                  "run": {"dataset": "synthetic", "evaluation images": n}}))
     return folder
 
@@ -123,7 +133,7 @@ def test_figure_2_joins_only_the_uniform_precisions():
 
     configs = ["a8w8", "a8w4", "mixed"]
     panel = SwapPanel("m", configs, [0.01, 0.20, 0.02], [0.0, 0.05, 0.001], [0.0, 0.25, 0.05],
-                      [np.array([0.5])] * 3)
+                      [np.array([0.5])] * 3, uniform=[True, True, False])
     fig = plot_swap_panels([panel])
     top, middle = fig.axes[0], fig.axes[1]
     lines = [line for line in top.lines if line.get_linestyle() == "-" and len(line.get_xdata()) > 1]
@@ -131,3 +141,114 @@ def test_figure_2_joins_only_the_uniform_precisions():
     points = {tuple(line.get_xdata()) for line in top.lines}
     assert (2,) in points  # mixed is still drawn, as a point
     assert [list(line.get_xdata()) for line in middle.lines if line.get_linestyle() == "-"][0] == [0, 1]
+
+
+def test_the_joined_steps_come_from_the_descriptors_not_the_names(tmp_path):
+    """A uniform configuration named anything is a step of the sweep; a mixed one named like a
+    step is not."""
+    from ptqcal.analysis import metrics_json
+    from ptqcal.analysis.figures import SwapPanel
+
+    folder = _fake_run(tmp_path / "m", 4)
+    info = json.loads((folder / "run.json").read_text())
+    info["descriptors"]["a8w8"] = {"kind": "mixed", "weight_bits": None, "act_bits": None}
+    (folder / "run.json").write_text(json.dumps(info))
+    run = analyse_run(folder)
+    assert SwapPanel.from_run(run).uniform == [False, True]
+    assert [c.name for c in run.uniform] == ["a8w4"]
+    rows = {r["config"]: r for r in json.loads(metrics_json([run]))["runs"][0]["configs"]}
+    assert (rows["a8w8"]["weight_bits"], rows["a8w8"]["act_bits"]) == (None, None)
+    assert (rows["a8w4"]["weight_bits"], rows["a8w4"]["act_bits"]) == (4, 8)
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda d: d["a8w4"].update(weight_bits="4"),  # a string is not a width
+    lambda d: d["a8w4"].update(weight_bits=True),  # nor is a bool, though Python calls it an int
+    lambda d: d["a8w4"].update(act_bits=4.0),
+    lambda d: d["a8w4"].update(weight_bits=None),  # uniform without a weight width
+    lambda d: d["float"].update(weight_bits=8),  # the float model has no integer width
+    lambda d: d["a8w4"].update(kind="peer\n![x](/etc/passwd)"),  # unknown kind, with a newline in it
+    lambda d: d["a8w4"].update(extra=1),
+    lambda d: d.pop("a8w4"),  # a configuration left undescribed
+    lambda d: d.update(a2w2={"kind": "uniform", "weight_bits": 2, "act_bits": 2}),  # one without logits
+    lambda d: d.__setitem__("a8w4", ["uniform", 4, 8]),
+])
+def test_a_tampered_descriptor_is_one_line(tmp_path, capsys, tamper):
+    from ptqcal.cli import main
+
+    folder = _fake_run(tmp_path / "m", 5)
+    info = json.loads((folder / "run.json").read_text())
+    tamper(info["descriptors"])
+    (folder / "run.json").write_text(json.dumps(info))
+    assert main(["report", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "damaged ptqcal run" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("version", [None, 1, 2])
+def test_a_record_of_an_older_ptqcal_says_to_re_run_it(tmp_path, capsys, version):
+    """Its configurations' kinds and widths would have to be guessed from their names: they are not."""
+    from ptqcal.cli import main
+
+    folder = _fake_run(tmp_path / "m", 6)
+    info = json.loads((folder / "run.json").read_text())
+    del info["descriptors"]
+    info.pop("format") if version is None else info.update(format=version)
+    (folder / "run.json").write_text(json.dumps(info))
+    assert main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "made by an older ptqcal" in err and "re-run" in err, err
+
+
+def test_descriptors_round_trip_and_an_undescribed_record_fails_loudly(tmp_path):
+    """Nothing derives a descriptor: a record built without them is refused, as a bug (not an
+    input error), before it is written or analysed."""
+    from ptqcal.analysis import analyse_record
+    from ptqcal.errors import InputError
+    from ptqcal.evaluate import RunRecord
+    from ptqcal.evaluate.record import ConfigInfo, ConfigKind
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 5, 100)
+    logits = {name: rng.normal(size=(100, 5)).astype(np.float32) for name in ("float", "fp16", "a6w3", "a6w3#r1",
+                                                                            "mixed")}
+    described = {"float": ConfigInfo("float", ConfigKind.FLOAT), "fp16": ConfigInfo("fp16", ConfigKind.FP16),
+                 "a6w3": ConfigInfo("a6w3", ConfigKind.UNIFORM, 3, 6), "mixed": ConfigInfo("mixed", "mixed")}
+    RunRecord("m", labels, logits, descriptors=described).save(tmp_path / "run")
+    again = RunRecord.load(tmp_path / "run")
+    assert again.descriptors == described and again.descriptor("a6w3#r1") == described["a6w3"]
+    assert [c.name for c in analyse_record(again).uniform] == ["fp16", "a6w3"]
+    undescribed = RunRecord("m", labels, logits, descriptors={k: v for k, v in described.items() if k != "mixed"})
+    for call in (lambda: undescribed.save(tmp_path / "other"), lambda: analyse_record(undescribed)):
+        with pytest.raises(LookupError, match="missing \\['mixed'\\]") as caught:
+            call()
+        assert not isinstance(caught.value, InputError)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(ValueError):
+        ConfigInfo("a8w8", ConfigKind.UNIFORM, 8)  # uniform needs both widths
+
+
+def test_the_sweep_describes_each_configuration_from_its_spec():
+    from ptqcal.evaluate.record import ConfigInfo, ConfigKind
+    from ptqcal.quantize import QuantSpec
+    from ptqcal.sweep import Sweep, describe
+
+    assert Sweep().descriptors == {"float": ConfigInfo("float", ConfigKind.FLOAT)}
+    assert describe(QuantSpec(3, 6)) == ConfigInfo("a6w3", ConfigKind.UNIFORM, 3, 6)
+    assert describe(QuantSpec(8, 8, layer_bits=(("conv", 4),))) == ConfigInfo("mixed", ConfigKind.MIXED)
+
+
+def test_the_kernel_note_reads_the_weight_width_from_the_descriptor():
+    from ptqcal.analysis.judgement import kernel_notes
+    from ptqcal.evaluate import PathAgreement
+    from ptqcal.evaluate.record import ConfigInfo, ConfigKind
+
+    checks = [PathAgreement(name, 100, 1.0, 0.5) for name in ("a8w8", "w8", "mixed")]
+    described = {"a8w8": ConfigInfo("a8w8", ConfigKind.UNIFORM, 8, 8), "mixed": ConfigInfo("mixed", "mixed"),
+                 "w8": ConfigInfo("w8", ConfigKind.UNIFORM, 7, 8)}  # named like 8-bit weights; it has 7
+    (note,) = kernel_notes(checks, described, vnni=False)
+    assert note.startswith("On this CPU the deployed a8w8 parts")
+    assert kernel_notes(checks, described, vnni=True) == [] and kernel_notes(checks, {}, vnni=None) == []
+    with pytest.raises(LookupError):
+        kernel_notes(checks, {}, vnni=False)

@@ -1,0 +1,124 @@
+"""The sentences that judge numbers: what a sweep shows, where a configuration collapsed, whether
+the float model is over- or underconfident, why a quantized model is not faster, and why the
+deployed path parts from the simulated one. Each threshold is named here, once; the tables and
+figures only show numbers."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from ptqcal.evaluate.attribution import CONFIDENT as ATTRIBUTION_CONFIDENT
+from ptqcal.evaluate.record import ConfigInfo
+from ptqcal.evaluate.agreement import PathAgreement
+from ptqcal.evaluate.results import FLOAT_NAME
+
+from .markdown import md
+from .results import RunAnalysis
+
+CONFIDENT = ATTRIBUTION_CONFIDENT  # a float prediction held with at least this confidence counts as confident
+COLLAPSED = 0.9  # a configuration that swaps at least this share of predictions has collapsed
+FLIPPING = 0.05  # confident predictions "start to flip" once this share of them swaps ...
+MIN_FLIPS = 3  # ... and at least this many (one image of a handful is noise)
+# Deployed and simulated paths of one model should agree on nearly every prediction; below this
+# the report explains where the difference comes from.
+PATH_AGREEMENT_FLOOR = 0.98
+
+
+def confident_swaps(config) -> tuple[int, int]:
+    """Swapped and total float predictions held with at least :data:`CONFIDENT` confidence."""
+    return config.change.confident_swaps(CONFIDENT)
+
+
+def sweep_reading(run: RunAnalysis, mild_ratio: float = 0.5) -> str:
+    """Sentences on what the sweep shows, judged from the numbers: which confidences swap (the
+    top confidence bin, not an average), and where a configuration collapsed."""
+    quantized = [c for c in run.quantized if c.change.swapped.any()]
+    if not quantized:
+        return "No precision swapped any prediction."
+    collapsed = [c for c in quantized if c.metrics.swapped >= COLLAPSED]
+    working = [c for c in quantized if c not in collapsed]
+    sentences = []
+    mild = [c for c in working if c.metrics.delta_error_per_swapped < mild_ratio]
+    if mild:
+        most = max(mild, key=lambda c: c.metrics.swapped)
+        m, (flipped, held) = most.metrics, confident_swaps(most)
+        confident = (f"of the {held} predictions the float model held with at least {100 * CONFIDENT:.0f}% "
+                     f"confidence, {flipped} swapped" if held else
+                     f"the float model held no prediction with {100 * CONFIDENT:.0f}% confidence or more")
+        sentences.append(
+            f"At {md(most.name)}, {100 * m.swapped:.2f}% of the predictions changed while the top-1 error moved by "
+            f"{100 * m.delta_top1_error:+.2f} pp (ratio {m.delta_error_per_swapped:.2f}); {confident}.")
+    flipping = [c for c in working if confident_swaps(c)[0] >= max(MIN_FLIPS, FLIPPING * confident_swaps(c)[1])]
+    if flipping:
+        first = flipping[0]  # in sweep order: the highest precision at which they flip
+        flipped, held = confident_swaps(first)
+        sentences.append(f"At {md(first.name)} confident predictions flip: {100 * flipped / held:.1f}% of those held "
+                         f"with at least {100 * CONFIDENT:.0f}% confidence swapped ({flipped} of {held}), and the "
+                         f"ratio is {first.metrics.delta_error_per_swapped:.2f}.")
+    for config in collapsed:
+        sentences.append(f"At {md(config.name)} the model collapsed: {100 * config.metrics.swapped:.1f}% of the "
+                         f"predictions changed and the top-1 error is {100 * config.metrics.top1_error:.1f}%.")
+    return " ".join(sentences)
+
+
+def lowest_working(run: RunAnalysis):
+    """The lowest precision that has not collapsed (Figure 1 draws it over the float model)."""
+    working = [c for c in run.uniform if c.metrics.swapped < COLLAPSED]
+    return working[-1] if working else None
+
+
+def calibration_words(run: RunAnalysis) -> str:
+    """Whether the float model is over- or underconfident, with the numbers that say so."""
+    m = run.reference.metrics
+    gap = m.mean_confidence - (1 - m.top1_error)
+    verdict = "overconfident" if gap > 0.01 else "underconfident" if gap < -0.01 else "about as confident as accurate"
+    return (f"{md(run.name)}'s float model is {verdict}: mean confidence {100 * m.mean_confidence:.1f}% at "
+            f"{100 * (1 - m.top1_error):.1f}% accuracy (ECE {100 * m.ece:.2f}%).")
+
+
+def reliability_reading(runs: Sequence[RunAnalysis]) -> str:
+    """What Figure 1 shows of each run's float model, and which lowest precision it leaves out."""
+    collapsed = [md(r.name) for r in runs if r.uniform and lowest_working(r) is not r.uniform[-1]]
+    reading = " ".join(calibration_words(r) for r in runs)
+    if collapsed:
+        reading += (f" The lowest precision of {', '.join(collapsed)} collapsed (90% or more of its predictions "
+                    "swapped) and is not drawn; the line is the lowest one that did not.")
+    return reading
+
+
+def not_faster(run: RunAnalysis) -> str:
+    """Why each uniform quantized configuration that is not faster than float is not."""
+    numbers = run.record.deployment
+    reference, reasons = numbers[FLOAT_NAME], []
+    for name, d in numbers.items():
+        info = run.record.descriptor(name)
+        if not info.uniform or d.throughput is None or d.throughput > reference.throughput:
+            continue
+        if info.weight_bits == 4:
+            why = "its int4 weights have no integer kernel on CPU: ORT dequantizes them and runs float layers"
+        elif info.act_bits < 8:
+            why = "its activations below 8 bits keep a Clip in front of each QuantizeLinear, which stops fusion"
+        else:
+            why = "ORT's integer kernels are not faster than its float ones for this graph on this CPU"
+        reasons.append(f"{md(name)} is not faster than float: {why}.")
+    return " ".join(reasons)
+
+
+def kernel_notes(checks: Sequence[PathAgreement], descriptors: Mapping[str, ConfigInfo],
+                 vnni: bool | None) -> list[str]:
+    """Why the deployed path parts from the simulated one, when it does at full 8-bit weights on a
+    CPU without VNNI (``vnni``: :func:`ptqcal.evaluate.cpu.has_vnni`)."""
+    below = [c.config for c in checks if c.top1_agreement < PATH_AGREEMENT_FLOOR]
+    if not below or vnni is not False:
+        return []
+    missing = [name for name in below if name not in descriptors]
+    if missing:  # a bug of the caller: which widths these are is never guessed from the names
+        raise LookupError(f"no descriptor for {missing}: pass the sweep's descriptors")
+    parted = [name for name in below if descriptors[name].weight_bits == 8]
+    if not parted:
+        return []
+    return [f"On this CPU the deployed {', '.join(parted)} parts from the simulated one: it has AVX2 but no VNNI, "
+            "so ORT's uint8 x int8 kernels multiply with VPMADDUBSW, whose pairwise int16 sums saturate when "
+            "8-bit weights meet large activations. CPUs with VNNI (AVX512-VNNI, AVX-VNNI) sum in int32 and do not "
+            "saturate; 7-bit weights (a8w7) never do. The simulated path is what such a "
+            "CPU computes."]

@@ -1,0 +1,174 @@
+"""The report's Markdown tables: accuracy and calibration, what quantization changed, which
+confidences flip, deployment, layer attribution, the mixed-precision search, and several models
+side by side. Numbers are shown in percent here, where they are drawn; the sentences that judge
+them are in :mod:`.judgement`."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+from ptqcal.evaluate.attribution import CONFIDENT as ATTRIBUTION_CONFIDENT
+from ptqcal.evaluate.metrics import FRACTION, Metrics, changes_by_confidence
+from ptqcal.evaluate.results import FLOAT_NAME
+from ptqcal.quantize.spec import MIXED_NAME
+
+from .judgement import not_faster
+from .markdown import md
+from .results import RunAnalysis
+from .rows import COLUMNS, metrics_rows
+
+CHANGE_KEYS = {"swapped", "delta_top1_error", "delta_error_per_swapped", "mean_float_conf_swapped",
+               "correct_to_wrong", "wrong_to_correct", "wrong_to_other_wrong",
+               "median_float_margin_swapped", "median_float_margin_kept"}
+TOP_LAYERS = 10  # rows of the attribution table in the report (layers.csv has them all)
+
+
+def _shown(key: str, value: float) -> float:
+    """A metric as drawn: fractions in percent (or percentage points), others as they are."""
+    return 100 * value if key in Metrics.__dataclass_fields__ and Metrics.unit(key) == FRACTION else value
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return md(value)
+    text = fmt.format(_shown(key, value))
+    if row.get(f"{key}_std") is not None:
+        text += f" ± {_shown(key, row[f'{key}_std']):.2f}"
+    elif row.get(f"{key}_ci95") is not None:
+        lo, hi = (_shown(key, v) for v in row[f"{key}_ci95"])
+        text += f" [{lo:.1f}, {hi:.1f}]"
+    return text
+
+
+def markdown_table(run: RunAnalysis, columns: Sequence[tuple[str, str, str]] = COLUMNS,
+                   quantized_only: bool = False) -> str:
+    """A Markdown table of ``columns`` (key, title, format) for every configuration, in percent."""
+    rows = [r for r in metrics_rows(run) if not quantized_only or r["config"] != FLOAT_NAME]
+    present = [c for c in columns if c[0] == "config" or any(r.get(c[0]) is not None for r in rows)]
+    lines = ["| " + " | ".join(title for _, title, _ in present) + " |", "|" + "---|" * len(present)]
+    lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in present) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_tables(run: RunAnalysis) -> list[str]:
+    """Accuracy and calibration of every configuration; then what quantization changed."""
+    quality = [c for c in COLUMNS if c[0] not in CHANGE_KEYS]
+    change = [c for c in COLUMNS if c[0] == "config" or c[0] in CHANGE_KEYS]
+    tables = ["**Accuracy and calibration**", markdown_table(run, quality)]
+    if run.quantized:
+        tables += ["**What quantization changed** (against the float model on the same images)",
+                   markdown_table(run, change, quantized_only=True)]
+    return tables
+
+
+def confidence_table(run: RunAnalysis) -> str:
+    """% of each float-confidence bin's predictions that each precision swapped."""
+    if not run.quantized:
+        return ""
+    bins = [changes_by_confidence(c.change) for c in run.quantized]
+    edges, counts = bins[0]["edges"], bins[0]["counts"]
+    head = "| float confidence | predictions | " + " | ".join(md(c.name) for c in run.quantized) + " |"
+    lines = [head, "|" + "---|" * (2 + len(run.quantized))]
+    for i in range(len(counts)):
+        if counts[i]:
+            cells = [f"{100 * b['swap_rate'][i]:.1f}" for b in bins]
+            lines.append(f"| {edges[i]:.1f}–{edges[i + 1]:.1f} | {counts[i]} | " + " | ".join(cells) + " |")
+    return "\n".join(["**Which confidences flip** (% of the bin's predictions swapped)", "\n".join(lines)])
+
+
+def deployment_table(run: RunAnalysis) -> list[str]:
+    """Size and speed of every configuration on the machine that ran it, and why a quantized one
+    is not faster than float where it is not."""
+    numbers = run.record.deployment
+    reference = numbers.get(FLOAT_NAME)
+    if reference is None:
+        return []
+    timed = reference.throughput is not None
+    head = "| config | file MB | weights MB | weights × float |" + (
+        " latency ms (batch 1, median / p90) | images/s (batch {}) | speed × float |".format(reference.batch_size)
+        if timed else "")
+    lines = [head, "|" + "---|" * (7 if timed else 4)]
+    for name, d in numbers.items():
+        cells = [md(name), f"{d.file_bytes / 1e6:.2f}", f"{d.weight_bytes / 1e6:.3f}",
+                 f"{d.weight_bytes / max(reference.weight_bytes, 1):.3f}"]
+        if timed and d.throughput is not None:
+            cells += [f"{d.latency_ms:.2f} / {d.latency_p90_ms:.2f}", f"{d.throughput:.0f}",
+                      f"{d.throughput / reference.throughput:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    threads = "ORT's default thread count, one per physical core" if reference.threads == 0 else \
+        f"{reference.threads} ORT thread{'s' if reference.threads > 1 else ''}"
+    sources = {d.throughput_source for d in numbers.values() if d.throughput is not None}
+    how = {"evaluation": "images/s of session.run over the evaluation's full batches",
+           "timed runs": "images/s of timed runs"}
+    title = (f"**Deployment on this machine** ({threads}; {os.cpu_count()} CPUs; "
+             f"{' or '.join(how.get(s, s) for s in sorted(sources))})") if timed else \
+        "**Deployment** (sizes only: timing was skipped)"
+    return [title, "\n".join(lines), not_faster(run)] if timed else [title, "\n".join(lines)]
+
+
+def attribution_table(run: RunAnalysis) -> list[str]:
+    """The layers whose weights, quantized alone, swap the most confident predictions."""
+    result = run.record.attribution
+    if result is None or not result.effects:  # a graph without Conv/Gemm/MatMul weights has nothing to attribute
+        return []
+    lines = ["| layer | weight bits | % confident swapped | % swapped | Δ err (pp) | SQNR dB |", "|---|---|---|---|---|---|"]
+    for e in result.ranked()[:TOP_LAYERS]:
+        confident = "–" if math.isnan(e.confident_swapped) else f"{100 * e.confident_swapped:.1f}"
+        lines.append(f"| {md(e.layer)} | {e.weight_bits} | {confident} | {100 * e.swapped:.1f} | "
+                     f"{100 * e.delta_top1_error:+.1f} | {e.sqnr_db:.1f} |")
+    return [f"**Which layers flip confident predictions** (each weight layer quantized alone, everything else "
+            f"float, on {result.images} seeded evaluation images, {result.confident} of them held with at least "
+            f"{ATTRIBUTION_CONFIDENT:.0%} confidence; the {TOP_LAYERS} worst; every layer in layers.csv)",
+            "\n".join(lines)]
+
+
+def mixed_section(run: RunAnalysis) -> list[str]:
+    """What the mixed-precision search chose, what it measured on its held-out images, and how it
+    compares on the evaluation images with the uniform configuration of the same size."""
+    choice = run.record.mixed
+    if choice is None:
+        return []
+    target = (f"at most {100 * choice.limit:.2g}% of the confident predictions swapped, fewest weight bytes"
+              if choice.target == "max_confident_swaps" else
+              f"weights at most {choice.limit:.2g}x float's bytes, fewest confident swaps (greedy)")
+    seen = (f"{choice.images} images held out of evaluation ({choice.confident} held with at least "
+            f"{ATTRIBUTION_CONFIDENT:.0%} confidence by the float model)")
+    lines = ["| moves (one layer one width down) | weight bytes | × float | % confident swapped | % swapped |", "|---|---|---|---|---|"]
+    for step in choice.steps:
+        confident = f"{100 * step.confident_swapped:.2f}" if choice.confident else "–"  # none to swap
+        lines.append(f"| {step.moves} | {step.weight_bytes:,} | {step.weight_bytes / choice.float_weight_bytes:.3f} "
+                     f"| {confident} | {100 * step.swapped:.2f} |")
+    if not choice.met:
+        return [f"**Mixed precision** (target: {target}): no assignment of the run's weight bit widths meets it "
+                f"on the {seen}; the search measured:", "\n".join(lines)]
+    counts = {}
+    for bits in choice.layer_bits.values():
+        counts[bits] = counts.get(bits, 0) + 1
+    widths = ", ".join(f"{n} at {bits} bits" for bits, n in sorted(counts.items(), reverse=True))
+    return [f"**Mixed precision** (target: {target}; activations at {choice.act_bits} bits): {widths} "
+            f"(the per-layer widths are in run.json and model_{MIXED_NAME}.onnx). The search saw only the {seen}; "
+            f"its steps below are measured there, its last row is the choice. The numbers of {md(MIXED_NAME)} in "
+            "every other table and figure come from the evaluation images, which the search never saw.",
+            "\n".join(lines)]
+
+
+def comparison(runs: Sequence[RunAnalysis]) -> list[str]:
+    """Several models side by side: float calibration, and how each holds up at its lowest precision."""
+    if len(runs) < 2 or not all(r.uniform for r in runs):
+        return []
+    lines = ["| model | float top-1 err % | float ECE % | float mean conf % | lowest precision | % swapped | "
+             "Δ err (pp) | Δ err / % swapped | float conf of swapped % |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        f, q = run.reference.metrics, run.uniform[-1]
+        m = q.metrics
+        ratio = m.delta_error_per_swapped
+        lines.append(f"| {md(run.name)} | {100 * f.top1_error:.2f} | {100 * f.ece:.2f} | {100 * f.mean_confidence:.2f} | "
+                     f"{md(q.name)} | {100 * m.swapped:.2f} | {100 * m.delta_top1_error:+.2f} | "
+                     f"{'–' if math.isnan(ratio) else f'{ratio:.3f}'} | "
+                     f"{100 * m.mean_float_conf_swapped:.1f} |")
+    return ["## Comparison", "Each model's float calibration, and what its lowest precision changed.", "\n".join(lines)]

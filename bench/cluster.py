@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller counts")
     parser.add_argument("--part", choices=("overhead", "scaling"), help="only one of the two")
     args = parser.parse_args()
-    from run import cifar_images
+    from images import cifar_images
 
     from ptqcal.config import RunConfig
 

@@ -192,7 +192,7 @@ def report(label: str, ours: float, floor_by_config: dict[str, float], wall: flo
 
 
 def resnet56(quick: bool, folder: Path) -> dict[str, float]:
-    from run import cifar_images
+    from images import cifar_images
 
     from ptqcal.config import RunConfig
     from ptqcal.models.preprocess import CIFAR100_PREPROCESS

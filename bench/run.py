@@ -37,23 +37,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(os.environ.get("PTQCAL_SHARED", HERE.parents[1] / "shared"))
 sys.path.insert(0, str(HERE))
+from images import SHARED, cifar_images  # noqa: E402  (the folder is on the path from here on)
 warnings.filterwarnings("ignore")
-
-
-def cifar_images(count: int, seed: int) -> np.ndarray:
-    """``count`` CIFAR-sized uint8 images: the real ones in ../shared, flipped and shifted."""
-    files = [SHARED / "data/cifar100/test_head20.npz", SHARED / "data/cifar100/train_subset.npz"]
-    rng = np.random.default_rng(seed)
-    if not all(f.exists() for f in files):
-        return rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
-    base = np.concatenate([np.load(f)["images"] for f in files])
-    picks = base[rng.integers(0, len(base), count)]
-    flips = rng.uniform(size=count) < 0.5
-    picks[flips] = picks[flips, :, ::-1]
-    shifts = rng.integers(-4, 5, (count, 2))
-    return np.stack([np.roll(img, tuple(s), axis=(0, 1)) for img, s in zip(picks, shifts)])
 
 
 def timed(fn, *args, **kwargs):

@@ -22,7 +22,7 @@ CONFIDENT = 0.9  # a float prediction held with at least this confidence counts 
 SQNR_IMAGES = 32
 
 # batches(limit) -> the model-input batches of the images (the first ``limit`` images, or all)
-Batches = Callable[[int | None], Iterable[np.ndarray]]
+BatchSource = Callable[[int | None], Iterable[np.ndarray]]
 # memo(layer, bits, compute) -> compute() or a result stored for the same inputs
 Memo = Callable[[str, int, Callable[[], "LayerEffect"]], "LayerEffect"]
 
@@ -78,7 +78,7 @@ def _with_output(model, tensor: str):
     return copy
 
 
-def _outputs(model, batches: Batches, provider: str, threads: int, limit: int | None = None) -> list[np.ndarray]:
+def _outputs(model, batches: BatchSource, provider: str, threads: int, limit: int | None = None) -> list[np.ndarray]:
     """Every output of ``model`` (a ModelProto) over ``batches(limit)``, concatenated."""
     from .runner import make_session
 
@@ -88,7 +88,7 @@ def _outputs(model, batches: Batches, provider: str, threads: int, limit: int | 
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
-def attribute(model_path: Path, batches: Batches, labels: np.ndarray, widths: Sequence[int], weight_scale: str,
+def attribute(model_path: Path, batches: BatchSource, labels: np.ndarray, widths: Sequence[int], weight_scale: str,
               provider: str = "CPU", threads: int = 0, memo: Memo | None = None, held_out: bool = False) -> Attribution:
     """Every weight layer of the float model at ``model_path`` alone at each of ``widths``, on the
     images ``batches`` yields (with ``labels``), against the float model on the same images.

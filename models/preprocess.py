@@ -61,8 +61,9 @@ class PreprocessCfg:
             if len(values) not in (1, channels) or not all(math.isfinite(v) for v in values):
                 raise ModelError(f"{name} {list(values)} must be 1 or {channels} finite numbers for a "
                                  f"{channels}-channel input", setting=name)
-        if any(v == 0 for v in self.std):
-            raise ModelError(f"std {list(self.std)} has a zero", setting="std")
+        if any(v <= 0 for v in self.std):  # a negative std would mirror the images, a zero divides by zero
+            raise ModelError(f"std {list(self.std)} must be positive: it has "
+                             f"{'a zero' if 0 in self.std else 'a negative value'}", setting="std")
         if not (math.isfinite(self.pixel_max) and self.pixel_max > 0):
             raise ModelError(f"pixel_max must be a positive number, got {self.pixel_max}", setting="pixel_max")
         if self.layout not in LAYOUTS:
@@ -71,6 +72,9 @@ class PreprocessCfg:
             raise ModelError(f"input type {self.dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
         if self.resize is not None and self.resize < 1:
             raise ModelError(f"resize must be a positive size, got {self.resize}", setting="resize")
+        if self.resize is not None and self.resize * self.resize > MAX_PIXELS:  # the smallest image it makes
+            raise ModelError(f"resizing the short side to {self.resize} makes images of more than "
+                             f"{MAX_PIXELS // 1_000_000} megapixels, which is refused", setting="resize")
         return self
 
     def to_metadata(self) -> str:
@@ -91,12 +95,15 @@ class PreprocessCfg:
         """``(N, H, W, C)`` or ``(N, H, W)`` raw pixels as the model's input: normalised to
         ``dtype`` (or kept as uint8 pixels), in ``layout``."""
         x = np.asarray(images)
+        if x.ndim == 1 and not x.size:  # no image decoded: nothing to feed the model
+            raise ModelError("none of the images could be decoded")
         if x.ndim == 3:
             x = x[..., None]
         channels, height, width = self.input_size
         if x.shape[1:] != (height, width, channels):
-            raise ValueError(f"images of shape {x.shape[1:]} do not match the model input (H, W, C) = "
-                             f"{(height, width, channels)}")
+            raise ModelError(f"images of shape {x.shape[1:]} do not match the model input (H, W, C) = "
+                             f"{(height, width, channels)}: every image (calibration and evaluation) must have "
+                             "the model's size")
         # A 1-channel image has the same bytes in either layout (the transpose is a view at the end);
         # other images are transposed while still pixels, a quarter of the bytes float32 would move.
         early = self.layout == "NCHW" and channels > 1
@@ -106,14 +113,18 @@ class PreprocessCfg:
             shape = (-1, 1, 1) if early else (-1,)
             mean = np.asarray(self.mean, dtype=np.float32).reshape(shape)
             std = np.asarray(self.std, dtype=np.float32).reshape(shape)
-            x = np.ascontiguousarray(x).astype(np.float32)  # one copy, then the float32 arithmetic in place
-            x /= np.float32(self.pixel_max)
-            x -= mean
-            x /= std
-            x = x.astype(self.dtype, copy=False)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked below, said in one line
+                x = np.ascontiguousarray(x).astype(np.float32)  # one copy, then the float32 arithmetic in place
+                x /= np.float32(self.pixel_max)
+                x -= mean
+                x /= std
+                x = x.astype(self.dtype, copy=False)
+            if not np.isfinite(x).all():
+                raise ModelError(f"the images overflow {self.dtype} once normalised ((pixel / {self.pixel_max:g} - "
+                                 f"mean) / std): their pixel values are too large for this preprocessing")
         elif x.dtype != np.uint8:
             if not (np.all((x >= 0) & (x <= 255)) and np.all(np.round(x) == x)):
-                raise ValueError("the model takes uint8 pixels, and these images hold values that are not whole "
+                raise ModelError("the model takes uint8 pixels, and these images hold values that are not whole "
                                  "numbers in 0..255")
             x = x.astype(np.uint8)
         if self.layout == "NCHW" and not early:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .preprocess import CIFAR100_PREPROCESS, DIGITS_PREPROCESS, EFFICIENTNET_LITE_PREPROCESS, IMAGENET_PREPROCESS
 from .preprocess import PreprocessCfg
 from .weights import RANDOM_WEIGHTS, ModelError
+from ptqcal.versions import package_version
 
 if TYPE_CHECKING:
     from torch import nn
@@ -74,14 +74,7 @@ class ModelEntry:
             return ["file", file_digest(weights)]
         if train_digest is not None:
             return ["trained", train_digest]
-        return ["packaged", *(_package_version(p) for p in self.packages)]
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+        return ["packaged", *(package_version(p) for p in self.packages)]
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

@@ -24,6 +24,11 @@ from .quantize.spec import QuantSpec, WeightScale
 SHIPPED_CONFIGS = Path(str(resources.files("ptqcal.configs")))  # configs/ installed as ptqcal.configs
 DEFAULT_MODELS = ("digits_resnet8", "digits_resnet8_ls")  # plain and label-smoothed training
 PRECISIONS = ("fp16",)
+# ONNX Runtime's thread pools take what they are given: 100,000 threads exhaust the memory before the
+# first batch. A thread count beyond this is a typo, not a machine (the cap is the same on every machine,
+# so a config file means the same everywhere, and a cluster's nodes may have more cores than this one).
+MAX_THREADS = 1024
+MAX_REPEATS = 1000  # calibration draws: each is a full calibration and a sweep
 
 
 def default_cache_dir() -> Path:
@@ -190,6 +195,11 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UserError(f"{flag_of(name)} must be at least {least}, got {value}")
+        for name, most in (("threads", MAX_THREADS), ("repeats", MAX_REPEATS)):
+            if getattr(self, name) > most:
+                raise UserError(f"{flag_of(name)} must be at most {most}, got {getattr(self, name)}")
+        if self.ray is not None:
+            _check_ray_address(self.ray)
         given = [flag_of(name) for name in ("preprocess", "mean", "std", "pixel_max", "resize", "input_size",
                                                 "layout")
                  if getattr(self, name) is not None]
@@ -214,6 +224,13 @@ class RunConfig:
         """The settings as JSON values (paths and enums as strings)."""
         return {key: (str(value) if isinstance(value, Path) else value.value if isinstance(value, Enum) else value)
                 for key, value in asdict(self).items()}
+
+
+def _check_ray_address(address: str) -> None:
+    """A ``host:port`` address must name a port that can exist (the cluster module says the rest)."""
+    host, colon, port = address.rpartition(":")
+    if colon and port.isdigit() and not (port.isascii() and 0 < int(port) < 1 << 16):
+        raise UserError(f"--ray {address}: the port must be from 1 to 65535")
 
 
 def settings() -> list:
@@ -249,7 +266,9 @@ def parse_value(setting, value: Any, where: str) -> Any:
 
 def _parse_one(parse, value: Any, where: str, choices) -> Any:
     try:
-        if parse is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+        if isinstance(value, bool):  # a switch's value: bool is an int (and 1.0) to Python, never a number here
+            raise ValueError(f"not a {getattr(parse, '__name__', 'value')}: {value!r}")
+        if parse is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"not an integer: {value!r}")
         result = parse(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError) as exc:
@@ -276,7 +295,11 @@ def read_config_file(path: Path) -> dict:
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid TOML: {exc}") from exc
+        raise UserError(f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or table
+        raise UserError(f"{path} nests arrays or tables too deeply to be a ptqcal config") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
     known = {s.name: s for s in settings() if s.metadata.get("in_file", True)}
     values = {}
     for key, value in raw.items():

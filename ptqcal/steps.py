@@ -13,15 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .cache import Cache, array_digest, file_digest, make_key
 from .config import RunConfig
 from .data import Dataset, decode_images, load_dataset, select
 from .errors import UserError
+from .versions import package_version, versions
 from .models import PreprocessCfg, PreprocessOverrides, get_model_entry, inspect_onnx, onnx_preprocess, without_softmax
 from .models.preprocess import METADATA_KEY
 from .data.pixels import Pixels
 
+KEYED = ("onnxruntime", "onnx")  # the packages whose versions are part of every cache key
 EXPORT_CHECK_IMAGES = 16  # evaluation images the exported graph is checked on against PyTorch
 
 
@@ -66,14 +67,6 @@ class Batches:
     note: str
 
 
-def versions() -> dict[str, str]:
-    """The tool versions that decide a cached result (part of every key)."""
-    import onnx
-    import onnxruntime
-
-    return {"ptqcal": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
-
-
 def load_run_dataset(cfg: RunConfig) -> Dataset:
     """The dataset a run evaluates, with ``calib_data`` as its calibration pool when given."""
     if cfg.dataset is None and cfg.is_onnx_file:
@@ -96,11 +89,11 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedMod
     if info.external_data:  # one self-contained file: ORT's pre-processing copies the model alone
         import onnx
 
-        key = make_key(file_digest(path), [file_digest(f) for f in info.external_data], versions())
+        key = make_key(file_digest(path), [file_digest(f) for f in info.external_data], versions(KEYED))
         path = cache.file("inline-graph", key, "onnx", lambda tmp: onnx.save(onnx.load(str(info.path)), str(tmp)))
     if info.ends_in_softmax:
         source = path
-        path = cache.file("logits-graph", make_key(file_digest(source), versions()), "onnx",
+        path = cache.file("logits-graph", make_key(file_digest(source), versions(KEYED)), "onnx",
                           lambda tmp: without_softmax(source, tmp))
         notes = ("The model ends in Softmax; its last Softmax was removed so that every configuration is "
                  "evaluated (and quantized) on its logits.",)
@@ -113,8 +106,8 @@ def _export_registry_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> Pr
     entry = get_model_entry(cfg.model)
     train = None if dataset.train is None else make_key(array_digest(dataset.train.images),
                                                         array_digest(dataset.train.labels))
-    key = make_key("export", entry.name, entry.weights_recipe(cfg.weights, train), versions(),
-                   _package_version("torch"))
+    key = make_key("export", entry.name, entry.weights_recipe(cfg.weights, train), versions(KEYED),
+                   package_version("torch"))
 
     def export(folder: Path) -> None:  # the model and its check are one entry: a kill keeps both or neither
         try:
@@ -137,15 +130,6 @@ def _export_registry_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> Pr
     from .export import INPUT_NAME
 
     return PreparedModel(entry.name, folder / "model.onnx", entry.preprocess, entry.num_classes, INPUT_NAME, (note,))
-
-
-def _package_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def check_labels(dataset: Dataset, num_classes: int) -> None:
@@ -239,7 +223,7 @@ class LogitsJob:
     def key(self, cfg: RunConfig, limit: int | None = None) -> str:
         extra = ([] if cfg.provider == "CPU" else [cfg.provider]) + ([] if limit is None else [limit])
         return make_key(file_digest(self.path), self.pixels.key, asdict(self.preprocess) if self.preprocess else None,
-                        self.fused, cfg.batch_size, versions(), *extra)
+                        self.fused, cfg.batch_size, versions(KEYED), *extra)
 
     def compute(self, cfg: RunConfig, start: int = 0, count: int | None = None, progress: bool = True,
                 timings: list[tuple[int, float]] | None = None) -> np.ndarray:
@@ -304,7 +288,7 @@ def prepare_for_quantization(cache: Cache, float_path: Path) -> Path:
     """ORT's ``quant_pre_process`` of the float model (shape inference, graph optimisation)."""
     from .quantize import prepare
 
-    return cache.file("prepared", make_key(file_digest(float_path), versions()), "onnx",
+    return cache.file("prepared", make_key(file_digest(float_path), versions(KEYED)), "onnx",
                       lambda tmp: prepare(float_path, tmp))
 
 
@@ -317,7 +301,7 @@ def calibrate(cache: Cache, prepared: Path, input_name: str, pixels: Pixels, pre
     from .quantize.calibrate import DEFAULT_BINS
 
     key = make_key(file_digest(prepared), pixels.key, asdict(preprocess), batch_size, DEFAULT_BINS, sorted(exclude),
-                   versions())
+                   versions(KEYED))
 
     def collect(tmp: Path) -> None:
         reader = BatchDataReader(input_name, lambda: pixels.batches(batch_size, preprocess),
@@ -332,7 +316,7 @@ def quantize_config(cache: Cache, prepared: Path, ranges, spec) -> Path:
     from .quantize import quantize_qdq
     from .quantize.graph import op_types_to_quantize
 
-    key = make_key(file_digest(prepared), ranges.ranges, asdict(spec), op_types_to_quantize(), versions())
+    key = make_key(file_digest(prepared), ranges.ranges, asdict(spec), op_types_to_quantize(), versions(KEYED))
     return cache.file("quantized", key, "onnx", lambda tmp: quantize_qdq(prepared, tmp, ranges, spec))
 
 
@@ -365,7 +349,7 @@ def deployed_float_ops(cache: Cache, path: Path, cfg: RunConfig) -> dict[str, in
         with tempfile.TemporaryDirectory(prefix=".ptqcal-optimized-", dir=tmp.parent) as folder:
             tmp.write_text(json.dumps(count(path, folder, cfg.provider)))
 
-    key = make_key(file_digest(path), versions(), cfg.provider)
+    key = make_key(file_digest(path), versions(KEYED), cfg.provider)
     return json.loads(cache.file("float-ops", key, "json", write).read_text())
 
 
@@ -376,7 +360,7 @@ def deployment(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessC
     is that of the deployed path's evaluation on ``pixels`` when this process ran it."""
     from .evaluate.deploy import Deployment, measure_deployment
 
-    key = make_key(file_digest(path), cfg.threads, cfg.batch_size, cfg.timing, cfg.provider, versions())
+    key = make_key(file_digest(path), cfg.threads, cfg.batch_size, cfg.timing, cfg.provider, versions(KEYED))
     seen = _speed_key(LogitsJob(path, pixels, preprocess, "", fused=True).key(cfg), cfg)
 
     def measure(tmp: Path) -> None:

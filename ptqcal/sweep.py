@@ -59,7 +59,7 @@ def add_fp16(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep) -> None:
     from .cache import file_digest, make_key
     from .quantize.fp16 import convert_fp16
 
-    path = cache.file("fp16", make_key(file_digest(model.float_path), steps.versions()), "onnx",
+    path = cache.file("fp16", make_key(file_digest(model.float_path), steps.versions(steps.KEYED)), "onnx",
                       lambda tmp: convert_fp16(model.float_path, tmp))
     sweep.files["model_fp16.onnx"] = path
     sweep.descriptors[FP16_NAME] = ConfigInfo(FP16_NAME, ConfigKind.FP16)

@@ -168,3 +168,92 @@ def test_building_random_weights_leaves_torchs_rng_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
     again = get_model_entry("cifar_resnet20").build(RANDOM_WEIGHTS, None, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
+# --- fences: the face composes, the stages compute ---------------------------------------------
+
+ROOMS = (*STAGES, "ptqcal", "ptqcal/data", "bench")
+MAX_FILE_LINES = 450
+FACE_TYPES = {"RunConfig", "Cache", "Pixels", "Images", "PreparedModel", "Batches", "Sweep", "Executor"}
+
+
+def _room_files(room: str) -> list[Path]:
+    return sorted((REPO / room).glob("*.py"))
+
+
+def _module_name(path: Path) -> str:
+    """The import name of a source file (bench scripts import each other by their bare names)."""
+    relative = path.relative_to(REPO).with_suffix("")
+    if relative.parts[0] == "bench":
+        return relative.parts[-1]
+    parts = list(relative.parts)
+    if parts[0] != "ptqcal":
+        parts.insert(0, "ptqcal")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def test_the_face_runs_no_model():
+    """Outside its data room, the face imports neither onnxruntime nor onnx's numpy helpers: every
+    model runs in a stage, through the stage's session factory."""
+    for path in _room_files("ptqcal"):
+        text = path.read_text()
+        assert "onnxruntime" not in _external_imports(path), f"ptqcal/{path.name} imports onnxruntime"
+        assert "numpy_helper" not in text and "InferenceSession" not in text, f"ptqcal/{path.name} runs a model"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_functions_take_no_face_types(stage):
+    """Stage functions take arrays, iterators, paths and numbers: never the face's configuration,
+    cache, pixel stream or executor."""
+    for path in _room_files(stage):
+        tree = ast.parse(path.read_text())
+        for name in _imports(path, f"ptqcal.{stage}"):
+            assert name not in {"ptqcal.config", "ptqcal.pipeline", "ptqcal.steps", "ptqcal.data", "ptqcal.cluster"}, \
+                f"{stage}/{path.name} imports {name}"
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                annotations = [a.annotation for a in [*node.args.args, *node.args.kwonlyargs] if a.annotation]
+                named = {n.id for a in annotations for n in ast.walk(a) if isinstance(n, ast.Name)}
+                named |= {n.value for a in annotations for n in ast.walk(a)
+                          if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+                assert not named & FACE_TYPES, f"{stage}/{path.name}:{node.lineno} {node.name} takes {named & FACE_TYPES}"
+
+
+def test_no_import_cycle_anywhere():
+    """Every ptqcal module and bench script, lazy imports included: data flows one way."""
+    paths = [path for room in ROOMS for path in _room_files(room)]
+    names = {_module_name(path): path for path in paths}
+    graph = {}
+    for name, path in names.items():
+        package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+        imported = _imports(path, package) | (_external_imports(path) if path.parent.name == "bench" else set())
+        # a module's own package __init__ re-exports its modules: importing the package is not a cycle
+        graph[name] = {m for m in imported if m in names and m != name and not name.startswith(m + ".")}
+    visiting, done = [], set()
+
+    def visit(name: str) -> None:
+        assert name not in visiting, f"import cycle: {' -> '.join([*visiting[visiting.index(name):], name])}"
+        if name in done:
+            return
+        visiting.append(name)
+        for imported in sorted(graph[name]):
+            if not (names[imported].stem == "__init__" and any(n.startswith(imported + ".") for n in visiting)):
+                visit(imported)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+
+
+def test_no_module_name_in_two_rooms_and_no_long_file():
+    seen: dict[str, str] = {}
+    for room in ROOMS:
+        for path in _room_files(room):
+            lines = len(path.read_text().splitlines())
+            assert lines <= MAX_FILE_LINES, f"{room}/{path.name} has {lines} lines"
+            if path.stem != "__init__":
+                assert path.stem not in seen, f"{path.name} is in {seen.get(path.stem)} and {room}"
+                seen[path.stem] = room

@@ -1,17 +1,18 @@
 """The paper's figures, tables and report from saved runs (numpy and matplotlib; no onnxruntime
 or torch).
 
-``results`` evaluates a saved run; ``rows`` turns it into rows, CSV and JSON; ``tables`` into
-Markdown tables; ``judgement`` writes the sentences that judge its numbers; ``figures`` plots and
-``report_figures`` decides which figures a report has; ``environment`` says where it was written;
-``markdown`` escapes text and renders HTML; ``report`` composes them into ``report.md``/``.html``.
+``run_analysis`` evaluates a saved run; ``rows`` turns it into rows, CSV and JSON; ``tables`` into
+Markdown tables; ``judgement`` writes the sentences that judge its numbers; ``figures`` (1-5) and
+``deploy_figures`` (6-8) plot, ``report_figures`` decides which figures a report has;
+``environment`` says where it was written; ``markdown`` escapes text and renders HTML; ``report``
+composes them into ``report.md`` and ``report.html``.
 """
 
 from .figures import (MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
                       plot_swap_panels, plot_temperature, plot_transitions, save_figure)
 from .report import build_report, report_markdown
-from .results import RunAnalysis, analyse_record, analyse_run
 from .rows import metrics_csv, metrics_json
+from .run_analysis import RunAnalysis, analyse_record, analyse_run
 from .tables import markdown_table
 
 __all__ = ["MarginCurves", "RunAnalysis", "SwapPanel", "TemperatureEffect", "TransitionTable", "analyse_record",

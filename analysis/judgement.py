@@ -13,7 +13,7 @@ from ptqcal.evaluate.agreement import PathAgreement
 from ptqcal.evaluate.results import FLOAT_NAME
 
 from .markdown import md
-from .results import RunAnalysis
+from .run_analysis import RunAnalysis
 
 CONFIDENT = ATTRIBUTION_CONFIDENT  # a float prediction held with at least this confidence counts as confident
 COLLAPSED = 0.9  # a configuration that swaps at least this share of predictions has collapsed

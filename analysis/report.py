@@ -16,7 +16,7 @@ from .environment import environment
 from .judgement import sweep_reading
 from .markdown import markdown_to_html, md
 from .report_figures import FIGURES, figure_reading, write_figures
-from .results import RunAnalysis, analyse_run
+from .run_analysis import RunAnalysis, analyse_run
 from .rows import layers_csv, metrics_csv, metrics_json
 from .tables import (attribution_table, comparison, confidence_table, deployment_table, markdown_table,
                      markdown_tables, mixed_section)

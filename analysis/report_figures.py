@@ -17,7 +17,7 @@ from .deploy_figures import DeploymentPoints, LayerMap, ParetoPoints, plot_deplo
 from .figures import (STYLE, MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin,
                       plot_reliability, plot_swap_panels, plot_temperature, plot_transitions, save_figure)
 from .judgement import CONFIDENT, lowest_working, reliability_reading
-from .results import RunAnalysis
+from .run_analysis import RunAnalysis
 
 FIGURES = {
     "fig1_reliability": ("Figure 1 — calibration of the float model",

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from ptqcal.evaluate.attribution import EFFECT_FIELDS
 from ptqcal.evaluate.metrics import Metrics, changes_by_confidence
 
-from .results import HEADLINE, RunAnalysis
+from .run_analysis import HEADLINE, RunAnalysis
 
 # The columns of the report's tables (key, Markdown title, format of the value in percent); their
 # keys, in this order, are also the columns of metrics.csv.

@@ -16,7 +16,7 @@ from ptqcal.quantize.spec import MIXED_NAME
 
 from .judgement import not_faster
 from .markdown import md
-from .results import RunAnalysis
+from .run_analysis import RunAnalysis
 from .rows import COLUMNS, metrics_rows
 
 CHANGE_KEYS = {"swapped", "delta_top1_error", "delta_error_per_swapped", "mean_float_conf_swapped",

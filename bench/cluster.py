@@ -40,7 +40,7 @@ NODES = (1, 8, 64)
 
 
 class TimedTasks:
-    """The Local executor, but split and timed as Ray's tasks are (:mod:`ptqcal.cluster`)."""
+    """The Local executor, but split and timed as Ray's tasks are (:mod:`ptqcal.executors`)."""
 
     def __init__(self):
         self.seconds: dict[str, list[float]] = defaultdict(list)
@@ -57,7 +57,7 @@ class TimedTasks:
         return results
 
     def warm_logits(self, cache, jobs, cfg):
-        from ptqcal.cluster import shards
+        from ptqcal.executors import shards
         from ptqcal.steps import check_logits
 
         for job in jobs:
@@ -85,7 +85,7 @@ def timed_run(cfg, cluster=None) -> float:
 
 def ray_start_stop() -> float:
     """Seconds to start and stop a local Ray the way ``--ray`` does."""
-    from ptqcal.cluster import LOCAL, RayCluster
+    from ptqcal.executors import LOCAL, RayCluster
 
     start = time.perf_counter()
     RayCluster(LOCAL).close()

@@ -190,7 +190,7 @@ class RunRecord:
         missing, extra = sorted(names - set(self.descriptors)), sorted(set(self.descriptors) - names)
         wrong = [name for name, info in self.descriptors.items() if info.name != name]
         if missing or extra or wrong:
-            raise LookupError(f"the run record of {self.model} describes its configurations wrongly (missing "
+            raise LookupError(f"the run record of {self.model!r} describes its configurations wrongly (missing "
                               f"{missing}, without logits {extra}, under another name {wrong}): whatever builds a "
                               "RunRecord must pass descriptors= (e.g. Sweep.descriptors)")
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 
 from .preprocess import LAYOUTS, METADATA_KEY, PRESETS, PreprocessCfg, preset
 from .weights import ModelError
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-               onnx.TensorProto.DOUBLE: "float64"}
+# float64 graphs are refused: ONNX Runtime has no float64 kernels for most ops (Conv) and quantizes float32
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
 INPUT_TYPES = {**FLOAT_TYPES, onnx.TensorProto.UINT8: "uint8"}  # uint8: raw pixels, normalised in the graph
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training")
 IMAGE_CHANNELS = (1, 3)
 
 
@@ -58,21 +63,34 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
         raise ModelError(f"{path} is not an ONNX model ({type(exc).__name__})") from exc
     if not model.graph.node:
         raise ModelError(f"{path} is not an ONNX model (no graph nodes)")
+    _check_versions_and_ops(model, path)  # before ONNX Runtime sees it: it would print its own log first
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1 or len(model.graph.output) != 1:
         raise ModelError(f"{path}: expected one image input and one output, found "
                         f"{len(inputs)} inputs and {len(model.graph.output)} outputs")
     output = model.graph.output[0]
-    out_dims = _dims(output)
-    if out_dims is not None and (len(out_dims) != 2 or out_dims[1] is None):
-        raise ModelError(f"{path}: output {output.name!r} has shape {list(out_dims)}, expected (N, classes)")
     for value, role, types in ((inputs[0], "input", INPUT_TYPES), (output, "output", FLOAT_TYPES)):
         elem = value.type.tensor_type.elem_type
+        if elem == onnx.TensorProto.DOUBLE:
+            raise ModelError(f"{path}: its {role} {value.name!r} holds float64 values; ONNX Runtime runs and "
+                             "quantizes float32 (or float16) classifiers: convert the model to float32")
         if elem not in types:
             kind = onnx.TensorProto.DataType.Name(elem) if elem else "untyped"
             raise ModelError(f"{path}: its {role} {value.name!r} holds {kind} values; ptqcal needs a float or "
                              f"uint8 image input and float logits")
+    out_dims = _dims(output)
+    if out_dims is None or (len(out_dims) == 2 and out_dims[1] is None):
+        out_dims = _inferred_dims(model, output.name) or out_dims
+    if out_dims is None:
+        raise ModelError(f"{path}: its output {output.name!r} declares no shape, so the model's output class count "
+                         "is unknown (and ONNX's shape inference cannot tell it): declare the output as "
+                         "(N, classes)")
+    if len(out_dims) != 2 or out_dims[1] is None:
+        raise ModelError(f"{path}: output {output.name!r} has shape {list(out_dims)}, expected (N, classes)"
+                         + (": the model's output class count is unknown" if len(out_dims) == 2 else ""))
+    if out_dims[1] < 1:
+        raise ModelError(f"{path}: output {output.name!r} has shape {list(out_dims)}: no classes")
     external = _check_external_data(model, path)
     in_dims = _dims(inputs[0]) or ()
     producer = next((n for n in model.graph.node if output.name in n.output), None)
@@ -82,7 +100,7 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
         input_shape=in_dims,
         input_type=INPUT_TYPES[inputs[0].type.tensor_type.elem_type],
         output_name=output.name,
-        num_classes=out_dims[1] if out_dims else 0,
+        num_classes=out_dims[1],
         ends_in_softmax=producer is not None and producer.op_type == "Softmax",
         preprocess_metadata=next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None),
         external_data=external,
@@ -123,21 +141,134 @@ def _input_chw(info: OnnxModelInfo, size: tuple[int, ...] | None,
     return (channels, height, width), layout
 
 
+def _inferred_dims(model: onnx.ModelProto, name: str) -> tuple[int | None, ...] | None:
+    """The shape ONNX's shape inference gives graph output ``name``, when the graph does not say it."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference is a help here, never a requirement
+        return None
+    found = [v for v in (*inferred.graph.output, *inferred.graph.value_info) if v.name == name]
+    dims = [d for d in (_dims(v) for v in found) if d is not None]
+    return next((d for d in dims if None not in d), dims[0] if dims else None)
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph (If, Loop, Scan bodies) inside it."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _graphs(sub)
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every tensor the model stores: initializers (sparse too) and node attributes (a Constant's
+    value), in the main graph, every subgraph and every function."""
+    bodies = [*_graphs(model.graph), *model.functions]
+    for body in bodies:
+        for init in getattr(body, "initializer", ()):
+            yield init.name, init
+        for sparse in getattr(body, "sparse_initializer", ()):
+            yield sparse.values.name, sparse.values
+            yield sparse.indices.name, sparse.indices
+        for node in body.node:
+            for attribute in node.attribute:
+                tensors = ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+                for sparse in ([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []) + \
+                        list(attribute.sparse_tensors):
+                    tensors += [sparse.values, sparse.indices]
+                for tensor in tensors:
+                    yield tensor.name or f"{node.op_type} {node.name!r}".strip(), tensor
+
+
 def _check_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
     """The files holding the model's external weights; they must stay inside its folder (a model
-    file never makes ptqcal read a file elsewhere)."""
+    file never makes ptqcal read a file elsewhere), be regular files reached without a symbolic link
+    (ONNX refuses to follow one) and hold the bytes the model says."""
     folder, files = path.parent.resolve(), []
-    for init in model.graph.initializer:
-        if init.data_location != onnx.TensorProto.EXTERNAL:
+    for name, tensor in _tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
         target = (folder / location).resolve()
-        if not location or not target.is_relative_to(folder):
-            raise ModelError(f"{path}: tensor {init.name!r} points at {location!r}, outside the model's folder")
-        if not target.is_file():
-            raise ModelError(f"{path}: tensor {init.name!r} is stored in {location!r}, which is missing")
+        if not location or "\x00" in location or not target.is_relative_to(folder):
+            raise ModelError(f"{path}: tensor {name!r} points at {location!r}, outside the model's folder")
+        step = folder
+        for part in Path(location).parts:
+            step = step / part
+            try:
+                mode = os.lstat(step).st_mode
+            except OSError:
+                raise ModelError(f"{path}: tensor {name!r} is stored in {location!r}, which is missing") from None
+            if stat.S_ISLNK(mode):
+                raise ModelError(f"{path}: tensor {name!r} is stored in {location!r}, reached through a symbolic "
+                                 "link, which ONNX refuses to follow: put the file itself beside the model")
+        if not stat.S_ISREG(os.stat(target).st_mode):
+            raise ModelError(f"{path}: tensor {name!r} is stored in {location!r}, which is not a regular file")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except ValueError:
+            raise ModelError(f"{path}: tensor {name!r} has an unreadable offset or length") from None
+        if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+            raise ModelError(f"{path}: tensor {name!r} lies beyond the end of {location!r}")
         files.append(target)
     return tuple(dict.fromkeys(files))
+
+
+@functools.lru_cache(maxsize=1)
+def _known_ops() -> tuple[frozenset[tuple[str, str]], dict[str, int]]:
+    """The (domain, op) pairs ONNX Runtime (or, without it, ONNX) knows, and the newest opset of each
+    standard domain the installed onnx defines."""
+    newest = {"": onnx.defs.onnx_opset_version()}
+    ops = set()
+    for schema in onnx.defs.get_all_schemas_with_history():
+        ops.add((schema.domain, schema.name))
+        if schema.domain:
+            newest[schema.domain] = max(newest.get(schema.domain, 0), schema.since_version)
+    try:
+        from onnxruntime.capi import _pybind_state
+
+        ops |= {(schema.domain, schema.name) for schema in _pybind_state.get_all_operator_schema()}
+    except Exception:  # noqa: BLE001 - an ORT without its schema list: the ONNX operators only
+        pass
+    return frozenset(ops), newest
+
+
+def _check_versions_and_ops(model: onnx.ModelProto, path: Path) -> None:
+    """The IR version, the opsets and every operator (subgraphs included) must be ones the installed
+    onnx and ONNX Runtime know: a custom op's library, a newer format or an unreleased opset is said
+    in one line here, before ONNX Runtime prints its own log."""
+    if model.ir_version < 3:  # ONNX 1.0's; ONNX Runtime reads nothing older
+        raise ModelError(f"{path}: it declares IR version {model.ir_version}, which no ONNX release writes (3 or "
+                         "newer); it is damaged, or not an ONNX model")
+    if model.ir_version > onnx.IR_VERSION:
+        raise ModelError(f"{path}: its IR version {model.ir_version} is newer than the installed onnx reads "
+                         f"(up to {onnx.IR_VERSION}): update onnx and onnxruntime, or export it for an older one")
+    ops, newest = _known_ops()
+    imported = {}
+    for opset in model.opset_import:
+        domain = "" if opset.domain == "ai.onnx" else opset.domain
+        imported[domain] = opset.version
+        if domain in newest and opset.version > newest[domain]:
+            raise ModelError(f"{path}: it uses opset {opset.version} of {domain or 'ai.onnx'}, newer than the "
+                             f"installed onnx and ONNX Runtime support (up to {newest[domain]}): export it for opset "
+                             f"{newest[domain]} or lower")
+    functions = {(f.domain, f.name) for f in model.functions}
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            domain = "" if node.domain == "ai.onnx" else node.domain
+            if (domain, node.op_type) in functions:
+                continue
+            who = f"node {node.name!r}" if node.name else "a node"
+            what = f"{path}: {who} uses operator {node.op_type!r}" + (f" of domain {domain!r}" if domain else "")
+            if domain not in imported:
+                raise ModelError(f"{what}, a domain the model does not import")
+            if (domain, node.op_type) not in ops:
+                raise ModelError(f"{what}, which ONNX Runtime does not know (a custom operator needs its own "
+                                 "library, which ptqcal does not load)")
+            if domain in STANDARD_DOMAINS and not onnx.defs.has(node.op_type, imported[domain], domain):
+                raise ModelError(f"{what}, which opset {imported[domain]} of {domain or 'ai.onnx'} does not have")
 
 
 def without_softmax(path: str | Path, out_path: str | Path) -> Path:

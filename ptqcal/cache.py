@@ -11,18 +11,22 @@ a bad input never leaves an entry behind that would fail the same command foreve
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .atomic import atomic_path
 
+MARKER = ".ptqcal"  # ptqcal's marker file: only folders holding it are ever deleted or replaced
+SCRATCH = "scratch"  # the marker's kind in a working folder that is removed when its work ends
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
@@ -59,8 +63,7 @@ class Cache:
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
-        for stale in self.root.glob(".*.tmp") if self.root.is_dir() else ():  # a killed run's partial write
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        remove_scratch(self.root)  # a killed run's working folders (marked) and partial writes
 
     def path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / f"{kind}-{key}.{suffix}"
@@ -93,9 +96,11 @@ class Cache:
         self.misses += 1
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}.", suffix=".tmp", dir=self.root))
-        tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the entry
         try:
+            mark_scratch(tmp)  # a kill from here on leaves a folder the next run removes
+            tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the entry
             create(tmp)
+            (tmp / MARKER).unlink()
             for part in [p for p in tmp.iterdir() if p.suffix != ".sha256"]:
                 _seal(part)
             os.replace(tmp, target)
@@ -131,9 +136,81 @@ def _intact(path: Path) -> bool:
         return False
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """Place a cache entry in the run folder without copying its bytes where the disk allows."""
+def mark_scratch(folder: Path) -> None:
+    """Mark ``folder`` as ptqcal's working folder: a run that finds it left behind removes it."""
+    (Path(folder) / MARKER).write_text(json.dumps({"kind": SCRATCH, "written_by": "ptqcal"}) + "\n")
+
+
+def is_scratch(folder: Path) -> bool:
     try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
+        info = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("kind") == SCRATCH
+
+
+@contextmanager
+def scratch_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new working folder in ``parent`` (named ``prefix`` + random), marked before anything else is
+    written into it, and removed when the block ends. A kill leaves it marked: :class:`Cache` (for a
+    folder inside a cache) removes it when the cache is next opened."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        mark_scratch(folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_scratch(root: Path) -> None:
+    """Remove what killed work left in ``root`` (a cache folder, ptqcal's): working folders that hold
+    the scratch marker, and the temporary files of :func:`~ptqcal.atomic.atomic_path` (a file holds no
+    marker: these are named ``.<name>.<8 hex>.tmp``). Nothing else is touched."""
+    if not Path(root).is_dir():
+        return
+    for entry in Path(root).iterdir():
+        if not entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if is_scratch(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.endswith(".tmp") and entry.is_file():
+            entry.unlink(missing_ok=True)
+
+
+_NO_RANGE_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF, errno.ETXTBSY}
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """Copy ``source``'s bytes to a new file ``target``: shared on disk (a reflink) where the file
+    system can (``copy_file_range`` on Btrfs, XFS, NFS 4.2), copied otherwise. Never a link: the
+    copy is the run's, and changing either file never changes the other."""
+    with atomic_path(target) as tmp, open(source, "rb") as src, open(tmp, "wb") as dst:
+        size, copied = os.fstat(src.fileno()).st_size, 0
+        try:
+            while copied < size:
+                step = os.copy_file_range(src.fileno(), dst.fileno(), size - copied)
+                if step == 0:
+                    break
+                copied += step
+        except (OSError, AttributeError) as exc:  # no copy_file_range here, or not between these files
+            if isinstance(exc, OSError) and exc.errno not in _NO_RANGE_COPY:
+                raise
+        src.seek(copied)
+        dst.seek(copied)
+        shutil.copyfileobj(src, dst, 1 << 20)  # the rest, in plain reads and writes
+
+
+def link_or_copy(source: Path, target: Path, within: Path | None = None) -> None:
+    """Place ``source`` in a run folder as ``target``. A hard link (no bytes copied) only for a file
+    inside ``within`` (a cache ptqcal owns); anything else, a user's model above all, is copied: a
+    run folder never shares a file with its user."""
+    if within is not None and Path(source).resolve().is_relative_to(Path(within).resolve()):
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    copy_file(source, target)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Sequence
@@ -180,14 +181,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version and usage errors
         return int(exit_.code or 0)
-    try:
-        return _dispatch(parser, args)
-    except InputError as exc:
-        print(f"ptqcal: error: {_explain(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("ptqcal: interrupted", file=sys.stderr)
-        return 130
+    # Warnings (a skipped image, NumPy's RuntimeWarnings) are held until the command ends: a mistake
+    # is one line on stderr, with nothing printed before it; otherwise each is said once, in one line.
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            code = _dispatch(parser, args)
+        except InputError as exc:
+            print(f"ptqcal: error: {_explain(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("ptqcal: interrupted", file=sys.stderr)
+            return 130
+        except BaseException:  # an internal error: its traceback follows what was held
+            _say_warnings(caught)
+            raise
+    _say_warnings(caught)
+    return code
+
+
+def _say_warnings(caught: list) -> None:
+    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+        print(f"ptqcal: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

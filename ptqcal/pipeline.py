@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import steps
 from .cache import Cache, link_or_copy
-from .cluster import Executor, make_executor
+from .executors import Executor, make_executor
 from .config import RunConfig
 from .errors import UserError
 from .evaluate import FLOAT_NAME, REPEAT_MARK, RunRecord
@@ -33,7 +33,7 @@ def _export(cache: Cache, cfg: RunConfig, dataset) -> steps.PreparedModel:
 
 def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Executor) -> Path:
     """Run every step of ``cfg`` and write its record into a new work folder; returns the folder.
-    ``executor`` (:mod:`ptqcal.cluster`) runs the independent work."""
+    ``executor`` (:mod:`ptqcal.executors`) runs the independent work."""
     started = time.perf_counter()
     from .evaluate.runner import execution_provider
 
@@ -71,11 +71,11 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
         link_or_copy(source, work / name)
     notes = [*model.notes, batches.note, *([images.search_note] if images.search_note else []),
              *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
-                       sweep.clipped_biases)]
+                       sweep.clipped_biases, descriptors=sweep.descriptors)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
-              sweep.deployment, sweep.attribution, sweep.mixed).save(work)
+              sweep.deployment, sweep.attribution, sweep.mixed, descriptors=sweep.descriptors).save(work)
     return work
 
 
@@ -114,7 +114,7 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, .
         if spec.weight_bits == cfg.weight_bits[0]:  # which ranges the graph uses, beside the others
             ranges.save(work / f"calibration_ranges_a{spec.act_bits}{name[len(spec.name):]}.json",
                         quantized_tensors(path))
-        add_config(cfg, model, name, path, draws[0].eval, batches, cache, sweep, repeat == 0)
+        add_config(cfg, model, name, path, draws[0].eval, batches, cache, sweep, repeat == 0, spec=spec)
 
 
 def run(cfg: RunConfig, executor: Executor | None = None) -> Path:

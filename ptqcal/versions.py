@@ -13,14 +13,21 @@ from typing import Iterable
 from . import __version__
 
 DECIDING = ("onnxruntime", "onnx", "torch")  # the packages whose versions decide the numbers
+# Builds of one package published under other distribution names: each installs the same module
+BUILDS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                          "onnxruntime-qnn", "ort-nightly"),
+          "torch": ("torch", "torch-cpu")}
 
 
 def package_version(name: str) -> str | None:
-    """The installed version of distribution ``name``, or ``None`` when it is not installed."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+    """The installed version of package ``name`` (under any of its :data:`BUILDS`' distribution
+    names), or ``None`` when it is not installed."""
+    for distribution in BUILDS.get(name, (name,)):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def versions(packages: Iterable[str] = DECIDING) -> dict[str, str | None]:

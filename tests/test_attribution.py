@@ -33,6 +33,7 @@ def _two_layer_model(path):
 
 def test_a_layer_on_the_grid_changes_nothing_and_the_other_is_ranked_first(tmp_path):
     from ptqcal.evaluate.attribution import attribute
+    from ptqcal.evaluate.record import ConfigInfo, ConfigKind
 
     model = _two_layer_model(tmp_path / "m.onnx")
     preprocess = PreprocessCfg((1, 8, 8), (0.5,), (0.25,))
@@ -102,6 +103,7 @@ def test_a_graph_without_weight_layers_attributes_nothing_and_the_report_still_b
     from ptqcal.analysis.report import build_report
     from ptqcal.evaluate import RunRecord
     from ptqcal.evaluate.attribution import attribute
+    from ptqcal.evaluate.record import ConfigInfo, ConfigKind
 
     graph = helper.make_graph([helper.make_node("Flatten", ["input"], ["logits"], name="flat")], "g",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 2, 2])],
@@ -116,7 +118,8 @@ def test_a_graph_without_weight_layers_attributes_nothing_and_the_report_still_b
     result = attribute(tmp_path / "m.onnx", lambda limit: pixels.batches(256, preprocess, limit), labels, (4,), "torch")
     assert result.effects == [] and result.images == 50
     logits = preprocess(images).reshape(50, 4)
-    RunRecord("m", labels, {"float": logits, "a8w4": logits}, attribution=result).save(tmp_path / "run")
+    RunRecord("m", labels, {"float": logits, "a8w4": logits}, attribution=result,
+              descriptors={"float": ConfigInfo("float", ConfigKind.FLOAT), "a8w4": ConfigInfo("a8w4", ConfigKind.UNIFORM, 4, 8)}).save(tmp_path / "run")
     build_report([tmp_path / "run"], tmp_path / "report")
     assert "Which layers" not in (tmp_path / "report" / "report.md").read_text()
     assert not (tmp_path / "report" / "fig7_layers.png").exists() and not (tmp_path / "report" / "layers.csv").exists()

@@ -25,7 +25,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import save_classifier, tiny_onnx_classifier
-from ptqcal.cluster import RAY_ENVIRONMENT, shards
+from ptqcal.executors import RAY_ENVIRONMENT, shards
 
 START_SECONDS = 90  # bound on `ray start` and on waiting for a task to show up
 
@@ -243,7 +243,7 @@ def test_a_killed_worker_is_retried_and_a_killed_driver_resumes_with_the_same_re
 
 def test_a_worker_that_cannot_see_the_run_folder_says_so_in_one_line(ray_cluster, tmp_path):
     from ptqcal.cache import Cache
-    from ptqcal.cluster import RayCluster
+    from ptqcal.executors import RayCluster
     from ptqcal.errors import UserError
 
     cluster = RayCluster(ray_cluster)

@@ -210,7 +210,7 @@ def test_stage_functions_take_no_face_types(stage):
     for path in _room_files(stage):
         tree = ast.parse(path.read_text())
         for name in _imports(path, f"ptqcal.{stage}"):
-            assert name not in {"ptqcal.config", "ptqcal.pipeline", "ptqcal.steps", "ptqcal.data", "ptqcal.cluster"}, \
+            assert name not in {"ptqcal.config", "ptqcal.pipeline", "ptqcal.steps", "ptqcal.data", "ptqcal.executors"}, \
                 f"{stage}/{path.name} imports {name}"
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

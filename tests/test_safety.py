@@ -23,6 +23,7 @@ DIGITS = ("--dataset", "digits", "--preprocess", "digits", "--no-progress", "--q
 
 def _fake_run(folder: Path, model: str, notes: list[str]) -> Path:
     from ptqcal.evaluate import RunRecord
+    from ptqcal.evaluate.record import ConfigInfo, ConfigKind
     from ptqcal.runfolder import RUN, write_marker
 
     rng = np.random.default_rng(0)
@@ -31,7 +32,8 @@ def _fake_run(folder: Path, model: str, notes: list[str]) -> Path:
     folder.mkdir(parents=True)
     write_marker(folder, RUN)
     RunRecord(model, labels, {"float": logits, "a8w4": logits + rng.normal(0, 0.7, logits.shape).astype(np.float32)},
-              summary={"dataset": "![s](SECRET)", "images\n![t](SECRET)": 200}, notes=notes).save(folder)
+              summary={"dataset": "![s](SECRET)", "images\n![t](SECRET)": 200}, notes=notes,
+              descriptors={"float": ConfigInfo("float", ConfigKind.FLOAT), "a8w4": ConfigInfo("a8w4", ConfigKind.UNIFORM, 4, 8)}).save(folder)
     return folder
 
 

@@ -5,6 +5,7 @@ batch when a model consumes them."""
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,9 +22,20 @@ def load_image(path: Path, size: tuple[int, int, int], resize: int | None = None
     ``CenterCrop((H, W))`` would on a PIL image; without ``resize``, resize straight to (H, W)."""
     from PIL import Image
 
-    channels, height, width = size
     method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
-    with Image.open(path) as image:
+    # opened without blocking and checked on the open file: a pipe put in an image's place blocks no one
+    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    with handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        return _decode_open(handle, path, size, resize, method)
+
+
+def _decode_open(handle, path: Path, size: tuple[int, int, int], resize: int | None, method) -> np.ndarray:
+    from PIL import Image
+
+    channels, height, width = size
+    with Image.open(handle) as image:
         if image.width * image.height > Image.MAX_IMAGE_PIXELS:  # PIL would only warn (a decompression bomb)
             raise ValueError(f"{image.width}x{image.height} pixels is too large to decode")
         image = image.convert("RGB" if channels == 3 else "L")
@@ -43,6 +55,15 @@ def load_image(path: Path, size: tuple[int, int, int], resize: int | None = None
     return array if channels == 3 else array[..., None]
 
 
+def is_regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (following symbolic links); one that cannot be looked at
+    (missing, no permission) counts as one, whose opening fails as a broken image's does."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
 def decode_images(split: Split, size: tuple[int, int, int], resize: int | None = None,
                   interpolation: str = "bilinear", strict: bool = False, workers: int | None = None,
                   allow_empty: bool = False) -> tuple[Split, list[Path]]:
@@ -53,6 +74,8 @@ def decode_images(split: Split, size: tuple[int, int, int], resize: int | None =
     workers = workers or min(8, os.cpu_count() or 1)
 
     def decode(path: Path) -> np.ndarray | None:
+        if not is_regular_file(path):  # a pipe, device or folder is no image, and reading it could block forever
+            raise UserError(f"{path} is listed as an image but is not a regular file (a pipe, device or folder)")
         try:
             return load_image(path, size, resize, interpolation)
         except Exception as exc:  # PIL raises many types for broken files

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
-from .splits import Dataset, Split, checked_split, checked_split_files
+from .splits import MAX_LABEL, Dataset, Split, checked_split, checked_split_files
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 DATASET_KINDS = ("digits", "cifar100", "cifar10", "imagenet", "folder", "csv", "npz")
@@ -56,7 +56,20 @@ def load_npz(path: Path) -> Dataset:
     evaluation = checked_split(stored["images"], stored["labels"], str(path), minimum=2)
     calib = checked_split(stored["calib_images"], stored["calib_labels"], f"{path} (calibration)") \
         if "calib_images" in stored and "calib_labels" in stored else None
+    if calib is not None and _pixel_shape(calib.images) != _pixel_shape(evaluation.images):
+        raise UserError(f"{path}: its calibration images are {_shape_text(calib.images)} and its evaluation images "
+                        f"{_shape_text(evaluation.images)}: both must have the model's size")
     return Dataset(path.stem, eval=evaluation, calib_pool=calib)
+
+
+def _pixel_shape(images: np.ndarray) -> tuple[int, ...]:
+    """(H, W, C) of an (N, H, W) or (N, H, W, C) array."""
+    return images.shape[1:] + ((1,) if images.ndim == 3 else ())
+
+
+def _shape_text(images: np.ndarray) -> str:
+    height, width, channels = _pixel_shape(images)
+    return f"{height}x{width} with {channels} channel{'s' * (channels != 1)}"
 
 
 def _cifar_folder(root: Path, classes: int) -> Path:
@@ -86,6 +99,8 @@ class _CifarUnpickler(pickle.Unpickler):
 def _read_cifar_pickles(files: list[Path], label_key: str) -> Split:
     images, labels = [], []
     for file in files:
+        if not file.is_file():  # a pipe would block forever
+            raise UserError(f"{file} is not a CIFAR python file (not a regular file)")
         try:
             with open(file, "rb") as handle:
                 batch = _CifarUnpickler(handle, encoding="bytes").load()
@@ -163,6 +178,8 @@ def load_csv(path: Path) -> Split:
                     image, label = row[0].strip(), int(row[1])
                 except (IndexError, ValueError):
                     raise UserError(f"{path}:{number}: expected 'path,label', got {row[:2]!r}") from None
+                if not 0 <= label <= MAX_LABEL:
+                    raise UserError(f"{path}:{number}: label {label} is not a class index (0 or more)")
                 paths.append(_inside(folder, image, f"{path}:{number}"))
                 labels.append(label)
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -201,10 +218,12 @@ def _load_name_label_file(path: Path, folder: Path) -> Split:
             labels.append(int(label))
         except ValueError:
             raise UserError(f"{path}:{number}: expected 'file_name label', got {line!r}") from None
+        if not 0 <= labels[-1] <= MAX_LABEL:
+            raise UserError(f"{path}:{number}: label {labels[-1]} is not a class index (0 or more)")
         names.append(_inside(folder.resolve(), name, f"{path}:{number}"))
     if not names:
         raise UserError(f"no images listed in {path}")
-    return Split(names, np.asarray(labels, dtype=np.int64))
+    return checked_split_files(names, labels, str(path))
 
 
 def load_imagenet(root: Path | None, labels_file: Path | None = None) -> Dataset:

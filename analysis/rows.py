@@ -38,6 +38,8 @@ COLUMNS = [
     ("median_float_margin_swapped", "median margin swapped", "{:.2f}"),
     ("median_float_margin_kept", "median margin kept", "{:.2f}"),
 ]
+# selective prediction (evaluate/selective.py): in metrics.csv and metrics.json, and a table of its own
+SELECTIVE = ("aurc", "aurc_margin", "aurc_entropy", "eaurc", "risk_at_80", "risk_at_90", "coverage_at_float_risk")
 DEPLOYMENT_UNITS = {"file_bytes": "bytes", "weight_bytes": "bytes", "threads": "count", "batch_size": "images",
                     "latency_ms": "milliseconds", "latency_p90_ms": "milliseconds", "throughput": "images/s"}
 TIMINGS = ("threads", "batch_size", "latency_ms", "latency_p90_ms", "throughput")
@@ -72,7 +74,8 @@ def metrics_rows(run: RunAnalysis) -> list[dict[str, Any]]:
 
 def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
     """The table of every run's configurations as CSV, in fractions like ``metrics.json``."""
-    keys = ["model", "config", "weight_bits", "act_bits"] + [key for key, _, _ in COLUMNS[1:]] + list(DEPLOYMENT_UNITS)
+    keys = ["model", "config", "weight_bits", "act_bits"] + [key for key, _, _ in COLUMNS[1:]] + list(SELECTIVE)
+    keys += list(DEPLOYMENT_UNITS)
     keys += [f"{key}_{part}" for key in HEADLINE for part in ("ci95_low", "ci95_high", "std")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")

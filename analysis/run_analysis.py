@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from ptqcal.evaluate.guard import Guard, GuardTarget, best_guard
 from ptqcal.evaluate.metrics import QuantizationChange, bootstrap_interval, expected_calibration_error, softmax
 from ptqcal.evaluate.record import ConfigInfo, ConfigKind, RunRecord
 from ptqcal.evaluate.results import FLOAT_NAME, REPEAT_MARK, ConfigResult, evaluate_logits
+from ptqcal.evaluate.selective import selective_intervals
 from ptqcal.evaluate.temperature import cross_fitted_temperatures
 
 BOOTSTRAP_RESAMPLES = 500
-HEADLINE = ("top1_error", "ece", "swapped", "delta_top1_error")  # metrics shown with an interval or a spread
+HEADLINE = ("top1_error", "ece", "swapped", "delta_top1_error", "aurc", "risk_at_90")  # metrics shown with an interval or a spread
 
 
 @dataclass
@@ -40,6 +42,9 @@ class RunAnalysis:
     configs: list[ConfigResult]
     temperatures: np.ndarray | None = None
     halves: tuple[float, float] | None = None  # the temperatures fitted on each half
+    # quantized configuration -> (the guard to deploy, its guard under each score): thresholds
+    # chosen on the record's held-out images, rates judged on the evaluation images
+    guards: dict[str, tuple[Guard, dict[str, Guard]]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -86,6 +91,7 @@ def _intervals(logits: np.ndarray, labels: np.ndarray, change: QuantizationChang
     arrays = (probabilities.max(1), probabilities.argmax(1) == labels)
     out = {"top1_error": bootstrap_interval(lambda c, k: 1 - k.mean(), arrays, BOOTSTRAP_RESAMPLES, seed),
            "ece": bootstrap_interval(expected_calibration_error, arrays, BOOTSTRAP_RESAMPLES, seed)}
+    out.update(selective_intervals(logits, labels, "msp", BOOTSTRAP_RESAMPLES, seed))
     if change is not None:
         # d = float correct - quantized correct per image: its mean is the added error
         pair = (change.swapped, change.float_correct.astype(float) - change.quant_correct.astype(float))
@@ -112,7 +118,27 @@ def analyse_record(record: RunRecord, folder: Path | None = None, seed: int = 0)
         intervals = _intervals(result.logits, labels, result.change, seed)
         configs.append(replace(result.with_draws(others), intervals=intervals))
     return RunAnalysis(record, Path(folder) if folder else Path(record.model), temperature, configs, temperatures,
-                       halves)
+                       halves, _guards(record))
+
+
+def _guards(record: RunRecord) -> dict[str, tuple[Guard, dict[str, Guard]]]:
+    """Each quantized configuration's float fallback guard (:func:`~ptqcal.evaluate.guard.best_guard`)
+    for the record's target, chosen on its held-out images and judged on the evaluation images;
+    expected latencies from the batch-1 latencies the run measured (``None`` when untimed)."""
+    if record.guard_target is None or FLOAT_NAME not in record.held_out_logits:
+        return {}
+    target, held_float = GuardTarget(**record.guard_target), record.held_out_logits[FLOAT_NAME]
+    float_numbers = record.deployment.get(FLOAT_NAME)
+    guards = {}
+    for name, held in record.held_out_logits.items():
+        if name == FLOAT_NAME:
+            continue
+        numbers = record.deployment.get(name)
+        guards[name] = best_guard(name, target, (held, held_float, record.held_out_labels),
+                                  (record.logits[name], record.logits[FLOAT_NAME], record.labels),
+                                  numbers.latency_ms if numbers else None,
+                                  float_numbers.latency_ms if float_numbers else None)
+    return guards
 
 
 def analyse_run(folder: str | Path, seed: int = 0) -> RunAnalysis:

@@ -239,6 +239,24 @@ def fit_guard(config: str, target: GuardTarget, held_out: tuple, evaluation: tup
                  judge(threshold, *evaluation, score, confident), quant_latency_ms, float_latency_ms)
 
 
+def best_guard(config: str, target: GuardTarget, held_out: tuple, evaluation: tuple,
+               quant_latency_ms: float | None = None, float_latency_ms: float | None = None,
+               confident: float = CONFIDENT) -> tuple[Guard, dict[str, Guard]]:
+    """The guard of ``config`` under each score of :data:`SCORES`, and the one to deploy: the score
+    that meets ``target`` on the held-out images routing the fewest (``max_differing``) or leaving
+    the fewest swaps (``max_routed``), the earlier score on a tie. Chosen on ``held_out`` only."""
+    guards = {score: fit_guard(config, target, held_out, evaluation, score, confident, quant_latency_ms,
+                               float_latency_ms) for score in SCORES}
+
+    def cost(score: str) -> tuple[float, float, int]:
+        rates = guards[score].held_out
+        first, second = (rates.routed, rates.differing) if target.max_differing is not None \
+            else (rates.differing, rates.routed)
+        return first, second, SCORES.index(score)
+
+    return guards[min(guards, key=cost)], guards
+
+
 def _check(key, value, kinds):
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ValueError(f"guard field {key!r} has the wrong type ({type(value).__name__})")

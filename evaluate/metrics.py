@@ -156,6 +156,16 @@ class Metrics:
     median_float_margin_kept: float | None = _metric(LOGITS)
     ece_temperature: float | None = _metric(FRACTION)  # after the float model's temperature
     mean_confidence_temperature: float | None = _metric(FRACTION)
+    # selective prediction on the model's own confidence (evaluate/selective.py): the area under its
+    # risk-coverage curve under each score, the excess over a perfect ranking, the risk when it keeps
+    # its 80% / 90% most confident predictions, and the share it can keep at the float model's error
+    aurc: float | None = _metric(FRACTION)  # max softmax probability
+    aurc_margin: float | None = _metric(FRACTION)  # top-1 minus top-2 logit
+    aurc_entropy: float | None = _metric(FRACTION)  # minus the softmax entropy
+    eaurc: float | None = _metric(FRACTION)
+    risk_at_80: float | None = _metric(FRACTION)
+    risk_at_90: float | None = _metric(FRACTION)
+    coverage_at_float_risk: float | None = _metric(FRACTION)  # None for the float model itself
 
     @staticmethod
     def unit(name: str) -> str:

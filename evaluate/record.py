@@ -27,6 +27,7 @@ from ptqcal.errors import InputError
 
 from .attribution import Attribution
 from .deploy import Deployment
+from .guard import GuardTarget
 from .mixed import MixedChoice
 from .results import REPEAT_MARK
 
@@ -37,7 +38,7 @@ FORMAT_VERSION = 3
 DESCRIBED_SINCE = 3
 RECORD_FILE = "run.json"
 LOGITS_FILE = "logits.npz"
-_SPECIAL = ("labels", "calib_labels", "calib_float")
+HELD_OUT = "held_out:"  # logits.npz key prefix of the held-out images' logits (no configuration name has a colon)
 
 
 class RunRecordError(InputError):
@@ -154,6 +155,12 @@ class RunRecord:
         Configuration name (without draw suffix) to what it is. Empty by default: nothing is
         derived, and a record that leaves a configuration undescribed is refused when saved or
         analysed.
+    held_out_labels, held_out_logits : ndarray, dict of str to ndarray
+        Images the evaluation never sees (``held_out_source``: ``"calibration"`` or ``"search"``):
+        their labels, and the float model's and each quantized configuration's (first draw) logits
+        on them, where a float fallback guard's threshold is chosen.
+    guard_target : dict or None
+        The guard's target, as :class:`~ptqcal.evaluate.guard.GuardTarget`'s fields.
     """
 
     model: str
@@ -169,6 +176,10 @@ class RunRecord:
     attribution: Attribution | None = None
     mixed: MixedChoice | None = None
     descriptors: dict[str, ConfigInfo] = field(default_factory=dict)
+    held_out_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    held_out_logits: dict[str, np.ndarray] = field(default_factory=dict)
+    held_out_source: str = ""
+    guard_target: dict[str, float] | None = None
 
     @property
     def configs(self) -> list[str]:
@@ -201,14 +212,17 @@ class RunRecord:
         # not compressed: float32 logits shrink by a tenth, and compressing them took a second of a
         # 10,000-image sweep
         with atomic_path(folder / LOGITS_FILE) as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, labels=self.labels, calib_labels=self.calib_labels,
-                     calib_float=self.calib_float, **self.logits)
+            np.savez(handle, labels=self.labels, calib_labels=self.calib_labels, calib_float=self.calib_float,
+                     held_out_labels=self.held_out_labels, **self.logits,
+                     **{HELD_OUT + name: values for name, values in self.held_out_logits.items()})
         info = {"format": FORMAT_VERSION, "model": self.model, "configs": self.configs, "notes": self.notes,
                 "run": self.summary, "seconds": self.seconds, "config": self.settings,
                 "deployment": {name: asdict(numbers) for name, numbers in self.deployment.items()},
                 "attribution": None if self.attribution is None else self.attribution.to_json(),
                 "mixed": None if self.mixed is None else self.mixed.to_json(),
-                "descriptors": {name: info.to_json() for name, info in self.descriptors.items()}}
+                "descriptors": {name: info.to_json() for name, info in self.descriptors.items()},
+                "held_out": {"source": self.held_out_source, "configs": list(self.held_out_logits)},
+                "guard_target": self.guard_target}
         with atomic_path(folder / RECORD_FILE) as tmp:
             tmp.write_text(json.dumps(info, indent=2))
         return folder
@@ -232,7 +246,8 @@ class RunRecord:
                          stored.get("calib_labels", np.zeros(0, np.int64)),
                          stored.get("calib_float", np.zeros((0, 0), np.float32)), dict(info.get("run", {})),
                          [str(n) for n in info.get("notes", [])], dict(info.get("config", {})),
-                         float(info.get("seconds", 0.0)), deployment, attribution, mixed, descriptors)
+                         float(info.get("seconds", 0.0)), deployment, attribution, mixed, descriptors,
+                         *_held_out(info, stored))
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from exc
         try:
@@ -241,6 +256,26 @@ class RunRecord:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run (its descriptors do not match its "
                                  "configurations)") from None
         return record
+
+
+def _held_out(info: dict[str, Any], stored: dict[str, np.ndarray]) -> tuple:
+    """(labels, logits, source, guard target) of the held-out images as saved (none in a run that
+    had none): every array named in ``run.json`` must be there, of the labels' length."""
+    held = info.get("held_out") or {"source": "", "configs": []}
+    labels = stored.get("held_out_labels", np.zeros(0, np.int64))
+    if not isinstance(held, dict) or not isinstance(held.get("source"), str) or \
+            not isinstance(held.get("configs"), list):
+        raise ValueError("held_out is not {source, configs}")
+    logits = {str(name): stored[HELD_OUT + str(name)] for name in held["configs"]}
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or any(v.ndim != 2 or len(v) != len(labels)
+                                                                    for v in logits.values()):
+        raise ValueError("held-out logits do not match their labels")
+    target = info.get("guard_target")
+    if target is not None:
+        if not isinstance(target, dict) or any(type(v) not in (int, float) for v in target.values()):
+            raise ValueError("guard_target is not a mapping of numbers")
+        GuardTarget(**target)  # a ValueError (or TypeError for an unknown field) if it is no target
+    return labels, logits, held["source"], target
 
 
 def _read_info(folder: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from enum import StrEnum
 import numpy as np
 
 from .metrics import Metrics, QuantizationChange, classification_metrics, quantization_change, reliability_of_logits
+from .selective import SCORES, aurc, confidence_score, excess_aurc, risk_at_coverage, selective_summary
 
 # How a run names its configurations (``logits.npz`` keys): the float reference, and calibration
 # repeats after the first as ``a8w4#r1``, ``a8w4#r2``...
@@ -63,6 +64,21 @@ class ConfigResult:
                        spread=Metrics.aggregate(list(draws), np.std))
 
 
+def selective_fields(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | None = None) -> dict:
+    """The :class:`Metrics` fields of selective prediction: AURC under each confidence score, and
+    under the max softmax probability its excess, the risk at 80% and 90% coverage and, against
+    ``float_logits``, the coverage kept at the float model's error."""
+    if not len(labels):
+        return {}
+    correct = logits.argmax(axis=1) == labels
+    reference = None if float_logits is None else float(np.mean(float_logits.argmax(axis=1) != labels))
+    summary = selective_summary(logits, labels, "msp", reference)
+    areas = {score: aurc(correct, confidence_score(logits, score)) for score in SCORES[1:]}
+    return {"aurc": summary.aurc, "aurc_margin": areas["margin"], "aurc_entropy": areas["entropy"],
+            "eaurc": summary.eaurc, "risk_at_80": summary.risk_at_80, "risk_at_90": summary.risk_at_90,
+            "coverage_at_float_risk": summary.coverage_at_float_risk}
+
+
 def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | None = None,
                     temperature: float | np.ndarray | None = None) -> ConfigResult:
     """Metrics of ``logits`` against ``labels``; with ``float_logits``, also what quantization
@@ -79,7 +95,7 @@ def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray, float_log
     temperature : float or ndarray of shape (N,), optional
         A temperature fitted on other images, or one per image (it changes no prediction).
     """
-    metrics = classification_metrics(logits, labels)
+    metrics = replace(classification_metrics(logits, labels), **selective_fields(logits, labels, float_logits))
     change = None if float_logits is None else quantization_change(float_logits, logits, labels)
     if change is not None:
         metrics = metrics.with_change(change)

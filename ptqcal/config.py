@@ -8,6 +8,7 @@ The command line (:mod:`ptqcal.cli`) and config files are generated from the fie
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from importlib import resources
@@ -56,6 +57,18 @@ def _percent(text: Any) -> float:
     return value / 100
 
 
+GUARD_KINDS = {"differ": "max_differing", "route": "max_routed"}
+CONFIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+def parse_guard_target(text: Any) -> tuple[str, float]:
+    """``differ=P`` or ``route=P`` (P in percent) as (GuardTarget field, fraction)."""
+    kind, _, value = str(text).partition("=")
+    if kind.strip() not in GUARD_KINDS:
+        raise ValueError(f"not a guard target: {text!r} (give differ=P or route=P, P in percent)")
+    return GUARD_KINDS[kind.strip()], _percent(value)
+
+
 def _setting(default: Any, help: str, parse: Callable[[str], Any] | type | None = None, *, many: bool = False,
              metavar: str | None = None, flag: str | None = None, **extra) -> Any:
     """A RunConfig field: its default, its help, how one value is parsed (``many``: a list)."""
@@ -95,6 +108,13 @@ class RunConfig:
     skip_first_layer: bool = _setting(False, "keep the first Conv/Gemm in float")
     skip_last_layer: bool = _setting(False, "keep the last Conv/Gemm/MatMul in float")
     exclude: tuple[str, ...] = _setting((), "ONNX node names to keep in float", str, many=True, metavar="NODE")
+    quantized: tuple[str, ...] = _setting((), "your own quantized graphs of the model (from NNCF/OpenVINO, ORT, "
+                                          "Olive, QAT, a float16 copy...), each evaluated against the float model "
+                                          "like the built-in configurations, named NAME or after the file", str,
+                                          many=True, metavar="[NAME=]FILE.onnx")
+    also: tuple[str, ...] = _setting((), "other toolchains' quantizations on the run's calibration images: ort-qdq, "
+                                     "ort-qop, nbits-rtn-b32, nbits-rtn-b128, nbits-hqq-b32, nbits-hqq-b128, nncf, "
+                                     "nncf-fbc", str, many=True, metavar="PEER")
     execution: Execution = _setting(Execution.DEPLOYED, "deployed: ORT fuses Q/DQ into integer kernels "
                                     "(QLinearConv); simulated: float ops between Q/DQ. Both are compared on a "
                                     "subset in the report", Execution)
@@ -122,6 +142,12 @@ class RunConfig:
     max_size_ratio: float | None = _setting(None, "add 'mixed': per-layer weight bits (from --weight-bits) with "
                                             "weights at most R x float's bytes, swapping the fewest confident "
                                             "predictions", float, metavar="R")
+    guard_target: tuple[str, float] = _setting(("max_differing", 0.001), "the float fallback guard's target: "
+                                               "differ=P (at most P percent of predictions differ from the float "
+                                               "model's once the least confident go to it) or route=P (at most P "
+                                               "percent go to it); its threshold is chosen on images the evaluation "
+                                               "never sees", parse_guard_target, metavar="differ=P|route=P",
+                                               shown="differ=0.1")
     check_images: int = _setting(64, "images on which the deployed and simulated paths are compared (0: no check)",
                                  int, metavar="N")
     out: Path | None = _setting(None, "run folder (default: ptqcal_runs/<model>)", Path)
@@ -218,7 +244,30 @@ class RunConfig:
                             "to --weight-bits (e.g. 8 4)")
         if self.calib_ranges is not None and self.repeats > 1:
             raise UserError("--calib-ranges reuses one calibration: drop --repeats")
+        self.extra_configs()  # names and files checked before any work
         return self
+
+    def extra_configs(self) -> dict[str, Path | str]:
+        """The configurations beside the sweep: ``--quantized`` files by name (``NAME=FILE`` or the
+        file's stem) and ``--also`` peers by their own names, each name once and none a built-in's."""
+        named: dict[str, Path | str] = {}
+        for item in self.quantized:
+            name, equals, file = item.partition("=")
+            if not equals or Path(item).is_file():  # a file whose own name holds '=' is a file
+                name, file = Path(item).stem, item
+            if not Path(file).is_file():
+                raise UserError(f"--quantized {item}: no such file")
+            named[self._new_name(name, named, "--quantized")] = Path(file)
+        for peer in self.also:
+            named[self._new_name(peer, named, "--also")] = peer
+        return named
+
+    def _new_name(self, name: str, named: dict, flag: str) -> str:
+        builtin = {"float", "fp16", "mixed"} | {f"a{a}w{w}" for a in self.act_bits for w in self.weight_bits}
+        if not CONFIG_NAME.fullmatch(name) or name in builtin or name in named:
+            raise UserError(f"{flag} {name!r}: a configuration name of letters, digits, '.', '_', '+' or '-' that is "
+                            "not float, fp16, mixed, a swept aXwY or another configuration's")
+        return name
 
     def to_dict(self) -> dict:
         """The settings as JSON values (paths and enums as strings)."""

@@ -24,7 +24,7 @@ from .evaluate import FLOAT_NAME, REPEAT_MARK, RunRecord
 from .quantize import QuantSpec
 from .report_text import run_notes, run_summary
 from .runfolder import COMPARISON, RUN, check_target, new_work_dir, report_once, swap_in, write_marker, writing
-from .sweep import Sweep, add_config, add_fp16, add_mixed, config_job, log
+from .sweep import Sweep, add_config, add_fp16, add_mixed, config_job, held_out_logits, log
 
 
 def _export(cache: Cache, cfg: RunConfig, dataset) -> steps.PreparedModel:
@@ -67,6 +67,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
         sweep.attribution = steps.attribution(cfg, model.preprocess, prepared, images, cache)
     if cfg.mixed:
         add_mixed(cfg, model, prepared, batches, images, exclude, cache, sweep)
+    held_out = held_out_logits(cfg, model, images, calib_float, cache, sweep)
     for name, source in sweep.files.items():
         link_or_copy(source, work / name)
     notes = [*model.notes, batches.note, *([images.search_note] if images.search_note else []),
@@ -75,7 +76,8 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
-              sweep.deployment, sweep.attribution, sweep.mixed, descriptors=sweep.descriptors).save(work)
+              sweep.deployment, sweep.attribution, sweep.mixed, sweep.descriptors, held_out[1], held_out[2], held_out[0],
+              dict([cfg.guard_target])).save(work)
     return work
 
 

@@ -117,3 +117,22 @@ def _log_config(cfg: RunConfig, name: str, logits: np.ndarray, float_logits: np.
     change = quantization_change(float_logits, logits, labels)  # swaps are counted in one place
     log(cfg, f"{name}: top-1 error {100 * np.mean(~change.quant_correct):.2f}%, {100 * change.swap_rate:.2f}% "
              "swapped")
+
+
+def held_out_logits(cfg: RunConfig, model, images, calib_float: np.ndarray, cache: Cache,
+                    sweep: Sweep) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
+    """(source, labels, logits by configuration) on images the evaluation never sees, where a float
+    fallback guard's threshold is chosen: the images held out for a search when the run has them,
+    else the calibration images (which also set the activation ranges: the report says so)."""
+    if images.search is not None:
+        source, pixels, kind = "search", images.search, "search-logits"
+        reference = steps.model_logits(cache, model.float_path, pixels, model.preprocess, cfg, "float (search)",
+                                       kind=kind)
+    else:
+        source, pixels, kind, reference = "calibration", images.calib, "calib-logits", calib_float
+    logits = {FLOAT_NAME: reference}
+    for name in (n for n in sweep.logits if n != FLOAT_NAME and base_name(n) == n):
+        path = sweep.files[f"model_{name}.onnx"]
+        logits[name] = steps.model_logits(cache, path, pixels, model.preprocess, cfg, f"{name} (held out)",
+                                          fused=cfg.execution == "deployed" or name == FP16_NAME, kind=kind)
+    return source, pixels.labels, logits

@@ -153,3 +153,57 @@ def test_streamed_image_files_resume_after_sigkill(stage, tmp_path, digits):
     reference = tmp_path / "reference"
     subprocess.run(args + ["--out", str(reference)], check=True, capture_output=True)
     _kill_at_and_resume(args, stage, tmp_path / "killed", reference)
+
+
+def test_a_killed_scratch_folder_is_removed_by_its_marker_only(tmp_path):
+    """Work folders in a cache (ORT's quantization and preparation files, an entry of several files)
+    are marked before anything goes in: a SIGKILL leaves them marked, and the next Cache removes them;
+    a folder without the marker stays, whatever its name."""
+    from ptqcal.cache import MARKER
+
+    cache_dir = tmp_path / "cache"
+    code = ("import os, signal, sys\n"
+            "from pathlib import Path\n"
+            "from ptqcal.cache import Cache, scratch_folder\n"
+            f"root = Path({str(cache_dir)!r})\n"
+            "cache = Cache(root)  # opened once, before the work (a run opens it under its lock)\n"
+            "with scratch_folder(root, '.ptqcal-quant-') as tmp:\n"
+            "    (tmp / 'model.onnx').write_bytes(b'half')\n"
+            "    def killed(folder):\n"
+            "        (folder / 'model.onnx').write_text('half')\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    cache.folder('float', 'k', killed)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = sorted(p.name for p in cache_dir.iterdir())
+    assert len(left) == 2 and all((cache_dir / name / MARKER).exists() for name in left), left
+    lookalike = cache_dir / ".ptqcal-quant-mine"  # named like one, but not marked: not ptqcal's to remove
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("mine")
+    Cache(cache_dir)
+    assert sorted(p.name for p in cache_dir.iterdir()) == [".ptqcal-quant-mine"]
+    assert (lookalike / "keep.txt").read_text() == "mine"
+
+
+def test_a_users_file_is_copied_never_linked(tmp_path):
+    """``link_or_copy`` links only a file inside the cache it is given; anything else (a user's model)
+    is copied: changing the run's copy never changes the user's file."""
+    import os
+
+    from ptqcal.cache import link_or_copy
+
+    users = tmp_path / "model.onnx"
+    users.write_bytes(b"the user's model" * 1000)
+    target = tmp_path / "run" / "model_float.onnx"
+    target.parent.mkdir()
+    link_or_copy(users, target)
+    assert target.read_bytes() == users.read_bytes() and os.stat(users).st_nlink == 1
+    assert not os.path.samefile(users, target)
+    target.write_bytes(b"changed")
+    assert users.read_bytes() == b"the user's model" * 1000
+    cache = Cache(tmp_path / "run" / "cache")
+    entry = cache.file("x", "k", "bin", lambda tmp: tmp.write_bytes(b"entry"))
+    link_or_copy(users, tmp_path / "run" / "again.onnx", within=cache.root)  # not inside the cache: copied
+    assert os.stat(users).st_nlink == 1
+    link_or_copy(entry, tmp_path / "run" / "entry.bin", within=cache.root)  # the cache's own: may be linked
+    assert (tmp_path / "run" / "entry.bin").read_bytes() == b"entry"

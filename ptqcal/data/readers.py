@@ -251,6 +251,12 @@ def _needs_location(kind: str, data: str | Path | None) -> Path:
     return Path(data)
 
 
+def _single(kind: str, data: str | Path | None, read: Callable[[Path], Split]) -> Dataset:
+    """A dataset of one split (calibration images held out of it), named after its location."""
+    location = _needs_location(kind, data)
+    return Dataset(location.stem if kind == "csv" else location.name, eval=read(location))
+
+
 # kind -> reader(location or None, labels file or None, download): one entry per kind, as timm's
 # dataset factory maps names to classes
 READERS: dict[str, Callable[[str | Path | None, Path | None, bool], Dataset]] = {
@@ -258,8 +264,8 @@ READERS: dict[str, Callable[[str | Path | None, Path | None, bool], Dataset]] = 
     "cifar100": lambda data, labels, download: load_cifar(Path(data) if data else None, 100, download),
     "cifar10": lambda data, labels, download: load_cifar(Path(data) if data else None, 10, download),
     "imagenet": lambda data, labels, download: load_imagenet(Path(data) if data else None, labels),
-    "folder": lambda data, labels, download: Dataset(Path(data).name, eval=load_folder(_needs_location("folder", data))),
-    "csv": lambda data, labels, download: Dataset(Path(data).stem, eval=load_csv(_needs_location("csv", data))),
+    "folder": lambda data, labels, download: _single("folder", data, load_folder),
+    "csv": lambda data, labels, download: _single("csv", data, load_csv),
     "npz": lambda data, labels, download: load_npz(_needs_location("npz", data)),
 }
 assert tuple(READERS) == DATASET_KINDS

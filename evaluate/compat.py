@@ -291,6 +291,89 @@ def _check(graph_path: Path, float_path: str | Path) -> GraphFit:
                     logits_decoding(model, label))
 
 
+# What may stand between a graph's Softmax and its output without changing which class wins
+_AFTER_SOFTMAX = ("DequantizeLinear", "QuantizeLinear", "Cast", "Identity")
+
+
+def _rename_input(model: onnx.ModelProto, old: str, new: str) -> None:
+    for node in model.graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+
+
+def _rename_output(model: onnx.ModelProto, old: str, new: str) -> None:
+    for node in model.graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+    _rename_input(model, old, new)
+
+
+def _params(model: onnx.ModelProto, name: str, quantization: Quantization) -> list[str]:
+    """Scale and zero-point initializers of ``quantization``, added to ``model``; their names."""
+    scale = np.array(quantization.scale, np.float32)
+    zero = np.array(quantization.zero_point, quantization.dtype)
+    if quantization.axis is None:
+        scale, zero = scale.reshape(()), zero.reshape(())
+    model.graph.initializer.extend([numpy_helper.from_array(scale, f"{name}_scale"),
+                                    numpy_helper.from_array(zero, f"{name}_zero_point")])
+    return [f"{name}_scale", f"{name}_zero_point"]
+
+
+def _without_final_softmax(model: onnx.ModelProto, label: str) -> LogitsDecoding | None:
+    """Cut a final Softmax (and the Q/DQ or Cast after it) so that the graph ends in its logits, and
+    say how to read them; ``None`` when it has none. Probabilities are not logits: NLL, margins and
+    temperatures need the latter."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    output, tail = model.graph.output[0], []
+    node = producers.get(output.name)
+    while node is not None and node.op_type in _AFTER_SOFTMAX:
+        tail.append(node)
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in ("Softmax", "QLinearSoftmax"):
+        return None
+    if node.op_type == "QLinearSoftmax":
+        raise CompatError(f"{label} ends in a quantized Softmax: its probabilities of 0 have no logits; export it "
+                          "without the Softmax")
+    typed = {v.name: v.type.tensor_type.elem_type
+             for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    elem = typed.get(node.input[0], onnx.TensorProto.FLOAT)
+    for cut in [node, *tail]:
+        model.graph.node.remove(cut)
+    _rename_output(model, node.input[0], output.name)
+    output.type.tensor_type.elem_type = elem
+    return LogitsDecoding(str(onnx.helper.tensor_dtype_to_np_dtype(elem)))
+
+
+def float_io_model(fit: GraphFit) -> onnx.ModelProto | None:
+    """The graph of ``fit`` taking the float model's float32 input and giving float32 logits: a
+    QuantizeLinear or Cast in front of an input of codes or another float type, a final Softmax cut,
+    a DequantizeLinear or Cast behind an output of codes or another float type. ``None`` when the
+    graph already is one (it then runs as it is)."""
+    model = onnx.load(str(fit.path))  # its external data too (checked to stay in its folder before)
+    cut = _without_final_softmax(model, fit.path.name)
+    decode, changed = cut or fit.decode, cut is not None
+    graph_input = next(i for i in model.graph.input if i.name == fit.input.name)
+    if fit.encode.quantization is not None or fit.encode.dtype != "float32":
+        inner = f"{graph_input.name}_encoded"
+        _rename_input(model, graph_input.name, inner)
+        model.graph.node.insert(0, onnx.helper.make_node(
+            "QuantizeLinear", [graph_input.name, *_params(model, inner, fit.encode.quantization)], [inner], name=inner)
+            if fit.encode.quantization is not None else onnx.helper.make_node(
+            "Cast", [graph_input.name], [inner], name=inner,
+            to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(fit.encode.dtype))))
+        graph_input.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        changed = True
+    if decode.quantization is not None or decode.dtype != "float32":
+        output = model.graph.output[0]
+        inner = f"{output.name}_decoded"
+        _rename_output(model, output.name, inner)
+        model.graph.node.append(onnx.helper.make_node(
+            "DequantizeLinear", [inner, *_params(model, inner, decode.quantization)], [output.name], name=inner)
+            if decode.quantization is not None else
+            onnx.helper.make_node("Cast", [inner], [output.name], name=inner, to=onnx.TensorProto.FLOAT))
+        output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        changed = True
+    return model if changed else None
+
+
 def with_float32_output(path: str | Path, out_path: str | Path) -> Path:
     """A copy of the graph whose output is cast to float32 inside the graph (same output name), for a
     bfloat16 output that ORT's Python binding cannot return as a numpy array."""

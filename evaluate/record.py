@@ -52,13 +52,13 @@ class ConfigKind(StrEnum):
     FP16 = "fp16"  # the float model with float16 weights and activations
     UNIFORM = "uniform"  # ptqcal's QDQ model, one weight and one activation width for every layer
     MIXED = "mixed"  # ptqcal's QDQ model, weight widths chosen layer by layer
-    # Kinds to come fit the same fields: "external" (a user's own quantized .onnx) and "peer"
-    # (another toolchain's graph, e.g. ORT's quantize_static or NNCF), with bit widths where they
-    # are one width for every layer and None where not.
+    EXTERNAL = "external"  # a graph the user brought (their toolchain's), evaluated as it is
+    PEER = "peer"  # another toolchain's quantization of the run's model (ORT's quantize_static, NNCF, ...)
 
 
 # The kinds whose bit widths are known without looking: integer widths for every layer, or none.
-_HAS_BITS = {ConfigKind.FLOAT: False, ConfigKind.FP16: False, ConfigKind.UNIFORM: True, ConfigKind.MIXED: False}
+_HAS_BITS = {ConfigKind.FLOAT: False, ConfigKind.FP16: False, ConfigKind.UNIFORM: True, ConfigKind.MIXED: False,
+             ConfigKind.EXTERNAL: False, ConfigKind.PEER: False}
 MAX_BITS = 32  # wider than any integer format a classifier is quantized to; anything above is damage
 
 

@@ -314,9 +314,9 @@ def parse_value(setting, value: Any, where: str) -> Any:
 
 
 def _parse_one(parse, value: Any, where: str, choices) -> Any:
+    if isinstance(value, bool):  # a switch's value: bool is an int (and 1.0) to Python, never a number here
+        raise UserError(f"{where}: expected a value, got {str(value).lower()} (this setting is not a switch)")
     try:
-        if isinstance(value, bool):  # a switch's value: bool is an int (and 1.0) to Python, never a number here
-            raise UserError(f"{where}: expected a value, got {str(value).lower()} (this setting is not a switch)")
         if parse is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"not an integer: {value!r}")
         result = parse(value.strip() if isinstance(value, str) else value)

@@ -63,6 +63,11 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     if cfg.fp16:
         add_fp16(cfg, model, images, cache, sweep)
     _quantize_sweep(cfg, model, prepared, exclude, batches, draws, cache, work, sweep, executor)
+    deployed_notes: list[str] = []
+    if cfg.quantized or cfg.also:
+        from .deployed import add_deployed
+
+        add_deployed(cfg, model, prepared, images, batches, cache, sweep, deployed_notes)
     if cfg.attribute or cfg.mixed:
         sweep.attribution = steps.attribution(cfg, model.preprocess, prepared, images, cache)
     if cfg.mixed:
@@ -71,7 +76,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     for name, source in sweep.files.items():
         link_or_copy(source, work / name)
     notes = [*model.notes, batches.note, *([images.search_note] if images.search_note else []),
-             *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
+             *deployed_notes, *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
                        sweep.clipped_biases, descriptors=sweep.descriptors)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),

@@ -45,6 +45,7 @@ class Sweep:
     mixed: MixedChoice | None = None
     descriptors: dict[str, ConfigInfo] = field(
         default_factory=lambda: {FLOAT_NAME: ConfigInfo(FLOAT_NAME, ConfigKind.FLOAT)})
+    served: dict[str, Path] = field(default_factory=dict)  # graphs run as another file than the one stored
 
 
 def describe(spec: QuantSpec) -> ConfigInfo:
@@ -96,6 +97,23 @@ def add_config(cfg: RunConfig, model, name: str, path: Path, pixels, batches: st
     _log_config(cfg, name, sweep.logits[name], sweep.logits[FLOAT_NAME], pixels.labels)
 
 
+def add_graph(cfg: RunConfig, model, name: str, served: Path, stored: Path, pixels, batches: steps.Batches,
+              cache: Cache, sweep: Sweep, info: ConfigInfo, has_twin: bool) -> None:
+    """Evaluate a graph made elsewhere (a user's file, a peer toolchain's): ``served`` runs (fed and
+    read as float), ``stored`` is the file placed in the run folder; the deployed-vs-simulated check
+    only where the graph has a simulated twin (Q/DQ pairs around float ops)."""
+    sweep.descriptors[name] = info
+    sweep.logits[name] = steps.model_logits(cache, served, pixels, model.preprocess, cfg, name)
+    sweep.deployment[name] = steps.deployment(cache, served, pixels, model.preprocess, cfg)
+    sweep.files[f"model_{name}.onnx"] = stored
+    sweep.served[name] = served
+    if has_twin:
+        check = steps.check_deployment(cache, served, name, sweep.logits[name], pixels, model.preprocess,
+                                       cfg, batches.check)
+        sweep.checks += [check] if check else []
+    _log_config(cfg, name, sweep.logits[name], sweep.logits[FLOAT_NAME], pixels.labels)
+
+
 def add_mixed(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, images, exclude, cache: Cache,
               sweep: Sweep) -> None:
     """Search the per-layer weight bits on the held-out images; evaluate the choice like the others."""
@@ -132,7 +150,8 @@ def held_out_logits(cfg: RunConfig, model, images, calib_float: np.ndarray, cach
         source, pixels, kind, reference = "calibration", images.calib, "calib-logits", calib_float
     logits = {FLOAT_NAME: reference}
     for name in (n for n in sweep.logits if n != FLOAT_NAME and base_name(n) == n):
-        path = sweep.files[f"model_{name}.onnx"]
+        path = sweep.served.get(name) or sweep.files[f"model_{name}.onnx"]
+        fused = cfg.execution == "deployed" or name == FP16_NAME or name in sweep.served  # as it was evaluated
         logits[name] = steps.model_logits(cache, path, pixels, model.preprocess, cfg, f"{name} (held out)",
-                                          fused=cfg.execution == "deployed" or name == FP16_NAME, kind=kind)
+                                          fused=fused, kind=kind)
     return source, pixels.labels, logits

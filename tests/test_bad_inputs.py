@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import tiny_onnx_classifier
 
+import ptqcal.errors
 from ptqcal.cli import main
 
 MARKER = "PWNED"  # what a hostile input would create if it ran code
@@ -157,6 +158,109 @@ def _inputs(root: Path) -> dict[str, Path]:
     p["foreign_ranges"].write_text(json.dumps({"method": "mse", "bits": 8, "num_images": 1, "ranges": {"x": [0, 1]}}))
     p["garbage_pth"] = root / "garbage.pth"
     p["garbage_pth"].write_bytes(b"not a state dict")
+    p.update(_third_pass_inputs(root, p["tiny"], images, labels))
+    return p
+
+
+def _external(tensor, location: str):
+    onnx.external_data_helper.set_external_data(tensor, location=location)
+    tensor.ClearField("raw_data")
+    return tensor
+
+
+def _third_pass_inputs(root: Path, tiny: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, Path]:
+    """Inputs that were accepted silently or ended in a traceback or a hang ("Trust, third pass")."""
+    import os
+
+    from PIL import Image
+
+    p = {}
+    model = onnx.load(str(tiny))
+    metadata = model.metadata_props.add()
+    metadata.key, metadata.value = "ptqcal.preprocess", json.dumps({"mean": [0.3], "std": [-0.4], "pixel_max": 16,
+                                                                    "resize": None})
+    onnx.save(model, str(root / "negative_std_metadata.onnx"))
+    p["negative_std_metadata"] = root / "negative_std_metadata.onnx"
+    as_float64 = onnx.load(str(tiny))
+    for init in as_float64.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    for value in (*as_float64.graph.input, *as_float64.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    onnx.save(as_float64, str(root / "float64.onnx"))
+    p["float64"] = root / "float64.onnx"
+    for name, field, value in (("opset99", "opset", 99), ("ir99", "ir_version", 99)):
+        changed = onnx.load(str(tiny))
+        if field == "opset":
+            changed.opset_import[0].version = value
+        else:
+            changed.ir_version = value
+        onnx.save(changed, str(root / f"{name}.onnx"))
+        p[name] = root / f"{name}.onnx"
+    # an output whose shape is not declared and which shape inference cannot tell (a Reshape to a computed shape)
+    flat = helper.make_node("Flatten", ["input"], ["flat"])
+    p["unknown_classes"] = _graph_model(
+        root / "unknown_classes.onnx",
+        [flat, helper.make_node("Shape", ["flat"], ["shape"]), helper.make_node("Reshape", ["flat", "shape"], ["logits"])],
+        _float_in(), [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    # external data reached where the initializer check did not look, or through a symbolic link
+    gemm = helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1)
+    weights = np.ones((10, 64), np.float32)
+    (root / "constant").mkdir()
+    p["constant_data"] = _graph_model(
+        root / "constant" / "m.onnx",
+        [flat, helper.make_node("Constant", [], ["w"], value=_external(numpy_helper.from_array(weights, "w"),
+                                                                        "../secret.bin")), gemm],
+        _float_in(), _logits_out(10))
+    (root / "branch").mkdir()
+    then = helper.make_graph([helper.make_node("Constant", [], ["w_then"], value=_external(
+        numpy_helper.from_array(weights, "w_then"), "../secret.bin"))], "then", [],
+        [helper.make_tensor_value_info("w_then", TensorProto.FLOAT, [10, 64])])
+    other = helper.make_graph([helper.make_node("Constant", [], ["w_else"], value=numpy_helper.from_array(weights))],
+                              "else", [], [helper.make_tensor_value_info("w_else", TensorProto.FLOAT, [10, 64])])
+    p["branch_data"] = _graph_model(
+        root / "branch" / "m.onnx",
+        [flat, helper.make_node("If", ["cond"], ["w"], then_branch=then, else_branch=other), gemm],
+        _float_in(), _logits_out(10), [numpy_helper.from_array(np.array(True), "cond")])
+    (root / "outside").mkdir()
+    (root / "outside" / "w.bin").write_bytes(weights.tobytes())
+    for name, link, target, location in (("linked_folder_data", "link", "../outside", "link/w.bin"),
+                                         ("linked_inside_data", "same", ".", "same/w.bin")):
+        folder = root / name
+        folder.mkdir()
+        (folder / "w.bin").write_bytes(weights.tobytes())
+        os.symlink(target, folder / link)
+        p[name] = _graph_model(folder / "m.onnx", [flat, gemm], _float_in(), _logits_out(10),
+                               [_external(numpy_helper.from_array(weights, "w"), location)])
+    p["float16_in"] = _graph_model(root / "float16_in.onnx", [helper.make_node("Cast", ["input"], ["x"], to=1),
+                                                              helper.make_node("Flatten", ["x"], ["logits"])],
+                                   _float_in(dtype=TensorProto.FLOAT16), _logits_out(64))
+    # data
+    np.savez(root / "sixteen_bit.npz", images=np.full((40, 8, 8), 65535, np.uint16), labels=labels)
+    p["sixteen_bit"] = root / "sixteen_bit.npz"
+    np.savez(root / "huge_pixels.npz", images=np.full((40, 8, 8), 3e38, np.float32), labels=labels)
+    np.savez(root / "other_calib_size.npz", images=images, labels=labels,
+             calib_images=np.zeros((40, 10, 10), np.uint8), calib_labels=labels)
+    np.savez(root / "uint64_labels.npz", images=images, labels=np.full(40, 2 ** 64 - 1, np.uint64))
+    p.update({f"{name}_npz": root / f"{name}.npz" for name in ("huge_pixels", "other_calib_size", "uint64_labels")})
+    listed = root / "listed"
+    listed.mkdir()
+    for index in range(3):
+        Image.fromarray(images[index]).save(listed / f"{index}.png")
+    os.mkfifo(listed / "pipe.png")
+    (listed / "bad.png").write_bytes(b"not an image")
+    for name, text in (("huge_label", "0.png,99999999999999999999\n1.png,1\n"),
+                       ("fifo", "0.png,1\npipe.png,2\n1.png,3\n"), ("undecodable", "bad.png,1\nbad.png,2\n")):
+        (listed / f"{name}.csv").write_text(text)
+        p[f"{name}_csv"] = listed / f"{name}.csv"
+    # config files
+    configs = {"swaps_true": "max-confident-swaps = true\nweight-bits = [8, 4]\n",
+               "ratio_true": "max-size-ratio = true\nweight-bits = [8, 4]\n",
+               "deep": "weight-bits = " + "[" * 5000 + "]" * 5000 + "\n",
+               "deep_table": "seed = " + "{a = " * 5000 + "1" + "}" * 5000 + "\n",
+               "huge_threads": "threads = 99999999999999999999\n"}
+    for name, text in configs.items():
+        (root / f"{name}.toml").write_text(text)
+        p[f"{name}_toml"] = root / f"{name}.toml"
     return p
 
 
@@ -293,6 +397,58 @@ CASES = {
     "compare-torch of an ONNX file": ["compare-torch", "--model", "{tiny}", "--no-progress"],
     "compare-torch with minmax": ["compare-torch", "--model", "cifar_resnet20", "--calib-method", "minmax"],
     "compare-torch of two models": ["compare-torch", "--model", "cifar_resnet20", "cifar_resnet56"],
+    # trust, third pass: accepted silently, a traceback or a hang before
+    "negative std": [*RUN, "--model", "{tiny}", "--dataset", "digits", "--mean", "0.3", "--std", "-0.4"],
+    "negative std in the model's metadata": [*RUN, "--model", "{negative_std_metadata}", "--dataset", "digits"],
+    "config: max-confident-swaps true": [*RUN, "--config", "{swaps_true_toml}"],
+    "config: max-size-ratio true": [*RUN, "--config", "{ratio_true_toml}"],
+    "config: arrays nested 5,000 deep": [*RUN, "--config", "{deep_toml}"],
+    "config: tables nested 5,000 deep": [*RUN, "--config", "{deep_table_toml}"],
+    "config: threads 10^20": [*RUN, "--config", "{huge_threads_toml}"],
+    "ray port beyond 65535": [*RUN, "--model", "{tiny}", *ONNX, "--ray", "127.0.0.1:99999999999999999999999"],
+    "threads 10^20": [*RUN, "--model", "{tiny}", *ONNX, "--threads", "99999999999999999999"],
+    "threads 100,000": [*RUN, "--model", "{tiny}", *ONNX, "--threads", "100000"],
+    "CSV label 10^20": [*RUN, "--model", "{tiny}", "--dataset", "csv", "--data-dir", "{huge_label_csv}",
+                        "--preprocess", "unit"],
+    "uint64 labels that wrap to negative": [*RUN, "--model", "{tiny}", "--dataset", "{uint64_labels_npz}",
+                                            "--preprocess", "unit"],
+    "pixel values of 3e38": [*RUN, "--model", "{tiny}", "--dataset", "{huge_pixels_npz}", "--preprocess", "digits"],
+    "calibration images of another size": [*RUN, "--model", "{tiny}", "--dataset", "{other_calib_size_npz}",
+                                           "--preprocess", "digits"],
+    "CSV listing a FIFO": [*RUN, "--model", "{tiny}", "--dataset", "csv", "--data-dir", "{fifo_csv}",
+                           "--preprocess", "unit", "--calib-size", "1"],
+    "every image fails to decode": [*RUN, "--model", "{tiny}", "--dataset", "csv", "--data-dir", "{undecodable_csv}",
+                                    "--preprocess", "unit"],
+    "float64 model": [*RUN, "--model", "{float64}", *ONNX],
+    "opset 99": [*RUN, "--model", "{opset99}", *ONNX],
+    "IR version 99": [*RUN, "--model", "{ir99}", *ONNX],
+    "output class count unknown": [*RUN, "--model", "{unknown_classes}", *ONNX],
+    "external data through a Constant node": [*RUN, "--model", "{constant_data}", *ONNX],
+    "external data in an If branch": [*RUN, "--model", "{branch_data}", *ONNX],
+    "external data through a symlinked folder": [*RUN, "--model", "{linked_folder_data}", *ONNX],
+    "external data through a symlink inside the folder": [*RUN, "--model", "{linked_inside_data}", *ONNX],
+    "resize beyond 50 megapixels": [*RUN, "--model", "{tiny}", *ONNX, "--resize", "100000"],
+    "16-bit pixels overflowing a float16 input": [*RUN, "--model", "{float16_in}", "--dataset", "{sixteen_bit}",
+                                                  "--preprocess", "none"],
+}
+
+# What each third-pass case must say (the one line names the cause, not a symptom downstream).
+SAYS = {
+    "negative std": "must be positive", "negative std in the model's metadata": "must be positive",
+    "config: max-confident-swaps true": "not a switch", "config: max-size-ratio true": "not a switch",
+    "config: arrays nested 5,000 deep": "too deeply", "config: tables nested 5,000 deep": "too deeply",
+    "config: threads 10^20": "at most 1024", "ray port beyond 65535": "1 to 65535",
+    "threads 10^20": "at most 1024", "threads 100,000": "at most 1024", "CSV label 10^20": "is not a class index",
+    "uint64 labels that wrap to negative": "class indices", "pixel values of 3e38": "at most 65535",
+    "calibration images of another size": "10x10", "CSV listing a FIFO": "not a regular file",
+    "every image fails to decode": "none of the images could be decoded", "float64 model": "float64",
+    "opset 99": "opset 99", "IR version 99": "IR version 99", "output class count unknown": "class count is unknown",
+    "external data through a Constant node": "outside the model's folder",
+    "external data in an If branch": "outside the model's folder",
+    "external data through a symlinked folder": "outside the model's folder",
+    "external data through a symlink inside the folder": "symbolic link",
+    "resize beyond 50 megapixels": "megapixels", "custom-domain op": "does not know",
+    "16-bit pixels overflowing a float16 input": "overflow float16",
 }
 
 
@@ -358,6 +514,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, corpus, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, (case, err)
     assert len(err) == 1 and "Traceback" not in err[0], err
+    assert SAYS.get(case, "") in err[0], err
     assert _fingerprint(tmp_path) == before, "files were created, changed or removed"
     assert _fingerprint(corpus["tiny"].parent) == inputs_before, "an input was changed"
     assert not (corpus["tiny"].parent / MARKER).exists(), "a hostile input ran code"
@@ -366,3 +523,34 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, corpus, tmp_path
 
 def test_the_corpus_is_large_enough():
     assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("name", ["custom_op", "opset99", "ir99", "float64"])
+def test_onnx_runtime_prints_nothing_before_the_line(name, corpus, tmp_path):
+    """ONNX Runtime writes its log (and the Python traceback its quantization tool logs) to the
+    process's stderr, which capsys does not see: in a real process the one line must be all there is."""
+    import subprocess
+    import sys
+
+    before = _fingerprint(corpus["tiny"].parent)
+    done = subprocess.run([sys.executable, "-m", "ptqcal", *RUN, "--model", str(corpus[name]), *ONNX, "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and err[0].startswith("ptqcal: error: "), done.stderr
+    assert list(tmp_path.iterdir()) == [] and _fingerprint(corpus["tiny"].parent) == before
+
+
+def test_a_warning_before_a_mistake_is_not_printed(corpus, tmp_path, monkeypatch, capsys):
+    """NumPy's RuntimeWarnings (and any other warning) raised on the way to a mistake are not printed
+    before its one line; a run that succeeds says each once, as one line, at its end."""
+    import ptqcal.steps
+
+    def noisy(cfg):
+        np.float32(3e38) * np.float32(10)  # overflow: NumPy warns
+        raise ptqcal.errors.UserError("the data is wrong")
+
+    monkeypatch.setattr(ptqcal.steps, "load_run_dataset", noisy)
+    monkeypatch.chdir(tmp_path)
+    assert main([*RUN, "--model", str(corpus["tiny"]), *ONNX, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["ptqcal: error: the data is wrong"]
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,6 @@
 """The sentences that judge numbers: what a sweep shows, where a configuration collapsed, whether
-the float model is over- or underconfident, why a quantized model is not faster, and why the
-deployed path parts from the simulated one. Each threshold is named here, once; the tables and
+the float model is over- or underconfident, what a float fallback guard buys, why a quantized
+model is not faster, and why the deployed path parts from the simulated one. Each threshold is named here, once; the tables and
 figures only show numbers."""
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ptqcal.evaluate.attribution import CONFIDENT as ATTRIBUTION_CONFIDENT
+from ptqcal.evaluate.guard import CONFIDENT as GUARD_CONFIDENT
 from ptqcal.evaluate.record import ConfigInfo
 from ptqcal.evaluate.agreement import PathAgreement
 from ptqcal.evaluate.results import FLOAT_NAME
 
 from .markdown import md
 from .run_analysis import RunAnalysis
+from .trust import GuardView, expected_vs_quant, guard_views, missing_guards, percent, target_words, unguarded
 
 CONFIDENT = ATTRIBUTION_CONFIDENT  # a float prediction held with at least this confidence counts as confident
 COLLAPSED = 0.9  # a configuration that swaps at least this share of predictions has collapsed
@@ -84,6 +86,95 @@ def reliability_reading(runs: Sequence[RunAnalysis]) -> str:
         reading += (f" The lowest precision of {', '.join(collapsed)} collapsed (90% or more of its predictions "
                     "swapped) and is not drawn; the line is the lowest one that did not.")
     return reading
+
+
+def _latency_words(view: GuardView) -> str:
+    own = expected_vs_quant(view.guard)
+    if own is None:
+        return ""
+    return (f", at an expected {own:.2f}× {md(view.config)}'s batch-1 latency "
+            f"({view.guard.latency_vs_float:.2f}× the float model's)")
+
+
+def _confident_words(view: GuardView) -> str:
+    if not view.confident:
+        return "none of them confident"
+    if view.confident_caught == view.confident:
+        return f"all {view.confident} confident ones" if view.confident > 1 else "the one confident one"
+    return f"{view.confident_caught} of its {view.confident} confident ones"
+
+
+def _differing(share: float) -> str:
+    return "no prediction" if share == 0 else f"{percent(share)}% of predictions"
+
+
+def _against_target(guard) -> str:
+    rates, target = guard.evaluation, guard.target
+    if target.max_differing is not None:
+        return f"{percent(rates.differing)}% differ, at most {100 * target.max_differing:g}% allowed"
+    return f"{percent(rates.routed)}% routed, at most {100 * target.max_routed:g}% allowed"
+
+
+def guard_sentence(view: GuardView) -> str:
+    """One sentence (two when the target is missed) on what ``view``'s guard buys, from its numbers."""
+    guard, name = view.guard, md(view.config)
+    rates = guard.evaluation
+    missed = "" if view.met else (f" It misses the target on the evaluation images ({_against_target(guard)}), "
+                                  f"though it met it on the {guard.chosen_on} held-out ones.")
+    if not view.swaps:
+        spent = (f", and its threshold still sends {percent(rates.routed)}% of inputs to float for nothing"
+                 f"{_latency_words(view)}") if view.routed else ""
+        return f"{name} swapped no prediction of the evaluation images: there is nothing for a guard to catch{spent}." \
+            + missed
+    if not view.routed:
+        why = "it swapped nothing there" if not guard.held_out.swapped else "the target was met without routing"
+        return (f"{name}: its guard routes no input to float (on the held-out images {why}), so all {view.swaps} of "
+                f"its swaps remain and {percent(rates.differing)}% of its predictions differ from float's.{missed}")
+    everything = (" (on the held-out images only routing every input met the target: the guard is the float model)"
+                  if view.routed == view.images else "")
+    return (f"{name}: routing {percent(rates.routed)}% of inputs to float{everything} catches "
+            f"{percent(rates.swaps_caught)}% of its swaps ({view.caught} of {view.swaps}; "
+            f"{_confident_words(view)}), leaving {_differing(rates.differing)} different from float's"
+            f"{_latency_words(view)}; top-1 error {100 * view.quant_error:.2f}% → {100 * rates.guarded_error:.2f}% "
+            f"(float {100 * view.float_error:.2f}%).{missed}")
+
+
+def guard_reading(run: RunAnalysis) -> str:
+    """A bullet per guarded configuration saying what its guard buys, or why the run has no guard."""
+    why = missing_guards(run)
+    if why is not None:
+        return f"No float fallback guard: {why}."
+    return "\n".join(f"- {guard_sentence(view)}" for view in guard_views(run))
+
+
+def guard_note(run: RunAnalysis) -> str:
+    """Where each threshold was chosen, for which target, and what the table's words mean."""
+    if not run.guards:
+        return ""
+    record = run.record
+    images = len(record.held_out_labels)
+    where = (f"the {images} calibration images, which also set the activation ranges, so the held-out rates may "
+             "be optimistic" if record.held_out_source == "calibration" else
+             f"the {images} images held out of evaluation for the mixed-precision search (which chose the mixed "
+             "configuration's weight widths on them, so its held-out rates may be optimistic)"
+             if record.held_out_source == "search" else f"{images} images held out of evaluation")
+    target = next(iter(run.guards.values()))[0].target
+    fewest = "routing the fewest inputs" if target.max_differing is not None else "leaving the fewest swaps"
+    parts = [f"Each threshold was chosen on {where}; the evaluation rates are the honest ones. Target: "
+             f"{target_words(target)}; each configuration's score is the one that met it there {fewest}. "
+             f"A confident swap changes a prediction the float model held with at least {100 * GUARD_CONFIDENT:.0f}% "
+             "confidence. Swap AUROC: the chance that a swapped input scores below a kept one (1: every swap "
+             "ranks first; 0.5: no better than chance; the chosen score's in bold). Expected latency: the "
+             "configuration's batch-1 latency on every input plus the float model's on the routed share, over the "
+             "float model's (a routed input pays both: the mean, not the tail). The thresholds are in guard.json."]
+    if run.draws > 1:
+        parts.append("Each guard is of the configuration's first calibration draw.")
+    if not any(c.change.swapped.any() for c in run.quantized if c.name in run.guards):
+        parts.append("Figure 10 has no panel for this model: no guarded configuration swapped a prediction.")
+    if unguarded(run):
+        parts.append(f"No guard for {', '.join(md(n) for n in unguarded(run))}: the run saved no logits of "
+                     f"{'it' if len(unguarded(run)) == 1 else 'them'} on the held-out images.")
+    return " ".join(parts)
 
 
 def not_faster(run: RunAnalysis) -> str:

@@ -13,15 +13,24 @@ from typing import Sequence
 from ptqcal.atomic import atomic_path
 
 from .environment import environment
-from .judgement import sweep_reading
+from .judgement import guard_note, guard_reading, sweep_reading
 from .markdown import markdown_to_html, md
 from .report_figures import FIGURES, figure_reading, write_figures
 from .run_analysis import RunAnalysis, analyse_run
 from .rows import layers_csv, metrics_csv, metrics_json
-from .tables import (attribution_table, comparison, confidence_table, deployment_table, markdown_table,
-                     markdown_tables, mixed_section)
+from .tables import (attribution_table, comparison, confidence_table, deployment_table, guard_table, markdown_table,
+                     markdown_tables, mixed_section, selective_table)
+from .trust import GUARD_FILE, guard_json
 
 __all__ = ["build_report", "markdown_table", "metrics_csv", "metrics_json", "report_markdown"]
+
+
+def _trust_section(run: RunAnalysis) -> list[str]:
+    """Selective prediction of every configuration; then each quantized one's float fallback guard."""
+    parts = ["### When to trust the quantized model", *selective_table(run)]
+    if run.quantized:
+        parts += [*guard_table(run), guard_reading(run), guard_note(run)]
+    return parts
 
 
 def _run_section(run: RunAnalysis) -> list[str]:
@@ -37,7 +46,7 @@ def _run_section(run: RunAnalysis) -> list[str]:
               *attribution_table(run), *mixed_section(run)]
     if run.notes:
         lines.append("\n".join(f"- {md(note)}" for note in run.notes))
-    return lines
+    return lines + _trust_section(run)  # last: it weighs the swaps above against the latencies
 
 
 def report_markdown(runs: Sequence[RunAnalysis], figures: dict[str, str]) -> str:
@@ -54,7 +63,8 @@ def report_markdown(runs: Sequence[RunAnalysis], figures: dict[str, str]) -> str
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
-    """Analyse saved runs and write metrics, figures (PNG + SVG), report.md and report.html.
+    """Analyse saved runs and write metrics, figures (PNG + SVG), report.md, report.html and, when a
+    run has float fallback guards, ``guard.json`` (its format: :mod:`.trust`).
 
     Needs only the run folders' ``logits.npz`` and ``run.json``: no model is run, and neither
     onnxruntime nor torch is imported.
@@ -64,7 +74,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(runs, out)
     for name, text in (("metrics.csv", metrics_csv(runs)), ("metrics.json", metrics_json(runs)),
-                       ("layers.csv", layers_csv(runs))):
+                       ("layers.csv", layers_csv(runs)), (GUARD_FILE, guard_json(runs))):
         if text is None:
             continue
         with atomic_path(out / name) as tmp:

@@ -17,7 +17,9 @@ from .deploy_figures import DeploymentPoints, LayerMap, ParetoPoints, plot_deplo
 from .figures import (STYLE, MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin,
                       plot_reliability, plot_swap_panels, plot_temperature, plot_transitions, save_figure)
 from .judgement import CONFIDENT, lowest_working, reliability_reading
+from .markdown import md
 from .run_analysis import RunAnalysis
+from .trust_figures import GuardCurves, RiskCoverageCurves, any_confident, plot_guard_curves, plot_risk_coverage
 
 FIGURES = {
     "fig1_reliability": ("Figure 1 — calibration of the float model",
@@ -36,6 +38,16 @@ FIGURES = {
                     "Top: the probability that a prediction swaps, against the float model's top-1 minus top-2 "
                     "logit: small margins flip, large ones hold. Bottom: the share of each float-confidence bin "
                     "that swaps."),
+    "fig9_risk_coverage": ("Figure 9 — risk against coverage",
+                           "Each configuration keeps its most confident predictions (by its max softmax probability) "
+                           "and abstains on the rest: the top-1 error of those it keeps against their share, float "
+                           "dashed. Where a quantized curve stays under the dotted line, that configuration keeps "
+                           "that share of its predictions at no more than the float model's full error."),
+    "fig10_guard": ("Figure 10 — what the float fallback guard catches",
+                    "Each quantized configuration's guard, under the score chosen for it on held-out images, on the "
+                    "evaluation images: the share of its swaps (left) and of its confident swaps (right) it routes to "
+                    "the float model, against the share of all inputs routed, as the threshold rises; the dot is the "
+                    "chosen threshold, the diagonal routing at random."),
     "fig6_deployment": ("Figure 6 — what to ship",
                         "Each configuration's weight bytes and throughput on this machine against the % of "
                         "predictions it swapped (the float model at 0): the lower left of the size panel and the "
@@ -64,7 +76,26 @@ def figure_reading(key: str, runs: Sequence[RunAnalysis]) -> str:
     reading = FIGURES[key][1]
     if key == "fig1_reliability":
         reading += " " + reliability_reading(runs)
+    if key == "fig9_risk_coverage" and any(r.draws > 1 for r in runs):
+        reading += " Each quantized curve is of its first calibration draw."
+    if key == "fig10_guard":
+        reading += _undrawn_guards(runs)
+        if not any_confident([g for g in (GuardCurves.from_run(r) for r in runs) if g is not None]):
+            reading += (" No guarded configuration swapped a prediction the float model held confidently, so there "
+                        "is no right panel.")
     return reading
+
+
+def _undrawn_guards(runs: Sequence[RunAnalysis]) -> str:
+    """Which guarded configurations Figure 10 leaves out, and why."""
+    sentences = []
+    for run in runs:
+        quiet = [md(c.name) for c in run.quantized if c.name in run.guards and not c.change.swapped.any()]
+        if quiet:
+            sentences.append(f"{md(run.name)}: {', '.join(quiet)} swapped no prediction, so there is no curve.")
+        if not run.guards and run.quantized:
+            sentences.append(f"{md(run.name)} has no guard (see its section).")
+    return "".join(f" Not drawn: {s}" for s in sentences)
 
 
 def write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
@@ -117,4 +148,16 @@ def _write_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
         if effects:
             save_figure(plot_temperature(effects), out / "fig5_temperature")
             written["fig5_temperature"] = "fig5_temperature.png"
+    written.update(_trust_figures(runs, out))  # last, as the report discusses them
+    return written
+
+
+def _trust_figures(runs: Sequence[RunAnalysis], out: Path) -> dict[str, str]:
+    """Figure 9 for every run; Figure 10 for the runs with a guarded configuration that swapped."""
+    save_figure(plot_risk_coverage([RiskCoverageCurves.from_run(r) for r in runs]), out / "fig9_risk_coverage")
+    written = {"fig9_risk_coverage": "fig9_risk_coverage.png"}
+    guarded = [g for g in (GuardCurves.from_run(r) for r in runs) if g is not None]
+    if guarded:
+        save_figure(plot_guard_curves(guarded), out / "fig10_guard")
+        written["fig10_guard"] = "fig10_guard.png"
     return written

@@ -125,7 +125,7 @@ def _guards(record: RunRecord) -> dict[str, tuple[Guard, dict[str, Guard]]]:
     """Each quantized configuration's float fallback guard (:func:`~ptqcal.evaluate.guard.best_guard`)
     for the record's target, chosen on its held-out images and judged on the evaluation images;
     expected latencies from the batch-1 latencies the run measured (``None`` when untimed)."""
-    if record.guard_target is None or FLOAT_NAME not in record.held_out_logits:
+    if record.guard_target is None or FLOAT_NAME not in record.held_out_logits or not len(record.held_out_labels):
         return {}
     target, held_float = GuardTarget(**record.guard_target), record.held_out_logits[FLOAT_NAME]
     float_numbers = record.deployment.get(FLOAT_NAME)

@@ -1,6 +1,6 @@
 """The report's Markdown tables: accuracy and calibration, what quantization changed, which
-confidences flip, deployment, layer attribution, the mixed-precision search, and several models
-side by side. Numbers are shown in percent here, where they are drawn; the sentences that judge
+confidences flip, selective prediction and the float fallback guard, deployment, layer
+attribution, the mixed-precision search, and several models side by side. Numbers are shown in percent here, where they are drawn; the sentences that judge
 them are in :mod:`.judgement`."""
 
 from __future__ import annotations
@@ -12,16 +12,24 @@ from typing import Sequence
 from ptqcal.evaluate.attribution import CONFIDENT as ATTRIBUTION_CONFIDENT
 from ptqcal.evaluate.metrics import FRACTION, Metrics, changes_by_confidence
 from ptqcal.evaluate.results import FLOAT_NAME
+from ptqcal.evaluate.selective import SCORES
 from ptqcal.quantize.spec import MIXED_NAME
 
 from .judgement import not_faster
 from .markdown import md
 from .run_analysis import RunAnalysis
-from .rows import COLUMNS, metrics_rows
+from .rows import COLUMNS, SELECTIVE, metrics_rows
+from .trust import GuardView, guard_views, percent, threshold_text
 
 CHANGE_KEYS = {"swapped", "delta_top1_error", "delta_error_per_swapped", "mean_float_conf_swapped",
                "correct_to_wrong", "wrong_to_correct", "wrong_to_other_wrong",
                "median_float_margin_swapped", "median_float_margin_kept"}
+SELECTIVE_TITLES = {"aurc": ("AURC %", "{:.2f}"), "eaurc": ("E-AURC %", "{:.2f}"),
+                    "aurc_margin": ("AURC margin %", "{:.2f}"), "aurc_entropy": ("AURC entropy %", "{:.2f}"),
+                    "risk_at_80": ("risk at 80% coverage %", "{:.2f}"), "risk_at_90": ("risk at 90% coverage %", "{:.2f}"),
+                    "coverage_at_float_risk": ("coverage at float's error %", "{:.1f}")}
+SELECTIVE_COLUMNS = [("config", "config", "{}"), *((key, *SELECTIVE_TITLES[key]) for key in SELECTIVE_TITLES)]
+assert set(SELECTIVE_TITLES) == set(SELECTIVE)  # every selective metric of metrics.csv is in the table
 TOP_LAYERS = 10  # rows of the attribution table in the report (layers.csv has them all)
 
 
@@ -79,6 +87,50 @@ def confidence_table(run: RunAnalysis) -> str:
             cells = [f"{100 * b['swap_rate'][i]:.1f}" for b in bins]
             lines.append(f"| {edges[i]:.1f}–{edges[i + 1]:.1f} | {counts[i]} | " + " | ".join(cells) + " |")
     return "\n".join(["**Which confidences flip** (% of the bin's predictions swapped)", "\n".join(lines)])
+
+
+def selective_table(run: RunAnalysis) -> list[str]:
+    """Each configuration's selective prediction (float first), in percent."""
+    return ["**Selective prediction** (each configuration abstains on its least confident predictions). AURC: its "
+            "top-1 error averaged over every coverage, ranking by the max softmax probability (the margin and "
+            "entropy columns rank by the top-1 − top-2 logit and by minus the softmax entropy); E-AURC: the excess "
+            "over a ranking that puts each of its errors last; risk at 80% / 90% coverage: the top-1 error of its "
+            "80% / 90% most confident predictions; coverage at float's error: the largest share of its predictions "
+            "a quantized configuration keeps with their error at most the float model's top-1 error (100: "
+            "quantization costs no coverage).", markdown_table(run, SELECTIVE_COLUMNS)]
+
+
+def _caught(share: float, caught: int, total: int) -> str:
+    return "– (none)" if not total else f"{percent(share)} ({caught} of {total})"
+
+
+def _guard_row(view: GuardView) -> str:
+    guard = view.guard
+    held, seen = guard.held_out, guard.evaluation
+    auroc = " / ".join("–" if math.isnan(view.auroc[s]) else f"**{view.auroc[s]:.2f}**" if s == guard.score
+                       else f"{view.auroc[s]:.2f}" for s in SCORES)
+    latency = "–" if guard.latency_vs_float is None else f"{guard.latency_vs_float:.2f}"
+    cells = [md(view.config), guard.score, threshold_text(guard.threshold), auroc,
+             f"{percent(held.routed)} → {percent(seen.routed)}", _caught(seen.swaps_caught, view.caught, view.swaps),
+             _caught(seen.confident_caught, view.confident_caught, view.confident),
+             f"{percent(held.differing)} → {percent(seen.differing)}",
+             f"{100 * view.quant_error:.2f} → {100 * seen.guarded_error:.2f}", latency]
+    return "| " + " | ".join(cells) + " |"
+
+
+def guard_table(run: RunAnalysis) -> list[str]:
+    """Each quantized configuration's float fallback guard: its score and threshold, and what it
+    routes, catches and costs on the evaluation images."""
+    views = guard_views(run)
+    if not views:
+        return []
+    head = ("| config | score | threshold | swap AUROC msp / margin / entropy | % routed (held-out → eval) | "
+            "% swaps caught | % confident swaps caught | % differing (held-out → eval) | "
+            f"top-1 err % alone → guarded (float {100 * run.reference.metrics.top1_error:.2f}) | "
+            "expected latency × float |")
+    return ["**Float fallback guard** (each input whose score under the configuration is below the threshold goes "
+            "to the float model; rates on the evaluation images unless marked held-out)",
+            "\n".join([head, "|" + "---|" * 10, *(_guard_row(view) for view in views)])]
 
 
 def deployment_table(run: RunAnalysis) -> list[str]:

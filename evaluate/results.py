@@ -8,7 +8,7 @@ from enum import StrEnum
 import numpy as np
 
 from .metrics import Metrics, QuantizationChange, classification_metrics, quantization_change, reliability_of_logits
-from .selective import SCORES, aurc, confidence_score, excess_aurc, risk_at_coverage, selective_summary
+from .selective import SCORES, aurc, confidence_score, selective_summary
 
 # How a run names its configurations (``logits.npz`` keys): the float reference, and calibration
 # repeats after the first as ``a8w4#r1``, ``a8w4#r2``...

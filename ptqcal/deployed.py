@@ -83,11 +83,12 @@ def census_note(name: str, path: Path, where: str) -> str:
 
 
 def add_deployed(cfg: RunConfig, model: steps.PreparedModel, prepared: Path, images, batches: steps.Batches,
-                 cache: Cache, sweep: Sweep, notes: list[str]) -> None:
+                 cache: Cache, sweep: Sweep) -> None:
     """Every ``--quantized`` file and ``--also`` peer as a configuration of ``sweep``, and what
-    each is into ``notes``."""
+    each is into its notes."""
     from .quantize.census import graph_census
 
+    notes = sweep.notes
     for name, source in cfg.extra_configs().items():
         if isinstance(source, Path):
             served, copy = user_graph(cache, cfg, model, name, source)

@@ -63,27 +63,32 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     if cfg.fp16:
         add_fp16(cfg, model, images, cache, sweep)
     _quantize_sweep(cfg, model, prepared, exclude, batches, draws, cache, work, sweep, executor)
-    deployed_notes: list[str] = []
-    if cfg.quantized or cfg.also:
-        from .deployed import add_deployed
-
-        add_deployed(cfg, model, prepared, images, batches, cache, sweep, deployed_notes)
-    if cfg.attribute or cfg.mixed:
-        sweep.attribution = steps.attribution(cfg, model.preprocess, prepared, images, cache)
-    if cfg.mixed:
-        add_mixed(cfg, model, prepared, batches, images, exclude, cache, sweep)
+    _beyond_the_sweep(cfg, model, prepared, exclude, batches, images, cache, sweep)
     held_out = held_out_logits(cfg, model, images, calib_float, cache, sweep)
     for name, source in sweep.files.items():
         link_or_copy(source, work / name)
     notes = [*model.notes, batches.note, *([images.search_note] if images.search_note else []),
-             *deployed_notes, *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
+             *sweep.notes, *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
                        sweep.clipped_biases, descriptors=sweep.descriptors)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
               run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
-              sweep.deployment, sweep.attribution, sweep.mixed, sweep.descriptors, held_out[1], held_out[2], held_out[0],
-              dict([cfg.guard_target])).save(work)
+              sweep.deployment, sweep.attribution, sweep.mixed, sweep.descriptors, held_out.labels, held_out.logits,
+              held_out.source, dict([cfg.guard_target])).save(work)
     return work
+
+
+def _beyond_the_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, ...], batches: steps.Batches, images,
+                      cache: Cache, sweep: Sweep) -> None:
+    """Graphs made elsewhere (``--quantized``, ``--also``), attribution and the mixed-precision search."""
+    if cfg.quantized or cfg.also:
+        from .deployed import add_deployed
+
+        add_deployed(cfg, model, prepared, images, batches, cache, sweep)
+    if cfg.attribute or cfg.mixed:
+        sweep.attribution = steps.attribution(cfg, model.preprocess, prepared, images, cache)
+    if cfg.mixed:
+        add_mixed(cfg, model, prepared, batches, images, exclude, cache, sweep)
 
 
 def _quantize_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, ...], batches: steps.Batches, draws,

@@ -46,6 +46,7 @@ class Sweep:
     descriptors: dict[str, ConfigInfo] = field(
         default_factory=lambda: {FLOAT_NAME: ConfigInfo(FLOAT_NAME, ConfigKind.FLOAT)})
     served: dict[str, Path] = field(default_factory=dict)  # graphs run as another file than the one stored
+    notes: list[str] = field(default_factory=list)  # what the configurations beyond the sweep are
 
 
 def describe(spec: QuantSpec) -> ConfigInfo:
@@ -137,9 +138,17 @@ def _log_config(cfg: RunConfig, name: str, logits: np.ndarray, float_logits: np.
              "swapped")
 
 
-def held_out_logits(cfg: RunConfig, model, images, calib_float: np.ndarray, cache: Cache,
-                    sweep: Sweep) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
-    """(source, labels, logits by configuration) on images the evaluation never sees, where a float
+@dataclass(frozen=True)
+class HeldOut:
+    """Logits by configuration on images the evaluation never sees, and where they came from."""
+
+    source: str  # "search" or "calibration"
+    labels: np.ndarray
+    logits: dict[str, np.ndarray]
+
+
+def held_out_logits(cfg: RunConfig, model, images, calib_float: np.ndarray, cache: Cache, sweep: Sweep) -> HeldOut:
+    """Every configuration's logits on images the evaluation never sees, where a float
     fallback guard's threshold is chosen: the images held out for a search when the run has them,
     else the calibration images (which also set the activation ranges: the report says so)."""
     if images.search is not None:
@@ -154,4 +163,4 @@ def held_out_logits(cfg: RunConfig, model, images, calib_float: np.ndarray, cach
         fused = cfg.execution == "deployed" or name == FP16_NAME or name in sweep.served  # as it was evaluated
         logits[name] = steps.model_logits(cache, path, pixels, model.preprocess, cfg, f"{name} (held out)",
                                           fused=fused, kind=kind)
-    return source, pixels.labels, logits
+    return HeldOut(source, pixels.labels, logits)

@@ -140,8 +140,8 @@ WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "QLinearConv": 3, "QLinearMat
 
 def weight_bytes(model: onnx.ModelProto | str | Path) -> int:
     """Bytes stored for the weights of a model's layers (:data:`WEIGHT_INPUT`): float tensors, or
-    the integer codes DequantizeLinear or an integer kernel reads (as stored: int4 counts two codes
-    to a byte)."""
+    the integer codes DequantizeLinear or an integer kernel reads, directly or through a Cast (as
+    stored: int4 counts two codes to a byte, int2 four)."""
     model = _graph(model)
     initializers = {init.name: init for init in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
@@ -151,10 +151,23 @@ def weight_bytes(model: onnx.ModelProto | str | Path) -> int:
         if index is not None and len(node.input) > index:
             source = producers.get(node.input[index])
             name = source.input[0] if source is not None and source.op_type == "DequantizeLinear" else node.input[index]
+            unpack = producers.get(name)  # packed INT2 codes reach their DequantizeLinear through a Cast to int8
+            name = unpack.input[0] if unpack is not None and unpack.op_type == "Cast" else name
             if name in initializers:
                 init = initializers[name]
-                total += len(init.raw_data) if init.raw_data else numpy_helper.to_array(init).nbytes
+                total += len(init.raw_data) if init.raw_data else _unpacked_bytes(init)
     return total
+
+
+# Sub-byte types: numpy holds one code a byte, the file packs them (two int4 or four int2 a byte)
+_PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT2: 2,
+                onnx.TensorProto.UINT2: 2}
+
+
+def _unpacked_bytes(init: onnx.TensorProto) -> int:
+    """The bytes of an initializer kept in typed fields rather than ``raw_data``, as a file packs them."""
+    bits = _PACKED_BITS.get(init.data_type)
+    return numpy_helper.to_array(init).nbytes if bits is None else math.ceil(math.prod(init.dims) * bits / 8)
 
 
 def weight_sizes(model: onnx.ModelProto | str | Path,

@@ -1,11 +1,14 @@
 """ONNX Runtime static QDQ quantization at any bit width from precomputed activation ranges.
 
-ORT's integer types are 8, 16 and 4 bits. Other widths are stored in the 8-bit containers with
-their codes on the narrower grid: weights get the per-channel scales of a b-bit quantizer through
-``TensorQuantOverrides`` (ORT then rounds with them and we clip the stored codes to the b-bit
-range, since ORT clips only to int8's); activations below 8 bits get the scale and zero point of a
-b-bit quantizer and a Clip to the calibrated range in front of each QuantizeLinear, because
-QuantizeLinear saturates only at the container's 0..255.
+ORT's quantizer writes 8-, 16- and 4-bit integers. Weight codes are stored in the narrowest type
+that holds them (:func:`.spec.stored_bits`): 2-bit codes as packed INT2 (opset 25; ORT writes them
+in int8 and :func:`set_weight_codes` repacks them, read through a Cast to int8: see
+:func:`_store_int2`), 3- and 4-bit codes as packed INT4 (opset 21),
+5..8-bit codes in int8, on the narrower grid. Weights get the per-channel scales of a b-bit
+quantizer through ``TensorQuantOverrides`` (ORT then rounds with them and we clip the stored codes
+to the b-bit range, since ORT clips only to its container's); activations below 8 bits get the
+scale and zero point of a b-bit quantizer and a Clip to the calibrated range in front of each
+QuantizeLinear, because QuantizeLinear saturates only at the container's 0..255.
 
 This module writes models; what a graph says about its quantization (weight layers, op types, the
 tensors and biases a QDQ model quantized) is asked of :mod:`.graph`. ORT's calls change
@@ -36,7 +39,8 @@ from .calibrate import CalibrationRanges
 from .graph import layers_to_exclude, op_types_to_quantize, weight_axes, weighted_nodes
 from .spec import QuantSpec, WeightScale, stored_bits, weight_grid
 
-INT4_OPSET = 21
+INT4_OPSET = 21  # the standard QuantizeLinear/DequantizeLinear take INT4 from opset 21
+INT2_OPSET = 25  # and INT2 from opset 25 (a file holding INT2 declares IR version 13 or later)
 
 
 def weight_scales(weight: np.ndarray, axis: int, bits: int, convention: str = WeightScale.TORCH) -> np.ndarray:
@@ -88,7 +92,19 @@ def name_nodes(model: onnx.ModelProto) -> bool:
 
 
 def _weight_type(bits: int) -> QuantType:
+    """The type ORT writes b-bit weight codes in: int4 for the widths stored as INT4, else int8 (2-bit
+    codes are repacked as INT2 afterwards: ORT's quantizer has no 2-bit type)."""
     return QuantType.QInt4 if stored_bits(bits) == 4 else QuantType.QInt8
+
+
+def _with_opset_for_weights(model: onnx.ModelProto, spec: QuantSpec) -> onnx.ModelProto:
+    """``model`` converted to the opset its weight types need: 25 if a quantized layer gets 2-bit
+    weights (INT2), else 21 if ``spec`` has a width stored as INT4 (below 21 ORT would write int4 as
+    com.microsoft contrib Q/DQ ops), else ``model`` itself."""
+    held = {spec.bits_of(node.name) for node in weighted_nodes(model) if node.name not in spec.exclude}
+    target = INT2_OPSET if 2 in map(stored_bits, held) \
+        else INT4_OPSET if 4 in map(stored_bits, spec.all_weight_bits) else 0
+    return version_converter.convert_version(model, target) if _opset(model) < target else model
 
 
 def _overrides(model: onnx.ModelProto, ranges: CalibrationRanges, spec: QuantSpec) -> dict:
@@ -123,11 +139,7 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # ORT's intermediate files live beside the target (inside the run's cache), never in $TMPDIR
     with tempfile.TemporaryDirectory(prefix=".ptqcal-quant-", dir=out_path.parent) as tmp:
-        model = onnx.load(str(prepared_path))
-        if 4 in map(stored_bits, spec.all_weight_bits) and _opset(model) < INT4_OPSET:
-            # Below opset 21 ORT writes int4 as com.microsoft contrib Q/DQ ops; the standard INT4
-            # QuantizeLinear/DequantizeLinear need opset 21.
-            model = version_converter.convert_version(model, INT4_OPSET)
+        model = _with_opset_for_weights(onnx.load(str(prepared_path)), spec)
         # ORT writes "<input>-inferred.onnx" beside its input and deletes it after: the input is a
         # private copy, so that quantizations of one model running at once never share that file
         prepared_path = Path(tmp) / "prepared.onnx"
@@ -250,7 +262,8 @@ def _opset(model: onnx.ModelProto) -> int:
 
 def set_weight_codes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, bits_of: Callable[[str], int]) -> None:
     """Store ``clip(rint(w * (1 / scale)), -2^(b-1), 2^(b-1) - 1)`` as every weight's codes, with
-    ``b = bits_of(layer)``.
+    ``b = bits_of(layer)``, in the type :func:`.spec.stored_bits` says (2-bit codes, which ORT wrote
+    in int8, as packed INT2: :func:`_store_int2`).
 
     ORT rounds ``w / scale`` and clips to the container's range, which is not the b-bit grid. With
     PyTorch's scale convention every channel's largest weight sits on a rounding tie (+-(qmax + 0.5));
@@ -261,6 +274,7 @@ def set_weight_codes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, b
     float_weight_of = {n.name: n.input[1] for n in weighted_nodes(float_model)}
     initializers = {init.name: init for init in quantized.graph.initializer}
     producers = {out: node for node in quantized.graph.node for out in node.output}
+    int2_dequantizers = []
     for node in quantized.graph.node:
         dq = producers.get(node.input[1]) if node.name in float_weight_of else None
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers:
@@ -271,10 +285,39 @@ def set_weight_codes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, b
         shape = [1] * weight.ndim
         shape[axis] = -1
         inverse = np.float32(1) / numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32).reshape(shape)
-        qmin, qmax = weight_grid(bits_of(node.name))
+        bits = bits_of(node.name)
+        qmin, qmax = weight_grid(bits)
         q = np.clip(np.rint(weight * inverse), qmin, qmax)
-        dtype = ml_dtypes.int4 if codes.data_type == onnx.TensorProto.INT4 else np.int8
+        dtype = {2: ml_dtypes.int2, 4: ml_dtypes.int4}.get(stored_bits(bits), np.int8)
         codes.CopyFrom(numpy_helper.from_array(q.astype(dtype), codes.name))
+        if dtype is ml_dtypes.int2:
+            int2_dequantizers.append(dq)
+    if int2_dequantizers:
+        _store_int2(quantized, int2_dequantizers)
+
+
+def _store_int2(quantized: onnx.ModelProto, dequantizers: list[onnx.NodeProto]) -> None:
+    """Put ``Cast(to=INT8)`` between each of ``dequantizers`` and its INT2 codes, and declare the IR
+    version INT2 needs (13).
+
+    ORT 1.32 runs DequantizeLinear on INT2 itself, but its QDQ fusion (Conv, Gemm and MatMul
+    selectors) checks weights for int4, not int2: an INT2 weight DequantizeLinear between quantized
+    activations is fused into a QLinearConv/QGemm that takes no int2, and the session fails to load.
+    The Cast keeps the file's codes packed four to a byte; ORT folds it into an int8 initializer
+    when the session is made, so both paths compute what the int8 container did (the deployed one on
+    the same integer kernels), and the DequantizeLinear keeps its int8 zero point.
+    """
+    casts = {}
+    for dq in dequantizers:
+        unpacked = f"{dq.input[0]}_int8"
+        casts[dq.output[0]] = helper.make_node("Cast", [dq.input[0]], [unpacked], name=f"{unpacked}_cast",
+                                               to=onnx.TensorProto.INT8)
+        dq.input[0] = unpacked
+    nodes = [new for node in quantized.graph.node
+             for new in ((casts[node.output[0]], node) if node.output and node.output[0] in casts else (node,))]
+    del quantized.graph.node[:]
+    quantized.graph.node.extend(nodes)
+    quantized.ir_version = max(quantized.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", INT2_OPSET)]))
 
 
 def clip_activations(model: onnx.ModelProto, bits: int) -> None:

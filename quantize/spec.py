@@ -64,9 +64,9 @@ def weight_grid(bits: int) -> tuple[int, int]:
 
 
 def stored_bits(bits: int) -> int:
-    """The bits each b-bit weight code takes in the file: ORT's integer types are int4 and int8, so
-    4-bit codes are packed two to a byte and every other width 2..8 sits in an int8 container."""
-    return 4 if bits == 4 else 8
+    """The bits each b-bit weight code takes in the file: 2-bit codes are packed INT2 (four to a
+    byte), 3- and 4-bit codes packed INT4 (two to a byte), and 5..8-bit codes sit in int8."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
 def stored_bytes(elements: int, bits: int) -> int:

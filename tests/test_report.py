@@ -61,10 +61,11 @@ def test_report_of_two_runs_without_onnxruntime_or_torch(tmp_path):
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and "http" not in html.replace("http-equiv", "")
+    assert html.count("data:image/png;base64,") == 6 and "http" not in html.replace("http-equiv", "")
     report = (out / "report.md").read_text()
     assert "resnet20 vs resnet56" in report and "## Comparison" in report
-    for figure in ("fig1_reliability", "fig2_swaps", "fig3_transitions", "fig4_margin", "fig5_temperature"):
+    for figure in ("fig1_reliability", "fig2_swaps", "fig3_transitions", "fig4_margin", "fig5_temperature",
+                   "fig9_risk_coverage"):
         assert (out / f"{figure}.png").stat().st_size > 0 and (out / f"{figure}.svg").stat().st_size > 0
     runs = json.loads((out / "metrics.json").read_text())["runs"]
     assert [r["model"] for r in runs] == ["resnet20", "resnet56"]

@@ -18,8 +18,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ptqcal.atomic import atomic_path
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
+from .names import INPUT_NAME, OUTPUT_NAME
+
 DEFAULT_OPSET = 17
 FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
 

@@ -17,6 +17,9 @@ class InputError(ValueError):
         super().__init__(message)
         self.setting = setting
 
+    def __reduce__(self):  # raised in a child process or a Ray task, it arrives whole, setting included
+        return type(self), (str(self), self.setting)
+
 
 class UserError(InputError):
     """The face's own input errors: its messages may name command-line options."""

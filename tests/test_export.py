@@ -58,3 +58,20 @@ def test_unfoldable_batchnorm_and_softmax_are_rejected(tmp_path):
     graph = onnx.helper.make_graph([onnx.helper.make_node("Softmax", ["x"], ["logits"])], "g", [], [])
     with pytest.raises(ValueError, match="Softmax"):
         check_graph(onnx.helper.make_model(graph))
+
+
+@pytest.mark.slow
+def test_a_registry_models_run_never_loads_torch_into_the_runs_process(tmp_path):
+    """The export runs in a child process: the run's own process, which then streams every image
+    through ONNX Runtime, never holds PyTorch (about 0.6 GB resident)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    code = ("import sys; from ptqcal.cli import main; "
+            f"code = main(['run', '--model', 'digits_resnet8', '--weight-bits', '8', '--no-timing', '--no-progress', "
+            f"'--quiet', '--out', {str(tmp_path / 'run')!r}, '--cache-dir', {str(tmp_path / 'models')!r}]); "
+            "assert code == 0, code; assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "model_float.onnx").is_file()

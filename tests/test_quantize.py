@@ -45,18 +45,29 @@ def b_bit_per_channel(weight, bits, convention="torch"):
 
 
 def _weight_dequantizers(model):
+    """(layer, its weight's DequantizeLinear, initializers) with the DequantizeLinear's inputs as
+    initializer names: 2-bit codes reach it through a Cast (INT2 -> INT8), stored under the Cast's input."""
     initializers = {init.name: init for init in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
         if node.op_type in ("Conv", "Gemm"):
-            yield node, producers.get(node.input[1]), initializers
+            dq = producers.get(node.input[1])
+            cast = producers.get(dq.input[0]) if dq is not None else None
+            if cast is not None and cast.op_type == "Cast":
+                dq = onnx.helper.make_node(dq.op_type, [cast.input[0], *dq.input[1:]], dq.output, name=dq.name,
+                                           axis=next(a.i for a in dq.attribute if a.name == "axis"))
+            yield node, dq, initializers
+
+
+# The type each width's codes are stored in: packed INT2, packed INT4 (3 and 4 bits), int8
+STORED_TYPE = {2: onnx.TensorProto.INT2, 3: onnx.TensorProto.INT4, 4: onnx.TensorProto.INT4}
 
 
 def test_every_conv_and_gemm_weight_is_per_channel_symmetric_on_the_b_bit_grid(quantized, prepared):
     bits, path = quantized
     model = onnx.load(str(path))
     float_weights = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(prepared)).graph.initializer}
-    expected_type = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
+    expected_type = STORED_TYPE.get(bits, onnx.TensorProto.INT8)
     count = 0
     for node, dq, initializers in _weight_dequantizers(model):
         assert dq is not None and dq.op_type == "DequantizeLinear", f"{node.name} weight is not dequantized"
@@ -67,6 +78,7 @@ def test_every_conv_and_gemm_weight_is_per_channel_symmetric_on_the_b_bit_grid(q
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
         assert axis == 0
         assert not np.any(numpy_helper.to_array(zero)), "symmetric: zero points are 0"
+        assert zero.data_type == (onnx.TensorProto.INT8 if bits == 2 else expected_type)  # the Cast's output type
         q = numpy_helper.to_array(codes).astype(np.int32)
         qmax = 2 ** (bits - 1) - 1
         assert q.min() >= -qmax - 1 and q.max() <= qmax
@@ -85,16 +97,19 @@ def test_logits_stay_float(quantized):
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
-def test_int4_graph_uses_opset_21(quantized):
+def test_opset_is_raised_only_for_int4_and_int2(quantized, prepared):
     bits, path = quantized
-    opset = next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
-    assert opset >= (21 if bits == 4 else 13)
+    model = onnx.load(str(path))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    exported = next(o.version for o in onnx.load(str(prepared)).opset_import if o.domain in ("", "ai.onnx"))
+    assert opset == {2: 25, 3: 21, 4: 21}.get(bits, exported)
+    assert model.ir_version == (13 if bits == 2 else onnx.load(str(prepared)).ir_version)
 
 
-def test_int8_containers_run_fused_on_cpu_and_int4_does_not(quantized, tmp_path):
+def test_int8_and_int2_run_fused_on_cpu_and_int4_does_not(quantized, tmp_path):
     bits, path = quantized
     ops = optimized_op_types(path, tmp_path)
-    if bits != 4:
+    if bits not in (3, 4):  # INT2 codes reach the kernel through a Cast to int8, which ORT folds
         assert "QLinearConv" in ops and "Conv" not in ops
     else:  # ORT has no int4 Conv kernel on CPU: the weights are dequantized and the Conv runs in float
         assert "QLinearConv" not in ops and "Conv" in ops

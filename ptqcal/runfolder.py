@@ -372,7 +372,7 @@ def swap_in(work: Path, out: Path) -> None:
     _update_marker(out, drop=("for", "role"))
 
 
-REPORT_FILES = ("report.md", "report.html", "metrics.csv", "metrics.json", "layers.csv")
+REPORT_FILES = ("report.md", "report.html", "metrics.csv", "metrics.json", "layers.csv", "guard.json")
 FIGURE_SUFFIXES = (".png", ".svg")
 
 
@@ -392,7 +392,10 @@ def report_once(folders: list[Path], target: Path, previous: Path) -> Path:
         record = RunRecord.load(folder)
         parts.append([record.model, record.summary, record.notes, record.settings,
                       {k: array_digest(v) for k, v in record.logits.items()}, array_digest(record.labels),
-                      array_digest(record.calib_float), array_digest(record.calib_labels)])
+                      array_digest(record.calib_float), array_digest(record.calib_labels),
+                      {k: array_digest(v) for k, v in record.held_out_logits.items()},
+                      array_digest(record.held_out_labels), record.guard_target,
+                      {k: vars(v) for k, v in record.deployment.items()}])
     stamp = previous / CACHE / f"report-{make_key(parts, __version__)}.done"
     if stamp.exists() and marker_kind(previous) is not None:
         if previous.resolve() != target.resolve():

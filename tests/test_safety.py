@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -249,3 +250,243 @@ def test_a_run_writes_nothing_into_tmpdir(tmp_path, monkeypatch):
     assert _run(model, tmp_path / "run") == 0  # quant_pre_process and quantize_static work in the cache
     assert list(tmp.iterdir()) == []
     assert tempfile.gettempdir() == str(tmp)  # and the default is back
+
+
+# --- trust, third pass: the user's files, kills at any point, two runs at once, CSV cells ----------------
+
+FAST = (*DIGITS, "--weight-bits", "8", "--eval-size", "200", "--no-timing")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) and its bytes; folders as None."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or p.name.endswith(".ptqcal-lock"))
+
+
+def _users_things(folder: Path) -> dict[str, bytes]:
+    (folder / "my_notes.txt").write_text("what I learned from this run\n")
+    (folder / "mine").mkdir()
+    (folder / "mine" / "plot.png").write_bytes(b"\x89PNG mine")
+    return {name: (folder / name).read_bytes() for name in ("my_notes.txt", "mine/plot.png")}
+
+
+def test_a_users_file_in_a_run_folder_is_kept_by_the_next_run(tmp_path, capsys):
+    """A finished run copied with ``cp -r`` and given the user's notes: the next run into it replaces
+    only what ptqcal wrote (its marker lists it) and carries the notes over; a run that would write a
+    file of the name of one of the user's refuses in one line and changes nothing."""
+    import shutil
+
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)
+    assert main(["run", "--model", str(model), "--out", str(tmp_path / "first"), *FAST]) == 0
+    shutil.copytree(tmp_path / "first", tmp_path / "prev")
+    mine = _users_things(tmp_path / "prev")
+    assert main(["run", "--model", str(model), "--out", str(tmp_path / "prev"), *FAST, "--seed", "1"]) == 0
+    assert {name: (tmp_path / "prev" / name).read_bytes() for name in mine} == mine
+    assert (tmp_path / "prev" / "report.md").exists() and _leftovers(tmp_path) == []
+    listed = json.loads((tmp_path / "prev" / ".ptqcal").read_text())["files"]
+    assert "report.md" in listed and "my_notes.txt" not in listed and "mine" not in listed
+
+    (tmp_path / "prev" / "layers.csv").write_text("my own layer table\n")  # a name --attribute writes
+    capsys.readouterr()
+    before = _files(tmp_path / "prev")
+    code = main(["run", "--model", str(model), "--out", str(tmp_path / "prev"), *FAST, "--attribute",
+                 "--attribution-size", "50"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "layers.csv" in err[0], err
+    assert _files(tmp_path / "prev") == before and _leftovers(tmp_path) == []
+
+
+def test_the_float_model_is_a_copy_of_the_users_onnx_never_a_link(tmp_path):
+    import os
+
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)
+    original = model.read_bytes()
+    assert main(["run", "--model", str(model), "--out", str(tmp_path / "run"), *FAST]) == 0
+    copy = tmp_path / "run" / "model_float.onnx"
+    assert copy.read_bytes() == original and not os.path.samefile(copy, model) and os.stat(model).st_nlink == 1
+    copy.write_bytes(b"edited in the run folder")
+    assert model.read_bytes() == original
+
+
+KILL_AT = {
+    # SIGKILL right after the first rename of the swap: the run folder is missing, the previous run
+    # only in the hidden folder beside it
+    "between the swap's renames": (
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    real(src, dst)\n"
+        "    if os.path.basename(os.path.dirname(dst)).startswith('.prev.partial-old-'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"),
+    # SIGKILL once the new run is in, before the previous one's cache and the user's files are carried over
+    "before the carry-over": "ptqcal.runfolder._carry_over = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n",
+    # SIGKILL while the report is built beside the run being built
+    "while the report is built": (
+        "import ptqcal.analysis\n"
+        "real = ptqcal.analysis.build_report\n"
+        "def build(folders, folder):\n"
+        "    real(folders, folder)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "ptqcal.analysis.build_report = build\n"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_AT))
+@pytest.mark.parametrize("then", ["run", "report"])
+def test_a_kill_at_any_point_of_the_swap_is_put_right_by_the_next_command(point, then, tmp_path, capsys):
+    """What a SIGKILL leaves beside a run folder (the previous run in a hidden folder, the new one
+    without its cache, a report half built) is put back or removed by the next ``ptqcal run`` or
+    ``ptqcal report``, by ptqcal's markers; the user's files in the run folder are byte-equal."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)
+    prev = tmp_path / "prev"
+    assert main(["run", "--model", str(model), "--out", str(prev), *FAST]) == 0
+    mine = _users_things(prev)
+    argv = ["run", "--model", str(model), "--out", str(prev), *FAST, "--seed", "1"]
+    code = ("import os, signal, sys\nimport ptqcal.runfolder\n" + KILL_AT[point] +
+            f"from ptqcal.cli import main\nsys.exit(main({argv!r}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == -9, done.stderr
+    assert _leftovers(tmp_path), "the kill left nothing to put right"
+    capsys.readouterr()
+    assert main(argv if then == "run" else ["report", str(prev)]) == 0, capsys.readouterr().err
+    assert {name: (prev / name).read_bytes() for name in mine} == mine
+    assert _leftovers(tmp_path) == [] and (prev / "report.md").exists() and (prev / "cache").is_dir()
+    if then == "run":
+        assert main(argv) == 0
+        assert "0 computed" in capsys.readouterr().out  # the cache was carried over, not lost
+
+
+def test_a_second_run_on_a_new_nested_out_refuses_and_leaves_the_first_ones_folders(tmp_path, monkeypatch, capsys):
+    """Two runs started at once on a new ``a/b/c``: the one that finds the other holding the lock
+    says so in one line and removes nothing it did not create (before, it removed ``a`` with the
+    other run's folder in it, leaving ``a/b/c`` with only a cache, refused by every later run)."""
+    import ptqcal.runfolder as runfolder
+
+    pytest.importorskip("sklearn")
+    out = tmp_path / "a" / "b" / "c"
+    real, held = runfolder._lock, []
+
+    def the_other_run_first(target):
+        # the other process made the same folders an instant earlier, took the lock and marked its folder
+        held.append(real(target))
+        target.mkdir()
+        runfolder.write_marker(target, runfolder.RUN, files=[])
+        return real(target)
+
+    monkeypatch.setattr(runfolder, "_lock", the_other_run_first)
+    model = tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)
+    code = main(["run", "--model", str(model), "--out", str(out), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "another ptqcal is writing" in err[0], err
+    assert runfolder.marker_kind(out) == runfolder.RUN  # the other run's folder is whole
+    runfolder._unlock(*held[0])
+    monkeypatch.setattr(runfolder, "_lock", real)
+    assert main(["run", "--model", str(model), "--out", str(out), *FAST]) == 0
+    assert (out / "report.md").exists() and _leftovers(out.parent) == []
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_new_nested_out(tmp_path):
+    """The real race: whichever order they run in, each ends with exit 0 or one line, and the folder
+    is a run folder a third run reuses."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)
+    argv = [sys.executable, "-m", "ptqcal", "run", "--model", str(model), "--out", "a/b/c", *FAST]
+    both = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in both]
+    assert any(code == 0 for code, _ in results), results
+    for code, err in results:
+        assert code == 0 or (code == 2 and len(err.strip().splitlines()) == 1 and "another ptqcal" in err), results
+    third = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr
+    assert (tmp_path / "a" / "b" / "c" / "report.md").exists() and _leftovers(tmp_path / "a" / "b") == []
+
+
+FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _unsafe_cells(folder: Path) -> list[str]:
+    import csv
+
+    from ptqcal.csvsafe import is_number_text
+
+    cells = []
+    for path in sorted(folder.glob("*.csv")):
+        with open(path, newline="") as handle:
+            cells += [f"{path.name}: {cell!r}" for row in csv.reader(handle) for cell in row
+                      if cell.startswith(FORMULA) and not is_number_text(cell)]
+    return cells
+
+
+@pytest.mark.slow
+def test_no_csv_cell_of_a_real_run_starts_a_formula(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    assert main(["run", "--model", "digits_resnet8", "--out", str(out), "--no-progress", "--quiet", "--calib-size",
+                 "32", "--eval-size", "200", "--weight-bits", "8", "4", "--attribute", "--attribution-size", "64",
+                 "--no-timing", "--cache-dir", str(tmp_path / "models")]) == 0
+    assert sorted(p.name for p in out.glob("*.csv")) == ["layers.csv", "metrics.csv"]
+    assert _unsafe_cells(out) == []
+
+
+def test_csvsafe_neutralises_formulas_and_keeps_numbers():
+    import csv
+    import io
+
+    from ptqcal import csvsafe
+
+    buffer = io.StringIO()
+    writer = csvsafe.DictWriter(buffer, fieldnames=["name", "value"], lineterminator="\n")
+    writer.writeheader()
+    rows = [("=cmd|' /C calc'!A0", -0.5), ("+1+1", "-0.25"), ("-2+3", "1e-3"), ("@SUM(A1)", float("-inf")),
+            ("\t=1", 3), ("\r=1", None), ("plain", "-x")]
+    writer.writerows({"name": name, "value": value} for name, value in rows)
+    read = list(csv.reader(io.StringIO(buffer.getvalue())))
+    assert [row[0] for row in read[1:]] == ["'=cmd|' /C calc'!A0", "'+1+1", "'-2+3", "'@SUM(A1)", "'\t=1", "'\r=1",
+                                            "plain"]
+    assert [row[1] for row in read[1:]] == ["-0.5", "-0.25", "1e-3", "-inf", "3", "", "'-x"]
+
+
+# Needs the lead: analysis/rows.py (metrics_csv, layers_csv) and ptqcal/compare.py (save_agreements)
+# must write with ptqcal.csvsafe.DictWriter instead of csv.DictWriter. Strict: it fails once wired,
+# as a reminder to drop this mark.
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="LEAD: wire ptqcal.csvsafe.DictWriter into analysis/rows.py and compare.py")
+def test_a_node_named_like_a_formula_is_text_in_layers_csv(tmp_path):
+    pytest.importorskip("sklearn")
+    evil = "=cmd|' /C calc'!A0"
+    model = onnx.load(str(tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)))
+    for node in model.graph.node:
+        if node.op_type == "Gemm":
+            node.name = evil
+    onnx.save(model, str(tmp_path / "=1+2.onnx"))  # a file name that starts a formula: the 'model' column
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(tmp_path / "=1+2.onnx"), "--out", str(out), *FAST, "--attribute",
+                 "--attribution-size", "50"]) == 0
+    assert evil in (out / "layers.csv").read_text().replace("'=", "=")  # the node is there ...
+    assert _unsafe_cells(out) == []  # ... as text
+
+
+@pytest.mark.xfail(strict=True, reason="LEAD: record the source model's sha256 in run.json (pipeline.measure)")
+def test_run_json_records_the_source_models_sha256(tmp_path):
+    import hashlib
+
+    pytest.importorskip("sklearn")
+    model = tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)
+    assert main(["run", "--model", str(model), "--out", str(tmp_path / "run"), *FAST]) == 0
+    assert hashlib.sha256(model.read_bytes()).hexdigest() in (tmp_path / "run" / "run.json").read_text()

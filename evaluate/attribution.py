@@ -69,23 +69,65 @@ class Attribution:
 EFFECT_FIELDS = [f.name for f in fields(LayerEffect)]
 
 
-def _with_output(model, tensor: str):
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy.graph.output.append(onnx.ValueInfoProto(name=tensor))
-    return copy
-
-
-def _outputs(model, batches: BatchSource, provider: str, threads: int, limit: int | None = None) -> list[np.ndarray]:
-    """Every output of ``model`` (a ModelProto) over ``batches(limit)``, concatenated."""
+def _outputs(model, batches: BatchSource, provider: str, threads: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The first output of ``model`` (a ModelProto) over every batch of ``batches``, concatenated,
+    and the shape of the first batch."""
     from .runner import make_session
 
     session = make_session(model.SerializeToString(), provider=provider, threads=threads)
     feed = session.get_inputs()[0].name
-    parts = [session.run(None, {feed: batch}) for batch in batches(limit)]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    parts, shape = [], ()
+    for batch in batches(None):
+        shape = shape or batch.shape
+        parts.append(session.run(None, {feed: batch})[0])
+    return np.concatenate(parts), tuple(shape)
+
+
+def _run(session, feeds: Iterable[dict[str, np.ndarray]], output: str) -> np.ndarray:
+    """``output`` of ``session`` over ``feeds`` (batches of a cut), concatenated."""
+    names = [value.name for value in session.get_inputs()]
+    return np.concatenate([session.run([output], {name: feed[name] for name in names})[0] for feed in feeds])
+
+
+class _LayerRuns:
+    """One layer's runs from its cut: the graph after the cut with the layer's weights quantized (on
+    every image), and the layer's output, float or quantized (on the first :data:`SQNR_IMAGES`)."""
+
+    def __init__(self, graph, cut, everything, head, session, weight_scale: str):
+        node = next(n for n in graph.model.graph.node if n.name == cut.layer)
+        self.cut, self.output, self.logits = cut, node.output[0], graph.model.graph.output[0].name
+        self._graph, self._everything, self._head = graph, everything, head
+        self._session, self._scale = session, weight_scale
+        self._suffix = self._layer = self._reference = None
+
+    def _quantized(self, model, bits: int):
+        from ptqcal.quantize.qdq import with_layer_weights_quantized
+
+        return with_layer_weights_quantized(model, self.cut.layer, bits, self._scale)
+
+    def quantized_logits(self, bits: int) -> np.ndarray:
+        if self.logits in self.cut.tensors:  # the layer does not reach the logits
+            return np.concatenate([feed[self.logits] for feed in self._everything.feeds(self.cut)])
+        if self._suffix is None:
+            self._suffix = self._graph.extract(self.cut.tensors, [self.logits])
+        return _run(self._session(self._quantized(self._suffix, bits)), self._everything.feeds(self.cut), self.logits)
+
+    def layer_output(self, bits: int | None) -> np.ndarray:
+        """The layer's output on the first images, with float (``bits=None``) or quantized weights."""
+        if self._layer is None:
+            self._layer = self._graph.extract(self.cut.tensors, [self.output])
+        model = self._layer if bits is None else self._quantized(self._layer, bits)
+        return _run(self._session(model), self._head.feeds(self.cut), self.output)
+
+    def effect(self, bits: int, float_logits: np.ndarray, labels: np.ndarray) -> LayerEffect:
+        from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as sqnr
+
+        change = quantization_change(float_logits, self.quantized_logits(bits), labels)
+        if self._reference is None:
+            self._reference = self.layer_output(None)
+        swapped, held = change.confident_swaps(CONFIDENT)
+        return LayerEffect(self.cut.layer, bits, change.swap_rate, swapped / held if held else float("nan"),
+                           change.delta_top1_error, float(sqnr(self._reference, self.layer_output(bits))))
 
 
 def attribute(model_path: Path, batches: BatchSource, labels: np.ndarray, widths: Sequence[int], weight_scale: str,
@@ -93,32 +135,32 @@ def attribute(model_path: Path, batches: BatchSource, labels: np.ndarray, widths
     """Every weight layer of the float model at ``model_path`` alone at each of ``widths``, on the
     images ``batches`` yields (with ``labels``), against the float model on the same images.
 
-    ``memo`` lets the caller keep each (layer, bits) result (e.g. in a cache keyed by the model and
-    the images); ``held_out`` records that the images were held out of the evaluation."""
+    Quantizing a layer changes nothing before it: the float activations at each layer's cut
+    (:mod:`.cut`) are computed once, from the previous layer's, and only the graph after the cut runs
+    for each width. ``memo`` lets the caller keep each (layer, bits) result (e.g. in a cache keyed
+    by the model and the images): a result it has is not computed, and a layer whose results it all
+    has runs nothing; ``held_out`` records that the images were held out of the evaluation."""
     import onnx
-    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as sqnr
 
-    from ptqcal.quantize.graph import weighted_nodes
-    from ptqcal.quantize.qdq import with_layer_weights_quantized
+    from .cut import CutActivations, CutGraph
+    from .runner import make_session
 
     model = onnx.load(str(model_path))
-    float_logits = _outputs(model, batches, provider, threads)[0]
-    reference_change = quantization_change(float_logits, float_logits, labels)
-    confident = reference_change.float_confidence >= CONFIDENT
-    effects = []
-    for node in weighted_nodes(model):
-        output, reference = node.output[0], []  # the float layer output, computed only if a width is not memoised
-        for bits in widths:
-            def measure(node=node, output=output, reference=reference, bits=bits) -> LayerEffect:
-                variant = with_layer_weights_quantized(model, node.name, bits, weight_scale)
-                logits = _outputs(variant, batches, provider, threads)[0]
-                layer_output = _outputs(_with_output(variant, output), batches, provider, threads, SQNR_IMAGES)[1]
-                if not reference:
-                    reference.append(_outputs(_with_output(model, output), batches, provider, threads, SQNR_IMAGES)[1])
-                change = quantization_change(float_logits, logits, labels)
-                swapped, held = change.confident_swaps(CONFIDENT)
-                return LayerEffect(node.name, bits, change.swap_rate, swapped / held if held else float("nan"),
-                                   change.delta_top1_error, float(sqnr(reference[0], layer_output)))
+    float_logits, input_shape = _outputs(model, batches, provider, threads)
+    confident = quantization_change(float_logits, float_logits, labels).float_confidence >= CONFIDENT
+    graph = CutGraph(model, input_shape)
 
-            effects.append(measure() if memo is None else memo(node.name, bits, measure))
+    def session(sub):
+        return make_session(sub.SerializeToString(), provider=provider, threads=threads)
+
+    everything = CutActivations(graph, lambda: batches(None), len(labels), session)
+    head = CutActivations(graph, lambda: batches(SQNR_IMAGES), min(SQNR_IMAGES, len(labels)), session)
+    effects = []
+    for cut in graph.cuts:
+        runs = _LayerRuns(graph, cut, everything, head, session, weight_scale)
+        for bits in widths:
+            def measure(runs=runs, bits=bits) -> LayerEffect:
+                return runs.effect(bits, float_logits, labels)
+
+            effects.append(measure() if memo is None else memo(cut.layer, bits, measure))
     return Attribution(effects, len(labels), int(confident.sum()), held_out)

@@ -39,8 +39,29 @@ def safe_cell(value: Any) -> Any:
     return text
 
 
+class _Rows:
+    """The file a writer writes to, its rows ended by ``terminator``. The writer itself ends rows with
+    ``\\r\\n``, so that a cell holding either character is quoted (with ``\\n`` alone as its row end,
+    Python's writer leaves a ``\\r`` unquoted, and a reader splits the row there)."""
+
+    def __init__(self, handle, terminator: str):
+        self._handle, self._terminator = handle, terminator
+
+    def write(self, text: str):
+        if self._terminator != "\r\n" and text.endswith("\r\n"):  # a row's end: the quoted cells hold the others
+            text = text[:-2] + self._terminator
+        return self._handle.write(text)
+
+
 class DictWriter(csv.DictWriter):
-    """:class:`csv.DictWriter` whose cells (header included) pass through :func:`safe_cell`."""
+    """:class:`csv.DictWriter` whose cells (header included) pass through :func:`safe_cell`, and
+    whose cells holding a line break are quoted whatever the row end."""
+
+    def __init__(self, f, fieldnames, restval="", extrasaction="raise", dialect="excel", *args, **kwds):
+        terminator = kwds.pop("lineterminator", csv.get_dialect(dialect).lineterminator if isinstance(dialect, str)
+                              else dialect.lineterminator)
+        super().__init__(_Rows(f, terminator), fieldnames, restval, extrasaction, dialect, *args,
+                         lineterminator="\r\n", **kwds)
 
     def writeheader(self):
         return self.writer.writerow([safe_cell(name) for name in self.fieldnames])
@@ -54,8 +75,10 @@ class DictWriter(csv.DictWriter):
 
 
 class _Writer:
-    def __init__(self, handle, *args, **kwargs):
-        self._writer = csv.writer(handle, *args, **kwargs)
+    def __init__(self, handle, dialect="excel", **kwargs):
+        terminator = kwargs.pop("lineterminator", csv.get_dialect(dialect).lineterminator if isinstance(dialect, str)
+                                else dialect.lineterminator)
+        self._writer = csv.writer(_Rows(handle, terminator), dialect, lineterminator="\r\n", **kwargs)
 
     def writerow(self, row: Iterable[Any]):
         return self._writer.writerow([safe_cell(value) for value in row])
@@ -69,6 +92,7 @@ class _Writer:
         return self._writer.dialect
 
 
-def writer(handle, *args, **kwargs) -> _Writer:
-    """:func:`csv.writer` whose cells pass through :func:`safe_cell`."""
-    return _Writer(handle, *args, **kwargs)
+def writer(handle, dialect="excel", **kwargs) -> _Writer:
+    """:func:`csv.writer` whose cells pass through :func:`safe_cell` (and are quoted when they hold a
+    line break)."""
+    return _Writer(handle, dialect, **kwargs)

@@ -140,7 +140,7 @@ WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "QLinearConv": 3, "QLinearMat
 
 def weight_bytes(model: onnx.ModelProto | str | Path) -> int:
     """Bytes stored for the weights of a model's layers (:data:`WEIGHT_INPUT`): float tensors, or
-    the integer codes DequantizeLinear or an integer kernel reads, directly or through a Cast (as
+    the integer codes DequantizeLinear (directly or through a Cast) or an integer kernel reads (as
     stored: int4 counts two codes to a byte, int2 four)."""
     model = _graph(model)
     initializers = {init.name: init for init in model.graph.initializer}
@@ -150,9 +150,11 @@ def weight_bytes(model: onnx.ModelProto | str | Path) -> int:
         index = WEIGHT_INPUT.get(node.op_type)
         if index is not None and len(node.input) > index:
             source = producers.get(node.input[index])
-            name = source.input[0] if source is not None and source.op_type == "DequantizeLinear" else node.input[index]
-            unpack = producers.get(name)  # packed INT2 codes reach their DequantizeLinear through a Cast to int8
-            name = unpack.input[0] if unpack is not None and unpack.op_type == "Cast" else name
+            name = node.input[index]
+            if source is not None and source.op_type == "DequantizeLinear":
+                name, unpack = source.input[0], producers.get(source.input[0])
+                if unpack is not None and unpack.op_type == "Cast":  # packed INT2 codes, read as int8
+                    name = unpack.input[0]
             if name in initializers:
                 init = initializers[name]
                 total += len(init.raw_data) if init.raw_data else _unpacked_bytes(init)

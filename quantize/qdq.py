@@ -1,14 +1,14 @@
 """ONNX Runtime static QDQ quantization at any bit width from precomputed activation ranges.
 
 ORT's quantizer writes 8-, 16- and 4-bit integers. Weight codes are stored in the narrowest type
-that holds them (:func:`.spec.stored_bits`): 2-bit codes as packed INT2 (opset 25; ORT writes them
-in int8 and :func:`set_weight_codes` repacks them, read through a Cast to int8: see
-:func:`_store_int2`), 3- and 4-bit codes as packed INT4 (opset 21),
-5..8-bit codes in int8, on the narrower grid. Weights get the per-channel scales of a b-bit
-quantizer through ``TensorQuantOverrides`` (ORT then rounds with them and we clip the stored codes
-to the b-bit range, since ORT clips only to its container's); activations below 8 bits get the
-scale and zero point of a b-bit quantizer and a Clip to the calibrated range in front of each
-QuantizeLinear, because QuantizeLinear saturates only at the container's 0..255.
+that holds them (:func:`.spec.stored_bits`), on their own b-bit grid: 2-bit codes as packed INT2
+(opset 25; ORT writes them in int8, :func:`set_weight_codes` repacks them and a Cast to int8 reads
+them: see :func:`_store_int2`), 3- and 4-bit codes as packed INT4 (opset 21), 5..8-bit codes in
+int8. Weights get the per-channel scales of a b-bit quantizer through ``TensorQuantOverrides`` (ORT
+then rounds with them and we clip the stored codes to the b-bit range, since ORT clips only to its
+container's); activations below 8 bits get the scale and zero point of a b-bit quantizer and a
+Clip to the calibrated range in front of each QuantizeLinear, because QuantizeLinear saturates only
+at the container's 0..255.
 
 This module writes models; what a graph says about its quantization (weight layers, op types, the
 tensors and biases a QDQ model quantized) is asked of :mod:`.graph`. ORT's calls change
@@ -317,7 +317,8 @@ def _store_int2(quantized: onnx.ModelProto, dequantizers: list[onnx.NodeProto]) 
              for new in ((casts[node.output[0]], node) if node.output and node.output[0] in casts else (node,))]
     del quantized.graph.node[:]
     quantized.graph.node.extend(nodes)
-    quantized.ir_version = max(quantized.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", INT2_OPSET)]))
+    int2_ir = helper.find_min_ir_version_for([helper.make_opsetid("", INT2_OPSET)])
+    quantized.ir_version = max(quantized.ir_version, int2_ir)
 
 
 def clip_activations(model: onnx.ModelProto, bits: int) -> None:

@@ -231,7 +231,8 @@ def test_opset_25_changes_no_other_node_and_only_2_bit_layers_get_int2(graphs, p
         if "a6" not in path.name:
             assert _skeleton(model) == reference
         for node, dq, cast, codes, _ in _weight_codes(model):
-            assert codes.data_type == {2: TensorProto.INT2, 4: TensorProto.INT4}.get(bits_of(node.name), TensorProto.INT8)
+            stored = {2: TensorProto.INT2, 4: TensorProto.INT4}.get(bits_of(node.name), TensorProto.INT8)
+            assert codes.data_type == stored
             assert (cast is not None) == (bits_of(node.name) == 2)
     # a configuration whose layers hold no 2-bit weight keeps its opset, whatever its default width
     none_at_2 = onnx.load(str(graphs("none-at-2", QuantSpec(2, layer_bits=tuple((layer, 8) for layer in layers)))))
@@ -277,14 +278,16 @@ def _pinned_model(folder: Path) -> tuple[Path, CalibrationRanges]:
              helper.make_node("GlobalAveragePool", ["r2"], ["pool"], name="pool"),
              helper.make_node("Flatten", ["pool"], ["flat"], name="flat"),
              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="fc")]
-    graph = helper.make_graph(nodes, "pinned", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+    graph = helper.make_graph(nodes, "pinned",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(folder / "pinned.onnx"))
     prepared = prepare(folder / "pinned.onnx", folder / "prepared.onnx")
     names = calibration_tensors(onnx.load(str(prepared)))
-    return prepared, CalibrationRanges("minmax", 8, 16, {name: (-0.25 * i, 1.0 + 0.5 * i) for i, name in enumerate(names)})
+    ranges = {name: (-0.25 * i, 1.0 + 0.5 * i) for i, name in enumerate(names)}
+    return prepared, CalibrationRanges("minmax", 8, 16, ranges)
 
 
 # sha256 of the files quantize_qdq wrote for _pinned_model at commit 7bf887a (before 2- and 3-bit

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from ptqcal.quantize.spec import stored_bits
 from ptqcal.evaluate.attribution import CONFIDENT as ATTRIBUTION_CONFIDENT
 from ptqcal.evaluate.guard import CONFIDENT as GUARD_CONFIDENT
 from ptqcal.evaluate.record import ConfigInfo
@@ -185,8 +186,9 @@ def not_faster(run: RunAnalysis) -> str:
         info = run.record.descriptor(name)
         if not info.uniform or d.throughput is None or d.throughput > reference.throughput:
             continue
-        if info.weight_bits == 4:
-            why = "its int4 weights have no integer kernel on CPU: ORT dequantizes them and runs float layers"
+        if stored_bits(info.weight_bits) == 4:
+            why = (f"its {info.weight_bits}-bit weights, packed INT4, have no integer kernel on CPU: ORT dequantizes "
+                   "them and runs float layers")
         elif info.act_bits < 8:
             why = "its activations below 8 bits keep a Clip in front of each QuantizeLinear, which stops fusion"
         else:

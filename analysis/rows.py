@@ -42,7 +42,7 @@ COLUMNS = [
 SELECTIVE = ("aurc", "aurc_margin", "aurc_entropy", "eaurc", "risk_at_80", "risk_at_90", "coverage_at_float_risk")
 DEPLOYMENT_UNITS = {"file_bytes": "bytes", "weight_bytes": "bytes", "threads": "count", "batch_size": "images",
                     "latency_ms": "milliseconds", "latency_p90_ms": "milliseconds", "throughput": "images/s"}
-TIMINGS = ("threads", "batch_size", "latency_ms", "latency_p90_ms", "throughput")
+TIMINGS = ("threads", "batch_size", "latency_ms", "latency_p90_ms", "throughput", "throughput_source")  # this machine's
 
 
 def _clean(value: Any) -> Any:

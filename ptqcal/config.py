@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -19,6 +19,7 @@ from .errors import UserError
 from .data import DEFAULT_CALIB_SIZE, DEFAULT_SEARCH_SIZE
 from .evaluate.results import Execution
 from .models.preprocess import LAYOUTS, PRESETS
+from .models.weights import RANDOM_WEIGHTS
 from .quantize.ranges import CalibMethod
 from .quantize.spec import QuantSpec, WeightScale
 
@@ -98,7 +99,8 @@ class RunConfig:
                             "in the report)")
     eval_size: int | None = _setting(None, "evaluate a seeded subset of N images", int, metavar="N")
     weight_bits: tuple[int, ...] = _setting((8, 7, 6, 5, 4), "weight bit widths to sweep, 2..8 (per-channel "
-                                            "symmetric; 4 is native int4)", int, many=True, metavar="B")
+                                            "symmetric; 2 packed INT2, 3 and 4 packed INT4, 5..8 int8 containers)", int, many=True,
+                                            metavar="B")
     act_bits: tuple[int, ...] = _setting((8,), "activation bit widths, 2..8 (per-tensor asymmetric); several "
                                          "sweep activations too", int, many=True, metavar="B")
     precisions: tuple[str, ...] = _setting((), "extra precisions: fp16 adds the float16 graph (float32 "
@@ -246,6 +248,24 @@ class RunConfig:
             raise UserError("--calib-ranges reuses one calibration: drop --repeats")
         self.extra_configs()  # names and files checked before any work
         return self
+
+    def resolved(self) -> "RunConfig":
+        """The same settings with every path made absolute from this process's working directory, so
+        that a Ray worker started elsewhere, or a later step, reads the same files (names stay literal:
+        symbolic links are not followed)."""
+        def absolute(path: Path | None) -> Path | None:
+            return None if path is None or path == RANDOM_WEIGHTS else Path(path).absolute()
+
+        def graph(item: str) -> str:
+            name, equals, file = item.partition("=")
+            return f"{name}={Path(file).absolute()}" if equals and not Path(item).is_file() else str(Path(item).absolute())
+
+        paths = {name: absolute(getattr(self, name)) for name in ("weights", "data_dir", "labels", "calib_data",
+                                                                   "calib_ranges", "cache_dir")}
+        return replace(self, **paths, out=self.out_dir.absolute(),
+                       model=str(Path(self.model).absolute()) if self.is_onnx_file else self.model,
+                       dataset=str(Path(self.dataset).absolute()) if self.dataset and self.dataset.endswith(".npz")
+                       else self.dataset, quantized=tuple(graph(item) for item in self.quantized))
 
     def extra_configs(self) -> dict[str, Path | str]:
         """The configurations beside the sweep: ``--quantized`` files by name (``NAME=FILE`` or the

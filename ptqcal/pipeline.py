@@ -137,7 +137,7 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> Path:
     (whole files) stay, so the next run resumes. ``executor``: where the independent work runs
     (default: the one ``cfg`` asks for, closed after the run).
     """
-    cfg.validate()
+    cfg = cfg.validate().resolved()  # every path absolute before any leaves this process (Ray workers)
     if executor is None:
         with closing(make_executor(cfg)) as executor:
             return run(cfg, executor)
@@ -174,7 +174,7 @@ def _run_models(cfg: RunConfig, models: list[str], executor: Executor) -> Path:
     if twice:
         raise UserError(f"several models are named {', '.join(twice)}: each model's run folder is its name; "
                         "rename a copy or run them separately")
-    out = cfg.out if cfg.out is not None else Path("ptqcal_runs") / "_vs_".join(stems)
+    out = (cfg.out if cfg.out is not None else Path("ptqcal_runs") / "_vs_".join(stems)).absolute()
     for stem in stems:
         check_target(out / stem, (RUN,))
     with writing(out, COMPARISON, stems):

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 from .config import RunConfig
 from .evaluate import PathAgreement
+from .quantize.spec import stored_bits
 from .evaluate.record import ConfigInfo
 from .models import PreprocessCfg
 
@@ -79,10 +80,14 @@ def run_notes(cfg: RunConfig, exclude: tuple[str, ...], checks: Sequence[PathAgr
                      + "; ".join(f"{c.config}: max |Δlogit| {c.max_abs_logit_diff:.2e}, top-1 agreement "
                                  f"{100 * c.top1_agreement:.1f}%" for c in checks) + ".")
     notes += kernel_notes(checks, descriptors or {}, has_vnni())
-    if any(bits == 4 for bits in cfg.weight_bits):
-        notes.append("int4 weights (QInt4, opset 21) have no integer Conv, Gemm or MatMul kernel on CPU: ORT "
-                     "dequantizes them and runs those layers in float, so a*w4 is simulated even on the deployed "
-                     "path.")
+    if any(stored_bits(bits) == 4 for bits in cfg.weight_bits):
+        notes.append("3- and 4-bit weights (packed INT4, opset 21) have no integer Conv, Gemm or MatMul kernel on "
+                     "CPU: ORT dequantizes them and runs those layers in float, so a*w4 and a*w3 are simulated even "
+                     "on the deployed path.")
+    if any(stored_bits(bits) == 2 for bits in cfg.weight_bits):
+        notes.append("2-bit weights are stored packed as INT2 (opset 25) and reach their DequantizeLinear through a "
+                     "Cast to int8 that ORT folds when it loads the model: on the deployed path they run ORT's int8 "
+                     "kernels (its fusion would otherwise build a QLinearConv that cannot take INT2).")
     if any(bits < 8 for bits in cfg.act_bits):
         notes.append("Activations below 8 bits are clipped to their b-bit range before QuantizeLinear; the Clip "
                      "keeps ORT from fusing integer kernels, so those configurations run the simulated path.")

@@ -34,6 +34,11 @@ PACKED_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
 FLOAT_TYPES = ("FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE")
 
 
+def _cast_to(node: onnx.NodeProto) -> str:
+    """The element type a Cast node casts to (TensorProto's name, e.g. ``INT8``)."""
+    return onnx.TensorProto.DataType.Name(next((a.i for a in node.attribute if a.name == "to"), 0))
+
+
 def _is_integer_op(op_type: str) -> bool:
     return op_type in INTEGER_OPS or op_type.startswith("QLinear")
 
@@ -103,6 +108,10 @@ def graph_census(model: str | Path | onnx.ModelProto) -> GraphCensus:
         op = node.op_type
         if op == "Constant":
             continue
+        if op == "Cast" and node.input[0] in constants and _cast_to(node) not in FLOAT_TYPES:
+            _count(integer_ops, op)  # stored codes widened for their DequantizeLinear (INT2 -> int8): weights
+            constants.update(node.output)
+            continue
         if _is_integer_op(op) or (node.input and node.input[0] in codes):
             _count(integer_ops, op)
             if op == "QuantizeLinear" and node.input[0] not in constants:
@@ -111,8 +120,7 @@ def graph_census(model: str | Path | onnx.ModelProto) -> GraphCensus:
                                                                                              "MatMulInteger"):
                 activations_quantized = True
             if op == "Cast":
-                to = next((a.i for a in node.attribute if a.name == "to"), 0)
-                if onnx.TensorProto.DataType.Name(to) not in FLOAT_TYPES:
+                if _cast_to(node) not in FLOAT_TYPES:
                     codes.update(node.output)
             elif op == "DynamicQuantizeLinear":  # (codes, scale, zero point)
                 codes.update((node.output[0], *node.output[2:]))

@@ -313,3 +313,18 @@ def test_graphs_of_4_to_8_bits_are_byte_identical_to_before(tmp_path):
     written = {name: hashlib.sha256(quantize_qdq(prepared, tmp_path / f"{name}.onnx", ranges, spec).read_bytes())
                .hexdigest() for name, spec in PINNED_SPECS.items()}
     assert written == PINNED_SHA256
+
+
+def test_the_census_counts_int2_weights_as_stored_weights_not_float_work(graphs, prepared):
+    """The Cast that widens stored INT2 codes for their DequantizeLinear is weight storage: counted
+    with the integer ops, never as float work, and the weights' bytes are the packed INT2 ones."""
+    from ptqcal.quantize.census import graph_census
+
+    path = graphs("a8w2", QuantSpec(2, 8))
+    model = onnx.load(str(path))
+    casts = sum(n.op_type == "Cast" and n.input[0] in {i.name for i in model.graph.initializer}
+                for n in model.graph.node)
+    census = graph_census(path)
+    assert casts > 0 and census.integer_ops.get("Cast") == casts and "Cast" not in census.float_ops
+    int2 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT2]
+    assert census.weight_bytes["INT2"] == sum(-(-int(np.prod(i.dims)) // 4) for i in int2)

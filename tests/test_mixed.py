@@ -112,7 +112,10 @@ def _codes_and_scales(model):
     for node in model.graph.node:
         if node.op_type == "Gemm" and node.input[1] in producers:
             dq = producers[node.input[1]]
-            found[node.name] = (inits[dq.input[0]].astype(np.int64), inits[dq.input[1]])
+            codes = dq.input[0]
+            if codes in producers and producers[codes].op_type == "Cast":  # 2-bit codes: INT2 cast to int8
+                codes = producers[codes].input[0]
+            found[node.name] = (inits[codes].astype(np.int64), inits[dq.input[1]])
     return found
 
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from ptqcal.evaluate.attribution import EFFECT_FIELDS
 from ptqcal.evaluate.metrics import Metrics, changes_by_confidence
+from ptqcal.evaluate.record import finite
 
 from .run_analysis import HEADLINE, RunAnalysis
 
@@ -97,7 +98,7 @@ def metrics_json(runs: Sequence[RunAnalysis]) -> str:
              **{k: v for k, v in DEPLOYMENT_UNITS.items() if k not in TIMINGS}}
     rows = [{"model": r.name, "run": r.record.summary, "temperature": r.temperature,
              "configs": [{k: v for k, v in row.items() if k not in TIMINGS} for row in metrics_rows(r)]} for r in runs]
-    return json.dumps({"units": units, "runs": rows}, indent=2)
+    return json.dumps(finite({"units": units, "runs": rows}), indent=2, allow_nan=False)  # strict JSON: null, not NaN
 
 
 def layers_csv(runs: Sequence[RunAnalysis]) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -224,7 +225,7 @@ class RunRecord:
                 "held_out": {"source": self.held_out_source, "configs": list(self.held_out_logits)},
                 "guard_target": self.guard_target}
         with atomic_path(folder / RECORD_FILE) as tmp:
-            tmp.write_text(json.dumps(info, indent=2))
+            tmp.write_text(json.dumps(finite(info), indent=2, allow_nan=False))
         return folder
 
     @classmethod
@@ -246,7 +247,7 @@ class RunRecord:
                          stored.get("calib_labels", np.zeros(0, np.int64)),
                          stored.get("calib_float", np.zeros((0, 0), np.float32)), dict(info.get("run", {})),
                          [str(n) for n in info.get("notes", [])], dict(info.get("config", {})),
-                         float(info.get("seconds", 0.0)), deployment, attribution, mixed, descriptors,
+                         _number(info.get("seconds", 0.0)), deployment, attribution, mixed, descriptors,
                          *_held_out(info, stored))
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from exc
@@ -256,6 +257,28 @@ class RunRecord:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run (its descriptors do not match its "
                                  "configurations)") from None
         return record
+
+
+def _number(value: Any) -> float:
+    """A number as saved: ``null`` is NaN (undefined); anything else but a number is damage."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"not a number: {str(value)[:20]!r}")
+    return float(value)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None``, through dicts, lists and
+    tuples: JSON has neither, and a strict parser refuses Python's ``NaN`` token. Read back, ``None``
+    where a number belongs means "undefined" (NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 def _held_out(info: dict[str, Any], stored: dict[str, np.ndarray]) -> tuple:

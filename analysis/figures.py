@@ -34,6 +34,12 @@ STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True
          "font.size": 9, "axes.titlesize": 10, "legend.frameon": False}
 
 
+def plain(text) -> str:
+    """``text`` (a model, configuration or layer name) drawn as it is: every ``$`` escaped, so
+    matplotlib never parses a name as mathtext."""
+    return str(text).replace("$", r"\$")
+
+
 def _colors(n: int) -> np.ndarray:
     return matplotlib.colormaps["viridis"](np.linspace(0, 0.9, max(n, 1)))
 
@@ -56,7 +62,7 @@ def _legend(axis: Axes) -> None:
 def _config_ticks(axis: Axes, x: np.ndarray, names: Sequence[str]) -> None:
     """One tick per configuration, slanted when there are too many to stand side by side."""
     slanted = len(names) > 5
-    axis.set_xticks(x, names, rotation=40 if slanted else 0, ha="right" if slanted else "center",
+    axis.set_xticks(x, [plain(n) for n in names], rotation=40 if slanted else 0, ha="right" if slanted else "center",
                     rotation_mode="anchor")
 
 
@@ -83,19 +89,18 @@ def plot_reliability(curve: ReliabilityCurve, confidences: np.ndarray, title: st
     top.bar(centers[filled], (curve.confidence - curve.accuracy)[filled], bottom=curve.accuracy[filled],
             width=width[filled], color=QUANT_COLOR, alpha=0.3, edgecolor=QUANT_COLOR, hatch="//",
             label="gap to mean confidence")
-    for x, y, n in zip(centers[filled], curve.accuracy[filled], curve.counts[filled]):
-        top.text(x, min(y, 0.93) + 0.02, str(n), ha="center", fontsize=6.5, color="0.25")
+    _bin_counts(top, centers[filled], curve.accuracy[filled], curve.counts[filled])
     bottom.hist(confidences, bins=curve.edges, color=FLOAT_COLOR, alpha=0.85, edgecolor="white", label="float")
     if overlay is not None:
         name, other, other_conf = overlay
         ok = other.counts > 0
         other_centers = (other.edges[:-1] + other.edges[1:]) / 2
         top.plot(other_centers[ok], other.accuracy[ok], "o-", color=QUANT_COLOR, ms=3.5,
-                 label=f"{name} accuracy (ECE {100 * other.ece:.2f}%)")
-        bottom.hist(other_conf, bins=curve.edges, histtype="step", lw=1.6, color=QUANT_COLOR, label=name)
+                 label=f"{plain(name)} accuracy (ECE {100 * other.ece:.2f}%)")
+        bottom.hist(other_conf, bins=curve.edges, histtype="step", lw=1.6, color=QUANT_COLOR, label=plain(name))
     top.set_ylabel("accuracy in bin")
     top.set_ylim(0, 1.02)
-    top.set_title(title or "Reliability")
+    top.set_title(plain(title) if title else "Reliability", loc="left")
     _legend(top)
     bottom.set_yscale("log")
     accuracy = np.sum(curve.accuracy[filled] * curve.counts[filled]) / curve.counts.sum()
@@ -107,6 +112,15 @@ def plot_reliability(curve: ReliabilityCurve, confidences: np.ndarray, title: st
     bottom.set_xlim(0, 1)
     _legend(bottom)
     return fig
+
+
+def _bin_counts(axis: Axes, x: np.ndarray, accuracy: np.ndarray, counts: np.ndarray) -> None:
+    """Each bin's number of predictions, upright so neighbours never run into each other: inside
+    the bar from its foot when the bar is tall enough to hold it, else just above it."""
+    for x, y, n in zip(x, accuracy, counts):
+        inside = y >= 0.06 + 0.025 * len(str(n))
+        axis.text(x, 0.015 if inside else y + 0.015, str(n), rotation=90, ha="center", va="bottom", fontsize=6.5,
+                  color="white" if inside else "0.25", zorder=4)
 
 
 # --- Figure 2: swaps per precision ------------------------------------------------------------------
@@ -186,7 +200,7 @@ def plot_swap_panels(panels: Sequence[SwapPanel], ax: Sequence[Axes] | None = No
         _band(top, x[joined], np.asarray(panel.delta_error)[joined], _part(panel.delta_std, joined), FLOAT_COLOR, 100)
         top.axhline(0, color="0.6", lw=0.8)
         top.set_ylabel("% of evaluation set")
-        top.set_title(panel.model)
+        top.set_title(plain(panel.model), loc="left")
         _legend(top)
         counts = np.array([len(c) for c in panel.swapped_confidences])
         ratio = np.array(panel.ratio, dtype=float)
@@ -208,7 +222,7 @@ def plot_swap_panels(panels: Sequence[SwapPanel], ax: Sequence[Axes] | None = No
             if len(confidences) >= shown:
                 bottom.hist(confidences, bins=bins, histtype="step", lw=1.8, color=color,
                             weights=np.full(len(confidences), 100 / len(confidences)),
-                            label=f"{name} ({len(confidences)} swapped)")
+                            label=f"{plain(name)} ({len(confidences)} swapped)")
         bottom.set_xlabel("float model's confidence of swapped predictions"
                           + (" (first calibration draw)" if panel.swapped_std is not None else ""))
         bottom.set_ylabel("% of that precision's swaps")
@@ -254,7 +268,7 @@ def plot_transitions(tables: Sequence[TransitionTable], ax: Sequence[Axes] | Non
         _config_ticks(axis, x, table.configs)
         axis.set_xlabel("precision")
         axis.set_ylabel("% of evaluation set")
-        axis.set_title(f"{table.model}: what the swaps were")
+        axis.set_title(f"{plain(table.model)}: what the swaps were", loc="left")
         _legend(axis)
     return fig
 
@@ -279,11 +293,17 @@ class MarginCurves:
         n_bins = n_bins or min(20, max(2, len(run.labels) // 50))
         curves = [swap_probability_by_margin(c.change, n_bins) for c in run.quantized]
         by_confidence = [changes_by_confidence(c.change) for c in run.quantized]
-        return cls(run.name, [c.name for c in run.quantized],
-                   [np.sqrt(np.maximum(c["edges"][:-1], 1e-3) * c["edges"][1:]) for c in curves],
+        return cls(run.name, [c.name for c in run.quantized], [_margin_centers(c["edges"]) for c in curves],
                    [c["swap_probability"] for c in curves], by_confidence[0]["edges"],
                    [np.where(b["counts"] >= MIN_BIN, b["swap_rate"], np.nan) for b in by_confidence],
                    [b["delta_error"] for b in by_confidence])
+
+
+def _margin_centers(edges: np.ndarray) -> np.ndarray:
+    """The geometric middle of each margin bin (drawn on a log axis); one bin at the margin every
+    prediction shares when there is a single edge (every image the same)."""
+    edges = np.maximum(np.asarray(edges, dtype=float), 1e-3)
+    return edges[:1] if len(edges) < 2 else np.sqrt(edges[:-1] * edges[1:])
 
 
 def plot_margin(curves: Sequence[MarginCurves], ax: Sequence[Axes] | None = None) -> Figure:
@@ -295,15 +315,17 @@ def plot_margin(curves: Sequence[MarginCurves], ax: Sequence[Axes] | None = None
         colors = _colors(len(curve.configs))
         centers = (curve.confidence_edges[:-1] + curve.confidence_edges[1:]) / 2
         for index, (name, color) in enumerate(zip(curve.configs, colors)):
-            top.plot(curve.centers[index], curve.probability[index], "o-", ms=3, color=color, label=name)
-            bottom.plot(centers, _percent(curve.swap_rate[index]), "o-", ms=3, color=color, label=name)
+            top.plot(curve.centers[index], curve.probability[index], "o-", ms=3, color=color, label=plain(name))
+            bottom.plot(centers, _percent(curve.swap_rate[index]), "o-", ms=3, color=color, label=plain(name))
         top.set_xscale("log")
         top.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         top.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        top.set_xlabel(f"float logit margin (top-1 − top-2), {len(curve.centers[0])} equal-mass bins")
+        bins = len(curve.centers[0]) if curve.centers else 0
+        top.set_xlabel("float logit margin (top-1 − top-2), " + (f"{bins} equal-mass bins" if bins > 1 else
+                                                                 "one bin: every prediction has the same margin"))
         top.set_ylabel("P(prediction swapped)")
         top.set_ylim(-0.02, 1.02)
-        top.set_title(curve.model)
+        top.set_title(plain(curve.model), loc="left")
         _legend(top)
         bottom.set_xlabel(f"float confidence (10 equal-width bins; bins of fewer than {MIN_BIN} left out)")
         bottom.set_ylabel("% of the bin's predictions swapped")
@@ -325,14 +347,20 @@ class TemperatureEffect:
     swapped_confidence_scaled: np.ndarray
 
     @classmethod
-    def from_run(cls, run) -> "TemperatureEffect | None":
+    def from_run(cls, run, swapped_by: str | None = None) -> "TemperatureEffect | None":
+        """``swapped_by``: the configuration whose swaps the bottom panel follows (the report's
+        choice is Figure 1's, the lowest precision that did not collapse); ``None``: the one that
+        swapped most. ``None`` without a fitted temperature or a quantized configuration."""
         if run.temperature is None or not run.quantized:
             return None
-        chosen = max(run.quantized, key=lambda c: c.change.swapped.sum())
+        chosen = next((c for c in run.quantized if c.name == swapped_by), None) if swapped_by else \
+            max(run.quantized, key=lambda c: c.change.swapped.sum())
         _, scaled = reliability_of_logits(run.reference.logits, run.labels, run.temperatures)
+        swapped = chosen.change.swapped if chosen else np.zeros(len(run.labels), dtype=bool)
         return cls(run.name, run.temperature, [c.name for c in run.configs], [c.metrics.ece for c in run.configs],
-                   [c.metrics.ece_temperature for c in run.configs], chosen.name,
-                   chosen.change.swapped_confidences, scaled[chosen.change.swapped])
+                   [c.metrics.ece_temperature for c in run.configs], chosen.name if chosen else "",
+                   run.reference.change_free_confidence()[swapped] if False else
+                   (chosen.change.swapped_confidences if chosen else np.zeros(0)), scaled[swapped])
 
 
 def plot_temperature(effects: Sequence[TemperatureEffect], ax: Sequence[Axes] | None = None) -> Figure:

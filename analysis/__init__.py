@@ -2,23 +2,38 @@
 or torch).
 
 ``run_analysis`` evaluates a saved run; ``rows`` turns it into rows, CSV and JSON; ``tables`` into
-Markdown tables; ``judgement`` writes the sentences that judge its numbers; ``trust`` counts each
-float fallback guard and writes ``guard.json``; ``figures`` (1-5), ``deploy_figures`` (6-8) and
-``trust_figures`` (9-10) plot, ``report_figures`` decides which figures a report has;
-``environment`` says where it was written; ``markdown`` escapes text and renders HTML; ``report``
-composes them into ``report.md`` and ``report.html``.
+Markdown tables; ``judgement`` writes the sentences that judge its numbers; ``recommend`` chooses
+the configuration to ship and writes ``recommendation.json``; ``trust`` counts each float fallback
+guard and writes ``guard.json``; ``figures`` (1-5), ``deploy_figures`` (6-8) and ``trust_figures``
+(9-10) plot, ``report_figures`` decides which figures a report has; ``environment`` says where it
+was written; ``markdown`` escapes text and renders HTML; ``report`` composes them into
+``report.md`` and ``report.html``.
+
+The names below are imported on first use, so that importing one module of the stage (e.g. the
+recommendation's defaults, which the run's settings name) does not import matplotlib.
 """
 
-from .figures import (MarginCurves, SwapPanel, TemperatureEffect, TransitionTable, plot_margin, plot_reliability,
-                      plot_swap_panels, plot_temperature, plot_transitions, save_figure)
-from .report import build_report, report_markdown
-from .rows import metrics_csv, metrics_json
-from .run_analysis import RunAnalysis, analyse_record, analyse_run
-from .tables import markdown_table
-from .trust import guard_json
-from .trust_figures import GuardCurves, RiskCoverageCurves, plot_guard_curves, plot_risk_coverage
+from importlib import import_module
 
-__all__ = ["GuardCurves", "MarginCurves", "RiskCoverageCurves", "RunAnalysis", "SwapPanel", "TemperatureEffect",
-           "TransitionTable", "analyse_record", "analyse_run", "build_report", "guard_json", "markdown_table",
-           "metrics_csv", "metrics_json", "plot_guard_curves", "plot_margin", "plot_reliability", "plot_risk_coverage",
-           "plot_swap_panels", "plot_temperature", "plot_transitions", "report_markdown", "save_figure"]
+_WHERE = {"MarginCurves": "figures", "SwapPanel": "figures", "TemperatureEffect": "figures",
+          "TransitionTable": "figures", "plot_margin": "figures", "plot_reliability": "figures",
+          "plot_swap_panels": "figures", "plot_temperature": "figures", "plot_transitions": "figures",
+          "save_figure": "figures", "build_report": "report", "report_markdown": "report", "metrics_csv": "rows",
+          "metrics_json": "rows", "RunAnalysis": "run_analysis", "analyse_record": "run_analysis",
+          "analyse_run": "run_analysis", "markdown_table": "tables", "guard_json": "trust",
+          "GuardCurves": "trust_figures", "RiskCoverageCurves": "trust_figures", "plot_guard_curves": "trust_figures",
+          "plot_risk_coverage": "trust_figures", "Recommendation": "recommend"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # once: the next lookup does not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -350,23 +350,25 @@ class TemperatureEffect:
     def from_run(cls, run, swapped_by: str | None = None) -> "TemperatureEffect | None":
         """``swapped_by``: the configuration whose swaps the bottom panel follows (the report's
         choice is Figure 1's, the lowest precision that did not collapse); ``None``: the one that
-        swapped most. ``None`` without a fitted temperature or a quantized configuration."""
+        swapped most; a name of none of them: no panel. ``None`` without a fitted temperature or a
+        quantized configuration."""
         if run.temperature is None or not run.quantized:
             return None
-        chosen = next((c for c in run.quantized if c.name == swapped_by), None) if swapped_by else \
-            max(run.quantized, key=lambda c: c.change.swapped.sum())
+        chosen = max(run.quantized, key=lambda c: c.change.swapped.sum()) if swapped_by is None else \
+            next((c for c in run.quantized if c.name == swapped_by), None)
         _, scaled = reliability_of_logits(run.reference.logits, run.labels, run.temperatures)
-        swapped = chosen.change.swapped if chosen else np.zeros(len(run.labels), dtype=bool)
+        if chosen is None:  # no precision to follow (each one collapsed)
+            name, before, after = "", np.zeros(0), np.zeros(0)
+        else:
+            name, before, after = chosen.name, chosen.change.swapped_confidences, scaled[chosen.change.swapped]
         return cls(run.name, run.temperature, [c.name for c in run.configs], [c.metrics.ece for c in run.configs],
-                   [c.metrics.ece_temperature for c in run.configs], chosen.name if chosen else "",
-                   run.reference.change_free_confidence()[swapped] if False else
-                   (chosen.change.swapped_confidences if chosen else np.zeros(0)), scaled[swapped])
+                   [c.metrics.ece_temperature for c in run.configs], name, before, after)
 
 
 def plot_temperature(effects: Sequence[TemperatureEffect], ax: Sequence[Axes] | None = None) -> Figure:
     """ECE before and after the float model's temperature, and where the swapped predictions'
     confidences move (the swaps themselves do not change). ``ax``: 2 x len(effects) axes."""
-    fig, axes = _axes(ax, 2, len(effects), (4.6 * len(effects), 6.4))
+    fig, axes = _axes(ax, 2, len(effects), (5.4 * len(effects), 6.4))
     for column, effect in enumerate(effects):
         top, bottom = axes[:, column]
         x = np.arange(len(effect.configs))
@@ -375,17 +377,29 @@ def plot_temperature(effects: Sequence[TemperatureEffect], ax: Sequence[Axes] | 
                 label=f"cross-fitted temperature ≈ {effect.temperature:.2f}")
         _config_ticks(top, x, effect.configs)
         top.set_ylabel("ECE (%)")
-        top.set_title(f"{effect.model}: temperature scaling")
+        top.set_title(f"{plain(effect.model)}: temperature scaling", loc="left")
         _legend(top)
-        bins = np.linspace(0, 1, 16)
-        bottom.hist(effect.swapped_confidence, bins=bins, histtype="step", lw=1.8, color=QUANT_COLOR,
-                    label="float confidence")
-        bottom.hist(effect.swapped_confidence_scaled, bins=bins, histtype="step", lw=1.8, color="#66a182",
-                    label=f"after temperature {effect.temperature:.2f}")
-        bottom.set_xlabel(f"confidence of the {len(effect.swapped_confidence)} predictions {effect.swapped_name} swaps")
-        bottom.set_ylabel("# predictions")
-        _legend(bottom)
+        _temperature_swaps(bottom, effect)
     return fig
+
+
+def _temperature_swaps(axis: Axes, effect: TemperatureEffect) -> None:
+    """Where the confidences of one configuration's swapped predictions move under the temperature."""
+    bins = np.linspace(0, 1, 16)
+    count = len(effect.swapped_confidence)
+    if count:
+        axis.hist(effect.swapped_confidence, bins=bins, histtype="step", lw=1.8, color=QUANT_COLOR,
+                  label="float confidence")
+        axis.hist(effect.swapped_confidence_scaled, bins=bins, histtype="step", lw=1.8, color="#66a182",
+                  label=f"after temperature {effect.temperature:.2f}")
+        _legend(axis)
+    else:
+        axis.text(0.5, 0.5, f"{plain(effect.swapped_name)} swapped no prediction" if effect.swapped_name else
+                  "no precision to follow", ha="center", va="center", transform=axis.transAxes, color="0.3")
+    axis.set_xlabel(f"confidence of the {count} prediction{'' if count == 1 else 's'} {plain(effect.swapped_name)} "
+                    "swapped" if effect.swapped_name else "confidence of swapped predictions", loc="left")
+    axis.set_ylabel("# predictions")
+    axis.set_xlim(0, 1)
 
 
 def save_figure(fig: Figure, path: str | Path) -> list[Path]:

@@ -10,7 +10,9 @@ from typing import Mapping, Sequence
 from ptqcal.quantize.spec import stored_bits
 from ptqcal.evaluate.attribution import CONFIDENT as ATTRIBUTION_CONFIDENT
 from ptqcal.evaluate.guard import CONFIDENT as GUARD_CONFIDENT
-from ptqcal.evaluate.record import ConfigInfo
+from ptqcal.evaluate.deploy import (BLOCKS, MIN_LATENCY_RUNS, MIN_THROUGHPUT_RUNS, TIMING_SECONDS, WARMUP_RUNS,
+                                    speed_ratio)
+from ptqcal.evaluate.record import ConfigInfo, ConfigKind
 from ptqcal.evaluate.agreement import PathAgreement
 from ptqcal.evaluate.results import FLOAT_NAME
 
@@ -25,6 +27,9 @@ MIN_FLIPS = 3  # ... and at least this many (one image of a handful is noise)
 # Deployed and simulated paths of one model should agree on nearly every prediction; below this
 # the report explains where the difference comes from.
 PATH_AGREEMENT_FLOOR = 0.98
+# a ratio to float in words (Ratio.verdict): images/s over float's, batch-1 latency over float's
+SPEED_WORDS = {"above": "faster", "below": "slower", "same": "same within noise", "unjudged": ""}
+LATENCY_WORDS = {"above": "slower", "below": "faster", "same": "same within noise", "unjudged": ""}
 
 
 def confident_swaps(config) -> tuple[int, int]:
@@ -178,22 +183,49 @@ def guard_note(run: RunAnalysis) -> str:
     return " ".join(parts)
 
 
+def timing_words() -> str:
+    """How the deployment table's timings were taken and how its ratios are judged."""
+    return (f"Each timing rests on at least {TIMING_SECONDS:g} s of session.run (the runs column: how many): the "
+            f"latency is the median (and 90th percentile) of batch-1 runs after {WARMUP_RUNS} warm-up ones, at least "
+            f"{MIN_LATENCY_RUNS}; the images/s are all the images over all the seconds of at least "
+            f"{MIN_THROUGHPUT_RUNS} full batches (the evaluation's own after its first when they took that long, "
+            f"else timed runs of one batch). × float: the ratio of the two numbers, and in brackets the range of the "
+            f"ratio between any of {BLOCKS} consecutive blocks of the configuration's runs and any of the float "
+            "model's; a range that includes 1 is the same speed within noise (neither faster nor slower).")
+
+
+def slow_reason(run: RunAnalysis, name: str, same: bool) -> str:
+    """Why configuration ``name`` gains no speed over float on this CPU, where its kind tells."""
+    info = run.record.descriptor(name)
+    mixed = run.record.mixed
+    if info.kind is ConfigKind.FP16:
+        return "ORT's CPU provider has few float16 kernels, so it casts to and from float32 around most ops"
+    four = stored_bits(info.weight_bits) == 4 if info.uniform else \
+        info.kind is ConfigKind.MIXED and mixed is not None and any(stored_bits(b) == 4 for b in mixed.layer_bits.values())
+    if four:
+        return ("its 4-bit weights, packed INT4, have no integer kernel on CPU: ORT dequantizes them and runs float "
+                "layers")
+    if info.uniform and info.act_bits < 8:
+        return "its activations below 8 bits keep a Clip in front of each QuantizeLinear, which stops fusion"
+    if info.uniform or info.kind is ConfigKind.MIXED:
+        return ("ORT's integer kernels gain nothing measurable over its float ones for this graph on this CPU" if same
+                else "ORT's integer kernels are slower than its float ones for this graph on this CPU")
+    return ""
+
+
 def not_faster(run: RunAnalysis) -> str:
-    """Why each uniform quantized configuration that is not faster than float is not."""
+    """Why each quantized configuration that is not faster than float (images/s at the run's batch)
+    is not: slower, or the same within noise (:attr:`~ptqcal.evaluate.deploy.Ratio.verdict`)."""
     numbers = run.record.deployment
     reference, reasons = numbers[FLOAT_NAME], []
     for name, d in numbers.items():
-        info = run.record.descriptor(name)
-        if not info.uniform or d.throughput is None or d.throughput > reference.throughput:
+        ratio = None if name == FLOAT_NAME else speed_ratio(d, reference)
+        if ratio is None or ratio.verdict == "above" or (ratio.verdict == "unjudged" and ratio.value > 1):
             continue
-        if stored_bits(info.weight_bits) == 4:
-            why = (f"its {info.weight_bits}-bit weights, packed INT4, have no integer kernel on CPU: ORT dequantizes "
-                   "them and runs float layers")
-        elif info.act_bits < 8:
-            why = "its activations below 8 bits keep a Clip in front of each QuantizeLinear, which stops fusion"
-        else:
-            why = "ORT's integer kernels are not faster than its float ones for this graph on this CPU"
-        reasons.append(f"{md(name)} is not faster than float: {why}.")
+        why = slow_reason(run, name, ratio.verdict == "same")
+        what = {"below": "is slower than float", "same": "runs at float's speed within noise"}.get(
+            ratio.verdict, "is not faster than float (no spread recorded to judge by)")
+        reasons.append(f"{md(name)} {what} ({ratio.text()} its images/s)" + (f": {why}." if why else "."))
     return " ".join(reasons)
 
 

@@ -10,7 +10,9 @@ import math
 from typing import Any, Sequence
 
 from ptqcal.evaluate.attribution import EFFECT_FIELDS
+from ptqcal.evaluate.deploy import Deployment, Ratio, latency_ratio, speed_ratio
 from ptqcal.evaluate.metrics import Metrics, changes_by_confidence
+from ptqcal.evaluate.results import FLOAT_NAME
 from ptqcal.evaluate.record import finite
 
 from .run_analysis import HEADLINE, RunAnalysis
@@ -42,8 +44,13 @@ COLUMNS = [
 # selective prediction (evaluate/selective.py): in metrics.csv and metrics.json, and a table of its own
 SELECTIVE = ("aurc", "aurc_margin", "aurc_entropy", "eaurc", "risk_at_80", "risk_at_90", "coverage_at_float_risk")
 DEPLOYMENT_UNITS = {"file_bytes": "bytes", "weight_bytes": "bytes", "threads": "count", "batch_size": "images",
-                    "latency_ms": "milliseconds", "latency_p90_ms": "milliseconds", "throughput": "images/s"}
-TIMINGS = ("threads", "batch_size", "latency_ms", "latency_p90_ms", "throughput", "throughput_source")  # this machine's
+                    "latency_ms": "milliseconds", "latency_p90_ms": "milliseconds", "latency_runs": "count",
+                    "latency_vs_float": "ratio", "latency_vs_float_low": "ratio", "latency_vs_float_high": "ratio",
+                    "throughput": "images/s", "throughput_runs": "count", "throughput_images": "images",
+                    "speed_vs_float": "ratio", "speed_vs_float_low": "ratio", "speed_vs_float_high": "ratio"}
+SIZES = ("file_bytes", "weight_bytes")  # what one seed decides; every other deployment number is this machine's
+# this machine's timings and what is made of them: in metrics.csv and run.json, never in metrics.json
+TIMINGS = tuple(sorted((set(Deployment.__dataclass_fields__) | set(DEPLOYMENT_UNITS)) - set(SIZES)))
 
 
 def _clean(value: Any) -> Any:
@@ -63,14 +70,31 @@ def metrics_rows(run: RunAnalysis) -> list[dict[str, Any]]:
         row.update({f"{k}_ci95": list(v) for k, v in config.intervals.items()})
         if config.spread is not None:
             row.update({f"{k}_std": _clean(getattr(config.spread, k)) for k in HEADLINE})
-        numbers = run.record.deployment.get(config.name)
-        if numbers is not None:
-            row.update(vars(numbers))
+        row.update(deployment_fields(run, config.name))
         if config.change is not None:
             bins = changes_by_confidence(config.change)
             row["by_float_confidence"] = {key: [_clean(float(v)) for v in values] for key, values in bins.items()}
         rows.append(row)
     return rows
+
+
+def _ratio_fields(key: str, value: Ratio | None) -> dict[str, float | None]:
+    if value is None:
+        return {}
+    return {key: _clean(value.value), f"{key}_low": value.low, f"{key}_high": value.high}
+
+
+def deployment_fields(run: RunAnalysis, config: str) -> dict[str, Any]:
+    """``config``'s size and speed as recorded, and its speed and batch-1 latency over the float
+    model's with their ranges (:func:`~ptqcal.evaluate.deploy.ratio`); empty when unrecorded."""
+    numbers, reference = run.record.deployment.get(config), run.record.deployment.get(FLOAT_NAME)
+    if numbers is None:
+        return {}
+    fields = dict(vars(numbers))
+    if reference is not None:
+        fields.update(_ratio_fields("speed_vs_float", speed_ratio(numbers, reference)))
+        fields.update(_ratio_fields("latency_vs_float", latency_ratio(numbers, reference)))
+    return fields
 
 
 def metrics_csv(runs: Sequence[RunAnalysis]) -> str:

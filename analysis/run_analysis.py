@@ -15,6 +15,7 @@ from ptqcal.evaluate.selective import selective_intervals
 from ptqcal.evaluate.temperature import cross_fitted_temperatures
 
 BOOTSTRAP_RESAMPLES = 500
+TEMPERATURE_MIN_IMAGES = 20  # fewer evaluation images: no temperature (each half fits one), no Figure 5
 HEADLINE = ("top1_error", "ece", "swapped", "delta_top1_error", "aurc", "risk_at_90")  # metrics shown with an interval or a spread
 
 
@@ -28,7 +29,7 @@ class RunAnalysis:
         What the run saved.
     temperature : float or None
         The temperature, cross-fitted on the evaluation images (the geometric mean of the two
-        halves' values); ``None`` for fewer than 20 images.
+        halves' values); ``None`` for fewer than :data:`TEMPERATURE_MIN_IMAGES` images.
     temperatures : ndarray or None
         The temperature each evaluation image was scaled with: fitted on the other half.
     configs : list of ConfigResult
@@ -106,7 +107,7 @@ def analyse_record(record: RunRecord, folder: Path | None = None, seed: int = 0)
     without a descriptor fails here, loudly (``LookupError``): nothing is guessed from its name."""
     record.require_descriptors()
     labels, float_logits = record.labels, record.logits[FLOAT_NAME]
-    fitted = cross_fitted_temperatures(float_logits, labels, seed)
+    fitted = cross_fitted_temperatures(float_logits, labels, seed, TEMPERATURE_MIN_IMAGES)
     temperatures, halves = fitted if fitted else (None, None)
     temperature = float(np.sqrt(halves[0] * halves[1])) if halves else None
     configs = []

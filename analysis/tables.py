@@ -10,14 +10,15 @@ import os
 from typing import Sequence
 
 from ptqcal.evaluate.attribution import CONFIDENT as ATTRIBUTION_CONFIDENT
+from ptqcal.evaluate.deploy import Deployment, Ratio, latency_ratio, speed_ratio
 from ptqcal.evaluate.metrics import FRACTION, Metrics, changes_by_confidence
 from ptqcal.evaluate.results import FLOAT_NAME
 from ptqcal.evaluate.selective import SCORES
 from ptqcal.quantize.spec import MIXED_NAME
 
-from .judgement import not_faster
+from .judgement import LATENCY_WORDS, SPEED_WORDS, not_faster, timing_words
 from .markdown import md
-from .run_analysis import RunAnalysis
+from .run_analysis import TEMPERATURE_MIN_IMAGES, RunAnalysis
 from .rows import COLUMNS, SELECTIVE, metrics_rows
 from .trust import GuardView, guard_views, percent, threshold_text
 
@@ -30,6 +31,7 @@ SELECTIVE_TITLES = {"aurc": ("AURC %", "{:.2f}"), "eaurc": ("E-AURC %", "{:.2f}"
                     "coverage_at_float_risk": ("coverage at float's error %", "{:.1f}")}
 SELECTIVE_COLUMNS = [("config", "config", "{}"), *((key, *SELECTIVE_TITLES[key]) for key in SELECTIVE_TITLES)]
 assert set(SELECTIVE_TITLES) == set(SELECTIVE)  # every selective metric of metrics.csv is in the table
+SWAP_KEYS = {"delta_error_per_swapped", "mean_float_conf_swapped", "median_float_margin_swapped"}  # of swaps only
 TOP_LAYERS = 10  # rows of the attribution table in the report (layers.csv has them all)
 
 
@@ -63,14 +65,37 @@ def markdown_table(run: RunAnalysis, columns: Sequence[tuple[str, str, str]] = C
     return "\n".join(lines)
 
 
+def _left_out(run: RunAnalysis, columns: Sequence[tuple[str, str, str]], quantized_only: bool = False) -> str:
+    """A sentence naming the columns a table leaves out (no configuration has a value) and why."""
+    rows = [r for r in metrics_rows(run) if not quantized_only or r["config"] != FLOAT_NAME]
+    missing = [(key, title) for key, title, _ in columns if key != "config" and all(r.get(key) is None for r in rows)]
+    if not missing:
+        return ""
+    return "Left out: " + "; ".join(f'"{title}" ({_why_missing(run, key)})' for key, title in missing) + "."
+
+
+def _why_missing(run: RunAnalysis, key: str) -> str:
+    if key == "ece_temperature":
+        return (f"no temperature: {len(run.labels)} evaluation images are fewer than the {TEMPERATURE_MIN_IMAGES} "
+                "a cross-fitted temperature needs")
+    if key in SWAP_KEYS:
+        return "no configuration swapped a prediction, so it is undefined"
+    if key == "median_float_margin_kept":
+        return "every configuration swapped every prediction, so it is undefined"
+    return "undefined for every configuration"
+
+
 def markdown_tables(run: RunAnalysis) -> list[str]:
-    """Accuracy and calibration of every configuration; then what quantization changed."""
+    """Accuracy and calibration of every configuration; then what quantization changed (each with
+    a sentence on the columns it leaves out, and why)."""
     quality = [c for c in COLUMNS if c[0] not in CHANGE_KEYS]
     change = [c for c in COLUMNS if c[0] == "config" or c[0] in CHANGE_KEYS]
-    tables = ["**Accuracy and calibration**", markdown_table(run, quality)]
+    tables = ["**Accuracy and calibration**", markdown_table(run, quality), _left_out(run, quality)]
     if run.quantized:
         tables += ["**What quantization changed** (against the float model on the same images)",
-                   markdown_table(run, change, quantized_only=True)]
+                   markdown_table(run, change, quantized_only=True), _left_out(run, change, quantized_only=True)]
+    else:
+        tables.append("No table of what quantization changed: the run has no configuration besides the float model.")
     return tables
 
 
@@ -133,34 +158,51 @@ def guard_table(run: RunAnalysis) -> list[str]:
             "\n".join([head, "|" + "---|" * 10, *(_guard_row(view) for view in views)])]
 
 
+def _ratio_cell(ratio: Ratio | None, words: dict[str, str]) -> str:
+    return "–" if ratio is None else f"{ratio.text()} {words[ratio.verdict]}".rstrip()
+
+
+def _runs_cell(d: Deployment) -> str:
+    if d.latency_runs is None or d.throughput_runs is None:
+        return "–"  # an older ptqcal's record: it did not keep the counts
+    source = ", evaluation" if d.throughput_source == "evaluation" else ""
+    return f"{d.latency_runs:,} / {d.throughput_runs:,} ({d.throughput_images:,} img{source})"
+
+
+def _deployment_row(name: str, d: Deployment, reference: Deployment, timed: bool) -> str:
+    cells = [md(name), f"{d.file_bytes / 1e6:.2f}", f"{d.weight_bytes / 1e6:.3f}",
+             f"{d.weight_bytes / max(reference.weight_bytes, 1):.3f}"]
+    if timed and d.throughput is not None:
+        same = name == FLOAT_NAME
+        cells += [f"{d.latency_ms:.3g} / {d.latency_p90_ms:.3g}",
+                  "1 (reference)" if same else _ratio_cell(latency_ratio(d, reference), LATENCY_WORDS), f"{d.throughput:,.0f}",
+                  "1 (reference)" if same else _ratio_cell(speed_ratio(d, reference), SPEED_WORDS), _runs_cell(d)]
+    elif timed:
+        cells += ["not timed"] + ["–"] * 4
+    return "| " + " | ".join(cells) + " |"
+
+
 def deployment_table(run: RunAnalysis) -> list[str]:
-    """Size and speed of every configuration on the machine that ran it, and why a quantized one
-    is not faster than float where it is not."""
+    """Size and speed of every configuration on the machine that ran it, with how many runs each
+    timing rests on and the range of each ratio to float; why a quantized one is not faster than
+    float where it is not."""
     numbers = run.record.deployment
     reference = numbers.get(FLOAT_NAME)
     if reference is None:
-        return []
+        return ["**Deployment**: left out, the run recorded no size or speed of the float model to compare with."]
     timed = reference.throughput is not None
     head = "| config | file MB | weights MB | weights × float |" + (
-        " latency ms (batch 1, median / p90) | images/s (batch {}) | speed × float |".format(reference.batch_size)
-        if timed else "")
-    lines = [head, "|" + "---|" * (7 if timed else 4)]
-    for name, d in numbers.items():
-        cells = [md(name), f"{d.file_bytes / 1e6:.2f}", f"{d.weight_bytes / 1e6:.3f}",
-                 f"{d.weight_bytes / max(reference.weight_bytes, 1):.3f}"]
-        if timed and d.throughput is not None:
-            cells += [f"{d.latency_ms:.2f} / {d.latency_p90_ms:.2f}", f"{d.throughput:.0f}",
-                      f"{d.throughput / reference.throughput:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        f" latency ms (batch 1, median / p90) | latency × float | images/s (batch {reference.batch_size}) | "
+        "speed × float | runs (batch 1 / batch) |" if timed else "")
+    lines = [head, "|" + "---|" * (9 if timed else 4)]
+    lines += [_deployment_row(name, d, reference, timed) for name, d in numbers.items()]
     threads = "ORT's default thread count, one per physical core" if reference.threads == 0 else \
         f"{reference.threads} ORT thread{'s' if reference.threads > 1 else ''}"
-    sources = {d.throughput_source for d in numbers.values() if d.throughput is not None}
-    how = {"evaluation": "images/s of session.run over the evaluation's full batches",
-           "timed runs": "images/s of timed runs"}
-    title = (f"**Deployment on this machine** ({threads}; {os.cpu_count()} CPUs; "
-             f"{' or '.join(how.get(s, s) for s in sorted(sources))})") if timed else \
-        "**Deployment** (sizes only: timing was skipped)"
-    return [title, "\n".join(lines), not_faster(run)] if timed else [title, "\n".join(lines)]
+    if not timed:
+        return ["**Deployment** (sizes only: timing was skipped, so there is no latency, speed or ratio to float)",
+                "\n".join(lines)]
+    return [f"**Deployment on this machine** ({threads}; {os.cpu_count()} CPUs)", "\n".join(lines),
+            timing_words(), not_faster(run)]
 
 
 def attribution_table(run: RunAnalysis) -> list[str]:
@@ -173,10 +215,12 @@ def attribution_table(run: RunAnalysis) -> list[str]:
         confident = "–" if math.isnan(e.confident_swapped) else f"{100 * e.confident_swapped:.1f}"
         lines.append(f"| {md(e.layer)} | {e.weight_bits} | {confident} | {100 * e.swapped:.1f} | "
                      f"{100 * e.delta_top1_error:+.1f} | {e.sqnr_db:.1f} |")
+    where = (f"{result.images} images held out of evaluation for the mixed-precision search" if result.held_out
+             else f"{result.images} seeded evaluation images")
+    shown = f"the {TOP_LAYERS} worst of {len(result.effects)}" if len(result.effects) > TOP_LAYERS else "all of them"
     return [f"**Which layers flip confident predictions** (each weight layer quantized alone, everything else "
-            f"float, on {result.images} seeded evaluation images, {result.confident} of them held with at least "
-            f"{ATTRIBUTION_CONFIDENT:.0%} confidence; the {TOP_LAYERS} worst; every layer in layers.csv)",
-            "\n".join(lines)]
+            f"float, on {where}, {result.confident} of them held with at least {ATTRIBUTION_CONFIDENT:.0%} "
+            f"confidence; {shown} (layer, bits); every one in layers.csv)", "\n".join(lines)]
 
 
 def mixed_section(run: RunAnalysis) -> list[str]:
@@ -211,8 +255,12 @@ def mixed_section(run: RunAnalysis) -> list[str]:
 
 def comparison(runs: Sequence[RunAnalysis]) -> list[str]:
     """Several models side by side: float calibration, and how each holds up at its lowest precision."""
-    if len(runs) < 2 or not all(r.uniform for r in runs):
+    if len(runs) < 2:
         return []
+    if not all(r.uniform for r in runs):
+        alone = ", ".join(md(r.name) for r in runs if not r.uniform)
+        return ["## Comparison", f"Left out: {alone} has no configuration of one precision everywhere to set beside "
+                "the others' lowest precision."]
     lines = ["| model | float top-1 err % | float ECE % | float mean conf % | lowest precision | % swapped | "
              "Δ err (pp) | Δ err / % swapped | float conf of swapped % |", "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from ptqcal.evaluate.guard import CONFIDENT, guard_curve
 from ptqcal.evaluate.selective import confidence_score, risk_coverage
 
-from .figures import FLOAT_COLOR, _axes, _colors, _legend, _percent
+from .figures import FLOAT_COLOR, _axes, _colors, _legend, _percent, plain
 
 SCORE_WORDS = {"msp": "max softmax probability", "margin": "top-1 − top-2 logit", "entropy": "minus the entropy"}
 
@@ -62,7 +62,7 @@ def plot_risk_coverage(curves: Sequence[RiskCoverageCurves], ax: Sequence[Axes] 
             x, y = np.concatenate([[0.0], model.coverage[index]]), np.concatenate([[model.risk[index][0]],
                                                                                    model.risk[index]])
             axis.step(_percent(x), _percent(y), where="pre", color=colors[index], lw=2.0 if index == 0 else 1.3,
-                      ls="--" if index == 0 else "-", label=f"{name} (AURC {100 * model.area[index]:.2f}%)",
+                      ls="--" if index == 0 else "-", label=f"{plain(name)} (AURC {100 * model.area[index]:.2f}%)",
                       zorder=3 if index == 0 else 2)
         axis.axhline(100 * model.float_error, color="0.45", ls=":", lw=1,
                      label=f"float's error at full coverage ({100 * model.float_error:.2f}%)")
@@ -74,7 +74,7 @@ def plot_risk_coverage(curves: Sequence[RiskCoverageCurves], ax: Sequence[Axes] 
                       transform=axis.transAxes, ha="left", va="top", fontsize=7.5, color="0.3")
         axis.set_xlabel(f"coverage: % of predictions kept, by {SCORE_WORDS[model.score]}")
         axis.set_ylabel("risk: top-1 error of those kept (%)")
-        axis.set_title(f"{model.model}: risk against coverage")
+        axis.set_title(f"{plain(model.model)}: risk against coverage", loc="left")
         _legend(axis)
     return fig
 
@@ -130,8 +130,9 @@ def _guard_panel(axis: Axes, curves: GuardCurves, values: list[np.ndarray], poin
     for index, name in enumerate(curves.configs):
         if not counts[index]:
             continue
+        noun = what[:-1] if counts[index] == 1 else what
         axis.plot(_percent(curves.routed[index]), _percent(values[index]), color=colors[index], lw=1.4,
-                  label=f"{name} ({curves.scores[index]}; {counts[index]} {what[:-1] if counts[index] == 1 else what})")
+                  label=f"{plain(name)} ({curves.scores[index]}; {counts[index]} {noun})")
         axis.plot(100 * curves.chosen[index][0], 100 * curves.chosen[index][point], "o", ms=6, color=colors[index],
                   markeredgecolor="black", markeredgewidth=0.8, zorder=4)
     axis.plot([], [], "o", ms=6, color="white", markeredgecolor="black", label="chosen threshold")
@@ -153,10 +154,11 @@ def plot_guard_curves(curves: Sequence[GuardCurves], ax: Sequence[Axes] | None =
     fig, axes = _axes(ax, len(curves), 2 if confident else 1, (11.0 if confident else 6.2, 4.0 * len(curves)))
     for row, model in enumerate(curves):
         _guard_panel(axes[row, 0], model, model.swaps_caught, 1, model.swaps, "swaps")
-        axes[row, 0].set_title(f"{model.model}: what the guard catches")
+        axes[row, 0].set_title(f"{plain(model.model)}: what the guard catches", loc="left")
         if confident:
             _guard_panel(axes[row, 1], model, model.confident_caught, 2, model.confident_swaps, "confident swaps")
-            axes[row, 1].set_title(f"{model.model}: of predictions float held with ≥ {100 * CONFIDENT:.0f}% confidence")
+            axes[row, 1].set_title(f"{plain(model.model)}: of predictions float held with ≥ "
+                                   f"{100 * CONFIDENT:.0f}% confidence", loc="left")
     return fig
 
 

@@ -68,6 +68,16 @@ def ordered_moves(attribution: Attribution, elements: Mapping[str, int], widths:
         current[move.layer] = move.to_bits
 
 
+def search_widths(widths: Sequence[int]) -> tuple[int, ...]:
+    """The widths a search can choose among: the highest of each stored size (8 for 8..5 in int8
+    containers, 4 for 4 and 3 in INT4, 2), highest first; the others store and run as those do."""
+    best: dict[int, int] = {}
+    for width in widths:
+        size = stored_bytes(1 << 20, width)
+        best[size] = max(best.get(size, width), width)
+    return tuple(sorted(best.values(), reverse=True))
+
+
 def assignment(elements: Mapping[str, int], widths: Sequence[int], moves: Sequence[Move]) -> dict[str, int]:
     """Each layer's width after ``moves`` (from the highest of ``widths``), in graph order."""
     bits = {layer: max(widths) for layer in elements}
@@ -84,6 +94,7 @@ class SearchStep:
     weight_bytes: int
     confident_swapped: float
     swapped: float
+    delta_top1_error: float = float("nan")  # on the search's images (NaN: measured without labels)
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,7 @@ class MixedChoice:
     act_bits: int
     layer_bits: dict[str, int] = field(default_factory=dict)
     steps: list[SearchStep] = field(default_factory=list)  # in the order measured; the chosen one last
+    max_delta_error: float | None = None  # the cap on the added top-1 error, when the run set one
 
     @property
     def met(self) -> bool:
@@ -112,7 +124,8 @@ class MixedChoice:
     @classmethod
     def from_json(cls, values: dict) -> "MixedChoice":
         return cls(**{**values, "layer_bits": {k: int(v) for k, v in values["layer_bits"]},
-                      "steps": [SearchStep(**s) for s in values["steps"]]})
+                      "steps": [SearchStep(**{k: float("nan") if v is None else v for k, v in s.items()})
+                                for s in values["steps"]]})
 
 
 class SearchError(InputError):
@@ -126,14 +139,19 @@ Measure = Callable[[dict[str, int]], np.ndarray]
 
 def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: Mapping[str, int],
            widths: Sequence[int], act_bits: int, attribution: Attribution, float_logits: np.ndarray,
-           measure_logits: Measure) -> MixedChoice:
-    """Per-layer weight widths for ``target`` <= ``limit`` (see :data:`TARGETS`).
+           measure_logits: Measure, labels: np.ndarray | None = None,
+           max_delta_error: float | None = None) -> MixedChoice:
+    """Per-layer weight widths for ``target`` <= ``limit`` (see :data:`TARGETS`), and, with
+    ``max_delta_error`` (a fraction; ``labels`` needed), a top-1 error at most that much above the
+    float model's on the search's images.
 
     ``elements``: weight count of every quantized layer (graph order); ``float_bytes``: float bytes
     of every weight layer, those kept float included; ``float_logits``: the float model on the
     search's images. The choice's ``layer_bits`` is empty when no assignment meets the target."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
+    if max_delta_error is not None and labels is None:
+        raise ValueError("a cap on the added error needs the search images' labels")
     moves = ordered_moves(attribution, elements, widths)
     kept_float = sum(b for layer, b in float_bytes.items() if layer not in elements)
     prefix_bits = lambda k: assignment(elements, widths, moves[:k])  # noqa: E731
@@ -141,9 +159,9 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
     def size(k: int) -> int:
         return kept_float + sum(stored_bytes(elements[layer], bits) for layer, bits in prefix_bits(k).items())
 
-    no_labels = np.zeros(len(float_logits), np.int64)  # swaps need no labels
-    reference = quantization_change(float_logits, float_logits, no_labels)
-    confident = int((reference.float_confidence >= CONFIDENT).sum())
+    labelled = labels is not None
+    labels = np.zeros(len(float_logits), np.int64) if labels is None else labels  # swaps need no labels
+    confident = int((quantization_change(float_logits, float_logits, labels).float_confidence >= CONFIDENT).sum())
     if target == "max_confident_swaps" and not confident:
         raise SearchError(f"the float model holds none of the {len(float_logits)} held-out images with "
                           f"{CONFIDENT:.0%} confidence, so there are no confident swaps to bound: bound the weights' "
@@ -152,35 +170,43 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
 
     def measure(k: int) -> SearchStep:
         if k not in measured:
-            change = quantization_change(float_logits, measure_logits(prefix_bits(k)), no_labels)
+            change = quantization_change(float_logits, measure_logits(prefix_bits(k)), labels)
             swapped, held = change.confident_swaps(CONFIDENT)
-            measured[k] = SearchStep(k, size(k), swapped / held if held else 0.0, change.swap_rate)
+            measured[k] = SearchStep(k, size(k), swapped / held if held else 0.0, change.swap_rate,
+                                     change.delta_top1_error if labelled else float("nan"))
         return measured[k]
 
-    chosen = _confident_prefix(limit, len(moves), measure) if target == "max_confident_swaps" \
-        else _size_prefix(limit * sum(float_bytes.values()), len(moves), size, measure)
+    def within(k: int) -> bool:
+        step = measure(k)
+        return (target != "max_confident_swaps" or step.confident_swapped <= limit) and \
+            (max_delta_error is None or step.delta_top1_error <= max_delta_error)
+
+    chosen = _longest_within(len(moves), within) if target == "max_confident_swaps" \
+        else _size_prefix(limit * sum(float_bytes.values()), len(moves), size, within)
     history = list(measured.values())
     if chosen is not None and history[-1].moves != chosen:  # the choice is the last row
         history.append(measured[chosen])
     return MixedChoice(target, limit, sum(float_bytes.values()), len(float_logits), confident, act_bits,
-                       {} if chosen is None else prefix_bits(chosen), history)
+                       {} if chosen is None else prefix_bits(chosen), history, max_delta_error)
 
 
-def _confident_prefix(limit: float, count: int, measure) -> int | None:
-    """The most moves whose model swaps at most ``limit`` of the confident predictions (bisection)."""
-    if measure(0).confident_swapped > limit:
+def _longest_within(count: int, within) -> int | None:
+    """The most moves whose model stays within the targets (bisection: lowering more layers is
+    assumed to change no fewer predictions)."""
+    if not within(0):
         return None
-    if measure(count).confident_swapped <= limit:
+    if within(count):
         return count
     good, bad = 0, count
     while bad - good > 1:
         middle = (good + bad) // 2
-        good, bad = (middle, bad) if measure(middle).confident_swapped <= limit else (good, middle)
+        good, bad = (middle, bad) if within(middle) else (good, middle)
     return good
 
 
-def _size_prefix(budget: float, count: int, size, measure) -> int | None:
-    """The fewest moves whose weights fit ``budget`` bytes (measured, to report it)."""
+def _size_prefix(budget: float, count: int, size, within) -> int | None:
+    """The fewest moves whose weights fit ``budget`` bytes, if that model is within the other
+    targets (measured either way, to report it)."""
     fitting = next((k for k in range(count + 1) if size(k) <= budget), None)
-    measure(count if fitting is None else fitting)
-    return fitting
+    ok = within(count if fitting is None else fitting)
+    return fitting if ok else None

@@ -244,6 +244,8 @@ class RunConfig:
         if self.mixed and len(self.weight_bits) < 2:
             raise UserError("a mixed-precision target chooses among the run's weight bit widths: give at least two "
                             "to --weight-bits (e.g. 8 4)")
+        if self.calib_ranges is not None and self.calib_ranges.exists() and not self.calib_ranges.is_file():
+            raise UserError(f"--calib-ranges {self.calib_ranges}: not a regular file")  # a pipe would block forever
         if self.calib_ranges is not None and self.repeats > 1:
             raise UserError("--calib-ranges reuses one calibration: drop --repeats")
         self.extra_configs()  # names and files checked before any work

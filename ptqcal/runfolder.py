@@ -334,7 +334,9 @@ def restore(folder: Path) -> None:
     """Put right what a killed ptqcal left beside ``folder`` before reading it (``ptqcal report``),
     under its lock; a folder another ptqcal is writing is left to that one."""
     folder = Path(folder)
-    if not folder.parent.is_dir():
+    if folder.name in ("", ".", ".."):
+        folder = folder.resolve()
+    if not folder.name or not folder.parent.is_dir():
         return
     try:
         lock = _lock(folder)

@@ -256,7 +256,7 @@ def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: Preproces
     """The logits of the model at ``path`` on ``pixels`` (the first ``limit`` images if given),
     normalised batch by batch with ``preprocess`` while the previous batch runs, on ORT's fused
     integer kernels or (``fused=False``) the simulated path."""
-    from .evaluate.deploy import evaluation_throughput
+    from .evaluate.deploy import TIMING_FORMAT
 
     job = LogitsJob(path, pixels, preprocess, desc, fused, kind)
     count = None if limit is None else min(limit, len(pixels))
@@ -265,9 +265,9 @@ def model_logits(cache: Cache, path: Path, pixels: Pixels, preprocess: Preproces
     def compute() -> np.ndarray:
         timings: list[tuple[int, float]] = []
         logits = job.compute(cfg, count=count, timings=timings)
-        speed = evaluation_throughput(timings, cfg.batch_size)
-        if speed is not None and count is None and kind == "logits":  # deployment() reads it
-            cache.file("throughput", _speed_key(key, cfg), "json", lambda tmp: tmp.write_text(json.dumps(speed)))
+        if count is None and kind == "logits":  # each batch's (images, seconds): deployment() reads them
+            cache.file("throughput", make_key(_speed_key(key, cfg), TIMING_FORMAT), "json",
+                       lambda tmp: tmp.write_text(json.dumps(timings)))
         return logits
 
     return cache.array(kind, key, compute, check_logits)
@@ -369,17 +369,20 @@ def deployment(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessC
     """The size of the model at ``path`` and (unless ``cfg.timing`` is off) its latency and
     throughput on this machine (a :class:`~ptqcal.evaluate.deploy.Deployment`), measured once and
     cached: a re-run reports the first run's timings, as it reports its wall time. The throughput
-    is that of the deployed path's evaluation on ``pixels`` when this process ran it."""
-    from .evaluate.deploy import Deployment, measure_deployment
+    is that of the deployed path's evaluation on ``pixels`` when this process ran it and its full
+    batches took long enough (:func:`~ptqcal.evaluate.deploy.evaluation_runs`), else of timed runs."""
+    from .evaluate.deploy import TIMING_FORMAT, Deployment, evaluation_runs, measure_deployment
 
-    key = make_key(file_digest(path), cfg.threads, cfg.batch_size, cfg.timing, cfg.provider, versions(KEYED))
-    seen = _speed_key(LogitsJob(path, pixels, preprocess, "", fused=True).key(cfg), cfg)
+    key = make_key(file_digest(path), cfg.threads, cfg.batch_size, cfg.timing, cfg.provider, versions(KEYED),
+                   TIMING_FORMAT)
+    seen = make_key(_speed_key(LogitsJob(path, pixels, preprocess, "", fused=True).key(cfg), cfg), TIMING_FORMAT)
 
     def measure(tmp: Path) -> None:
         batch = preprocess(pixels.head(cfg.batch_size))
-        throughput = json.loads(cache.path("throughput", seen, "json").read_text()) \
-            if cache.has("throughput", seen, "json") else None
-        numbers = measure_deployment(path, batch, cfg.threads, cfg.provider, cfg.timing, throughput)
+        timings = json.loads(cache.path("throughput", seen, "json").read_text()) \
+            if cache.has("throughput", seen, "json") else []
+        evaluation = evaluation_runs([(int(images), float(seconds)) for images, seconds in timings], len(batch))
+        numbers = measure_deployment(path, batch, cfg.threads, cfg.provider, cfg.timing, evaluation)
         tmp.write_text(json.dumps(asdict(numbers)))
 
     return Deployment(**json.loads(cache.file("deployment", key, "json", measure).read_text()))
@@ -391,6 +394,7 @@ def attribution(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, image
     ``cfg.seed`` from the evaluation images; every (layer, bits) result is cached."""
     from .data import DEFAULT_SEARCH_SIZE, seeded_subset
     from .evaluate.attribution import LayerEffect, attribute
+    from .evaluate.mixed import search_widths
 
     pixels = images.search if images.search is not None else \
         Pixels(seeded_subset(images.eval.split, cfg.attribution_size or DEFAULT_SEARCH_SIZE, cfg.seed), preprocess,
@@ -401,8 +405,10 @@ def attribution(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, image
         path = cache.file("layer-effect", key, "json", lambda tmp: tmp.write_text(json.dumps(asdict(compute()))))
         return LayerEffect(**json.loads(path.read_text()))
 
+    # for a search only, the widths it can choose among (each other width stores and runs as one of them)
+    widths = cfg.weight_bits if cfg.attribute else search_widths(cfg.weight_bits)
     return attribute(prepared, lambda limit: pixels.batches(cfg.batch_size, preprocess, limit), pixels.labels,
-                     cfg.weight_bits, str(cfg.weight_scale), cfg.provider, cfg.threads, memo,
+                     widths, str(cfg.weight_scale), cfg.provider, cfg.threads, memo,
                      held_out=images.search is not None)
 
 

@@ -558,3 +558,25 @@ def test_a_warning_before_a_mistake_is_not_printed(corpus, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 2 and done.stderr == "ptqcal: error: the data is wrong\n", done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# Needs the lead (quantize/calibrate.py, CalibrationRanges.load): a saved range that is NaN or whose
+# low is above its high is accepted today (reversed: a silent run; NaN: ORT's AssertionError
+# "scale issue" as a traceback). Strict: these fail once the check is in, as a reminder to drop the mark.
+@pytest.mark.xfail(strict=True, reason="LEAD: CalibrationRanges.load must refuse NaN and low > high")
+@pytest.mark.parametrize("damage", ["reversed", "NaN"])
+def test_a_damaged_saved_range_is_one_line(damage, corpus, tmp_path, capsys):
+    saved = tmp_path / "saved"
+    args = [*RUN, "--model", str(corpus["tiny"]), *ONNX, "--weight-bits", "8"]
+    assert main([*args, "--out", str(saved)]) == 0
+    payload = json.loads((saved / "calibration_ranges_a8.json").read_text())
+    name, (low, high) = next(iter(payload["ranges"].items()))
+    payload["ranges"][name] = [high + 1, low - 1] if damage == "reversed" else [float("nan"), high]
+    ranges = tmp_path / "ranges.json"
+    ranges.write_text(json.dumps(payload))
+    capsys.readouterr()
+    before = _fingerprint(tmp_path)
+    code = main([*args, "--out", str(tmp_path / "out"), "--calib-ranges", str(ranges)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and name in err[0], err
+    assert _fingerprint(tmp_path) == before

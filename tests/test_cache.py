@@ -79,8 +79,9 @@ def test_hits_misses_and_invalidation(tmp_path, capsys):
     assert {k: v for k, v in after.items() if k in first} == first, "nothing already computed was rewritten"
     new = sorted(_kind(name) for name in set(after) - set(first))
     # the a8w6 model, its logits and their session.run speed, its simulated check logits (the deployed
-    # ones are its logits' first rows), its size and speed, and the run's timing
-    assert new == ["check-logits", "deployment", "logits", "quantized", "seconds", "throughput"]
+    # ones are its logits' first rows), its logits on the held-out (calibration) images the float
+    # fallback guard is fitted on, its size and speed, and the run's timing
+    assert new == ["calib-logits", "check-logits", "deployment", "logits", "quantized", "seconds", "throughput"]
     assert (out / "model_a8w6.onnx").exists()
 
     before_seed = _entries(out / "cache")

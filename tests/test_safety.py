@@ -119,10 +119,34 @@ def test_logits_that_are_not_finite_never_enter_the_cache(tmp_path, capsys):
     assert not out.exists()
 
 
+class _InProcess:
+    """A stand-in for the export's child process that runs it in this one (so a test can patch it)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, function, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # noqa: BLE001 - handed to .result(), as a child's error is
+            future.set_exception(error)
+        return future
+
+
 def test_a_kill_between_export_and_its_check_resumes(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
     import ptqcal.export
+    import ptqcal.steps
 
     real = ptqcal.export.export_onnx
 
@@ -131,11 +155,12 @@ def test_a_kill_between_export_and_its_check_resumes(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # ... and the process dies before the check is stored
 
     monkeypatch.setattr(ptqcal.export, "export_onnx", killed)
+    monkeypatch.setattr(ptqcal.steps, "ProcessPoolExecutor", _InProcess)  # the export's child, here: killable
     out = tmp_path / "run"
     args = ["run", "--model", "digits_resnet8", "--out", str(out), "--no-progress", "--quiet", "--weight-bits", "8",
             "--cache-dir", str(tmp_path / "models")]
     assert main(args) == 130
-    monkeypatch.setattr(ptqcal.export, "export_onnx", real)
+    monkeypatch.undo()  # the real export, in its child process
     assert main(args) == 0
     assert "logit difference\\| vs PyTorch" in (out / "report.md").read_text()
 

@@ -155,8 +155,9 @@ class Recommendation:
     float_confident: int
 
     @property
-    def choice(self) -> str:
-        return self.ranked[0]
+    def choice(self) -> str | None:
+        """The configuration to ship; ``None`` when none can be weighed (the run recorded no sizes)."""
+        return self.ranked[0] if self.ranked else None
 
     @property
     def runner_up(self) -> str | None:
@@ -308,9 +309,11 @@ def _warnings(run: "RunAnalysis", rec: Recommendation) -> list[str]:
     float, too few confident predictions to judge swaps by, timings missing or without a spread."""
     from .judgement import CONFIDENT, slow_reason
 
+    if rec.choice is None:
+        return ["The run recorded no size of its configurations, so none can be recommended."]
     said, choice = [], rec.candidate(rec.choice)
     if choice.name == FLOAT_NAME and len(rec.candidates) > 1:
-        said.append("No quantized configuration is within the thresholds: ship the float model.")
+        said.append("No quantized configuration with a recorded size is within the thresholds: ship the float model.")
     slow = [c for c in rec.candidates if c.speed is not None and c.speed.verdict == "below"
             and (c.name == rec.choice or c.kind is ConfigKind.MIXED)]
     for c in slow:
@@ -352,6 +355,8 @@ def _facts(rec: Recommendation, c: Candidate) -> str:
 
 def sentence(rec: Recommendation) -> str:
     """The recommendation in one line (the console's): the choice, its numbers, the runner-up."""
+    if rec.choice is None:
+        return f"{rec.model}: no recommendation (the run recorded no size of its configurations)"
     runner = rec.runner_up
     second = "" if runner is None else f"; runner-up {runner} ({rec.outcomes[runner].reason})"
     return f"{rec.model}: ship {rec.choice} ({rec.objective.words()}): {_facts(rec, rec.candidate(rec.choice))}{second}"
@@ -361,6 +366,9 @@ def recommendation_lines(rec: Recommendation) -> list[str]:
     """The top of a model's report section: the choice, why each other configuration loses, warnings."""
     from .markdown import md
 
+    if rec.choice is None:
+        return ["**What to ship**: no recommendation: the run recorded no size of its configurations, so none can "
+                "be weighed."]
     runner = rec.runner_up
     head = (f"**What to ship**: **{md(rec.choice)}** — {md(_facts(rec, rec.candidate(rec.choice)))}. Objective: the "
             f"{md(rec.objective.words())}" + (f". Runner-up: **{md(runner)}**." if runner else "."))

@@ -256,7 +256,7 @@ class RunConfig:
         that a Ray worker started elsewhere, or a later step, reads the same files (names stay literal:
         symbolic links are not followed)."""
         def absolute(path: Path | None) -> Path | None:
-            return None if path is None or path == RANDOM_WEIGHTS else Path(path).absolute()
+            return path if path is None or path == RANDOM_WEIGHTS else Path(path).absolute()
 
         def graph(item: str) -> str:
             name, equals, file = item.partition("=")

@@ -304,3 +304,22 @@ def test_a_model_with_open_height_and_width_runs_at_the_given_size(tmp_path, cap
     assert main(["run", "--model", str(tmp_path / "fixed.onnx"), "--out", str(fixed), "--no-progress", *DIGITS,
                  "--weight-bits", "8"]) == 0
     np.testing.assert_array_equal(np.load(out / "logits.npz")["float"], np.load(fixed / "logits.npz")["float"])
+
+
+def test_every_path_is_made_absolute_before_it_leaves_the_driver(tmp_path, monkeypatch):
+    """A Ray worker runs in another directory: the run's paths, the default --out included, are
+    absolute before any task sees them; 'random' weights stay a keyword; names stay literal."""
+    from pathlib import Path
+
+    from ptqcal.config import RunConfig
+    from ptqcal.models import RANDOM_WEIGHTS
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q.onnx").write_bytes(b"")
+    cfg = RunConfig(model="m.onnx", data_dir=Path("data"), calib_data=Path("calib"), dataset="set.npz",
+                    quantized=("vendor=q.onnx", "q.onnx"), weights=RANDOM_WEIGHTS).resolved()
+    assert cfg.out == tmp_path / "ptqcal_runs" / "m" and cfg.model == str(tmp_path / "m.onnx")
+    assert cfg.data_dir == tmp_path / "data" and cfg.calib_data == tmp_path / "calib"
+    assert cfg.dataset == str(tmp_path / "set.npz") and cfg.weights == RANDOM_WEIGHTS
+    assert cfg.quantized == (f"vendor={tmp_path / 'q.onnx'}", str(tmp_path / "q.onnx"))
+    assert RunConfig(model="digits_resnet8", out=Path("a/*")).resolved().out == tmp_path / "a" / "*"

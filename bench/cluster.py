@@ -40,7 +40,9 @@ NODES = (1, 8, 64)
 
 
 class TimedTasks:
-    """The Local executor, but split and timed as Ray's tasks are (:mod:`ptqcal.executors`)."""
+    """The Local executor, but split and timed as Ray's tasks are (an :class:`ptqcal.executors.Executor`)."""
+
+    side_by_side = False
 
     def __init__(self):
         self.seconds: dict[str, list[float]] = defaultdict(list)
@@ -75,11 +77,11 @@ class TimedTasks:
         pass
 
 
-def timed_run(cfg, cluster=None) -> float:
+def timed_run(cfg, executor=None) -> float:
     from ptqcal.pipeline import run
 
     start = time.perf_counter()
-    run(cfg, cluster)
+    run(cfg, executor)
     return time.perf_counter() - start
 
 

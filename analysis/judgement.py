@@ -183,8 +183,11 @@ def guard_note(run: RunAnalysis) -> str:
     return " ".join(parts)
 
 
-def timing_words() -> str:
+def timing_words(run: RunAnalysis) -> str:
     """How the deployment table's timings were taken and how its ratios are judged."""
+    if any(d.latency_runs is None for d in run.record.deployment.values() if d.timed):
+        return ("These timings were taken by an older ptqcal, which kept neither how many runs each rests on nor "
+                "their spread: no ratio is judged faster or slower within noise. Re-run to time them again.")
     return (f"Each timing rests on at least {TIMING_SECONDS:g} s of session.run (the runs column: how many): the "
             f"latency is the median (and 90th percentile) of batch-1 runs after {WARMUP_RUNS} warm-up ones, at least "
             f"{MIN_LATENCY_RUNS}; the images/s are all the images over all the seconds of at least "
@@ -215,18 +218,48 @@ def slow_reason(run: RunAnalysis, name: str, same: bool) -> str:
 
 def not_faster(run: RunAnalysis) -> str:
     """Why each quantized configuration that is not faster than float (images/s at the run's batch)
-    is not: slower, or the same within noise (:attr:`~ptqcal.evaluate.deploy.Ratio.verdict`)."""
+    is not: slower, or the same within noise (:attr:`~ptqcal.evaluate.deploy.Ratio.verdict`);
+    configurations with the same verdict and reason share one sentence."""
     numbers = run.record.deployment
-    reference, reasons = numbers[FLOAT_NAME], []
+    reference, said = numbers[FLOAT_NAME], {}
     for name, d in numbers.items():
         ratio = None if name == FLOAT_NAME else speed_ratio(d, reference)
         if ratio is None or ratio.verdict == "above" or (ratio.verdict == "unjudged" and ratio.value > 1):
             continue
-        why = slow_reason(run, name, ratio.verdict == "same")
-        what = {"below": "is slower than float", "same": "runs at float's speed within noise"}.get(
-            ratio.verdict, "is not faster than float (no spread recorded to judge by)")
-        reasons.append(f"{md(name)} {what} ({ratio.text()} its images/s)" + (f": {why}." if why else "."))
-    return " ".join(reasons)
+        key = (ratio.verdict, slow_reason(run, name, ratio.verdict == "same"))
+        said.setdefault(key, []).append((md(name), ratio.text()))
+    verbs = {"below": ("is slower than float", "are slower than float"),
+             "same": ("runs at float's speed within noise", "run at float's speed within noise")}
+    sentences = []
+    for (verdict, why), items in said.items():
+        what = verbs.get(verdict, ("is not faster than float", "are not faster than float"))[len(items) > 1]
+        unjudged = "; no spread recorded to judge noise by" if verdict == "unjudged" else ""
+        names, speeds = ", ".join(name for name, _ in items), ", ".join(speed for _, speed in items)
+        sentences.append(f"{names} {what} ({speeds} its images/s{unjudged})" + (f": {why}." if why else "."))
+    return " ".join(sentences)
+
+
+def kernel_twins_note(run: RunAnalysis) -> str:
+    """Uniform configurations of one weight container and activation width run the same kernels:
+    where their timings disagree, a sentence saying that the difference is the machine's drift
+    between measurements (each configuration is timed after the other), not theirs."""
+    numbers, reference = run.record.deployment, run.record.deployment.get(FLOAT_NAME)
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, d in numbers.items():
+        info = run.record.descriptor(name)
+        if info.uniform and d.throughput is not None and reference is not None:
+            groups.setdefault((stored_bits(info.weight_bits), info.act_bits), []).append(name)
+    sentences = []
+    for (bits, _), names in groups.items():
+        ratios = [speed_ratio(numbers[n], reference) for n in names]
+        apart = any(speed_ratio(numbers[a], numbers[b]).verdict in ("above", "below") for a in names for b in names)
+        if len(names) > 1 and apart:
+            values = sorted(r.value for r in ratios)
+            sentences.append(f"{', '.join(md(n) for n in names)} store their weights in the same int{bits} containers "
+                             f"and run the same kernels: the spread of their speeds ({values[0]:.2f}× to "
+                             f"{values[-1]:.2f}× float's images/s) is this machine's drift from one measurement to the "
+                             "next, wider than the range within each shows.")
+    return " ".join(sentences)
 
 
 def kernel_notes(checks: Sequence[PathAgreement], descriptors: Mapping[str, ConfigInfo],

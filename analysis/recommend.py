@@ -11,7 +11,9 @@ The objective (its defaults are here, once; a run's settings ``ship_objective``,
   which is eligible by construction (the fallback).
 - **order** ``"smallest"`` (default): fewest weight bytes as stored; among equal bytes the
   fastest on this CPU (images/s at the run's batch); speeds whose range includes 1
-  (:class:`~ptqcal.evaluate.deploy.Ratio`) tie; then the lowest top-1 error, the fewest confident
+  (:class:`~ptqcal.evaluate.deploy.Ratio`) tie, and so do uniform configurations of the same
+  weight container and activation width (:func:`same_kernels`: a8w7 runs as a8w8 does, whatever
+  the clock said while each was timed); then the lowest top-1 error, the fewest confident
   swaps, the fewest swaps, the run's order. ``"fastest"``: the fastest, then the fewest bytes,
   then the same.
 
@@ -56,11 +58,13 @@ if TYPE_CHECKING:
 
 ORDERS = ("smallest", "fastest")
 ORDER = "smallest"
+ALLOW_SLOWER = False
 MAX_DELTA_ERROR = 0.01  # top-1 error at most 1 percentage point above float's
 MAX_CONFIDENT_SWAPPED = 0.01  # at most 1% of the float model's confident predictions swapped
 MIN_CONFIDENT = 20  # fewer confident float predictions: the confident-swap threshold means little
 SETTINGS = {"ship_objective": "order", "ship_max_delta_error": "max_delta_error",
-            "ship_max_confident_swapped": "max_confident_swapped"}  # run settings (RunConfig) -> Objective
+            "ship_max_confident_swapped": "max_confident_swapped",
+            "ship_allow_slower": "allow_slower"}  # run settings (RunConfig) -> Objective
 RECOMMENDATION_FILE = "recommendation.json"
 RECOMMENDATION_FORMAT = 1
 _TOLERANCE = 1e-12  # a count / N against a threshold given as a decimal fraction
@@ -74,6 +78,9 @@ class Objective:
     order: str = ORDER
     max_delta_error: float = MAX_DELTA_ERROR
     max_confident_swapped: float = MAX_CONFIDENT_SWAPPED
+    # a configuration slower than the float model (beyond noise) on this CPU replaces it at a loss:
+    # not shipped unless asked
+    allow_slower: bool = ALLOW_SLOWER
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -90,14 +97,20 @@ class Objective:
         order = "smallest, then fastest" if self.order == "smallest" else "fastest, then smallest"
         return (f"{order} on this CPU with top-1 error at most {100 * self.max_delta_error:g} pp above float's and at "
                 f"most {100 * self.max_confident_swapped:g}% of the float model's confident (≥ {100 * CONFIDENT:.0f}%) "
-                "predictions swapped")
+                "predictions swapped" + ("" if self.allow_slower else ", not slower than float"))
+
+    def short(self) -> str:
+        """The objective in a few words (the console's)."""
+        order = "smallest then fastest" if self.order == "smallest" else "fastest then smallest"
+        return (f"{order} within +{100 * self.max_delta_error:g} pp top-1 error and "
+                f"{100 * self.max_confident_swapped:g}% confident swaps")
 
     def to_json(self) -> dict[str, Any]:
         from .judgement import CONFIDENT
 
         return {"order": self.order, "max_delta_top1_error": self.max_delta_error,
                 "max_confident_swapped": self.max_confident_swapped, "confident": CONFIDENT,
-                "min_confident": MIN_CONFIDENT}
+                "min_confident": MIN_CONFIDENT, "allow_slower": self.allow_slower}
 
 
 @dataclass(frozen=True)
@@ -167,9 +180,18 @@ class Recommendation:
         return next(c for c in self.candidates if c.name == name)
 
 
+def same_kernels(a: Candidate, b: Candidate) -> bool:
+    """Whether ``a`` and ``b`` are uniform configurations whose weights sit in the same container
+    (a8w7 and a8w5 in int8, as a8w8) at the same activation width: the same graph of the same
+    kernels, so the same speed by construction (a measured difference between them is noise)."""
+    return a.kind is ConfigKind.UNIFORM and b.kind is ConfigKind.UNIFORM and a.act_bits == b.act_bits and \
+        stored_bits(a.weight_bits) == stored_bits(b.weight_bits)
+
+
 def faster(a: Candidate, b: Candidate) -> bool:
-    """Whether ``a`` is faster than ``b`` beyond noise (the range of their ratio above 1)."""
-    if a.numbers is None or b.numbers is None:
+    """Whether ``a`` is faster than ``b`` beyond noise (the range of their ratio above 1), never
+    between two configurations of :func:`same_kernels`."""
+    if a.numbers is None or b.numbers is None or same_kernels(a, b):
         return False
     ratio = speed_ratio(a.numbers, b.numbers)
     return ratio is not None and ratio.verdict == "above"
@@ -197,6 +219,9 @@ def _candidate(run: "RunAnalysis", index: int, objective: Objective, float_confi
         failures.append(f"{100 * flipped / held:.2f}% of the {held} confident predictions swapped ({flipped}; at most "
                         f"{100 * objective.max_confident_swapped:g}%)")
     speed = None if numbers is None or reference is None else speed_ratio(numbers, reference)
+    if not objective.allow_slower and info.kind is not ConfigKind.FLOAT and speed is not None and \
+            speed.verdict == "below":
+        failures.append(f"slower than float on this CPU ({speed.text()} its images/s)")
     return Candidate(config.name, info.kind, index, numbers, m.top1_error, delta, swapped, flipped, held, speed,
                      swapped >= COLLAPSED, tuple(failures), info.weight_bits, info.act_bits)
 
@@ -222,25 +247,24 @@ def rank(candidates: Sequence[Candidate], order: str) -> list[Candidate]:
     return ranked
 
 
-def _equal_words(twin: Candidate, c: Candidate) -> str:
-    """How ``c`` costs what ``twin`` costs, in words."""
-    if twin.act_bits is not None and twin.act_bits == c.act_bits and c.weight_bits is not None and \
-            stored_bits(twin.weight_bits) == stored_bits(c.weight_bits):
+def _equal_words(twin: Candidate, c: Candidate, plural: bool = False) -> str:
+    """How ``c`` (or several like it) costs what ``twin`` costs, as a verb phrase."""
+    if same_kernels(twin, c):
         container = CONTAINERS.get(stored_bits(c.weight_bits), f"{stored_bits(c.weight_bits)}-bit")
-        return f"stores and runs as {twin.name} does ({container} containers)"
-    speed = "speed within noise" if twin.numbers is not None and twin.numbers.timed else "speed not measured"
-    return f"the same stored weight bytes as {twin.name} and the same {speed}"
+        return f"{'store and run' if plural else 'stores and runs'} as {twin.name} does: {container} containers"
+    speed = "speed within noise" if twin.numbers is not None and twin.numbers.timed else "speed (not measured)"
+    return f"{'have' if plural else 'has'} the same stored weight bytes as {twin.name} and the same {speed}"
 
 
 def _tie_words(twin: Candidate, c: Candidate) -> str:
-    """Why ``twin`` ranks above ``c`` when they cost the same."""
+    """By what ``twin`` ranks above ``c`` when they cost the same."""
     if twin.top1_error < c.top1_error:
-        return f"{twin.name}'s top-1 error is lower ({100 * twin.top1_error:.2f}% vs {100 * c.top1_error:.2f}%)"
+        return f"top-1 error {100 * twin.top1_error:.2f}% vs {100 * c.top1_error:.2f}%"
     if twin.confident_share < c.confident_share:
-        return f"{twin.name} swaps fewer confident predictions ({twin.confident_swapped} vs {c.confident_swapped})"
+        return f"confident swaps {twin.confident_swapped} vs {c.confident_swapped}"
     if twin.swapped < c.swapped:
-        return f"{twin.name} swaps fewer predictions ({100 * twin.swapped:.2f}% vs {100 * c.swapped:.2f}%)"
-    return f"as good on every count; {twin.name} comes first in the run"
+        return f"swaps {100 * twin.swapped:.2f}% vs {100 * c.swapped:.2f}%"
+    return "the run's order (as good on every count)"
 
 
 def _outcome(c: Candidate, ranked: Sequence[Candidate], order: str) -> Outcome:
@@ -257,7 +281,8 @@ def _outcome(c: Candidate, ranked: Sequence[Candidate], order: str) -> Outcome:
     better, choice = ranked[:place], ranked[0]
     twin = next((b for b in better if b.weight_bytes == c.weight_bytes and same_speed(b, c)), None)
     if twin is not None:
-        return Outcome(c.name, "equal_cost", f"{_equal_words(twin, c)}; {_tie_words(twin, c)}", twin.name)
+        return Outcome(c.name, "equal_cost", f"{_equal_words(twin, c)}; {twin.name} ranks above it by "
+                                             f"{_tie_words(twin, c)}", twin.name)
     quicker = next((b for b in better if b.weight_bytes == c.weight_bytes and faster(b, c)), None)
     if quicker is not None:
         ratio = speed_ratio(c.numbers, quicker.numbers)
@@ -359,7 +384,26 @@ def sentence(rec: Recommendation) -> str:
         return f"{rec.model}: no recommendation (the run recorded no size of its configurations)"
     runner = rec.runner_up
     second = "" if runner is None else f"; runner-up {runner} ({rec.outcomes[runner].reason})"
-    return f"{rec.model}: ship {rec.choice} ({rec.objective.words()}): {_facts(rec, rec.candidate(rec.choice))}{second}"
+    return f"{rec.model}: ship {rec.choice} ({rec.objective.short()}): {_facts(rec, rec.candidate(rec.choice))}{second}"
+
+
+def _equal_cost_lines(rec: Recommendation) -> list[str]:
+    """One bullet per configuration others cost the same as: who, how, and by what it ranks above them."""
+    from .markdown import md
+
+    twins: dict[str, list[Candidate]] = {}
+    for o in rec.outcomes.values():
+        if o.outcome == "equal_cost":
+            twins.setdefault(o.equal_to, []).append(rec.candidate(o.config))
+    lines = []
+    for name, members in twins.items():
+        twin = rec.candidate(name)
+        hows = {_equal_words(twin, m, len(members) > 1) for m in members}
+        how = hows.pop() if len(hows) == 1 else f"cost what {name} costs (same stored bytes, same speed within noise)"
+        ties = ", ".join(f"{m.name} by {_tie_words(twin, m)}" for m in members)
+        lines.append(f"- **{md(', '.join(m.name for m in members))}** (equal cost): {md(how)}; {md(name)} ranks above "
+                     f"{md(ties)}")
+    return lines
 
 
 def recommendation_lines(rec: Recommendation) -> list[str]:
@@ -370,16 +414,12 @@ def recommendation_lines(rec: Recommendation) -> list[str]:
         return ["**What to ship**: no recommendation: the run recorded no size of its configurations, so none can "
                 "be weighed."]
     runner = rec.runner_up
-    head = (f"**What to ship**: **{md(rec.choice)}** — {md(_facts(rec, rec.candidate(rec.choice)))}. Objective: the "
-            f"{md(rec.objective.words())}" + (f". Runner-up: **{md(runner)}**." if runner else "."))
-    twins: dict[str, list[str]] = {}
-    for o in rec.outcomes.values():
-        if o.outcome == "equal_cost":
-            twins.setdefault(o.equal_to, []).append(o.config)
-    bullets = [f"- Equal cost: {md(', '.join(names))} cost what {md(twin)} costs (same stored bytes, same speed within "
-               f"noise); {md(twin)} ranks above {'them' if len(names) > 1 else 'it'}." for twin, names in twins.items()]
-    bullets += [f"- {md(o.config)} ({o.outcome.replace('_', ' ')}): {md(o.reason)}" for o in rec.outcomes.values()
-                if o.outcome != "chosen"]
+    second = f" Runner-up: **{md(runner)}** ({md(rec.outcomes[runner].reason)})." if runner else ""
+    head = (f"**What to ship**: **{md(rec.choice)}** — {md(_facts(rec, rec.candidate(rec.choice)))}.{second} "
+            f"Objective: the {md(rec.objective.words())}; every other configuration, and why it loses:")
+    bullets = _equal_cost_lines(rec)
+    bullets += [f"- **{md(o.config)}** ({o.outcome.replace('_', ' ')}): {md(o.reason)}" for o in rec.outcomes.values()
+                if o.outcome not in ("chosen", "equal_cost")]
     bullets += [f"- **Warning**: {md(w)}" for w in rec.warnings]
     return [head, "\n".join(bullets), "The same, for machines: recommendation.json."]
 

@@ -58,9 +58,9 @@ def _figure_gaps(runs: Sequence[RunAnalysis]) -> dict[str, str]:
     if untimed or not quantized:
         gaps["fig6_deployment"] = f"{', '.join(untimed)}: not timed" if untimed else none
     if not any(r.record.attribution and r.record.attribution.effects for r in runs):
-        gaps["fig7_layers"] = "it needs --attribute (each weight layer quantized alone)"
+        gaps["fig7_layers"] = "it needs --attribute, each weight layer quantized alone"
     if not any(r.record.mixed for r in quantized):
-        gaps["fig8_pareto"] = "it needs a mixed-precision target (--max-confident-swaps or --max-size-ratio)"
+        gaps["fig8_pareto"] = "it needs a mixed-precision target, --max-confident-swaps or --max-size-ratio"
     if not any(r.guards for r in runs):
         gaps["fig10_guard"] = "no run has a float fallback guard (each section says why)"
     else:
@@ -74,9 +74,9 @@ def left_out_figures(runs: Sequence[RunAnalysis], figures: dict[str, str]) -> st
     for key, why in _figure_gaps(runs).items():
         number = FIGURES[key][0].split(" — ")[0]
         if key not in figures and not (key == "fig7_layers" and any(r.record.attribution for r in runs)):
-            said.append(f"{number} ({why})")
+            said.append(f"{number}: {why}")
         elif key in figures and key in ("fig5_temperature", "fig6_deployment") and ":" in why:
-            said.append(f"{number} without {why}")
+            said.append(f"{number} leaves out {why}")
     return "**Figures left out**: " + "; ".join(said) + "." if said else ""
 
 

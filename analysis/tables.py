@@ -16,7 +16,7 @@ from ptqcal.evaluate.results import FLOAT_NAME
 from ptqcal.evaluate.selective import SCORES
 from ptqcal.quantize.spec import MIXED_NAME
 
-from .judgement import LATENCY_WORDS, SPEED_WORDS, not_faster, timing_words
+from .judgement import LATENCY_WORDS, SPEED_WORDS, kernel_twins_note, not_faster, timing_words
 from .markdown import md
 from .run_analysis import TEMPERATURE_MIN_IMAGES, RunAnalysis
 from .rows import COLUMNS, SELECTIVE, metrics_rows
@@ -202,7 +202,7 @@ def deployment_table(run: RunAnalysis) -> list[str]:
         return ["**Deployment** (sizes only: timing was skipped, so there is no latency, speed or ratio to float)",
                 "\n".join(lines)]
     return [f"**Deployment on this machine** ({threads}; {os.cpu_count()} CPUs)", "\n".join(lines),
-            timing_words(), not_faster(run)]
+            timing_words(run), kernel_twins_note(run), not_faster(run)]
 
 
 def attribution_table(run: RunAnalysis) -> list[str]:

@@ -83,10 +83,12 @@ def _outputs(model, batches: BatchSource, provider: str, threads: int) -> tuple[
     return np.concatenate(parts), tuple(shape)
 
 
-def _run(session, feeds: Iterable[dict[str, np.ndarray]], output: str) -> np.ndarray:
-    """``output`` of ``session`` over ``feeds`` (batches of a cut), concatenated."""
+def _run(session, feeds: Iterable[dict[str, np.ndarray]], output: str, flat: bool = False) -> np.ndarray:
+    """``output`` of ``session`` over ``feeds`` (batches of a cut), concatenated; ``flat``: each batch's
+    flattened (a layer's output need not have the images first: attention's is (tokens, images, width))."""
     names = [value.name for value in session.get_inputs()]
-    return np.concatenate([session.run([output], {name: feed[name] for name in names})[0] for feed in feeds])
+    parts = [session.run([output], {name: feed[name] for name in names})[0] for feed in feeds]
+    return np.concatenate([part.ravel() for part in parts] if flat else parts)
 
 
 class _LayerRuns:
@@ -113,11 +115,11 @@ class _LayerRuns:
         return _run(self._session(self._quantized(self._suffix, bits)), self._everything.feeds(self.cut), self.logits)
 
     def layer_output(self, bits: int | None) -> np.ndarray:
-        """The layer's output on the first images, with float (``bits=None``) or quantized weights."""
+        """The layer's output on the first images (flattened), with float (``bits=None``) or quantized weights."""
         if self._layer is None:
             self._layer = self._graph.extract(self.cut.tensors, [self.output])
         model = self._layer if bits is None else self._quantized(self._layer, bits)
-        return _run(self._session(model), self._head.feeds(self.cut), self.output)
+        return _run(self._session(model), self._head.feeds(self.cut), self.output, flat=True)
 
     def effect(self, bits: int, float_logits: np.ndarray, labels: np.ndarray) -> LayerEffect:
         from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as sqnr

@@ -176,13 +176,14 @@ class CutActivations:
     """The float activations at ``graph``'s cuts over the ``images`` input batches ``batches()``
     yields (the same batches at every call), asked for in graph order (a cut before the one kept is
     computed from the input batches again). Each cut is computed from the last one kept; it is kept
-    itself when its tensors for every image take at most ``budget`` bytes (the one kept before it is
-    then let go), and otherwise computed batch by batch whenever it is read."""
+    itself when its tensors for every image take at most ``budget`` bytes (default
+    :data:`CUT_BYTES`; the one kept before it is let go batch by batch meanwhile), and otherwise
+    computed batch by batch each time it is read."""
 
     def __init__(self, graph: CutGraph, batches: Callable[[], Iterable[np.ndarray]], images: int, session: Session,
-                 budget: int = CUT_BYTES):
+                 budget: int | None = None):
         self._graph, self._batches, self._images = graph, batches, images
-        self._session, self._budget = session, budget
+        self._session, self._budget = session, CUT_BYTES if budget is None else budget
         self._kept: tuple[Cut, list[Feed]] | None = None
         self._segment: tuple[tuple, object] | None = None  # the last segment's session (reused when streaming)
 
@@ -190,14 +191,17 @@ class CutActivations:
         """``cut``'s tensors, batch by batch (every batch's values for each tensor of ``cut.tensors``)."""
         if self._kept is not None and self._kept[0] == cut:
             return self._kept[1]
-        if self._images * self._graph.bytes(cut) <= self._budget:
-            kept = list(self._chain(cut))
-            self._kept = (cut, kept)
-            return kept
-        return self._chain(cut)
-
-    def _chain(self, cut: Cut) -> Iterator[Feed]:
         source = self._kept if self._kept is not None and self._kept[0].start <= cut.start else None
+        if self._images * self._graph.bytes(cut) > self._budget:
+            return self._chain(cut, source)
+        if source is not None:  # let go of each batch of the cut kept before once the new one has it
+            self._kept, batches = None, source[1]
+            source = (source[0], (batches.pop(0) for _ in range(len(batches))))
+        self._kept = (cut, list(self._chain(cut, source)))
+        return self._kept[1]
+
+    def _chain(self, cut: Cut, source: tuple[Cut, Iterable[Feed]] | None) -> Iterator[Feed]:
+        """``cut`` batch by batch from ``source`` (a cut before it and its batches) or the input batches."""
         known = source[0].tensors if source is not None else (self._graph.input,)
         new = tuple(name for name in cut.tensors if name not in known)
         session = self._session_for(known, new) if new else None

@@ -148,10 +148,7 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
     ``elements``: weight count of every quantized layer (graph order); ``float_bytes``: float bytes
     of every weight layer, those kept float included; ``float_logits``: the float model on the
     search's images. The choice's ``layer_bits`` is empty when no assignment meets the target."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}")
-    if max_delta_error is not None and labels is None:
-        raise ValueError("a cap on the added error needs the search images' labels")
+    _check_target(target, max_delta_error, labels)
     moves = ordered_moves(attribution, elements, widths)
     kept_float = sum(b for layer, b in float_bytes.items() if layer not in elements)
     prefix_bits = lambda k: assignment(elements, widths, moves[:k])  # noqa: E731
@@ -188,6 +185,13 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
         history.append(measured[chosen])
     return MixedChoice(target, limit, sum(float_bytes.values()), len(float_logits), confident, act_bits,
                        {} if chosen is None else prefix_bits(chosen), history, max_delta_error)
+
+
+def _check_target(target: str, max_delta_error: float | None, labels: np.ndarray | None) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}")
+    if max_delta_error is not None and labels is None:
+        raise ValueError("a cap on the added error needs the search images' labels")
 
 
 def _longest_within(count: int, within) -> int | None:

@@ -96,18 +96,7 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
             kind = onnx.TensorProto.DataType.Name(elem) if elem else "untyped"
             raise ModelError(f"{path}: its {role} {value.name!r} holds {kind} values; ptqcal needs a float or "
                              f"uint8 image input and float logits")
-    out_dims = _dims(output)
-    if out_dims is None or (len(out_dims) == 2 and out_dims[1] is None):
-        out_dims = _inferred_dims(model, output.name) or out_dims
-    if out_dims is None:
-        raise ModelError(f"{path}: its output {output.name!r} declares no shape, so the model's output class count "
-                         "is unknown (and ONNX's shape inference cannot tell it): declare the output as "
-                         "(N, classes)")
-    if len(out_dims) != 2 or out_dims[1] is None:
-        raise ModelError(f"{path}: output {output.name!r} has shape {list(out_dims)}, expected (N, classes)"
-                         + (": the model's output class count is unknown" if len(out_dims) == 2 else ""))
-    if out_dims[1] < 1:
-        raise ModelError(f"{path}: output {output.name!r} has shape {list(out_dims)}: no classes")
+    num_classes = _output_classes(model, output, path)
     external = _check_external_data(model, path)
     in_dims = _dims(inputs[0]) or ()
     producer = next((n for n in model.graph.node if output.name in n.output), None)
@@ -117,7 +106,7 @@ def inspect_onnx(path: str | Path) -> OnnxModelInfo:
         input_shape=in_dims,
         input_type=INPUT_TYPES[inputs[0].type.tensor_type.elem_type],
         output_name=output.name,
-        num_classes=out_dims[1],
+        num_classes=num_classes,
         ends_in_softmax=producer is not None and producer.op_type == "Softmax",
         preprocess_metadata=next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None),
         external_data=external,
@@ -156,6 +145,24 @@ def _input_chw(info: OnnxModelInfo, size: tuple[int, ...] | None,
         raise ModelError(f"{info.path.name} leaves its input's height and width open (shape "
                          f"{list(info.input_shape)}): give the size its images should have", setting="input_size")
     return (channels, height, width), layout
+
+
+def _output_classes(model: onnx.ModelProto, output: onnx.ValueInfoProto, path: Path) -> int:
+    """The class count of an ``(N, classes)`` output, as declared or, where the graph does not say,
+    as ONNX's shape inference finds it; never guessed."""
+    out_dims = _dims(output)
+    if out_dims is None or (len(out_dims) == 2 and out_dims[1] is None):
+        out_dims = _inferred_dims(model, output.name) or out_dims
+    if out_dims is None:
+        raise ModelError(f"{path}: its output {output.name!r} declares no shape, so the model's output class count "
+                         "is unknown (and ONNX's shape inference cannot tell it): declare the output as "
+                         "(N, classes)")
+    if len(out_dims) != 2 or out_dims[1] is None:
+        raise ModelError(f"{path}: output {output.name!r} has shape {list(out_dims)}, expected (N, classes)"
+                         + (": the model's output class count is unknown" if len(out_dims) == 2 else ""))
+    if out_dims[1] < 1:
+        raise ModelError(f"{path}: output {output.name!r} has shape {list(out_dims)}: no classes")
+    return out_dims[1]
 
 
 def _inferred_dims(model: onnx.ModelProto, name: str) -> tuple[int | None, ...] | None:

@@ -202,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _say_warnings(caught: list) -> None:
-    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+    """Each warning once, in one line (deprecations are for developers: not said)."""
+    said = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in said):
         print(f"ptqcal: warning: {message}", file=sys.stderr)
 
 

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from .analysis.recommend import ALLOW_SLOWER, MAX_CONFIDENT_SWAPPED, MAX_DELTA_ERROR, ORDER, ORDERS
 from .errors import UserError
 from .data import DEFAULT_CALIB_SIZE, DEFAULT_SEARCH_SIZE
 from .evaluate.results import Execution
@@ -144,6 +145,17 @@ class RunConfig:
     max_size_ratio: float | None = _setting(None, "add 'mixed': per-layer weight bits (from --weight-bits) with "
                                             "weights at most R x float's bytes, swapping the fewest confident "
                                             "predictions", float, metavar="R")
+    ship_objective: str = _setting(ORDER, "what the report recommends shipping: the smallest configuration within "
+                                   "the --ship-max-* thresholds (then the fastest on this CPU), or the fastest (then "
+                                   "the smallest)", str, choices=ORDERS)
+    ship_max_delta_error: float = _setting(MAX_DELTA_ERROR, "the recommended configuration's top-1 error is at most "
+                                           "PP percentage points above float's", _percent, metavar="PP",
+                                           shown=f"{100 * MAX_DELTA_ERROR:g}")
+    ship_max_confident_swapped: float = _setting(MAX_CONFIDENT_SWAPPED, "the recommended configuration swaps at most "
+                                                 "P percent of the float model's confident (>= 90 percent) predictions",
+                                                 _percent, metavar="P", shown=f"{100 * MAX_CONFIDENT_SWAPPED:g}")
+    ship_allow_slower: bool = _setting(ALLOW_SLOWER, "the recommendation may be a configuration slower than float on "
+                                       "this CPU (by default it must not be)")
     guard_target: tuple[str, float] = _setting(("max_differing", 0.001), "the float fallback guard's target: "
                                                "differ=P (at most P percent of predictions differ from the float "
                                                "model's once the least confident go to it) or route=P (at most P "
@@ -244,6 +256,9 @@ class RunConfig:
         if self.mixed and len(self.weight_bits) < 2:
             raise UserError("a mixed-precision target chooses among the run's weight bit widths: give at least two "
                             "to --weight-bits (e.g. 8 4)")
+        if self.dataset is not None and self.dataset.endswith(".npz") and self.data_dir is not None:
+            raise UserError(f"--dataset {self.dataset} names the .npz file; --data-dir {self.data_dir} would name "
+                            "another: give one (--dataset npz --data-dir FILE.npz is the same)")
         if self.calib_ranges is not None and self.calib_ranges.exists() and not self.calib_ranges.is_file():
             raise UserError(f"--calib-ranges {self.calib_ranges}: not a regular file")  # a pipe would block forever
         if self.calib_ranges is not None and self.repeats > 1:

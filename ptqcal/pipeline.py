@@ -24,7 +24,8 @@ from .evaluate import FLOAT_NAME, REPEAT_MARK, RunRecord
 from .quantize import QuantSpec
 from .report_text import run_notes, run_summary
 from .runfolder import COMPARISON, RUN, check_target, new_work_dir, report_once, swap_in, write_marker, writing
-from .sweep import Sweep, add_config, add_fp16, add_mixed, config_job, held_out_logits, log
+from .sweep import (Sweep, add_config, add_fp16, add_mixed, config_job, held_out_logits, log, log_float,
+                    log_recommendation)
 
 
 def _export(cache: Cache, cfg: RunConfig, dataset) -> steps.PreparedModel:
@@ -55,6 +56,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     float_logits = steps.model_logits(cache, model.float_path, images.eval, model.preprocess, cfg, FLOAT_NAME)
     if float_logits.ndim != 2 or float_logits.shape[1] != model.num_classes:
         raise UserError(f"{cfg.model}: output has shape {list(float_logits.shape)}, expected (N, classes)")
+    log_float(cfg, float_logits, images.eval.labels)
     work = new_work_dir()  # from here on, the run only fails for internal reasons
     calib_float = steps.model_logits(cache, model.float_path, images.calib, model.preprocess, cfg,
                                      "calibration", kind="calib-logits")
@@ -155,6 +157,7 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> Path:
             for folder in works:
                 if folder.exists():
                     shutil.rmtree(folder, ignore_errors=True)
+    log_recommendation(cfg, out)
     log(cfg, f"cache: {cache.hits} reused, {cache.misses} computed")
     return out / "report.md"
 

@@ -374,7 +374,7 @@ def swap_in(work: Path, out: Path) -> None:
     _update_marker(out, drop=("for", "role"))
 
 
-REPORT_FILES = ("report.md", "report.html", "metrics.csv", "metrics.json", "layers.csv", "guard.json")
+REPORT_FILES = ("report.md", "report.html", "metrics.csv", "metrics.json", "layers.csv", "guard.json", "recommendation.json")
 FIGURE_SUFFIXES = (".png", ".svg")
 
 

@@ -131,11 +131,34 @@ def add_mixed(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, ima
 
 
 def _log_config(cfg: RunConfig, name: str, logits: np.ndarray, float_logits: np.ndarray, labels: np.ndarray) -> None:
+    """One console line per configuration, against the float model's (:func:`log_float` said it first)."""
     if cfg.quiet:  # the change costs a softmax of the float logits: only for a line someone reads
         return
     change = quantization_change(float_logits, logits, labels)  # swaps are counted in one place
-    log(cfg, f"{name}: top-1 error {100 * np.mean(~change.quant_correct):.2f}%, {100 * change.swap_rate:.2f}% "
-             "swapped")
+    error, float_error = 100 * np.mean(~change.quant_correct), 100 * np.mean(~change.float_correct)
+    log(cfg, f"{name}: top-1 error {error:.2f}% (float {float_error:.2f}%, {error - float_error:+.2f} pp), "
+             f"{100 * change.swap_rate:.2f}% swapped")
+
+
+def log_float(cfg: RunConfig, float_logits: np.ndarray, labels: np.ndarray) -> None:
+    """The float model's top-1 error, the line every configuration's is read against."""
+    log(cfg, f"float: top-1 error {100 * np.mean(float_logits.argmax(axis=1) != labels):.2f}% on {len(labels)} "
+             "evaluation images")
+
+
+def log_recommendation(cfg: RunConfig, report_folder: Path) -> None:
+    """The configuration to ship, as the report's ``recommendation.json`` says, and its warnings."""
+    import json
+
+    from .analysis.recommend import RECOMMENDATION_FILE
+
+    path = Path(report_folder) / RECOMMENDATION_FILE
+    if cfg.quiet or not path.is_file():
+        return
+    for run in json.loads(path.read_text()).get("runs", []):
+        log(cfg, run["sentence"])
+        for warning in run.get("warnings", []):
+            log(cfg, f"warning: {warning}")
 
 
 @dataclass(frozen=True)

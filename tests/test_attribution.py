@@ -136,3 +136,178 @@ def test_an_undefined_confident_share_is_null_in_json_and_nan_again_when_read():
     assert json.loads(text)["effects"][0]["confident_swapped"] is None
     back = Attribution.from_json(json.loads(text))
     assert math.isnan(back.effects[0].confident_swapped) and back.effects[0].swapped == 0.25
+
+
+# --- the graph cut at each layer against the whole graph ----------------------------------------
+
+def _whole_graph_attribute(model_path, batches, labels, widths, weight_scale):
+    """Attribution as it was before the graph was cut, kept here as an independent reference: for
+    every (layer, bits) the whole float graph runs over every image with that layer's weights
+    quantized, and again over the first SQNR_IMAGES with the layer's output exposed (the float graph
+    too, once a layer). Returns the effects and each (layer, bits)'s logits."""
+    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as sqnr
+
+    from ptqcal.evaluate.attribution import CONFIDENT, SQNR_IMAGES, LayerEffect
+    from ptqcal.evaluate.metrics import quantization_change
+    from ptqcal.evaluate.runner import make_session
+    from ptqcal.quantize.graph import weighted_nodes
+    from ptqcal.quantize.qdq import with_layer_weights_quantized
+
+    def outputs(model, limit=None, tensor=None):
+        if tensor is not None:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            copy.graph.output.append(onnx.ValueInfoProto(name=tensor))
+            model = copy
+        session = make_session(model.SerializeToString())
+        feed = session.get_inputs()[0].name
+        parts = [session.run(None, {feed: batch}) for batch in batches(limit)]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+    model = onnx.load(str(model_path))
+    float_logits = outputs(model)[0]
+    effects, logits = [], {}
+    for node in weighted_nodes(model):
+        reference = outputs(model, SQNR_IMAGES, node.output[0])[1]
+        for bits in widths:
+            variant = with_layer_weights_quantized(model, node.name, bits, weight_scale)
+            logits[node.name, bits] = outputs(variant)[0]
+            change = quantization_change(float_logits, logits[node.name, bits], labels)
+            swapped, held = change.confident_swaps(CONFIDENT)
+            effects.append(LayerEffect(node.name, bits, change.swap_rate, swapped / held if held else float("nan"),
+                                       change.delta_top1_error,
+                                       float(sqnr(reference, outputs(variant, SQNR_IMAGES, node.output[0])[1]))))
+    return effects, logits
+
+
+def _assert_cut_equals_whole_graph(model_path, batches, labels, widths, monkeypatch, scale="torch"):
+    """Every (layer, bits): the logits agree to float rounding (ORT may fuse a suffix's kernels
+    differently from the whole graph's), each image's prediction is the same, and so are the swap
+    numbers; the SQNR to 1e-4 relative. Returns the effects."""
+    from ptqcal.evaluate import attribution
+
+    reference, whole_logits = _whole_graph_attribute(model_path, batches, labels, widths, scale)
+    seen = []
+    measured = attribution.quantization_change
+
+    def recording(float_logits, logits, labels):
+        seen.append(logits)
+        return measured(float_logits, logits, labels)
+
+    monkeypatch.setattr(attribution, "quantization_change", recording)
+    result = attribution.attribute(model_path, batches, labels, widths, scale)
+    assert len(seen) == 1 + len(reference)  # the float logits against themselves, then one per (layer, bits)
+    for effect, expected, logits in zip(result.effects, reference, seen[1:]):
+        whole = whole_logits[expected.layer, expected.weight_bits]
+        assert (effect.layer, effect.weight_bits) == (expected.layer, expected.weight_bits)
+        np.testing.assert_allclose(logits, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+        np.testing.assert_array_equal(logits.argmax(1), whole.argmax(1))
+        assert (effect.swapped, effect.delta_top1_error) == (expected.swapped, expected.delta_top1_error)
+        np.testing.assert_equal(effect.confident_swapped, expected.confident_swapped)  # NaN equals NaN
+        assert effect.sqnr_db == pytest.approx(expected.sqnr_db, rel=1e-4)
+    return result
+
+
+def _stream(inputs, batch):
+    return lambda limit: (inputs[s:min(s + batch, limit or len(inputs))] for s in range(0, limit or len(inputs), batch))
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_cut_attribution_equals_the_whole_graphs_on_hand_built_graphs(budget, tmp_path, monkeypatch):
+    """A residual graph with shape arithmetic across the cuts, and a weight two layers share (both
+    change together, as before), each cut kept in memory or (a budget of 0 bytes) streamed."""
+    from test_cut import _residual_model, _tied_model
+
+    from ptqcal.evaluate import cut
+
+    if budget is not None:
+        monkeypatch.setattr(cut, "CUT_BYTES", budget)
+    rng = np.random.default_rng(3)
+    inputs = rng.normal(size=(90, 1, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 6, 90)
+    for model in (_residual_model(tmp_path / "r.onnx"), _tied_model(tmp_path / "t.onnx")):
+        path = tmp_path / "m.onnx"
+        onnx.save(model, str(path))
+        result = _assert_cut_equals_whole_graph(path, _stream(inputs, 20), labels, (8, 3, 2), monkeypatch)
+        assert any(e.swapped > 0 for e in result.effects)
+
+
+@pytest.mark.slow
+def test_cut_attribution_equals_the_whole_graphs_on_the_real_resnet20(tmp_path, monkeypatch):
+    """The authors' CIFAR-100 ResNet20 on the 120 real images of ../shared and their mirror images,
+    in batches of 64 (the last one 48)."""
+    pytest.importorskip("torch")
+    from conftest import shared_file
+    from ptqcal.export import export_onnx
+    from ptqcal.models import get_model_entry
+    from ptqcal.models.preprocess import CIFAR100_PREPROCESS
+    from ptqcal.quantize import prepare
+
+    weights = shared_file("models/cifar100_resnet20.pth")
+    parts = [np.load(shared_file(f"data/cifar100/{name}.npz")) for name in ("test_head20", "train_subset")]
+    images = np.concatenate([p["images"] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts] * 2)
+    inputs = CIFAR100_PREPROCESS(np.concatenate([images, images[:, :, ::-1]]))
+    export_onnx(get_model_entry("cifar_resnet20").build(weights, None, tmp_path), inputs[:8], tmp_path / "r20.onnx")
+    prepared = prepare(tmp_path / "r20.onnx", tmp_path / "prepared.onnx")
+    result = _assert_cut_equals_whole_graph(prepared, _stream(inputs, 64), labels, (8, 3), monkeypatch)
+    assert len(result.effects) == 2 * 22 and result.confident > 50
+    assert max(e.confident_swapped for e in result.effects) > 0.05  # 3 bits does swap confident predictions
+
+
+@pytest.mark.slow
+def test_cut_attribution_equals_the_whole_graphs_on_the_vit(digits, tmp_path, monkeypatch):
+    """The digits ViT (attention reshapes its activations with batch-sized shape arithmetic that
+    crosses the cuts), in batches of 40. In batches of 24 the SQNR's 32 images are two batches, and
+    attention's layer outputs, (tokens, images, width), do not stack along their first axis (the
+    whole-graph way failed there): the same numbers, the SQNR to float rounding (its norm sums the
+    values in another order)."""
+    pytest.importorskip("torch")
+    from ptqcal.export import export_onnx
+    from ptqcal.models import get_model_entry
+    from ptqcal.models.preprocess import DIGITS_PREPROCESS
+    from ptqcal.quantize import prepare
+
+    inputs = DIGITS_PREPROCESS(digits.eval.images)
+    export_onnx(get_model_entry("digits_vit").build(None, digits.train, tmp_path), inputs[:8], tmp_path / "vit.onnx")
+    prepared = prepare(tmp_path / "vit.onnx", tmp_path / "prepared.onnx")
+    result = _assert_cut_equals_whole_graph(prepared, _stream(inputs, 40), digits.eval.labels, (4, 2), monkeypatch,
+                                            "ort")
+    assert len(result.effects) == 2 * 10 and any(e.swapped > 0 for e in result.effects)
+    from ptqcal.evaluate.attribution import attribute
+
+    smaller = attribute(prepared, _stream(inputs, 24), digits.eval.labels, (4, 2), "ort")
+    for effect, expected in zip(smaller.effects, result.effects):
+        assert (effect.swapped, effect.delta_top1_error) == (expected.swapped, expected.delta_top1_error)
+        assert effect.sqnr_db == pytest.approx(expected.sqnr_db, rel=1e-5)
+
+
+def test_a_memoised_layer_runs_nothing_and_a_missing_one_alone_is_computed(tmp_path, monkeypatch):
+    from ptqcal.evaluate import attribution, runner
+
+    model = _two_layer_model(tmp_path / "m.onnx")
+    inputs = np.random.default_rng(4).normal(size=(50, 1, 8, 8)).astype(np.float32)
+    labels = np.random.default_rng(5).integers(0, 6, 50)
+    stored, computed, sessions = {}, [], []
+    made = runner.make_session
+
+    def counting(*args, **kwargs):
+        sessions.append(1)
+        return made(*args, **kwargs)
+
+    def memo(layer, bits, compute):
+        if (layer, bits) not in stored:
+            computed.append((layer, bits))
+            stored[layer, bits] = compute()
+        return stored[layer, bits]
+
+    def run():
+        return attribution.attribute(model, _stream(inputs, 16), labels, (4, 2), "torch", memo=memo).to_json()
+
+    monkeypatch.setattr(runner, "make_session", counting)
+    first = run()
+    assert len(computed) == 4
+    computed.clear(), sessions.clear()
+    assert run() == first and computed == [] and len(sessions) == 1  # the float logits alone
+    del stored["fc", 2]
+    assert run() == first and computed == [("fc", 2)]

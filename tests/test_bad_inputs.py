@@ -199,7 +199,8 @@ def _third_pass_inputs(root: Path, tiny: Path, images: np.ndarray, labels: np.nd
     flat = helper.make_node("Flatten", ["input"], ["flat"])
     p["unknown_classes"] = _graph_model(
         root / "unknown_classes.onnx",
-        [flat, helper.make_node("Shape", ["flat"], ["shape"]), helper.make_node("Reshape", ["flat", "shape"], ["logits"])],
+        [flat, helper.make_node("Shape", ["flat"], ["shape"]),
+         helper.make_node("Reshape", ["flat", "shape"], ["logits"])],
         _float_in(), [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
     # external data reached where the initializer check did not look, or through a symbolic link
     gemm = helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1)
@@ -240,7 +241,9 @@ def _third_pass_inputs(root: Path, tiny: Path, images: np.ndarray, labels: np.nd
     np.savez(root / "other_calib_size.npz", images=images, labels=labels,
              calib_images=np.zeros((40, 10, 10), np.uint8), calib_labels=labels)
     np.savez(root / "uint64_labels.npz", images=images, labels=np.full(40, 2 ** 64 - 1, np.uint64))
-    p.update({f"{name}_npz": root / f"{name}.npz" for name in ("huge_pixels", "other_calib_size", "uint64_labels")})
+    np.savez(root / "ten_by_ten.npz", images=np.zeros((40, 10, 10), np.uint8), labels=labels)
+    p.update({f"{name}_npz": root / f"{name}.npz"
+              for name in ("huge_pixels", "other_calib_size", "uint64_labels", "ten_by_ten")})
     listed = root / "listed"
     listed.mkdir()
     for index in range(3):
@@ -414,6 +417,10 @@ CASES = {
     "pixel values of 3e38": [*RUN, "--model", "{tiny}", "--dataset", "{huge_pixels_npz}", "--preprocess", "digits"],
     "calibration images of another size": [*RUN, "--model", "{tiny}", "--dataset", "{other_calib_size_npz}",
                                            "--preprocess", "digits"],
+    "--calib-data of another size": [*RUN, "--model", "{tiny}", "--dataset", "{good_npz}", "--calib-data",
+                                     "{ten_by_ten_npz}", "--preprocess", "digits", "--weight-bits", "8"],
+    "--dataset FILE.npz and --data-dir": [*RUN, "--model", "{tiny}", "--dataset", "{good_npz}", "--data-dir",
+                                          "{ten_by_ten_npz}", "--preprocess", "digits"],
     "CSV listing a FIFO": [*RUN, "--model", "{tiny}", "--dataset", "csv", "--data-dir", "{fifo_csv}",
                            "--preprocess", "unit", "--calib-size", "1"],
     "every image fails to decode": [*RUN, "--model", "{tiny}", "--dataset", "csv", "--data-dir", "{undecodable_csv}",
@@ -440,6 +447,7 @@ SAYS = {
     "threads 10^20": "at most 1024", "threads 100,000": "at most 1024", "CSV label 10^20": "is not a class index",
     "uint64 labels that wrap to negative": "class indices", "pixel values of 3e38": "at most 65535",
     "calibration images of another size": "10x10", "CSV listing a FIFO": "not a regular file",
+    "--calib-data of another size": "(10, 10, 1)", "--dataset FILE.npz and --data-dir": "give one",
     "every image fails to decode": "none of the images could be decoded", "float64 model": "float64",
     "opset 99": "opset 99", "IR version 99": "IR version 99", "output class count unknown": "class count is unknown",
     "external data through a Constant node": "outside the model's folder",

@@ -323,3 +323,10 @@ def test_every_path_is_made_absolute_before_it_leaves_the_driver(tmp_path, monke
     assert cfg.dataset == str(tmp_path / "set.npz") and cfg.weights == RANDOM_WEIGHTS
     assert cfg.quantized == (f"vendor={tmp_path / 'q.onnx'}", str(tmp_path / "q.onnx"))
     assert RunConfig(model="digits_resnet8", out=Path("a/*")).resolved().out == tmp_path / "a" / "*"
+
+
+def test_every_commands_help_prints(capsys):
+    from ptqcal.cli import main
+
+    for command in (["--help"], ["run", "--help"], ["report", "--help"], ["compare-torch", "--help"]):
+        assert main(command) == 0 and "usage" in capsys.readouterr().out

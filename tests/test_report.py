@@ -253,3 +253,44 @@ def test_the_kernel_note_reads_the_weight_width_from_the_descriptor():
     assert kernel_notes(checks, described, vnni=True) == [] and kernel_notes(checks, {}, vnni=None) == []
     with pytest.raises(LookupError):
         kernel_notes(checks, {}, vnni=False)
+
+
+def test_every_table_column_and_figure_left_out_says_why(tmp_path):
+    """Fewer than 20 evaluation images: no temperature, so no "ECE after T" column and no Figure 5;
+    no --attribute, no mixed target: no Figures 7 and 8. Each is said, with why."""
+    report = build_report([_fake_run(tmp_path / "small", 8, n=16)], tmp_path / "out").read_text()
+    assert "No temperature scaling: 16 evaluation images are fewer than the 20" in report
+    assert 'Left out: "ECE after T %" (no temperature: 16 evaluation images are fewer than the 20' in report
+    left = report[report.index("**Figures left out**"):]
+    assert "Figure 5: small: fewer than 20 evaluation images" in left
+    assert "Figure 7: it needs --attribute" in left and "Figure 8: it needs a mixed-precision target" in left
+    assert not (tmp_path / "out" / "fig5_temperature.png").exists()
+
+
+def test_the_attribution_table_says_which_images_it_was_measured_on(tmp_path):
+    from ptqcal.analysis.tables import attribution_table
+    from ptqcal.evaluate.attribution import Attribution, LayerEffect
+
+    run = analyse_run(_fake_run(tmp_path / "m", 9))
+    effects = [LayerEffect("conv", 4, 0.1, 0.05, 0.01, 20.0)]
+    run.record.attribution = Attribution(effects, 300, 120, held_out=True)
+    assert "on 300 images held out of evaluation for the mixed-precision search, 120 of them" in \
+        attribution_table(run)[0]
+    run.record.attribution = Attribution(effects, 300, 120)
+    assert "on 300 seeded evaluation images" in attribution_table(run)[0]
+
+
+def test_the_console_says_the_float_error_first_and_each_configuration_against_it(capsys):
+    from ptqcal.config import RunConfig
+    from ptqcal.sweep import _log_config, log_float
+
+    labels = np.array([0, 1, 2, 3] * 25)
+    float_logits = np.eye(4, dtype=np.float32)[labels]
+    float_logits[:12] = np.eye(4, dtype=np.float32)[(labels[:12] + 1) % 4]  # float: 12 wrong
+    quant = float_logits.copy()
+    quant[12:14] = np.eye(4, dtype=np.float32)[(labels[12:14] + 1) % 4]  # 2 more wrong: 2 swapped
+    log_float(RunConfig(), float_logits, labels)
+    _log_config(RunConfig(), "a8w8", quant, float_logits, labels)
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == "[ptqcal] float: top-1 error 12.00% on 100 evaluation images"
+    assert second == "[ptqcal] a8w8: top-1 error 14.00% (float 12.00%, +2.00 pp), 2.00% swapped"

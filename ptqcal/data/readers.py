@@ -275,8 +275,8 @@ def load_dataset(kind: str, data: str | Path | None = None, labels: Path | None 
                  download: bool = False) -> Dataset:
     """A dataset by kind (see :data:`DATASET_KINDS`; ``FILE.npz`` names an ``npz`` dataset) and its
     location."""
-    if kind.endswith(".npz"):  # --dataset FILE.npz
-        kind, data = "npz", kind
+    if kind.endswith(".npz"):  # --dataset FILE.npz: the file, unless another location is given (a calibration pool)
+        kind, data = "npz", kind if data is None else data
     if kind not in READERS:
         raise UserError(f"unknown dataset {kind!r}: choose one of {', '.join(DATASET_KINDS)} or an .npz file")
     return READERS[kind](data, labels, download)

@@ -234,11 +234,15 @@ def mixed_section(run: RunAnalysis) -> list[str]:
               f"weights at most {choice.limit:.2g}x float's bytes, fewest confident swaps (greedy)")
     seen = (f"{choice.images} images held out of evaluation ({choice.confident} held with at least "
             f"{ATTRIBUTION_CONFIDENT:.0%} confidence by the float model)")
-    lines = ["| moves (one layer one width down) | weight bytes | × float | % confident swapped | % swapped |", "|---|---|---|---|---|"]
+    if choice.max_delta_error is not None:
+        target += f", top-1 error at most {100 * choice.max_delta_error:g} pp above float's"
+    lines = ["| moves (one layer one width down) | weight bytes | × float | % confident swapped | % swapped | "
+             "Δ err (pp) |", "|---|---|---|---|---|---|"]
     for step in choice.steps:
         confident = f"{100 * step.confident_swapped:.2f}" if choice.confident else "–"  # none to swap
+        delta = "–" if step.delta_top1_error != step.delta_top1_error else f"{100 * step.delta_top1_error:+.2f}"
         lines.append(f"| {step.moves} | {step.weight_bytes:,} | {step.weight_bytes / choice.float_weight_bytes:.3f} "
-                     f"| {confident} | {100 * step.swapped:.2f} |")
+                     f"| {confident} | {100 * step.swapped:.2f} | {delta} |")
     if not choice.met:
         return [f"**Mixed precision** (target: {target}): no assignment of the run's weight bit widths meets it "
                 f"on the {seen}; the search measured:", "\n".join(lines)]

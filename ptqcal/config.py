@@ -162,6 +162,9 @@ class RunConfig:
                                                "percent go to it); its threshold is chosen on images the evaluation "
                                                "never sees", parse_guard_target, metavar="differ=P|route=P",
                                                shown="differ=0.1")
+    mixed_max_delta_error: float | None = _setting(None, "with a mixed-precision target: the chosen model's top-1 "
+                                                   "error at most PP percentage points above float's on the held-out "
+                                                   "images too", _percent, metavar="PP")
     check_images: int = _setting(64, "images on which the deployed and simulated paths are compared (0: no check)",
                                  int, metavar="N")
     out: Path | None = _setting(None, "run folder (default: ptqcal_runs/<model>)", Path)
@@ -253,6 +256,9 @@ class RunConfig:
             raise UserError("--max-confident-swaps and --max-size-ratio are two targets: give one")
         if self.max_size_ratio is not None and not 0 < self.max_size_ratio <= 1:
             raise UserError(f"--max-size-ratio is a fraction of float's weight bytes in (0, 1], got {self.max_size_ratio}")
+        if self.mixed_max_delta_error is not None and not self.mixed:
+            raise UserError("--mixed-max-delta-error caps a mixed-precision search: give --max-confident-swaps or "
+                            "--max-size-ratio too")
         if self.mixed and len(self.weight_bits) < 2:
             raise UserError("a mixed-precision target chooses among the run's weight bit widths: give at least two "
                             "to --weight-bits (e.g. 8 4)")

@@ -436,5 +436,6 @@ def mixed_search(cfg: RunConfig, cache: Cache, prepared: Path, ranges, exclude: 
     target, limit = ("max_confident_swaps", cfg.max_confident_swaps) if cfg.max_confident_swaps is not None \
         else ("max_size_ratio", cfg.max_size_ratio)
     quantized = {layer: count for layer, count in elements.items() if layer not in exclude}
-    choice = search(target, limit, quantized, float_bytes, widths, act_bits, attribution, float_logits, measure)
+    choice = search(target, limit, quantized, float_bytes, widths, act_bits, attribution, float_logits, measure,
+                    pixels.labels, cfg.mixed_max_delta_error)
     return choice, spec(choice.layer_bits) if choice.met else None

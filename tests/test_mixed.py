@@ -192,3 +192,30 @@ def test_a_target_that_cannot_work_is_one_line_and_exit_2(flags, message, tmp_pa
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cap_on_the_added_error_rules_out_prefixes_beyond_it():
+    """By hand: three moves; the whole model's Δ error grows 0, 1, 2, 3 pp with the moves; confident
+    swaps stay 0. With a 1.5 pp cap the longest prefix within both targets is 1 move."""
+    from ptqcal.evaluate.mixed import search
+
+    def effects(layer):
+        return [LayerEffect(layer, 8, 0.0, 0.0, 0.0, 40.0), LayerEffect(layer, 4, 0.0, 0.0, 0.0, 20.0)]
+
+    attribution = Attribution(effects("a") + effects("b") + effects("c"))
+    labels = np.arange(100) % 4
+    float_logits = np.eye(4, dtype=np.float32)[labels] * 10  # all correct, all confident
+
+    def measure(layer_bits):
+        lowered = sum(bits == 4 for bits in layer_bits.values())
+        logits = float_logits.copy()
+        logits[:lowered, :] = np.roll(logits[:lowered, :], 1, axis=1)  # `lowered` images now wrong
+        return logits
+
+    elements = {"a": 100, "b": 100, "c": 100}
+    free = search("max_confident_swaps", 1.0, elements, {k: 400 for k in elements}, (8, 4), 8, attribution,
+                  float_logits, measure, labels)
+    capped = search("max_confident_swaps", 1.0, elements, {k: 400 for k in elements}, (8, 4), 8, attribution,
+                    float_logits, measure, labels, max_delta_error=0.015)
+    assert sum(b == 4 for b in free.layer_bits.values()) == 3
+    assert sum(b == 4 for b in capped.layer_bits.values()) == 1 and capped.steps[-1].delta_top1_error == 0.01

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
 from typing import Any, Sequence
 
+from ptqcal import csvsafe
 from ptqcal.evaluate.attribution import EFFECT_FIELDS
 from ptqcal.evaluate.deploy import Deployment, Ratio, latency_ratio, speed_ratio
 from ptqcal.evaluate.metrics import Metrics, changes_by_confidence
@@ -103,7 +103,7 @@ def metrics_csv(runs: Sequence[RunAnalysis]) -> str:
     keys += list(DEPLOYMENT_UNITS)
     keys += [f"{key}_{part}" for key in HEADLINE for part in ("ci95_low", "ci95_high", "std")]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
+    writer = csvsafe.DictWriter(buffer, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for run in runs:
         for row in metrics_rows(run):
@@ -131,7 +131,7 @@ def layers_csv(runs: Sequence[RunAnalysis]) -> str | None:
     if not rows:
         return None
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["model", *EFFECT_FIELDS], lineterminator="\n")
+    writer = csvsafe.DictWriter(buffer, fieldnames=["model", *EFFECT_FIELDS], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import tempfile
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 
-from . import steps
+from . import csvsafe, steps
 from .atomic import atomic_path
 from .cache import Cache
 from .config import RunConfig, flag_of
@@ -82,7 +81,7 @@ def save_agreements(rows: list[TorchAgreement], out_dir: Path) -> Path:
     """``compare_torch.csv`` (one row per configuration) in ``out_dir``, written whole or not at all."""
     path = out_dir / "compare_torch.csv"
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[field.name for field in fields(TorchAgreement)])
+        writer = csvsafe.DictWriter(handle, fieldnames=[field.name for field in fields(TorchAgreement)])
         writer.writeheader()
         writer.writerows(asdict(row) for row in rows)
     return path

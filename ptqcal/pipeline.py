@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import steps
-from .cache import Cache, link_or_copy
+from .cache import Cache, file_digest, link_or_copy
 from .executors import Executor, make_executor
 from .config import RunConfig
 from .errors import UserError
@@ -43,7 +43,8 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     steps.check_labels(dataset, model.num_classes)
     draws = [steps.draw_images(dataset, cfg, model.preprocess, cache, r) for r in range(cfg.repeats)]
     images = draws[0]
-    steps.normalise(model.preprocess, images.eval.head(1))  # a size mismatch is a user error, said now
+    for pixels in (images.eval, images.calib):  # a size mismatch is a user error, said now
+        steps.normalise(model.preprocess, pixels.head(1))
     prepared = steps.prepare_for_quantization(cache, model.float_path)
     exclude = steps.layers_kept_float(prepared, cfg)
     batches = steps.choose_batches(prepared, model.preprocess, cfg, exclude)
@@ -68,16 +69,22 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     _beyond_the_sweep(cfg, model, prepared, exclude, batches, images, cache, sweep)
     held_out = held_out_logits(cfg, model, images, calib_float, cache, sweep)
     for name, source in sweep.files.items():
-        link_or_copy(source, work / name)
+        link_or_copy(source, work / name, within=cache.root)
     notes = [*model.notes, batches.note, *([images.search_note] if images.search_note else []),
              *sweep.notes, *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
                        sweep.clipped_biases, descriptors=sweep.descriptors)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
-              run_summary(cfg, model, dataset.name, images), notes, recorded.to_dict(),
+              run_summary(cfg, model, dataset.name, images), notes, _settings(recorded),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
               sweep.deployment, sweep.attribution, sweep.mixed, sweep.descriptors, held_out.labels, held_out.logits,
               held_out.source, dict([cfg.guard_target])).save(work)
     return work
+
+
+def _settings(cfg: RunConfig) -> dict:
+    """The run's settings as recorded, with the digest of a user's model file: the file may change
+    in place later, the record says which bytes were evaluated."""
+    return {**cfg.to_dict(), **({"model_sha256": file_digest(cfg.model)} if cfg.is_onnx_file else {})}
 
 
 def _beyond_the_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, ...], batches: steps.Batches, images,

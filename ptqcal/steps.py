@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import Cache, array_digest, file_digest, make_key
+from .cache import Cache, array_digest, file_digest, make_key, scratch_folder
 from .config import RunConfig
 from .data import Dataset, decode_images, load_dataset, select
 from .errors import UserError
@@ -300,8 +300,12 @@ def prepare_for_quantization(cache: Cache, float_path: Path) -> Path:
     """ORT's ``quant_pre_process`` of the float model (shape inference, graph optimisation)."""
     from .quantize import prepare
 
+    from .evaluate.runner import make_session
+
+    # a model ONNX Runtime cannot load is one line from the session factory, before quant_pre_process
+    # logs its own traceback
     return cache.file("prepared", make_key(file_digest(float_path), versions(KEYED)), "onnx",
-                      lambda tmp: prepare(float_path, tmp))
+                      lambda tmp: (make_session(float_path), prepare(float_path, tmp)))
 
 
 def calibrate(cache: Cache, prepared: Path, input_name: str, pixels: Pixels, preprocess: PreprocessCfg,
@@ -353,13 +357,11 @@ def check_deployment(cache: Cache, path: Path, name: str, evaluated: np.ndarray,
 def deployed_float_ops(cache: Cache, path: Path, cfg: RunConfig) -> dict[str, int]:
     """What ORT still computes in float when it runs the quantized model at ``path`` (op type ->
     count), from the graph it optimises for ``cfg.provider``."""
-    import tempfile
-
     from .evaluate.runner import deployed_float_ops as count
 
     def write(tmp: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix=".ptqcal-optimized-", dir=tmp.parent) as folder:
-            tmp.write_text(json.dumps(count(path, folder, cfg.provider)))
+        with scratch_folder(tmp.parent, ".ptqcal-optimized-") as folder:
+            tmp.write_text(json.dumps(count(path, str(folder), cfg.provider)))
 
     key = make_key(file_digest(path), versions(KEYED), cfg.provider)
     return json.loads(cache.file("float-ops", key, "json", write).read_text())

@@ -11,6 +11,7 @@ same histograms: one calibration pass serves every method and every activation b
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -140,10 +141,16 @@ class CalibrationRanges:
             stored = {**payload.get("unused_ranges", {}), **payload["ranges"]}
             ranges = {str(k): (float(lo), float(hi)) for k, (lo, hi) in stored.items()}
             derived = tuple(str(name) for name in payload.get("derived", []))
-            return cls(str(payload["method"]), int(payload["bits"]), int(payload["num_images"]), ranges, derived)
+            loaded = cls(str(payload["method"]), int(payload["bits"]), int(payload["num_images"]), ranges, derived)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise QuantizeError(f"{path} is not a calibration ranges file ({type(exc).__name__})",
                                 setting="calib_ranges") from exc
+        bad = next((k for k, (lo, hi) in ranges.items() if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi)),
+                   None)
+        if bad is not None:  # a reversed range would quantize silently, a NaN one fail inside ORT
+            raise QuantizeError(f"{path}: the range of {bad!r} is {list(ranges[bad])}, not a finite low <= high",
+                                setting="calib_ranges")
+        return loaded
 
     def check_fits(self, model: onnx.ModelProto, act_bits: tuple[int, ...],
                    exclude: tuple[str, ...] = ()) -> "CalibrationRanges":

@@ -16,7 +16,6 @@ import io
 import logging
 import os
 import sys
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from ptqcal.atomic import atomic_path
+from ptqcal.cache import scratch_folder
 from .qdq import _ort_temporary_files, _ort_warnings_held
 from .spec import QuantizeError
 
@@ -71,7 +71,7 @@ class Peer:
 def _work_folder(out_path: Path) -> Iterator[Path]:
     """A private folder beside the output (inside the run's cache; /tmp may be another file system),
     also where ORT's own temporary folders go for the call."""
-    with tempfile.TemporaryDirectory(prefix=".ptqcal-peer-", dir=out_path.parent) as tmp, \
+    with scratch_folder(out_path.parent, ".ptqcal-peer-") as tmp, \
             _ort_temporary_files(tmp), _ort_warnings_held():
         yield Path(tmp)
 

@@ -34,6 +34,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ptqcal.atomic import atomic_path
+from ptqcal.cache import scratch_folder
 
 from .calibrate import CalibrationRanges
 from .graph import layers_to_exclude, op_types_to_quantize, weight_axes, weighted_nodes
@@ -70,7 +71,7 @@ def prepare(float_path: str | Path, out_path: str | Path) -> Path:
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".ptqcal-prepare-", dir=out_path.parent) as tmp, _ort_temporary_files(tmp):
+    with scratch_folder(out_path.parent, ".ptqcal-prepare-") as tmp, _ort_temporary_files(tmp):
         quant_pre_process(str(float_path), str(out_path), skip_symbolic_shape=True)
     model = onnx.load(str(out_path))
     if name_nodes(model):
@@ -138,7 +139,7 @@ def quantize_qdq(prepared_path: str | Path, out_path: str | Path, ranges: Calibr
             for name, (lo, hi) in ranges.ranges.items()}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # ORT's intermediate files live beside the target (inside the run's cache), never in $TMPDIR
-    with tempfile.TemporaryDirectory(prefix=".ptqcal-quant-", dir=out_path.parent) as tmp:
+    with scratch_folder(out_path.parent, ".ptqcal-quant-") as tmp:
         model = _with_opset_for_weights(onnx.load(str(prepared_path)), spec)
         # ORT writes "<input>-inferred.onnx" beside its input and deletes it after: the input is a
         # private copy, so that quantizations of one model running at once never share that file

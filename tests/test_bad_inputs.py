@@ -571,7 +571,6 @@ def test_a_warning_before_a_mistake_is_not_printed(corpus, tmp_path):
 # Needs the lead (quantize/calibrate.py, CalibrationRanges.load): a saved range that is NaN or whose
 # low is above its high is accepted today (reversed: a silent run; NaN: ORT's AssertionError
 # "scale issue" as a traceback). Strict: these fail once the check is in, as a reminder to drop the mark.
-@pytest.mark.xfail(strict=True, reason="LEAD: CalibrationRanges.load must refuse NaN and low > high")
 @pytest.mark.parametrize("damage", ["reversed", "NaN"])
 def test_a_damaged_saved_range_is_one_line(damage, corpus, tmp_path, capsys):
     saved = tmp_path / "saved"

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("models", "export", "quantize", "evaluate", "analysis")  # in the order data flows
-SHARED = {"ptqcal", "ptqcal.errors", "ptqcal.atomic", "ptqcal.cache", "ptqcal.progress", "ptqcal.versions"}  # leaves any stage may use
+SHARED = {"ptqcal", "ptqcal.errors", "ptqcal.atomic", "ptqcal.cache", "ptqcal.progress", "ptqcal.versions", "ptqcal.csvsafe"}  # leaves any stage may use
 MAX_FUNCTION_LINES = 50
 
 

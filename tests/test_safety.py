@@ -499,7 +499,6 @@ def test_csvsafe_neutralises_formulas_and_keeps_numbers():
 # must write with ptqcal.csvsafe.DictWriter instead of csv.DictWriter. Strict: it fails once wired,
 # as a reminder to drop this mark.
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="LEAD: wire ptqcal.csvsafe.DictWriter into analysis/rows.py and compare.py")
 def test_a_node_named_like_a_formula_is_text_in_layers_csv(tmp_path):
     pytest.importorskip("sklearn")
     evil = "=cmd|' /C calc'!A0"
@@ -515,7 +514,6 @@ def test_a_node_named_like_a_formula_is_text_in_layers_csv(tmp_path):
     assert _unsafe_cells(out) == []  # ... as text
 
 
-@pytest.mark.xfail(strict=True, reason="LEAD: record the source model's sha256 in run.json (pipeline.measure)")
 def test_run_json_records_the_source_models_sha256(tmp_path):
     import hashlib
 

@@ -147,7 +147,9 @@ class Pixels:
     def head(self, count: int) -> np.ndarray:
         """The first ``count`` decoded images, as one array."""
         parts = list(rebatch(self.chunks(), count, count))
-        return parts[0] if parts else np.empty((0,))
+        if not parts:
+            raise UserError("none of the images could be decoded")
+        return parts[0]
 
     def materialise(self) -> Split:
         """Every decoded image in one array (for small splits only: tools that need them whole)."""

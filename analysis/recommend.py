@@ -307,7 +307,7 @@ def recommend(run: "RunAnalysis", objective: Objective | None = None) -> Recomme
     outcomes = {c.name: _outcome(c, ranked, objective.order) for c in candidates}
     for c in candidates:  # slower than float is said of every loser it is true of
         if outcomes[c.name].outcome not in ("chosen", "collapsed", "unsized") and c.speed is not None and \
-                c.speed.verdict == "below":
+                c.speed.verdict == "below" and "slower than float" not in outcomes[c.name].reason:
             o = outcomes[c.name]
             outcomes[c.name] = Outcome(o.config, o.outcome, f"{o.reason}; and slower than float ({c.speed.text()} its "
                                                             "images/s)", o.equal_to)

@@ -129,6 +129,7 @@ class GraphFit:
     output: TensorInfo
     encode: InputEncoding
     decode: LogitsDecoding
+    float_input: TensorInfo | None = None  # the float model's input: what the run feeds
 
 
 def _load(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
@@ -288,7 +289,7 @@ def _check(graph_path: Path, float_path: str | Path) -> GraphFit:
         raise CompatError(f"{label} gives {classes} classes where the float model gives {float_classes}: its "
                           f"output is {graph_out}, the float model's is {float_out}")
     return GraphFit(graph_path, graph_in, graph_out, input_encoding(model, float_in, label),
-                    logits_decoding(model, label))
+                    logits_decoding(model, label), float_in)
 
 
 # What may stand between a graph's Softmax and its output without changing which class wins
@@ -343,15 +344,16 @@ def _without_final_softmax(model: onnx.ModelProto, label: str) -> LogitsDecoding
 
 
 def float_io_model(fit: GraphFit) -> onnx.ModelProto | None:
-    """The graph of ``fit`` taking the float model's float32 input and giving float32 logits: a
-    QuantizeLinear or Cast in front of an input of codes or another float type, a final Softmax cut,
+    """The graph of ``fit`` taking the float model's input (its element type) and giving float32
+    logits: a QuantizeLinear or Cast in front of an input of codes or another type, a final Softmax cut,
     a DequantizeLinear or Cast behind an output of codes or another float type. ``None`` when the
     graph already is one (it then runs as it is)."""
     model = onnx.load(str(fit.path))  # its external data too (checked to stay in its folder before)
     cut = _without_final_softmax(model, fit.path.name)
     decode, changed = cut or fit.decode, cut is not None
     graph_input = next(i for i in model.graph.input if i.name == fit.input.name)
-    if fit.encode.quantization is not None or fit.encode.dtype != "float32":
+    fed = fit.float_input.dtype if fit.float_input is not None else "float32"  # what the run feeds
+    if fit.encode.quantization is not None or fit.encode.dtype != fed:
         inner = f"{graph_input.name}_encoded"
         _rename_input(model, graph_input.name, inner)
         model.graph.node.insert(0, onnx.helper.make_node(
@@ -359,7 +361,7 @@ def float_io_model(fit: GraphFit) -> onnx.ModelProto | None:
             if fit.encode.quantization is not None else onnx.helper.make_node(
             "Cast", [graph_input.name], [inner], name=inner,
             to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(fit.encode.dtype))))
-        graph_input.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        graph_input.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(fed))
         changed = True
     if decode.quantization is not None or decode.dtype != "float32":
         output = model.graph.output[0]

@@ -52,10 +52,10 @@ def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
 
 
-def check_onnx_file(path: str | Path, setting: str | None = None) -> None:
+def check_onnx_file(path: str | Path, setting: str | None = None) -> tuple[Path, ...]:
     """Any ONNX graph a user brings (a quantized one too: integer inputs and outputs are the caller's
     to read): a readable model whose IR version, opsets and operators the installed onnx and ONNX
-    Runtime know, whose external weights stay in its folder."""
+    Runtime know, whose external weights stay in its folder; returns the files holding them."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}", setting=setting)
@@ -66,7 +66,7 @@ def check_onnx_file(path: str | Path, setting: str | None = None) -> None:
     if not model.graph.node:
         raise ModelError(f"{path} is not an ONNX model (no graph nodes)", setting=setting)
     _check_versions_and_ops(model, path)
-    _check_external_data(model, path)
+    return _check_external_data(model, path)
 
 
 def inspect_onnx(path: str | Path) -> OnnxModelInfo:

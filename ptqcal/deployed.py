@@ -1,4 +1,5 @@
-"""Graphs made elsewhere as configurations of the run: the user's own quantized files
+"""What the user brings beyond the sweep, checked before any work, and graphs made elsewhere as
+configurations of the run: the user's own quantized files
 (``--quantized``) and other toolchains' quantizations of the run's model on its calibration images
 (``--also``). Each is checked against the float model before any work, evaluated on the same images
 with every metric, and described from its graph (:mod:`ptqcal.quantize.census`).
@@ -23,17 +24,22 @@ AGREEMENT_WARNING = 0.5  # a graph agreeing with float's top-1 on fewer images i
 
 
 def user_graph(cache: Cache, cfg: RunConfig, model: steps.PreparedModel, name: str, file: Path) -> tuple[Path, Path]:
-    """(the user's graph as the run serves it, an exact copy of the file for the run folder): checked
-    against the float model (one line when it does not fit), external weights inlined, fed float32
+    """(the user's graph as the run serves it, a copy for the run folder): checked against the float
+    model (one line when it does not fit), external weights inlined, fed the float model's input
     and read as float32 logits (a graph of codes or float16 at either end gets a QuantizeLinear,
-    DequantizeLinear or Cast there; a final Softmax is cut)."""
+    DequantizeLinear or Cast there; a final Softmax is cut). Cached under the bytes of the file and
+    of its external weights."""
     from .evaluate.compat import check_compatible, float_io_model
     from .models import check_onnx_file
 
-    check_onnx_file(file, "quantized")
+    external = check_onnx_file(file, "quantized")
     fit = check_compatible(file, model.float_path, setting="quantized")
-    digest = file_digest(file)
-    copy = cache.file("user-graph", make_key(digest), "onnx", lambda tmp: shutil.copyfile(file, tmp))
+    digest = make_key(file_digest(file), [file_digest(f) for f in external])  # the weights beside it too
+
+    def copy(tmp: Path) -> None:  # the file as it is, or one file with its external weights inlined
+        import onnx
+
+        shutil.copyfile(file, tmp) if not external else onnx.save(onnx.load(str(file)), str(tmp))
 
     def serve(tmp: Path) -> None:
         import onnx
@@ -41,8 +47,37 @@ def user_graph(cache: Cache, cfg: RunConfig, model: steps.PreparedModel, name: s
         wrapped = float_io_model(fit)
         onnx.save(wrapped if wrapped is not None else onnx.load(str(file)), str(tmp))
 
-    served = cache.file("served-graph", make_key(digest, steps.versions(steps.KEYED)), "onnx", serve)
-    return served, copy
+    stored = cache.file("user-graph", digest, "onnx", copy)
+    served = cache.file("served-graph", make_key(digest, str(fit.float_input), steps.versions(steps.KEYED)), "onnx",
+                        serve)
+    return served, stored
+
+
+def check_extra_configs(cfg: RunConfig, model: steps.PreparedModel) -> None:
+    """Every ``--quantized`` file fits the float model and every ``--also`` peer can run here: said
+    in one line before any calibration or evaluation."""
+    from .evaluate.compat import check_compatible
+    from .models import check_onnx_file
+
+    for name, source in cfg.extra_configs().items():
+        if isinstance(source, Path):
+            check_onnx_file(source, "quantized")
+            check_compatible(source, model.float_path, setting="quantized")
+        else:
+            _peer(name)
+
+
+def _peer(name: str):
+    """The peer named ``name``, or one line saying why it cannot run here."""
+    from .quantize.peers import PEERS
+
+    peer = PEERS.get(name)
+    if peer is None:
+        raise UserError(f"--also {name}: not a peer toolchain (known: {', '.join(PEERS)})")
+    reason = peer.unavailable()
+    if reason:
+        raise UserError(f"--also {name}: {reason}")
+    return peer
 
 
 def peer_graph(cache: Cache, cfg: RunConfig, model: steps.PreparedModel, prepared: Path, name: str,
@@ -51,15 +86,10 @@ def peer_graph(cache: Cache, cfg: RunConfig, model: steps.PreparedModel, prepare
     the run's calibration images (``pixels``), cached under the images, the tool and its version."""
     from .quantize import PeerError
     from .quantize.calibrate import BatchDataReader
-    from .quantize.peers import PEERS, run_peer
+    from .quantize.peers import run_peer
     from .versions import package_version
 
-    peer = PEERS.get(name)
-    if peer is None:
-        raise UserError(f"--also {name}: not a peer toolchain (known: {', '.join(PEERS)})")
-    reason = peer.unavailable()
-    if reason:
-        raise UserError(f"--also {name}: {reason}")
+    peer = _peer(name)
     tools = [package_version(module) for module in peer.modules]
     key = make_key(file_digest(prepared), pixels.key, asdict(model.preprocess), batch_size, name, tools,
                    steps.versions(steps.KEYED))
@@ -108,7 +138,21 @@ def add_deployed(cfg: RunConfig, model: steps.PreparedModel, prepared: Path, ima
                          f"on the batch they are run in ({batches.eval} images here).")
         agreement = float(np.mean(sweep.logits[name].argmax(1) == sweep.logits["float"].argmax(1)))
         if agreement < AGREEMENT_WARNING:
-            notes.append(f"**Warning**: {name} agrees with the float model's top-1 on only {agreement:.0%} of the "
+            notes.append(f"Warning: {name} agrees with the float model's top-1 on only {agreement:.0%} of the "
                          "images: is it a quantization of the same network, fed the same preprocessing?")
             log(cfg, f"warning: {name} agrees with float on only {agreement:.0%} of the images")
 
+
+def check_inputs(cfg: RunConfig, model: steps.PreparedModel, images: steps.Images) -> None:
+    """What the user gave that cannot work is said now, before any work: images of another size than
+    the model's, a graph that does not fit the float model, a peer that cannot run here."""
+    for pixels in (images.eval, images.calib):
+        steps.normalise(model.preprocess, pixels.head(1))
+    if cfg.quantized or cfg.also:
+        check_extra_configs(cfg, model)
+
+
+def recorded_settings(cfg: RunConfig) -> dict:
+    """The run's settings as recorded, with the digest of a user's model file: the file may change
+    in place later, the record says which bytes were evaluated."""
+    return {**cfg.to_dict(), **({"model_sha256": file_digest(cfg.model)} if cfg.is_onnx_file else {})}

@@ -16,9 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import steps
-from .cache import Cache, file_digest, link_or_copy
+from .cache import Cache, link_or_copy
 from .executors import Executor, make_executor
 from .config import RunConfig
+from .deployed import check_inputs, recorded_settings
 from .errors import UserError
 from .evaluate import FLOAT_NAME, REPEAT_MARK, RunRecord
 from .quantize import QuantSpec
@@ -43,8 +44,7 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     steps.check_labels(dataset, model.num_classes)
     draws = [steps.draw_images(dataset, cfg, model.preprocess, cache, r) for r in range(cfg.repeats)]
     images = draws[0]
-    for pixels in (images.eval, images.calib):  # a size mismatch is a user error, said now
-        steps.normalise(model.preprocess, pixels.head(1))
+    check_inputs(cfg, model, images)
     prepared = steps.prepare_for_quantization(cache, model.float_path)
     exclude = steps.layers_kept_float(prepared, cfg)
     batches = steps.choose_batches(prepared, model.preprocess, cfg, exclude)
@@ -74,17 +74,11 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
              *sweep.notes, *run_notes(cfg, exclude, sweep.checks, images.failed, images.calib_note, sweep.float_ops,
                        sweep.clipped_biases, descriptors=sweep.descriptors)]
     RunRecord(model.name, images.eval.labels, sweep.logits, images.calib.labels, calib_float,
-              run_summary(cfg, model, dataset.name, images), notes, _settings(recorded),
+              run_summary(cfg, model, dataset.name, images), notes, recorded_settings(recorded),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
               sweep.deployment, sweep.attribution, sweep.mixed, sweep.descriptors, held_out.labels, held_out.logits,
               held_out.source, dict([cfg.guard_target])).save(work)
     return work
-
-
-def _settings(cfg: RunConfig) -> dict:
-    """The run's settings as recorded, with the digest of a user's model file: the file may change
-    in place later, the record says which bytes were evaluated."""
-    return {**cfg.to_dict(), **({"model_sha256": file_digest(cfg.model)} if cfg.is_onnx_file else {})}
 
 
 def _beyond_the_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, ...], batches: steps.Batches, images,

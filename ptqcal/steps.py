@@ -141,7 +141,7 @@ def export_registry_model(cfg: RunConfig, dataset: Dataset, folder: Path) -> Non
     result = export_onnx(module, normalise(entry.preprocess, sample.images), folder / "model.onnx",
                          metadata={METADATA_KEY: entry.preprocess.to_metadata()})
     (folder / "check.json").write_text(json.dumps({"max_abs_diff": result.max_abs_diff,
-                                                   "num_checked": result.num_checked}))
+                                                   "num_checked": result.num_checked}, allow_nan=False))
 
 
 def check_labels(dataset: Dataset, num_classes: int) -> None:
@@ -396,6 +396,7 @@ def attribution(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, image
     ``cfg.seed`` from the evaluation images; every (layer, bits) result is cached."""
     from .data import DEFAULT_SEARCH_SIZE, seeded_subset
     from .evaluate.attribution import LayerEffect, attribute
+    from .evaluate.record import finite
     from .evaluate.mixed import search_widths
 
     pixels = images.search if images.search is not None else \
@@ -403,9 +404,12 @@ def attribution(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, image
                cache, cfg.strict)
 
     def memo(layer: str, bits: int, compute) -> LayerEffect:
-        key = make_key(file_digest(prepared), pixels.key, layer, bits, str(cfg.weight_scale), cfg.batch_size)
-        path = cache.file("layer-effect", key, "json", lambda tmp: tmp.write_text(json.dumps(asdict(compute()))))
-        return LayerEffect(**json.loads(path.read_text()))
+        # the images as the model sees them (normalised, with their labels), the layer, its width, how ORT runs
+        key = make_key(file_digest(prepared), pixels.key, array_digest(pixels.labels), asdict(preprocess), layer, bits,
+                       str(cfg.weight_scale), cfg.batch_size, cfg.provider, versions(KEYED))
+        path = cache.file("layer-effect", key, "json",
+                          lambda tmp: tmp.write_text(json.dumps(finite(asdict(compute())), allow_nan=False)))
+        return LayerEffect(**{k: float("nan") if v is None else v for k, v in json.loads(path.read_text()).items()})
 
     # for a search only, the widths it can choose among (each other width stores and runs as one of them)
     widths = cfg.weight_bits if cfg.attribute else search_widths(cfg.weight_bits)

@@ -4,7 +4,7 @@ decides which and in what order)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +109,9 @@ def add_graph(cfg: RunConfig, model, name: str, served: Path, stored: Path, pixe
     sweep.files[f"model_{name}.onnx"] = stored
     sweep.served[name] = served
     if has_twin:
+        # its logits are on the deployed path whatever --execution says: the check computes the other
         check = steps.check_deployment(cache, served, name, sweep.logits[name], pixels, model.preprocess,
-                                       cfg, batches.check)
+                                       replace(cfg, execution="deployed"), batches.check)
         sweep.checks += [check] if check else []
     _log_config(cfg, name, sweep.logits[name], sweep.logits[FLOAT_NAME], pixels.labels)
 

@@ -58,9 +58,9 @@ def _figure_gaps(runs: Sequence[RunAnalysis]) -> dict[str, str]:
     if untimed or not quantized:
         gaps["fig6_deployment"] = f"{', '.join(untimed)}: not timed" if untimed else none
     if not any(r.record.attribution and r.record.attribution.effects for r in runs):
-        gaps["fig7_layers"] = "it needs --attribute, each weight layer quantized alone"
+        gaps["fig7_layers"] = "it needs a layer attribution (each weight layer quantized alone)"
     if not any(r.record.mixed for r in quantized):
-        gaps["fig8_pareto"] = "it needs a mixed-precision target, --max-confident-swaps or --max-size-ratio"
+        gaps["fig8_pareto"] = "it needs a mixed-precision target (on confident swaps or on the weights' size)"
     if not any(r.guards for r in runs):
         gaps["fig10_guard"] = "no run has a float fallback guard (each section says why)"
     else:

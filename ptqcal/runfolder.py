@@ -259,8 +259,8 @@ def recover(out: Path) -> None:
         if info is None:
             _recover_unmarked(folder, out)
             continue
-        if info.get("for") != out.name and not (info.get("for") is None and info.get("kind") in (PARTIAL_KIND, RUN)):
-            continue  # another target's, or not a partial folder at all
+        if info.get("for") != out.name or info.get("kind") not in (PARTIAL_KIND, RUN):
+            continue  # another target's, or a finished run (kept, even under a leftover's name): not ours to remove
         if info.get("role") == OLD:
             previous = folder / PREVIOUS
             if previous.is_dir() and not previous.is_symlink() and marker_kind(previous) is not None:
@@ -270,7 +270,7 @@ def recover(out: Path) -> None:
                     _carry_over(previous, out)  # killed while carrying over: finish it
             _remove_old(folder)
         else:
-            later.append(folder)  # a run or report being built (or, without "for", one of an older ptqcal)
+            later.append(folder)  # a run or report being built for ``out``
     for folder in later:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -219,6 +219,8 @@ def _import_nncf():
                 sys.modules.pop("openvino_telemetry", None)
             if saved_env is None:
                 os.environ.pop("NNCF_CI", None)
+            else:
+                os.environ["NNCF_CI"] = saved_env  # as it was, an empty value included
     return nncf
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ptqcal.evaluate.deploy import Deployment, Ratio, speed_ratio
-from ptqcal.evaluate.record import ConfigKind
+from ptqcal.evaluate.record import ConfigKind, RunRecordError
 from ptqcal.evaluate.results import FLOAT_NAME
 from ptqcal.quantize.spec import stored_bits
 
@@ -300,7 +300,12 @@ def _outcome(c: Candidate, ranked: Sequence[Candidate], order: str) -> Outcome:
 def recommend(run: "RunAnalysis", objective: Objective | None = None) -> Recommendation:
     """The configuration of ``run`` to ship for ``objective`` (default: the run's settings, else
     this module's defaults), the runner-up, and why each other configuration loses."""
-    objective = objective or Objective.from_settings(run.record.settings)
+    if objective is None:
+        try:
+            objective = Objective.from_settings(run.record.settings)
+        except (TypeError, ValueError) as exc:  # a tampered run.json: one line, not a traceback
+            raise RunRecordError(f"{run.folder} holds a damaged ptqcal run (its recommendation settings: "
+                                 f"{' '.join(str(exc).split())[:120]})") from None
     float_confident = _float_confident(run)
     candidates = tuple(_candidate(run, i, objective, float_confident) for i in range(len(run.configs)))
     ranked = rank(candidates, objective.order)

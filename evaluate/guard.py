@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .metrics import CONFIDENT
 from .selective import SCORES, confidence_score
 
-CONFIDENT = 0.9  # the float model's max softmax at or above which its prediction counts as confident
 _TOLERANCE = 1e-12  # a count / N against a target given as a decimal fraction
 
 

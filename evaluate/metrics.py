@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 ECE_BINS = 15
+CONFIDENT = 0.9  # a float prediction held with at least this confidence counts as confident (every feature)
 CHUNK = 4096  # rows converted to float64 probabilities at a time
 
 

@@ -289,6 +289,8 @@ def _held_out(info: dict[str, Any], stored: dict[str, np.ndarray]) -> tuple:
     if not isinstance(held, dict) or not isinstance(held.get("source"), str) or \
             not isinstance(held.get("configs"), list):
         raise ValueError("held_out is not {source, configs}")
+    if not set(map(str, held["configs"])) <= set(map(str, info.get("configs", []))):
+        raise ValueError("held-out logits of a configuration the run does not have")
     logits = {str(name): stored[HELD_OUT + str(name)] for name in held["configs"]}
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or any(v.ndim != 2 or len(v) != len(labels)
                                                                     for v in logits.values()):

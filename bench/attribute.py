@@ -1,12 +1,17 @@
 """Per-layer attribution: the whole graph run for every (layer, bits), as attribution did, against
 the graph cut at each layer (``ptqcal.evaluate.cut``), side by side in one run.
 
-    python bench/attribute.py [--quick] [--part resnet56|lite0|all]
+    python bench/attribute.py [--quick] [--part resnet56|lite0|all] [--repeats N]
 
 Both ways take the same model, images, batches, widths (8 and 4) and layers, in this process, one
-after the other (the whole graph first); their results are compared (the same swaps, the SQNR to
-float rounding). ``attribute``'s ``memo`` picks the layers: a layer left out is answered without
-running anything, in both ways alike.
+after the other (the whole graph first, then alternating; the least of ``--repeats`` runs counts);
+their results are compared (the same swaps, the SQNR to float rounding). ``attribute``'s ``memo``
+picks the layers: a layer left out is answered without running anything, in both ways alike.
+
+What bounds the ratio: the cut way runs, for each (layer, bits), the graph after the layer's cut;
+the whole-graph way the whole graph (and twice more on 32 images, for the SQNR). So the ratio is
+about 1 / the mean share of the graph's time that comes after a layer's cut, which depends on where
+ORT spends its time (ResNet56 spends almost half of it in its last stage's 8x8 convolutions).
 
 - ResNet56 (random weights, seed 0) on 512 CIFAR-sized real images (``images.cifar_images``; quick:
   256 images, every 3rd layer), batches of 128;
@@ -83,17 +88,12 @@ def whole_graph(model_path, batches, labels, widths, weight_scale, memo):
     return Attribution(effects, len(labels), int(confident.sum()))
 
 
-def side_by_side(label: str, model_path: Path, inputs: np.ndarray, labels: np.ndarray, batch: int,
-                 every: int) -> float:
-    """Both ways on every ``every``-th weight layer; prints their seconds, ratio and agreement."""
-    import onnx
-
+def timed(model_path: Path, inputs: np.ndarray, labels: np.ndarray, batch: int, chosen: set[str],
+          repeats: int) -> tuple[dict, dict]:
+    """Each way's (wall, process CPU) seconds, the least of ``repeats`` runs (the order alternating,
+    the whole graph first), and its effects on the ``chosen`` layers."""
     from ptqcal.evaluate.attribution import LayerEffect, attribute
-    from ptqcal.evaluate.cut import CUT_BYTES, CutGraph
-    from ptqcal.quantize.graph import weight_layer_names
 
-    layers = weight_layer_names(onnx.load(str(model_path)))
-    chosen = set(layers[::every])
     skipped = LayerEffect("", 0, 0.0, 0.0, 0.0, 0.0)
 
     def memo(layer, bits, compute):
@@ -103,12 +103,29 @@ def side_by_side(label: str, model_path: Path, inputs: np.ndarray, labels: np.nd
         end = len(inputs) if limit is None else min(limit, len(inputs))
         return (inputs[start:min(start + batch, end)] for start in range(0, end, batch))
 
+    ways = [("whole graph", whole_graph), ("cut", attribute)]
     seconds, results = {}, {}
-    for way, function in (("whole graph", whole_graph), ("cut", attribute)):
-        cpu, start = time.process_time(), time.perf_counter()
-        results[way] = [e for e in function(model_path, batches, labels, WIDTHS, SCALE, memo=memo).effects
-                        if e is not skipped]
-        seconds[way] = time.perf_counter() - start, time.process_time() - cpu
+    for repeat in range(repeats):
+        for way, function in ways if repeat % 2 == 0 else ways[::-1]:
+            cpu, start = time.process_time(), time.perf_counter()
+            results[way] = [e for e in function(model_path, batches, labels, WIDTHS, SCALE, memo=memo).effects
+                            if e is not skipped]
+            now = time.perf_counter() - start, time.process_time() - cpu
+            seconds[way] = tuple(map(min, zip(seconds.get(way, now), now)))
+    return seconds, results
+
+
+def side_by_side(label: str, model_path: Path, inputs: np.ndarray, labels: np.ndarray, batch: int,
+                 every: int, repeats: int) -> float:
+    """Both ways on every ``every``-th weight layer; prints their seconds, ratio and agreement."""
+    import onnx
+
+    from ptqcal.evaluate.cut import CUT_BYTES, CutGraph
+    from ptqcal.quantize.graph import weight_layer_names
+
+    layers = weight_layer_names(onnx.load(str(model_path)))
+    chosen = set(layers[::every])
+    seconds, results = timed(model_path, inputs, labels, batch, chosen, repeats)
     graph = CutGraph(onnx.load(str(model_path)), inputs[:1].shape)
     sizes = [graph.bytes(cut) * len(inputs) for cut in graph.cuts if cut.layer in chosen]
     kept = [size for size in sizes if size <= CUT_BYTES]
@@ -117,7 +134,7 @@ def side_by_side(label: str, model_path: Path, inputs: np.ndarray, labels: np.nd
     worst = max(abs(a.sqnr_db - b.sqnr_db) for a, b in zip(results["whole graph"], results["cut"]))
     ratio = seconds["whole graph"][0] / seconds["cut"][0]
     print(f"  {label}: {len(chosen)} of {len(layers)} weight layers x widths {WIDTHS}, {len(inputs)} images, "
-          f"batches of {batch}")
+          f"batches of {batch}, least of {repeats} run(s) each")
     for way, (wall, cpu) in seconds.items():
         print(f"    {way:12s} {wall:7.1f} s  (process CPU {cpu:7.1f} s)")
     print(f"    whole graph / cut: {ratio:.2f}x wall, {seconds['whole graph'][1] / seconds['cut'][1]:.2f}x CPU "
@@ -128,7 +145,7 @@ def side_by_side(label: str, model_path: Path, inputs: np.ndarray, labels: np.nd
     return ratio
 
 
-def resnet56(quick: bool, folder: Path) -> dict[str, float]:
+def resnet56(quick: bool, folder: Path, repeats: int) -> dict[str, float]:
     from images import cifar_images
 
     from ptqcal.export import export_onnx
@@ -141,10 +158,11 @@ def resnet56(quick: bool, folder: Path) -> dict[str, float]:
     labels = np.random.default_rng(0).integers(0, 100, count)
     export_onnx(get_model_entry("cifar_resnet56").build(RANDOM_WEIGHTS, None, folder), inputs[:8], folder / "r56.onnx")
     prepared = prepare(folder / "r56.onnx", folder / "r56-prepared.onnx")
-    return {"ResNet56: whole graph / cut": side_by_side("ResNet56", prepared, inputs, labels, 128, 3 if quick else 1)}
+    return {"ResNet56: whole graph / cut": side_by_side("ResNet56", prepared, inputs, labels, 128, 3 if quick else 1,
+                                                                  repeats)}
 
 
-def lite0(quick: bool, folder: Path) -> dict[str, float]:
+def lite0(quick: bool, folder: Path, repeats: int) -> dict[str, float]:
     from images import SHARED
 
     from ptqcal.data import Pixels, load_csv
@@ -164,21 +182,24 @@ def lite0(quick: bool, folder: Path) -> dict[str, float]:
     export_onnx(entry.build(None, None, folder), inputs[:2], folder / "lite0.onnx")
     prepared = prepare(folder / "lite0.onnx", folder / "lite0-prepared.onnx")
     return {"EfficientNet-Lite0: whole graph / cut": side_by_side("EfficientNet-Lite0", prepared, inputs,
-                                                                  pixels.labels, 32, 10 if quick else 1)}
+                                                                  pixels.labels, 32, 10 if quick else 1, repeats)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--part", choices=("resnet56", "lite0", "all"), default="all")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each way, alternating (default: 1; "
+                        "quick: 2); the least time counts")
     args = parser.parse_args()
+    repeats = args.repeats or (2 if args.quick else 1)
     os.environ.setdefault("TQDM_DISABLE", "1")
     ratios = {}
     with tempfile.TemporaryDirectory(prefix="ptqcal-attribute-") as tmp:
         if args.part in ("resnet56", "all"):
-            ratios.update(resnet56(args.quick, Path(tmp)))
+            ratios.update(resnet56(args.quick, Path(tmp), repeats))
         if args.part in ("lite0", "all"):
-            ratios.update(lite0(args.quick, Path(tmp)))
+            ratios.update(lite0(args.quick, Path(tmp), repeats))
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")
 

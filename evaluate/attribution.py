@@ -96,8 +96,7 @@ class _LayerRuns:
     every image), and the layer's output, float or quantized (on the first :data:`SQNR_IMAGES`)."""
 
     def __init__(self, graph, cut, everything, head, session, weight_scale: str):
-        node = next(n for n in graph.model.graph.node if n.name == cut.layer)
-        self.cut, self.output, self.logits = cut, node.output[0], graph.model.graph.output[0].name
+        self.cut, self.output, self.logits = cut, cut.output, graph.model.graph.output[0].name
         self._graph, self._everything, self._head = graph, everything, head
         self._session, self._scale = session, weight_scale
         self._suffix = self._layer = self._reference = None

@@ -31,13 +31,14 @@ Feed = dict[str, np.ndarray]  # a batch of a cut: tensor name -> values
 
 @dataclass(frozen=True)
 class Cut:
-    """Where the graph is cut for ``layer``: ``start`` is the graph-order index of the first node that
-    reads the layer's weight, ``tensors`` what the nodes from there on need from before it (in the
-    order they are produced)."""
+    """Where the graph is cut for ``layer`` (a weight node's name; ``output``, its output): ``start``
+    is the graph-order index of the first node that reads the layer's weight, ``tensors`` what the
+    nodes from there on need from before it (in the order they are produced)."""
 
     layer: str
     start: int
     tensors: tuple[str, ...]
+    output: str
 
 
 def constant_tensors(model: onnx.ModelProto) -> set[str]:
@@ -73,7 +74,7 @@ def layer_cuts(model: onnx.ModelProto) -> list[Cut]:
         start = min(i for i, n in enumerate(nodes) if node.input[1] in n.input)
         tensors = tuple(name for at, _, name in order
                         if at < start and last_read.get(name, -1) >= start and name not in constants)
-        cuts.append(Cut(node.name, start, tensors))
+        cuts.append(Cut(node.name, start, tensors, node.output[0]))
     return cuts
 
 
@@ -81,7 +82,8 @@ def extract(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str
             types: dict[str, onnx.ValueInfoProto]) -> onnx.ModelProto:
     """The part of ``model`` that computes ``outputs`` from ``inputs`` (the graph's inputs are those of
     ``inputs`` it reads, typed from ``types``: a shape-inferred copy's value infos), with the
-    initializers, value infos, opsets and functions it needs."""
+    initializers, value infos, opsets and functions it needs. Names read only inside a node's own
+    subgraphs (``If``, ``Loop``: no classifier here has them) are not followed."""
     graph, given = model.graph, set(inputs)
     producer = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
     initializers = {init.name for init in graph.initializer}
@@ -94,15 +96,17 @@ def extract(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str
             read.add(name)
         elif name and name not in initializers:
             if name not in producer:
-                raise ValueError(f"{name} is computed from a graph input not given: {name}")
+                raise ValueError(f"{name} is neither given nor computed by a node of the graph")
             if producer[name] not in chosen:
                 chosen.add(producer[name])
                 pending.extend(graph.node[producer[name]].input)
     nodes = [node for index, node in enumerate(graph.node) if index in chosen]
     names = {name for node in nodes for name in (*node.input, *node.output)}
+    def typed(name: str) -> onnx.ValueInfoProto:
+        return types[name] if name in types else onnx.ValueInfoProto(name=name)
+
     sub = helper.make_graph(
-        nodes, f"{graph.name}_cut", [types.get(name) or onnx.ValueInfoProto(name=name) for name in inputs if name in read],
-        [types.get(name) or onnx.ValueInfoProto(name=name) for name in outputs],
+        nodes, f"{graph.name}_cut", [typed(name) for name in inputs if name in read], [typed(name) for name in outputs],
         [init for init in graph.initializer if init.name in names],
         value_info=[value for value in graph.value_info if value.name in names - given - set(outputs)])
     copy = helper.make_model(sub, opset_imports=list(model.opset_import), functions=list(model.functions))
@@ -164,9 +168,9 @@ class CutGraph:
             self._sizes = bytes_per_image(self.model, self._shape)
         return sum(self._sizes.get(name, 0) for name in cut.tensors)
 
-    def extract(self, inputs: Sequence[str], outputs: Sequence[str], model: onnx.ModelProto | None = None):
-        """:func:`extract` of the model (or of ``model``, a copy with other weights)."""
-        return extract(self.model if model is None else model, inputs, outputs, self.types)
+    def extract(self, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto:
+        """:func:`extract` of the model."""
+        return extract(self.model, inputs, outputs, self.types)
 
 
 Session = Callable[[onnx.ModelProto], object]  # a model -> an ORT session to run it

@@ -95,7 +95,9 @@ def test_run_attribute_writes_the_table_the_csv_and_the_figure(tmp_path):
     assert "Which layers flip confident predictions" in (out / "report.md").read_text()
     assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "layers.csv").read_text() == (out / "layers.csv").read_text()
-    assert (tmp_path / "again" / "fig7_layers.png").exists()
+    # Figure 7 is drawn only when a layer swapped a confident prediction (this model holds none)
+    assert (tmp_path / "again" / "fig7_layers.png").exists() == (out / "fig7_layers.png").exists()
+    assert "Figure 7" in (tmp_path / "again" / "report.md").read_text()
 
 
 def test_a_graph_without_weight_layers_attributes_nothing_and_the_report_still_builds(tmp_path):

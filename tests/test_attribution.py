@@ -33,7 +33,6 @@ def _two_layer_model(path):
 
 def test_a_layer_on_the_grid_changes_nothing_and_the_other_is_ranked_first(tmp_path):
     from ptqcal.evaluate.attribution import attribute
-    from ptqcal.evaluate.record import ConfigInfo, ConfigKind
 
     model = _two_layer_model(tmp_path / "m.onnx")
     preprocess = PreprocessCfg((1, 8, 8), (0.5,), (0.25,))

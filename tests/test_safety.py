@@ -521,3 +521,21 @@ def test_run_json_records_the_source_models_sha256(tmp_path):
     model = tiny_onnx_classifier(tmp_path / "t.onnx", classes=10)
     assert main(["run", "--model", str(model), "--out", str(tmp_path / "run"), *FAST]) == 0
     assert hashlib.sha256(model.read_bytes()).hexdigest() in (tmp_path / "run" / "run.json").read_text()
+
+
+def test_a_reused_report_folder_keeps_no_file_of_an_earlier_report_but_the_users(tmp_path):
+    """A report built into a folder that held another report: the earlier report's files that this
+    one does not write (its layers.csv, its Figure 7) are gone; a user's file stays."""
+    from ptqcal.runfolder import manifest, write_report
+
+    first, second = _fake_run(tmp_path / "a", "m", []), _fake_run(tmp_path / "b", "other", [])
+    write_report([first], tmp_path / "rep")
+    (tmp_path / "rep" / "layers.csv").write_text("model\nm\n")  # as if the first report had attributed
+    from ptqcal.runfolder import _update_marker
+
+    _update_marker(tmp_path / "rep", files=sorted(manifest(tmp_path / "rep") | {"layers.csv"}))
+    (tmp_path / "rep" / "notes.txt").write_text("mine")
+    write_report([second], tmp_path / "rep")
+    assert not (tmp_path / "rep" / "layers.csv").exists()
+    assert (tmp_path / "rep" / "notes.txt").read_text() == "mine"
+    assert "other" in (tmp_path / "rep" / "report.md").read_text()

@@ -263,7 +263,7 @@ def test_every_table_column_and_figure_left_out_says_why(tmp_path):
     assert 'Left out: "ECE after T %" (no temperature: 16 evaluation images are fewer than the 20' in report
     left = report[report.index("**Figures left out**"):]
     assert "Figure 5: small: fewer than 20 evaluation images" in left
-    assert "Figure 7: it needs --attribute" in left and "Figure 8: it needs a mixed-precision target" in left
+    assert "Figure 7: it needs a layer attribution" in left and "Figure 8: it needs a mixed-precision target" in left
     assert not (tmp_path / "out" / "fig5_temperature.png").exists()
 
 

@@ -237,9 +237,11 @@ class RunRecord:
         info = _read_info(folder)
         descriptors = _read_descriptors(folder, info.get("descriptors"))
         try:
+            _check_members(folder / LOGITS_FILE)  # before numpy allocates what a header claims
             with np.load(folder / LOGITS_FILE, allow_pickle=False) as arrays:
                 stored = {key: arrays[key] for key in arrays.files}
             logits = {str(name): stored[name] for name in info["configs"]}
+            _check_arrays(stored["labels"], logits)
             deployment = {str(k): Deployment(**v) for k, v in info.get("deployment", {}).items()}
             attribution = Attribution.from_json(info["attribution"]) if info.get("attribution") else None
             mixed = MixedChoice.from_json(info["mixed"]) if info.get("mixed") else None
@@ -249,14 +251,47 @@ class RunRecord:
                          [str(n) for n in info.get("notes", [])], dict(info.get("config", {})),
                          _number(info.get("seconds", 0.0)), deployment, attribution, mixed, descriptors,
                          *_held_out(info, stored))
-        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
-            raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from exc
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
+                io.UnsupportedOperation) as exc:
+            raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:100]})") from None
         try:
             record.require_descriptors()
         except LookupError:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run (its descriptors do not match its "
                                  "configurations)") from None
         return record
+
+
+def _check_members(path: Path) -> None:
+    """Every member of ``logits.npz`` is stored uncompressed (as :meth:`RunRecord.save` writes it: a
+    member can then hold no more than the file's own bytes, so no zip bomb) and is an array whose
+    header claims exactly the bytes that follow it (no header asking for terabytes)."""
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if member.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{member.filename} is compressed")
+            with archive.open(member) as handle:
+                version = np.lib.format.read_magic(handle)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(handle)
+                if dtype.hasobject or math.prod(shape) * dtype.itemsize != member.file_size - handle.tell():
+                    raise ValueError(f"{member.filename} is not the array its header says")
+
+
+def _check_arrays(labels: np.ndarray, logits: dict[str, np.ndarray]) -> None:
+    """Integer labels >= 0, one per image, and every configuration's logits finite, (images,
+    classes) with the float model's classes, each label one of them."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
+        raise ValueError("labels are not class indices, one per image")
+    classes = {values.shape[1] if values.ndim == 2 else -1 for values in logits.values()}
+    if any(values.ndim != 2 or len(values) != len(labels) or values.dtype.kind != "f" for values in logits.values()) \
+            or len(classes) != 1:
+        raise ValueError("logits are not (images, classes) floats, alike for every configuration")
+    if len(labels) and labels.max() >= classes.pop():
+        raise ValueError("a label is not one of the model's classes")
+    if not all(np.isfinite(values).all() for values in logits.values()):
+        raise ValueError("logits hold NaN or infinite values")
 
 
 def _number(value: Any) -> float:
@@ -310,8 +345,8 @@ def _read_info(folder: Path) -> dict[str, Any]:
         version = info.get("format", 1) if isinstance(info, dict) else None
         if type(version) is not int or version > FORMAT_VERSION:
             raise ValueError("unknown record format")
-    except (OSError, ValueError) as exc:
-        raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested past Python's stack
+        raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__})") from None
     if version < DESCRIBED_SINCE:
         raise RunRecordError(f"{folder} was made by an older ptqcal (run record format {version}, which does not "
                              f"say what each configuration is): re-run it with ptqcal {__version__}")

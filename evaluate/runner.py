@@ -43,11 +43,20 @@ def make_session(model: str | Path | bytes, fused: bool = True, optimized_model_
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     providers = [execution_provider(provider)]
+    name = "the model" if isinstance(model, bytes) else Path(model).name
+    if providers[0] != "CPUExecutionProvider":
+        # ORT would run on the CPU whatever the provider cannot, without a word, and the report would
+        # name the provider: every node must run where asked (ORT's own refusal is logged as fatal only)
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        options.log_severity_level = 4
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind error types for graphs it cannot run
         reason = " ".join(str(exc).split())[:300]
-        name = "the model" if isinstance(model, bytes) else Path(model).name
+        if "fallback to CPU EP has been explicitly disabled" in reason:
+            raise SessionError(f"execution provider {provider!r} cannot run every node of {name} (ONNX Runtime would "
+                               "run the others on the CPU): choose a provider that runs the whole model",
+                               setting="provider") from None
         raise SessionError(f"ONNX Runtime cannot run {name}: {reason}") from None
 
 

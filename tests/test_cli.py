@@ -330,3 +330,20 @@ def test_every_commands_help_prints(capsys):
 
     for command in (["--help"], ["run", "--help"], ["report", "--help"], ["compare-torch", "--help"]):
         assert main(command) == 0 and "usage" in capsys.readouterr().out
+
+
+def test_a_provider_that_cannot_run_the_whole_model_is_one_line(tmp_path, capsys):
+    """ONNX Runtime runs on the CPU whatever a provider cannot, without a word (Azure's runs nothing
+    here): the run would report a provider that did not run it. One line, exit 2, nothing written."""
+    import onnxruntime as ort
+
+    from conftest import tiny_onnx_classifier
+
+    if "AzureExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no Azure provider to try")
+    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    assert main(["run", "--model", str(model), "--dataset", "digits", "--preprocess", "digits", "--provider", "Azure",
+                 "--weight-bits", "8", "--no-progress", "--quiet", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot run every node" in err and "--provider" in err
+    assert not (tmp_path / "run").exists()

@@ -99,12 +99,11 @@ def _quantize_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, .
     """Every calibration draw x activation bits x weight bits, with ``exclude``'s nodes kept float.
     The draws' calibrations, the configurations' quantizations and their logits are independent
     work for ``executor``; the results are then gathered in sweep order."""
-    import onnx
 
     from .quantize import CalibrationRanges, compute_ranges
     from .quantize.graph import quantized_tensors
 
-    graph = onnx.load(str(prepared), load_external_data=False)
+    graph = steps.prepared_graph(prepared)
     given = None if cfg.calib_ranges is None else CalibrationRanges.load(cfg.calib_ranges).check_fits(
         graph, cfg.act_bits if cfg.repeats == 1 else (), exclude)
     if given is None:

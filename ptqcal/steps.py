@@ -7,6 +7,7 @@ returns a typed result; a step whose inputs did not change costs one file lookup
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -173,14 +174,23 @@ def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cac
                   selection.calib_note, search, selection.search_note)
 
 
+@functools.lru_cache(maxsize=2)
+def prepared_graph(prepared: Path):
+    """The prepared graph (without external data), loaded once per run: the batch choice, the layers
+    kept float and the saved ranges' check all read it. Cache entries never change in place, so the
+    path names its content; callers only read it."""
+    import onnx
+
+    return onnx.load(str(prepared), load_external_data=False)
+
+
 def layers_kept_float(prepared: Path, cfg: RunConfig) -> tuple[str, ...]:
     """The nodes every quantized configuration of ``cfg`` keeps float (``--exclude``'s names, each
     checked to be a node, and the first or last weight layer when asked)."""
-    import onnx
 
     from .quantize import layers_to_exclude
 
-    graph = onnx.load(str(prepared), load_external_data=False)
+    graph = prepared_graph(prepared)
     return layers_to_exclude(graph, cfg.exclude, cfg.skip_first_layer, cfg.skip_last_layer)
 
 
@@ -189,7 +199,6 @@ def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig,
     """The batches :func:`ptqcal.evaluate.memory.plan_batches` fits into ``cfg.max_memory`` (up to
     ``cfg.batch_size``), from the graph's activation sizes (a calibration for quantizations that keep
     ``exclude``'s nodes float); a budget one image does not fit is the user's to change."""
-    import onnx
 
     from .data.pixels import CHUNK_BYTES, PREFETCH
     from .evaluate.memory import activation_bytes, plan_batches
@@ -197,7 +206,7 @@ def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig,
 
     channels, height, width = preprocess.input_size
     shape = (1, channels, height, width) if preprocess.layout == "NCHW" else (1, height, width, channels)
-    graph = onnx.load(str(prepared), load_external_data=False)
+    graph = prepared_graph(prepared)
     sizes = activation_bytes(prepared, shape, frozenset(ranges_set_by_ort(graph, exclude)))
     inputs = (PREFETCH + 2) * channels * height * width * np.dtype(preprocess.dtype).itemsize
     budget = max(1, cfg.max_memory - 2 * CHUNK_BYTES)  # a decoded chunk in use and one being decoded

@@ -1,14 +1,11 @@
 """Which configuration to ship, for a stated objective, and why each other one loses.
 
-The objective (its defaults are here, once; a run's settings ``ship_objective``,
-``ship_max_delta_error`` and ``ship_max_confident_swapped`` override them):
+The objective (its defaults are here, once; a run's ``ship_*`` settings override them):
 
-- **eligible**: not collapsed (:data:`~.judgement.COLLAPSED` of its predictions swapped), its top-1
-  error at most :data:`MAX_DELTA_ERROR` above the float model's, and at most
-  :data:`MAX_CONFIDENT_SWAPPED` of the float model's confident (at least
-  :data:`~.judgement.CONFIDENT`) predictions swapped. Every kind competes: fp16, ptqcal's uniform
-  and mixed configurations, a user's own graphs, peer toolchains', and the float model itself,
-  which is eligible by construction (the fallback).
+- **eligible**: not collapsed (:data:`~.judgement.COLLAPSED` swapped), top-1 error at most
+  :data:`MAX_DELTA_ERROR` above float's, at most :data:`MAX_CONFIDENT_SWAPPED` of float's confident
+  predictions swapped, not slower than float (unless :data:`ALLOW_SLOWER`). Every kind competes,
+  the float model included (the fallback, eligible by construction).
 - **order** ``"smallest"`` (default): fewest weight bytes as stored; among equal bytes the
   fastest on this CPU (images/s at the run's batch); speeds whose range includes 1
   (:class:`~ptqcal.evaluate.deploy.Ratio`) tie, and so do uniform configurations of the same
@@ -62,9 +59,9 @@ ALLOW_SLOWER = False
 MAX_DELTA_ERROR = 0.01  # top-1 error at most 1 percentage point above float's
 MAX_CONFIDENT_SWAPPED = 0.01  # at most 1% of the float model's confident predictions swapped
 MIN_CONFIDENT = 20  # fewer confident float predictions: the confident-swap threshold means little
-SETTINGS = {"ship_objective": "order", "ship_max_delta_error": "max_delta_error",
-            "ship_max_confident_swapped": "max_confident_swapped",
-            "ship_allow_slower": "allow_slower"}  # run settings (RunConfig) -> Objective
+# run settings (RunConfig) -> Objective: the field after the "ship_" of each
+SETTINGS = {f"ship_{name}": name for name in ("max_delta_error", "max_confident_swapped", "allow_slower")}
+SETTINGS["ship_objective"] = "order"
 RECOMMENDATION_FILE = "recommendation.json"
 RECOMMENDATION_FORMAT = 1
 _TOLERANCE = 1e-12  # a count / N against a threshold given as a decimal fraction
@@ -300,12 +297,10 @@ def _outcome(c: Candidate, ranked: Sequence[Candidate], order: str) -> Outcome:
 def recommend(run: "RunAnalysis", objective: Objective | None = None) -> Recommendation:
     """The configuration of ``run`` to ship for ``objective`` (default: the run's settings, else
     this module's defaults), the runner-up, and why each other configuration loses."""
-    if objective is None:
-        try:
-            objective = Objective.from_settings(run.record.settings)
-        except (TypeError, ValueError) as exc:  # a tampered run.json: one line, not a traceback
-            raise RunRecordError(f"{run.folder} holds a damaged ptqcal run (its recommendation settings: "
-                                 f"{' '.join(str(exc).split())[:120]})") from None
+    try:
+        objective = objective or Objective.from_settings(run.record.settings)
+    except (TypeError, ValueError) as exc:  # a tampered run.json: one line, not a traceback
+        raise RunRecordError(f"{run.folder} holds a damaged ptqcal run (its recommendation settings: {exc})") from None
     float_confident = _float_confident(run)
     candidates = tuple(_candidate(run, i, objective, float_confident) for i in range(len(run.configs)))
     ranked = rank(candidates, objective.order)

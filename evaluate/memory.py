@@ -64,6 +64,15 @@ def _bytes(value: onnx.ValueInfoProto) -> int:
     return math.prod(dims) * itemsize
 
 
+def size_text(count: float) -> str:
+    """Bytes as people read them: ``9.2 MiB``."""
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.3g} {unit}"
+        count /= 1024
+    return f"{count:.3g} GiB"
+
+
 def batch_for(budget: int, per_image: int, largest: int) -> int:
     """The largest batch (at most ``largest``) whose ``per_image`` bytes fit ``budget``; at least 1."""
     return int(max(1, min(largest, budget // max(per_image, 1))))

@@ -440,13 +440,10 @@ def write_report(folders: list[Path], target: Path) -> Path:
         for file in files:
             os.replace(file, target / file.name)
         if listed is not None:
-            built = {f.name for f in files}
-            # an earlier report's files this one did not write (its layers.csv, Figure 7, ...) would
-            # describe other runs: ptqcal's own (listed) are removed, a user's are never touched
-            stale = [p for p in _report_files(target) if p.name in listed and p.name not in built]
-            for old in stale:
-                old.unlink()
-            _update_marker(target, files=sorted((listed - {p.name for p in stale}) | built))
+            built = {f.name for f in files}  # an earlier report's others (ptqcal's, listed) describe other runs
+            stale = {p.name for p in _report_files(target) if p.name in listed and p.name not in built}
+            any((target / name).unlink() for name in stale)
+            _update_marker(target, files=sorted((listed - stale) | built))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target / "report.md"

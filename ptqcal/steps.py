@@ -176,9 +176,8 @@ def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cac
 
 @functools.lru_cache(maxsize=2)
 def prepared_graph(prepared: Path):
-    """The prepared graph (without external data), loaded once per run: the batch choice, the layers
-    kept float and the saved ranges' check all read it. Cache entries never change in place, so the
-    path names its content; callers only read it."""
+    """The prepared graph (no external data), loaded once per run for its readers (a cache entry never
+    changes in place: the path names its content)."""
     import onnx
 
     return onnx.load(str(prepared), load_external_data=False)
@@ -201,7 +200,7 @@ def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig,
     ``exclude``'s nodes float); a budget one image does not fit is the user's to change."""
 
     from .data.pixels import CHUNK_BYTES, PREFETCH
-    from .evaluate.memory import activation_bytes, plan_batches
+    from .evaluate.memory import activation_bytes, plan_batches, size_text
     from .quantize.graph import ranges_set_by_ort
 
     channels, height, width = preprocess.input_size
@@ -212,22 +211,14 @@ def choose_batches(prepared: Path, preprocess: PreprocessCfg, cfg: RunConfig,
     budget = max(1, cfg.max_memory - 2 * CHUNK_BYTES)  # a decoded chunk in use and one being decoded
     plan = plan_batches(sizes, inputs, budget, cfg.batch_size, cfg.execution == "deployed")
     if not plan.fits:
-        raise UserError(f"--max-memory {_bytes(cfg.max_memory)} cannot be met: one image of this model needs "
-                        f"{_bytes(sizes.peak)} of activations at their peak ({_bytes(sizes.total)} all together) "
-                        f"besides {_bytes(2 * CHUNK_BYTES)} of decoded pixels; give a larger budget")
+        raise UserError(f"--max-memory {size_text(cfg.max_memory)} cannot be met: one image of this model needs "
+                        f"{size_text(sizes.peak)} of activations at their peak ({size_text(sizes.total)} all together) "
+                        f"besides {size_text(2 * CHUNK_BYTES)} of decoded pixels; give a larger budget")
     note = (f"Batches of {plan.eval} (evaluation), {plan.check} (simulated-path check) and {plan.calib} (calibration) "
-            f"images: per image the model's activations take {_bytes(sizes.peak)} at their peak when it runs and "
-            f"{_bytes(sizes.total)} all together ({_bytes(sizes.binned)} binned by calibration), within a memory "
-            f"budget of {_bytes(cfg.max_memory)}.")
+            f"images: per image the model's activations take {size_text(sizes.peak)} at their peak when it runs and "
+            f"{size_text(sizes.total)} all together ({size_text(sizes.binned)} binned by calibration), within a memory "
+            f"budget of {size_text(cfg.max_memory)}.")
     return Batches(plan.eval, plan.check, plan.calib, note)
-
-
-def _bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if count < 1024:
-            return f"{count:.3g} {unit}"
-        count /= 1024
-    return f"{count:.3g} GiB"
 
 
 @dataclass(frozen=True)

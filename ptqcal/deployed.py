@@ -11,12 +11,12 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 from . import steps
 from .cache import Cache, file_digest, make_key
 from .config import RunConfig
 from .errors import UserError
+from .evaluate.metrics import quantization_change
 from .evaluate.record import ConfigInfo, ConfigKind
 from .sweep import Sweep, add_graph, log
 
@@ -136,7 +136,8 @@ def add_deployed(cfg: RunConfig, model: steps.PreparedModel, prepared: Path, ima
         if census.format == "dynamic":
             notes.append(f"{name} quantizes its activations per batch (dynamic quantization): its predictions depend "
                          f"on the batch they are run in ({batches.eval} images here).")
-        agreement = float(np.mean(sweep.logits[name].argmax(1) == sweep.logits["float"].argmax(1)))
+        # the share of top-1 predictions it keeps, counted where every swap is counted
+        agreement = 1 - quantization_change(sweep.logits["float"], sweep.logits[name], images.eval.labels).swap_rate
         if agreement < AGREEMENT_WARNING:
             notes.append(f"Warning: {name} agrees with the float model's top-1 on only {agreement:.0%} of the "
                          "images: is it a quantization of the same network, fed the same preprocessing?")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -33,13 +34,16 @@ from .mixed import MixedChoice
 from .results import REPEAT_MARK
 
 # 1: the unversioned records of ptqcal 0.2; 2: no configuration descriptors; 3: a ConfigInfo per
-# configuration. Records before 3 are refused, not read: their kinds and bit widths could only be
-# guessed from the names.
-FORMAT_VERSION = 3
+# configuration; 4: logits under corruptions, and the calibration's corruption in ConfigInfo (a
+# record of format 3 reads as one without). Records before 3 are refused, not read: their kinds and
+# bit widths could only be guessed from the names.
+FORMAT_VERSION = 4
 DESCRIBED_SINCE = 3
 RECORD_FILE = "run.json"
 LOGITS_FILE = "logits.npz"
 HELD_OUT = "held_out:"  # logits.npz key prefix of the held-out images' logits (no configuration name has a colon)
+SHIFT = "shift:"  # logits.npz key prefix of logits under a corruption: shift:<name@severity>:<configuration>
+CELL = re.compile(r"([a-z_]{1,40})@([1-5])")  # a corruption at a severity, as a record names it
 
 
 class RunRecordError(InputError):
@@ -83,12 +87,15 @@ class ConfigInfo:
     weight_bits, act_bits : int or None
         The integer width of every quantized layer's weights and activations, where one width holds
         for every layer (``uniform``); ``None`` where it does not (``mixed``) or nothing is integer.
+    calibrated_on : str or None
+        The corruption (``"fog@3"``) its activation ranges were calibrated under; ``None``: clean images.
     """
 
     name: str
     kind: ConfigKind
     weight_bits: int | None = None
     act_bits: int | None = None
+    calibrated_on: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ConfigKind(self.kind))
@@ -98,6 +105,9 @@ class ConfigInfo:
         wanted = _HAS_BITS.get(self.kind)
         if wanted is not None and has_bits != (wanted, wanted):
             raise ValueError(f"a {self.kind} configuration has {'both bit widths' if wanted else 'no bit widths'}")
+        if self.calibrated_on is not None and (not isinstance(self.calibrated_on, str) or
+                                               not CELL.fullmatch(self.calibrated_on)):
+            raise ValueError(f"calibrated_on must be 'name@severity', not {str(self.calibrated_on)[:40]!r}")
 
     @property
     def uniform(self) -> bool:
@@ -105,17 +115,20 @@ class ConfigInfo:
         return self.weight_bits is not None and self.act_bits is not None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": str(self.kind), "weight_bits": self.weight_bits, "act_bits": self.act_bits}
+        return {"kind": str(self.kind), "weight_bits": self.weight_bits, "act_bits": self.act_bits,
+                **({} if self.calibrated_on is None else {"calibrated_on": self.calibrated_on})}
 
     @classmethod
     def from_json(cls, name: str, value: Any) -> "ConfigInfo":
-        """Strictly: exactly the three keys, a known kind, integer or null widths (``ValueError``)."""
-        if not isinstance(value, dict) or set(value) != {"kind", "weight_bits", "act_bits"}:
+        """Strictly: the three keys (and ``calibrated_on`` when it was not clean), a known kind,
+        integer or null widths (``ValueError``)."""
+        keys = {"kind", "weight_bits", "act_bits"}
+        if not isinstance(value, dict) or set(value) - {"calibrated_on"} != keys:
             raise ValueError("not an object of kind, weight_bits and act_bits")
         if not isinstance(value["kind"], str) or value["kind"] not in set(ConfigKind):
             raise ValueError(f"unknown kind {str(value['kind'])[:20]!r}")
         return cls(name, ConfigKind(value["kind"]), _bits(value["weight_bits"], "weight_bits"),
-                   _bits(value["act_bits"], "act_bits"))
+                   _bits(value["act_bits"], "act_bits"), value.get("calibrated_on"))
 
 
 def base_name(config: str) -> str:
@@ -162,6 +175,9 @@ class RunRecord:
         on them, where a float fallback guard's threshold is chosen.
     guard_target : dict or None
         The guard's target, as :class:`~ptqcal.evaluate.guard.GuardTarget`'s fields.
+    shifted : dict of str to dict of str to ndarray
+        Corruption at a severity (``"fog@3"``) to configuration name to its logits on the
+        evaluation images under that corruption (the same images and labels; first draws only).
     """
 
     model: str
@@ -181,6 +197,7 @@ class RunRecord:
     held_out_logits: dict[str, np.ndarray] = field(default_factory=dict)
     held_out_source: str = ""
     guard_target: dict[str, float] | None = None
+    shifted: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     @property
     def configs(self) -> list[str]:
@@ -215,7 +232,9 @@ class RunRecord:
         with atomic_path(folder / LOGITS_FILE) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, labels=self.labels, calib_labels=self.calib_labels, calib_float=self.calib_float,
                      held_out_labels=self.held_out_labels, **self.logits,
-                     **{HELD_OUT + name: values for name, values in self.held_out_logits.items()})
+                     **{HELD_OUT + name: values for name, values in self.held_out_logits.items()},
+                     **{f"{SHIFT}{cell}:{name}": values for cell, logits in self.shifted.items()
+                        for name, values in logits.items()})
         info = {"format": FORMAT_VERSION, "model": self.model, "configs": self.configs, "notes": self.notes,
                 "run": self.summary, "seconds": self.seconds, "config": self.settings,
                 "deployment": {name: asdict(numbers) for name, numbers in self.deployment.items()},
@@ -223,7 +242,8 @@ class RunRecord:
                 "mixed": None if self.mixed is None else self.mixed.to_json(),
                 "descriptors": {name: info.to_json() for name, info in self.descriptors.items()},
                 "held_out": {"source": self.held_out_source, "configs": list(self.held_out_logits)},
-                "guard_target": self.guard_target}
+                "guard_target": self.guard_target,
+                "shift": {"cells": list(self.shifted), "configs": list(next(iter(self.shifted.values()), {}))}}
         with atomic_path(folder / RECORD_FILE) as tmp:
             tmp.write_text(json.dumps(finite(info), indent=2, allow_nan=False))
         return folder
@@ -250,7 +270,7 @@ class RunRecord:
                          stored.get("calib_float", np.zeros((0, 0), np.float32)), dict(info.get("run", {})),
                          [str(n) for n in info.get("notes", [])], dict(info.get("config", {})),
                          _number(info.get("seconds", 0.0)), deployment, attribution, mixed, descriptors,
-                         *_held_out(info, stored))
+                         *_held_out(info, stored), _shifted(info, stored, labels=stored["labels"], logits=logits))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
                 io.UnsupportedOperation) as exc:
             raise RunRecordError(f"{folder} holds a damaged ptqcal run ({type(exc).__name__}: "
@@ -336,6 +356,24 @@ def _held_out(info: dict[str, Any], stored: dict[str, np.ndarray]) -> tuple:
             raise ValueError("guard_target is not a mapping of numbers")
         GuardTarget(**target)  # a ValueError (or TypeError for an unknown field) if it is no target
     return labels, logits, held["source"], target
+
+
+def _shifted(info: dict[str, Any], stored: dict[str, np.ndarray], labels: np.ndarray,
+             logits: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The logits under each corruption as saved: named cells, configurations of the run, and arrays
+    like the clean ones (the same images, classes, finite)."""
+    shift = info.get("shift") or {"cells": [], "configs": []}
+    if not isinstance(shift, dict) or not isinstance(shift.get("cells"), list) or \
+            not isinstance(shift.get("configs"), list):
+        raise ValueError("shift is not {cells, configs}")
+    if not all(isinstance(c, str) and CELL.fullmatch(c) for c in shift["cells"]) or len(set(shift["cells"])) != \
+            len(shift["cells"]) or not set(map(str, shift["configs"])) <= set(logits):
+        raise ValueError("shift names unknown corruptions or configurations")
+    shifted = {cell: {str(name): stored[f"{SHIFT}{cell}:{name}"] for name in shift["configs"]}
+               for cell in shift["cells"]}
+    for cell_logits in shifted.values():
+        _check_arrays(labels, {**cell_logits, "": next(iter(logits.values()))})  # "" names no configuration
+    return shifted
 
 
 def _read_info(folder: Path) -> dict[str, Any]:

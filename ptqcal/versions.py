@@ -16,7 +16,9 @@ DECIDING = ("onnxruntime", "onnx", "torch")  # the packages whose versions decid
 # Builds of one package published under other distribution names: each installs the same module
 BUILDS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
                           "onnxruntime-qnn", "ort-nightly"),
-          "torch": ("torch", "torch-cpu")}
+          "torch": ("torch", "torch-cpu"),
+          "opencv": ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                     "opencv-contrib-python-headless")}
 
 
 def package_version(name: str) -> str | None:

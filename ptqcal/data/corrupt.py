@@ -32,6 +32,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import InputError
+from ..versions import versions
 
 # In the package's order: the 15 benchmark corruptions, then the 4 held-out 'validation' ones.
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -124,6 +125,28 @@ def seed_words(seed: int, index: int, corruption: Corruption) -> tuple[np.ndarra
     """(128 bits for ``np.random.seed``, 32 bits for the corruptions that take a ``seed`` argument)."""
     words = image_seed(seed, index, corruption).generate_state(5)
     return words[:4], int(words[4])
+
+
+# what decides a corrupted image besides its pixels and seed: the reference implementation and the
+# libraries it computes with (a new OpenCV may blur differently)
+COMPUTED_BY = ("imagecorruptions-imaug", "numpy", "scipy", "scikit-image", "opencv", "numba")
+
+
+def corruption_versions() -> dict[str, str | None]:
+    return versions(COMPUTED_BY)
+
+
+def check_corruptible(input_size: tuple[int, int, int], dtype: np.dtype | None = None) -> None:
+    """One line, before any work, when images of ``input_size`` (channels, height, width) and
+    ``dtype`` (``None``: decoded files, always uint8) cannot be corrupted, or the extra is missing."""
+    channels, height, width = input_size
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise CorruptionError(f"corruptions need images of at least {MIN_SIDE}x{MIN_SIDE} pixels (the reference "
+                              f"implementation refuses smaller), and this model reads {height}x{width}")
+    if channels not in (1, 3) or (dtype is not None and np.dtype(dtype) != np.uint8):
+        raise CorruptionError(f"corruptions apply to uint8 gray or RGB pixels, and these images are "
+                              f"{np.dtype(dtype) if dtype is not None else 'uint8'} with {channels} channels")
+    _library()
 
 
 @functools.cache

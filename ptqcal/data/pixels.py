@@ -9,7 +9,7 @@ CIFAR, ``.npz``) are streamed by slicing, without copies.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Empty, Full, Queue
 from typing import Callable, Iterator, TypeVar
@@ -17,6 +17,7 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 
 from ..cache import Cache, array_digest, make_key
+from .corrupt import Corruption, check_corruptible, corrupt_pixels, corruption_versions
 from .decode import decode_images
 from .splits import Split
 from ..errors import UserError
@@ -41,12 +42,19 @@ class Pixels:
 
     ``len()`` is the number of images listed; :attr:`labels` and :attr:`failed` are known once
     every chunk was decoded (they decode what is missing).
+
+    With a :attr:`corruption`, every chunk's decoded uint8 pixels are corrupted before anything
+    reads them (:func:`~.corrupt.corrupt_pixels`, each image seeded by ``corruption_seed``, its
+    position in the split and the corruption) and cached as a chunk of their own, keyed by the clean
+    chunk's key, the corruption and the versions of the packages that compute it.
     """
 
     split: Split
     preprocess: PreprocessCfg  # only its geometry (size, resize, interpolation) decides the pixels
     cache: Cache | None = None
     strict: bool = False
+    corruption: Corruption | None = None
+    corruption_seed: int = 0
     _decoded: dict[int, tuple[np.ndarray, tuple[Path, ...]]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -65,9 +73,18 @@ class Pixels:
     def key(self) -> str:
         """What decides the pixels: the arrays' content, or the files (path, size, mtime) and the
         geometry they are decoded to."""
-        if not self.split.is_files:
-            return array_digest(self.split.images)
-        return make_key("files", _file_stats(self.split.images), array_digest(self.split.labels), self._geometry())
+        clean = array_digest(self.split.images) if not self.split.is_files else \
+            make_key("files", _file_stats(self.split.images), array_digest(self.split.labels), self._geometry())
+        return clean if self.corruption is None else make_key(clean, *self._corruption_key())
+
+    def _corruption_key(self) -> tuple:
+        return "corrupted", self.corruption.key, self.corruption_seed, corruption_versions()
+
+    def corrupted(self, corruption: Corruption | None, seed: int) -> "Pixels":
+        """The same images with ``corruption`` applied (seeded by ``seed``); ``None``: clean."""
+        if corruption is not None:
+            check_corruptible(self.preprocess.input_size, self.split.images.dtype if not self.split.is_files else None)
+        return Pixels(self.split, self.preprocess, self.cache, self.strict, corruption, seed)
 
     def _geometry(self) -> dict:
         p = self.preprocess
@@ -78,18 +95,36 @@ class Pixels:
         ``pixels=False`` reads only its labels and failures (a cached chunk's pixels stay on disk)."""
         start, stop = index * self.chunk_size, min(len(self.split), (index + 1) * self.chunk_size)
         if not self.split.is_files:  # a view, not a copy
-            return _Chunk(self.split.images[start:stop], self.split.labels[start:stop], ())
-        part = self.split.take(np.arange(start, stop))
-        if self.cache is None:
-            chunk = self._decode(part)
+            chunk = _Chunk(self.split.images[start:stop], self.split.labels[start:stop], ())
+            key, positions = make_key(array_digest(chunk.images), start), np.arange(start, stop)
         else:
+            part = self.split.take(np.arange(start, stop))
             key = make_key("files", _file_stats(part.images), array_digest(part.labels), self._geometry())
-            path = self.cache.file("pixels", key, "npz", lambda tmp: _save_chunk(self._decode(part), tmp))
-            chunk = _load_chunk(path, pixels)
-        if chunk.failed and self.strict:  # cached by a lenient run
-            raise UserError(f"cannot decode {chunk.failed[0]}")
-        self._decoded[index] = (chunk.labels, chunk.failed)
-        return chunk
+            if self.cache is None:
+                chunk = self._decode(part)
+            else:
+                path = self.cache.file("pixels", key, "npz", lambda tmp: _save_chunk(self._decode(part), tmp))
+                chunk = _load_chunk(path, pixels)
+            if chunk.failed and self.strict:  # cached by a lenient run
+                raise UserError(f"cannot decode {chunk.failed[0]}")
+            self._decoded[index] = (chunk.labels, chunk.failed)
+            # each image is seeded by its position in the split: those after a failed one keep theirs
+            failed = set(chunk.failed)
+            positions = np.arange(start, stop)[np.array([p not in failed for p in part.images], bool)]
+        if self.corruption is None or not pixels:
+            return chunk
+        return self._corrupt(chunk, positions, key)
+
+    def _corrupt(self, chunk: _Chunk, positions: np.ndarray, clean_key: str) -> _Chunk:
+        """``chunk`` corrupted, cached under ``clean_key`` and the corruption when there is a cache
+        (corrupting takes longer than decoding)."""
+        def compute() -> _Chunk:
+            return replace(chunk, images=corrupt_pixels(chunk.images, self.corruption, self.corruption_seed,
+                                                        positions))
+        if self.cache is None:
+            return compute()
+        key = make_key(clean_key, *self._corruption_key())
+        return _load_chunk(self.cache.file("corrupt-pixels", key, "npz", lambda tmp: _save_chunk(compute(), tmp)))
 
     def _decode(self, part: Split) -> _Chunk:
         p = self.preprocess

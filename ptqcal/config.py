@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .analysis.recommend import ALLOW_SLOWER, MAX_CONFIDENT_SWAPPED, MAX_DELTA_ERROR, ORDER, ORDERS
-from .errors import UserError
+from .errors import InputError, UserError
 from .data import DEFAULT_CALIB_SIZE, DEFAULT_SEARCH_SIZE
+from .data.corrupt import CORRUPTION_SETS, SEVERITIES, Corruption, corruptions
 from .evaluate.results import Execution
 from .models.preprocess import LAYOUTS, PRESETS
 from .models.weights import RANDOM_WEIGHTS
@@ -165,6 +166,17 @@ class RunConfig:
     mixed_max_delta_error: float | None = _setting(None, "with a mixed-precision target: the chosen model's top-1 "
                                                    "error at most PP percentage points above float's on the held-out "
                                                    "images too", _percent, metavar="PP")
+    corruptions: tuple[str, ...] = _setting((), "also evaluate every configuration, the float model included, on the "
+                                            "evaluation images under these ImageNet-C corruptions (Hendrycks & "
+                                            "Dietterich's reference implementation: pip install 'ptqcal[shift]'): "
+                                            f"names, or the sets {', '.join(CORRUPTION_SETS)}", str, many=True,
+                                            metavar="NAME")
+    severities: tuple[int, ...] = _setting(SEVERITIES, "the severities, 1..5, of every corruption", int, many=True,
+                                           metavar="S", shown=" ".join(map(str, SEVERITIES)))
+    calib_corruption: str | None = _setting(None, "also calibrate every swept configuration on the calibration "
+                                            "images under this corruption (NAME@S, e.g. gaussian_noise@3), each "
+                                            "named aXwY-cal-NAME-sS and evaluated beside its clean-calibrated twin",
+                                            str, metavar="NAME@S")
     check_images: int = _setting(64, "images on which the deployed and simulated paths are compared (0: no check)",
                                  int, metavar="N")
     out: Path | None = _setting(None, "run folder (default: ptqcal_runs/<model>)", Path)
@@ -219,6 +231,15 @@ class RunConfig:
         return "fp16" in self.precisions
 
     @property
+    def cells(self) -> tuple[Corruption, ...]:
+        """Every corruption at every severity the evaluation images are also evaluated under."""
+        return corruptions(self.corruptions, self.severities) if self.corruptions else ()
+
+    @property
+    def calibration_corruption(self) -> Corruption | None:
+        return None if self.calib_corruption is None else Corruption.from_key(self.calib_corruption)
+
+    @property
     def mixed(self) -> bool:
         """A mixed-precision configuration is searched for (on images held out of evaluation)."""
         return self.max_confident_swaps is not None or self.max_size_ratio is not None
@@ -270,6 +291,13 @@ class RunConfig:
         if self.calib_ranges is not None and self.repeats > 1:
             raise UserError("--calib-ranges reuses one calibration: drop --repeats")
         self.extra_configs()  # names and files checked before any work
+        if not self.severities:
+            raise UserError("--severities: give at least one severity")
+        self.cells  # names and severities checked before any work
+        try:
+            self.calibration_corruption
+        except InputError as exc:  # the corruption's own message names --corruptions or --severities
+            raise UserError(f"--calib-corruption {self.calib_corruption}: {exc}") from None
         return self
 
     def resolved(self) -> "RunConfig":

@@ -25,8 +25,8 @@ from .evaluate import FLOAT_NAME, REPEAT_MARK, RunRecord
 from .quantize import QuantSpec
 from .report_text import run_notes, run_summary
 from .runfolder import COMPARISON, RUN, check_target, new_work_dir, report_once, swap_in, write_marker, writing
-from .sweep import (Sweep, add_config, add_fp16, add_mixed, config_job, held_out_logits, log, log_float,
-                    log_recommendation)
+from .sweep import (Sweep, add_config, add_fp16, add_mixed, add_shift_calibrated, config_job, held_out_logits, log,
+                    log_float, log_recommendation, shifted_logits)
 
 
 def _export(cache: Cache, cfg: RunConfig, dataset) -> steps.PreparedModel:
@@ -45,6 +45,8 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     draws = [steps.draw_images(dataset, cfg, model.preprocess, cache, r) for r in range(cfg.repeats)]
     images = draws[0]
     check_inputs(cfg, model, images)
+    for cell in (*cfg.cells, *filter(None, [cfg.calibration_corruption])):
+        images.eval.corrupted(cell, cfg.seed)  # images a corruption cannot take are one line before any work
     prepared = steps.prepare_for_quantization(cache, model.float_path)
     exclude = steps.layers_kept_float(prepared, cfg)
     batches = steps.choose_batches(prepared, model.preprocess, cfg, exclude)
@@ -66,7 +68,8 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
     if cfg.fp16:
         add_fp16(cfg, model, images, cache, sweep)
     _quantize_sweep(cfg, model, prepared, exclude, batches, draws, cache, work, sweep, executor)
-    _beyond_the_sweep(cfg, model, prepared, exclude, batches, images, cache, sweep)
+    _beyond_the_sweep(cfg, model, prepared, exclude, batches, images, cache, sweep, executor)
+    shifted = shifted_logits(cfg, model, images, cache, sweep, executor)
     held_out = held_out_logits(cfg, model, images, calib_float, cache, sweep)
     for name, source in sweep.files.items():
         link_or_copy(source, work / name, within=cache.root)
@@ -77,13 +80,16 @@ def measure(cfg: RunConfig, dataset, cache: Cache, new_work_dir, executor: Execu
               run_summary(cfg, model, dataset.name, images), notes, recorded_settings(recorded),
               steps.first_seconds(cache, sweep.logits, round(time.perf_counter() - started, 1)),
               sweep.deployment, sweep.attribution, sweep.mixed, sweep.descriptors, held_out.labels, held_out.logits,
-              held_out.source, dict([cfg.guard_target])).save(work)
+              held_out.source, dict([cfg.guard_target]), shifted).save(work)
     return work
 
 
 def _beyond_the_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, ...], batches: steps.Batches, images,
-                      cache: Cache, sweep: Sweep) -> None:
-    """Graphs made elsewhere (``--quantized``, ``--also``), attribution and the mixed-precision search."""
+                      cache: Cache, sweep: Sweep, executor: Executor) -> None:
+    """A calibration under a corruption, graphs made elsewhere (``--quantized``, ``--also``),
+    attribution and the mixed-precision search."""
+    if cfg.calibration_corruption:
+        add_shift_calibrated(cfg, model, prepared, exclude, batches, images, cache, sweep, executor)
     if cfg.quantized or cfg.also:
         from .deployed import add_deployed
 

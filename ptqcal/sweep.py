@@ -75,14 +75,15 @@ def config_job(cfg: RunConfig, model, name: str, path: Path, pixels) -> steps.Lo
 
 
 def add_config(cfg: RunConfig, model, name: str, path: Path, pixels, batches: steps.Batches, cache: Cache,
-               sweep: Sweep, first_draw: bool = True, *, spec: QuantSpec) -> None:
+               sweep: Sweep, first_draw: bool = True, *, spec: QuantSpec, info: ConfigInfo | None = None) -> None:
     """Evaluate one quantized model, made from ``spec`` (its calibration draw ``name``, e.g.
-    ``a8w4#r1``); the first draw's also gets its file, deployment numbers and check."""
+    ``a8w4#r1``, or a configuration ``info`` describes); the first draw's also gets its file,
+    deployment numbers and check."""
     from .quantize.graph import clipped_biases
 
-    if base_name(name) != spec.name:
+    if info is None and base_name(name) != spec.name:
         raise ValueError(f"configuration {name!r} is not a draw of {spec.name!r}")
-    sweep.descriptors[spec.name] = describe(spec)
+    sweep.descriptors[base_name(name)] = info or describe(spec)
 
     job = config_job(cfg, model, name, path, pixels)
     sweep.logits[name] = steps.model_logits(cache, path, pixels, model.preprocess, cfg, name, fused=job.fused)
@@ -171,6 +172,60 @@ class HeldOut:
     logits: dict[str, np.ndarray]
 
 
+def add_shift_calibrated(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, ...], batches: steps.Batches,
+                         images, cache: Cache, sweep: Sweep, executor) -> None:
+    """Every swept precision calibrated once more, on the calibration images under
+    ``cfg.calibration_corruption`` (activation ranges from noisy images differ), each evaluated like
+    its clean-calibrated twin, whose descriptor it shares but for ``calibrated_on``."""
+    from .quantize import compute_ranges
+
+    cell = cfg.calibration_corruption
+    pixels = images.calib.corrupted(cell, cfg.seed)
+    histograms = executor.map(steps.calibrate, [(cache, prepared, model.input_name, pixels, model.preprocess,
+                                                 batches.calib, cfg.progress, executor.task_threads(cfg), exclude)])[0]
+    log(cfg, f"calibrated again on the calibration images under {cell.name} at severity {cell.severity}")
+    for bits in cfg.act_bits:
+        ranges = compute_ranges(histograms, cfg.calib_method, bits, len(pixels.labels))
+        for weight_bits in cfg.weight_bits:
+            spec = QuantSpec(weight_bits, bits, cfg.weight_scale, exclude)
+            name = f"{spec.name}-cal-{cell.name}-s{cell.severity}"
+            add_config(cfg, model, name, steps.quantize_config(cache, prepared, ranges, spec), images.eval, batches,
+                       cache, sweep, spec=spec, info=ConfigInfo(name, ConfigKind.UNIFORM, weight_bits, bits, cell.key))
+
+
+def _evaluated(cfg: RunConfig, sweep: Sweep) -> list[tuple[str, Path, bool]]:
+    """(name, file that runs, fused) of every configuration's first draw, the float model first, each
+    run as it was evaluated."""
+    return [(name, sweep.served.get(name) or sweep.files[f"model_{name}.onnx"],
+             cfg.execution == "deployed" or name in (FLOAT_NAME, FP16_NAME) or name in sweep.served)
+            for name in sweep.logits if base_name(name) == name]
+
+
+def shifted_logits(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep, executor) -> dict:
+    """Every configuration's logits (first draws, the float model included) on the evaluation images
+    under each of ``cfg.cells``: the corrupted pixels are computed chunk by chunk as independent
+    work for ``executor`` and cached, then every configuration reads them."""
+    cells = [(cell, images.eval.corrupted(cell, cfg.seed)) for cell in cfg.cells]
+    if not cells:
+        return {}
+    executor.map(steps.corrupt_chunk, [(cache, pixels, index) for _, pixels in cells
+                                       for index in range(pixels.num_chunks)])
+    configs = _evaluated(cfg, sweep)
+    executor.warm_logits(cache, [steps.LogitsJob(path, pixels, model.preprocess, f"{name} ({cell.key})", fused,
+                                                 "shift-logits") for cell, pixels in cells for name, path, fused in configs], cfg)
+    shifted = {cell.key: {name: steps.model_logits(cache, path, pixels, model.preprocess, cfg, f"{name} ({cell.key})",
+                                                   fused=fused, kind="shift-logits") for name, path, fused in configs}
+               for cell, pixels in cells}
+    names = sorted({cell.name for cell, _ in cells})
+    sweep.notes.append(f"Under shift: every configuration (first calibration draw) on the evaluation images under "
+                       f"{len(names)} corruption{'s' * (len(names) > 1)} of ImageNet-C ({', '.join(names)}) at severities "
+                       f"{', '.join(map(str, dict.fromkeys(c.severity for c, _ in cells)))}, computed by its reference "
+                       "implementation with ImageNet-C's parameters (set for 224-pixel images) on the decoded pixels "
+                       "before normalisation, each image seeded by the run's seed, "
+                       "its position, the corruption and the severity.")
+    return shifted
+
+
 def held_out_logits(cfg: RunConfig, model, images, calib_float: np.ndarray, cache: Cache, sweep: Sweep) -> HeldOut:
     """Every configuration's logits on images the evaluation never sees, where a float
     fallback guard's threshold is chosen: the images held out for a search when the run has them,
@@ -182,9 +237,7 @@ def held_out_logits(cfg: RunConfig, model, images, calib_float: np.ndarray, cach
     else:
         source, pixels, kind, reference = "calibration", images.calib, "calib-logits", calib_float
     logits = {FLOAT_NAME: reference}
-    for name in (n for n in sweep.logits if n != FLOAT_NAME and base_name(n) == n):
-        path = sweep.served.get(name) or sweep.files[f"model_{name}.onnx"]
-        fused = cfg.execution == "deployed" or name == FP16_NAME or name in sweep.served  # as it was evaluated
+    for name, path, fused in _evaluated(cfg, sweep)[1:]:
         logits[name] = steps.model_logits(cache, path, pixels, model.preprocess, cfg, f"{name} (held out)",
                                           fused=fused, kind=kind)
     return HeldOut(source, pixels.labels, logits)

@@ -174,6 +174,13 @@ def draw_images(dataset: Dataset, cfg: RunConfig, preprocess: PreprocessCfg, cac
                   selection.calib_note, search, selection.search_note)
 
 
+def corrupt_chunk(cache: Cache, pixels: Pixels, index: int) -> None:
+    """Chunk ``index`` of ``pixels`` (with a corruption) corrupted into the cache, as independent work:
+    the pixels stay on disk, for every configuration to read."""
+    del cache  # the pixels' own cache: the argument is the executors' convention
+    pixels.chunk(index)
+
+
 @functools.lru_cache(maxsize=2)
 def prepared_graph(prepared: Path):
     """The prepared graph (no external data), loaded once per run for its readers (a cache entry never

@@ -257,3 +257,36 @@ def test_imported_lazily_and_missing_extra_is_one_line(monkeypatch):
         assert str(error.value) == "corruptions need the optional extra: pip install 'ptqcal[shift]'"
     finally:
         C._library.cache_clear()
+
+
+def test_the_pixel_stream_corrupts_each_image_by_its_position_whatever_the_chunks(tmp_path, monkeypatch):
+    """Image files streamed through :class:`~ptqcal.data.Pixels` with a corruption: each decoded
+    image is corrupted as :func:`corrupt_pixels` corrupts it at its position in the split (an
+    undecodable file before it does not move it), in chunks of any size, and cached."""
+    from PIL import Image
+
+    from ptqcal.cache import Cache
+    from ptqcal.data import Pixels, Split, decode_images
+    from ptqcal.data import pixels as P
+    from ptqcal.models import PreprocessCfg
+
+    paths = []
+    for index, image in enumerate(images(n=7, height=32, width=32, seed=3)):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(image).save(paths[-1])
+    paths[2].write_bytes(b"not an image")
+    split = Split(paths, np.arange(7) % 3)
+    preprocess = PreprocessCfg(input_size=(3, 32, 32), mean=(0.0,) * 3, std=(1.0,) * 3, resize=None)
+    noise = Corruption("gaussian_noise", 2)
+    decoded, _ = decode_images(split, (3, 32, 32))
+    kept = np.array([0, 1, 3, 4, 5, 6])
+    expected = np.concatenate([corrupt_pixels(decoded.images[i:i + 1], noise, 5, kept[i:i + 1]) for i in range(6)])
+    for chunk_bytes in (3 * 32 * 32 * 2, P.CHUNK_BYTES):  # chunks of 2 images, then one chunk
+        monkeypatch.setattr(P, "CHUNK_BYTES", chunk_bytes)
+        cache = Cache(tmp_path / f"cache{chunk_bytes}")
+        streamed = Pixels(split, preprocess, cache).corrupted(noise, 5)
+        np.testing.assert_array_equal(np.concatenate(list(streamed.chunks())), expected)
+        np.testing.assert_array_equal(streamed.labels, split.labels[kept])
+        again = Pixels(split, preprocess, cache).corrupted(noise, 5)
+        np.testing.assert_array_equal(np.concatenate(list(again.chunks())), expected)
+        assert cache.misses == 2 * streamed.num_chunks  # each chunk decoded once and corrupted once

@@ -14,6 +14,8 @@ from ptqcal.evaluate.results import FLOAT_NAME, REPEAT_MARK, ConfigResult, evalu
 from ptqcal.evaluate.selective import selective_intervals
 from ptqcal.evaluate.temperature import cross_fitted_temperatures
 
+from .shift import ShiftCell, analyse_shift
+
 BOOTSTRAP_RESAMPLES = 500
 TEMPERATURE_MIN_IMAGES = 20  # fewer evaluation images: no temperature (each half fits one), no Figure 5
 HEADLINE = ("top1_error", "ece", "swapped", "delta_top1_error", "aurc", "risk_at_90")  # metrics shown with an interval or a spread
@@ -46,6 +48,12 @@ class RunAnalysis:
     # quantized configuration -> (the guard to deploy, its guard under each score): thresholds
     # chosen on the record's held-out images, rates judged on the evaluation images
     guards: dict[str, tuple[Guard, dict[str, Guard]]] = field(default_factory=dict)
+    # configuration (and calibration draw) -> its own temperature per evaluation image, cross-fitted
+    # on its own clean logits with the float model's seeded halves (empty without a temperature)
+    own_temperatures: dict[str, np.ndarray] = field(default_factory=dict)
+    own_halves: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # every configuration under each corruption at each severity the run computed (:mod:`.shift`)
+    shift: list[ShiftCell] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -110,16 +118,37 @@ def analyse_record(record: RunRecord, folder: Path | None = None, seed: int = 0)
     fitted = cross_fitted_temperatures(float_logits, labels, seed, TEMPERATURE_MIN_IMAGES)
     temperatures, halves = fitted if fitted else (None, None)
     temperature = float(np.sqrt(halves[0] * halves[1])) if halves else None
+    own = {FLOAT_NAME: fitted, **_own_temperatures(record, seed)} if fitted else {}  # float's own is the one above
     configs = []
     for name in (n for n in record.configs if REPEAT_MARK not in n):
         reference = None if name == FLOAT_NAME else float_logits
-        result = evaluate_logits(name, record.logits[name], labels, reference, temperatures)
-        others = [evaluate_logits(name, record.logits[k], labels, reference, temperatures)
+        result = evaluate_logits(name, record.logits[name], labels, reference, temperatures, _per_image(own, name))
+        others = [evaluate_logits(name, record.logits[k], labels, reference, temperatures, _per_image(own, k))
                   for k in record.configs if k.startswith(name + REPEAT_MARK)]
         intervals = _intervals(result.logits, labels, result.change, seed)
         configs.append(replace(result.with_draws(others), intervals=intervals))
+    guards = _guards(record)
+    shift = analyse_shift(record, configs, temperatures, {k: v for k, (v, _) in own.items()}, guards)
     return RunAnalysis(record, Path(folder) if folder else Path(record.model), temperature, configs, temperatures,
-                       halves, _guards(record))
+                       halves, guards, {k: v for k, (v, _) in own.items()}, {k: h for k, (_, h) in own.items()}, shift)
+
+
+def _own_temperatures(record: RunRecord, seed: int) -> dict[str, tuple[np.ndarray, tuple[float, float]]]:
+    """Each configuration's (and calibration draw's) own temperature per image and its two fitted
+    values: cross-fitted on its own clean logits exactly as the float model's (the same seeded
+    halves), so a quantized model recalibrated by itself is judged on images it was not fitted on."""
+    own = {}
+    for name, logits in record.logits.items():
+        if name == FLOAT_NAME:
+            continue
+        fitted = cross_fitted_temperatures(logits, record.labels, seed, TEMPERATURE_MIN_IMAGES)
+        if fitted is not None:
+            own[name] = fitted
+    return own
+
+
+def _per_image(own: dict[str, tuple[np.ndarray, tuple[float, float]]], name: str) -> np.ndarray | None:
+    return own[name][0] if name in own else None
 
 
 def _guards(record: RunRecord) -> dict[str, tuple[Guard, dict[str, Guard]]]:

@@ -75,7 +75,7 @@ def _left_out(run: RunAnalysis, columns: Sequence[tuple[str, str, str]], quantiz
 
 
 def _why_missing(run: RunAnalysis, key: str) -> str:
-    if key == "ece_temperature":
+    if key in ("ece_temperature", "ece_own_temperature"):
         return (f"no temperature: {len(run.labels)} evaluation images are fewer than the {TEMPERATURE_MIN_IMAGES} "
                 "a cross-fitted temperature needs")
     if key in SWAP_KEYS:

@@ -157,6 +157,9 @@ class Metrics:
     median_float_margin_kept: float | None = _metric(LOGITS)
     ece_temperature: float | None = _metric(FRACTION)  # after the float model's temperature
     mean_confidence_temperature: float | None = _metric(FRACTION)
+    # after the configuration's own temperature, cross-fitted on its own logits like the float
+    # model's (a deployment that recalibrates the quantized model itself)
+    ece_own_temperature: float | None = _metric(FRACTION)
     # selective prediction on the model's own confidence (evaluate/selective.py): the area under its
     # risk-coverage curve under each score, the excess over a perfect ranking, the risk when it keeps
     # its 80% / 90% most confident predictions, and the share it can keep at the float model's error

@@ -80,9 +80,11 @@ def selective_fields(logits: np.ndarray, labels: np.ndarray, float_logits: np.nd
 
 
 def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | None = None,
-                    temperature: float | np.ndarray | None = None) -> ConfigResult:
+                    temperature: float | np.ndarray | None = None,
+                    own_temperature: float | np.ndarray | None = None) -> ConfigResult:
     """Metrics of ``logits`` against ``labels``; with ``float_logits``, also what quantization
-    changed; with ``temperature``, also the ECE and mean confidence after scaling by it.
+    changed; with ``temperature``, also the ECE and mean confidence after scaling by it; with
+    ``own_temperature``, also the ECE after the configuration's own temperature.
 
     Parameters
     ----------
@@ -93,7 +95,10 @@ def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray, float_log
     labels : ndarray, shape (N,)
         Integer class labels.
     temperature : float or ndarray of shape (N,), optional
-        A temperature fitted on other images, or one per image (it changes no prediction).
+        A temperature fitted on other images, or one per image (it changes no prediction): the
+        float model's.
+    own_temperature : float or ndarray of shape (N,), optional
+        The same, fitted on this configuration's own logits of other images.
     """
     metrics = replace(classification_metrics(logits, labels), **selective_fields(logits, labels, float_logits))
     change = None if float_logits is None else quantization_change(float_logits, logits, labels)
@@ -102,4 +107,6 @@ def evaluate_logits(name: str, logits: np.ndarray, labels: np.ndarray, float_log
     if temperature is not None:
         curve, confidence = reliability_of_logits(logits, labels, temperature)
         metrics = replace(metrics, ece_temperature=curve.ece, mean_confidence_temperature=float(confidence.mean()))
+    if own_temperature is not None:
+        metrics = replace(metrics, ece_own_temperature=reliability_of_logits(logits, labels, own_temperature)[0].ece)
     return ConfigResult(name, logits, metrics, change, (metrics,))

@@ -20,6 +20,7 @@ from .recommend import RECOMMENDATION_FILE, Recommendation, recommend, recommend
 from .report_figures import FIGURES, figure_sections, write_figures
 from .run_analysis import TEMPERATURE_MIN_IMAGES, RunAnalysis, analyse_run
 from .rows import layers_csv, metrics_csv, metrics_json
+from .shift_tables import shift_section
 from .tables import (attribution_table, comparison, confidence_table, deployment_table, guard_table, markdown_table,
                      markdown_tables, mixed_section, selective_table)
 from .trust import GUARD_FILE, guard_json
@@ -61,10 +62,24 @@ def _figure_gaps(runs: Sequence[RunAnalysis]) -> dict[str, str]:
         gaps["fig7_layers"] = "it needs a layer attribution (each weight layer quantized alone)"
     if not any(r.record.mixed for r in quantized):
         gaps["fig8_pareto"] = "it needs a mixed-precision target (on confident swaps or on the weights' size)"
+    gaps.update(_shift_gaps(runs))
     if not any(r.guards for r in runs):
         gaps["fig10_guard"] = "no run has a float fallback guard (each section says why)"
     else:
         gaps["fig10_guard"] = "no guarded configuration swapped a prediction"
+    return gaps
+
+
+def _shift_gaps(runs: Sequence[RunAnalysis]) -> dict[str, str]:
+    """Why Figures 11 and 12 would be left out, or left without some run."""
+    plain = [md(r.name) for r in runs if not r.shift]
+    if len(plain) == len(runs):
+        return dict.fromkeys(("fig11_shift", "fig12_shift_confidence"), "no run was evaluated on corrupted images")
+    gaps = {"fig11_shift": f"{', '.join(plain)}: not evaluated on corrupted images"} if plain else {}
+    if not any(cell.quantized for r in runs for cell in r.shift):
+        gaps["fig12_shift_confidence"] = "no quantized configuration was evaluated on corrupted images"
+    elif plain:
+        gaps["fig12_shift_confidence"] = gaps["fig11_shift"]
     return gaps
 
 
@@ -75,7 +90,8 @@ def left_out_figures(runs: Sequence[RunAnalysis], figures: dict[str, str]) -> st
         number = FIGURES[key][0].split(" — ")[0]
         if key not in figures and not (key == "fig7_layers" and any(r.record.attribution for r in runs)):
             said.append(f"{number}: {why}")
-        elif key in figures and key in ("fig5_temperature", "fig6_deployment") and ":" in why:
+        elif key in figures and key in ("fig5_temperature", "fig6_deployment", "fig11_shift",
+                                        "fig12_shift_confidence") and ":" in why:
             said.append(f"{number} leaves out {why}")
     return "**Figures left out**: " + "; ".join(said) + "." if said else ""
 
@@ -96,7 +112,9 @@ def _run_section(run: RunAnalysis, recommendation: Recommendation | None = None)
               *attribution_table(run), *mixed_section(run)]
     if run.notes:
         lines.append("\n".join(f"- {md(note)}" for note in run.notes))
-    return lines + _trust_section(run)  # last: it weighs the swaps above against the latencies
+    # the trust section weighs the swaps above against the latencies; under shift comes last, as
+    # it revisits every part (swaps, calibration, the guard) on corrupted images
+    return lines + _trust_section(run) + shift_section(run)
 
 
 def report_markdown(runs: Sequence[RunAnalysis], figures: dict[str, str],

@@ -19,6 +19,7 @@ from .figures import (STYLE, MarginCurves, SwapPanel, TemperatureEffect, Transit
 from .judgement import CONFIDENT, lowest_working, reliability_reading
 from .markdown import md
 from .run_analysis import RunAnalysis
+from .shift_figures import MAX_PANELS, ShiftConfidence, ShiftCurves, plot_shift, plot_shift_confidence
 from .trust_figures import GuardCurves, RiskCoverageCurves, any_confident, plot_guard_curves, plot_risk_coverage
 
 FIGURES = {  # in the order of their numbers, which is the order the report discusses them
@@ -69,6 +70,17 @@ FIGURES = {  # in the order of their numbers, which is the order the report disc
                     "evaluation images: the share of its swaps (left) and of its confident swaps (right) it routes to "
                     "the float model, against the share of all inputs routed, as the threshold rises; the dot is the "
                     "chosen threshold, the diagonal routing at random."),
+    "fig11_shift": ("Figure 11 — under shift",
+                    "The evaluation images corrupted, severity by severity (clean first): each configuration's % of "
+                    "predictions swapped and change in top-1 error against the float model on the same corrupted "
+                    "images, and its ECE (the float model dashed). Top row: the mean over corruptions, the band from "
+                    "the lowest to the highest corruption; then a row per corruption. First calibration draws."),
+    "fig12_shift_confidence": ("Figure 12 — which confidences flip under shift",
+                               "The share of each float-confidence bin (10 equal-width bins; bins of fewer than "
+                               "5 predictions left out) that each quantized configuration swapped, clean and at each "
+                               "severity, pooled over the corruptions of that severity (the float model's confidence "
+                               "on the same corrupted images). Where the paper's claim holds the lines fall from "
+                               "left to right at every severity."),
 }
 
 _DRAWING = threading.Lock()  # matplotlib's style is one per process (rc_context): one report draws at a time
@@ -85,6 +97,10 @@ def figure_reading(key: str, runs: Sequence[RunAnalysis]) -> str:
         reading += "".join(f" {s}" for s in _blank_layer_maps(runs))
     if key == "fig9_risk_coverage" and any(r.draws > 1 for r in runs):
         reading += " Each quantized curve is of its first calibration draw."
+    if key == "fig12_shift_confidence":
+        reading += "".join(f" {md(p.model)}: {', '.join(md(n) for n in p.left_out)} not drawn (at most {MAX_PANELS} "
+                           "panels a model; every one is in metrics.json's by_float_confidence)."
+                           for p in (ShiftConfidence.from_run(r) for r in runs) if p is not None and p.left_out)
     if key == "fig10_guard":
         reading += _undrawn_guards(runs)
         if not any_confident([g for g in (GuardCurves.from_run(r) for r in runs) if g is not None]):
@@ -216,6 +232,15 @@ def _guard(runs: Sequence[RunAnalysis]) -> Figure | None:
     return plot_guard_curves(guarded) if guarded else None
 
 
+def _present(plot, data):
+    """A drawer of one figure of the runs whose data class has something (``from_run`` not ``None``)."""
+    def draw(runs):
+        found = [d for d in (data.from_run(r) for r in runs) if d is not None]
+        return plot(found) if found else None
+
+    return draw
+
+
 def _if_quantized(plot, data):
     """A drawer of one figure per run with a quantized configuration."""
     return lambda runs: plot([data.from_run(r) for r in _quantized(runs)]) if _quantized(runs) else None
@@ -232,4 +257,6 @@ _DRAWERS = {  # FIGURES' keys, in its order
     "fig8_pareto": _pareto,
     "fig9_risk_coverage": lambda runs: plot_risk_coverage([RiskCoverageCurves.from_run(r) for r in runs]),
     "fig10_guard": _guard,
+    "fig11_shift": _present(plot_shift, ShiftCurves),
+    "fig12_shift_confidence": _present(plot_shift_confidence, ShiftConfidence),
 }

@@ -16,7 +16,7 @@ from ptqcal.evaluate.results import FLOAT_NAME
 from ptqcal.evaluate.record import finite
 
 from .run_analysis import HEADLINE, RunAnalysis
-from .shift import CLEAN, ShiftCell, first_draw, meets
+from .under_shift import CLEAN, ShiftCell, first_draw, meets
 
 # The columns of the report's tables (key, Markdown title, format of the value in percent); their
 # keys, in this order, are also the columns of metrics.csv.

@@ -14,7 +14,7 @@ from ptqcal.evaluate.results import FLOAT_NAME, REPEAT_MARK, ConfigResult, evalu
 from ptqcal.evaluate.selective import selective_intervals
 from ptqcal.evaluate.temperature import cross_fitted_temperatures
 
-from .shift import ShiftCell, analyse_shift
+from .under_shift import ShiftCell, analyse_shift
 
 BOOTSTRAP_RESAMPLES = 500
 TEMPERATURE_MIN_IMAGES = 20  # fewer evaluation images: no temperature (each half fits one), no Figure 5

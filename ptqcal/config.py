@@ -291,14 +291,18 @@ class RunConfig:
         if self.calib_ranges is not None and self.repeats > 1:
             raise UserError("--calib-ranges reuses one calibration: drop --repeats")
         self.extra_configs()  # names and files checked before any work
+        self._check_corruptions()
+        return self
+
+    def _check_corruptions(self) -> None:
+        """Corruption names and severities, checked before any work."""
         if not self.severities:
             raise UserError("--severities: give at least one severity")
-        self.cells  # names and severities checked before any work
+        self.cells  # noqa: B018 - resolving them checks them
         try:
-            self.calibration_corruption
+            self.calibration_corruption  # noqa: B018
         except InputError as exc:  # the corruption's own message names --corruptions or --severities
             raise UserError(f"--calib-corruption {self.calib_corruption}: {exc}") from None
-        return self
 
     def resolved(self) -> "RunConfig":
         """The same settings with every path made absolute from this process's working directory, so

@@ -10,6 +10,7 @@ saved run is analysed anywhere); :func:`attribute` imports it on first use.
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -131,10 +132,69 @@ class _LayerRuns:
                            change.delta_top1_error, float(sqnr(self._reference, self.layer_output(bits))))
 
 
+def _input_shape(batches: BatchSource) -> tuple[int, ...]:
+    """The shape of a batch of one image (what the cuts' sizes are computed from)."""
+    with closing(iter(batches(1))) as first:
+        return tuple(next(first).shape)
+
+
+def float_logits(model_path: Path, batches: BatchSource, provider: str = "CPU", threads: int = 0) -> np.ndarray:
+    """The float model's logits on every image of ``batches``: what :func:`attribute` measures each
+    layer against (a caller may keep them and hand them to it and to :func:`layer_effect`)."""
+    import onnx
+
+    return _outputs(onnx.load(str(model_path)), batches, provider, threads)[0]
+
+
+def weight_layers(model_path: Path) -> list[str]:
+    """The weight layers :func:`attribute` measures, in the order it measures them."""
+    import onnx
+
+    from .cut import layer_cuts
+
+    return [cut.layer for cut in layer_cuts(onnx.load(str(model_path), load_external_data=False))]
+
+
+class _Measurement:
+    """(layer, bits) effects of one model on one set of images, each layer from the float activations
+    at its cut. Those are computed as a measurement of every layer in graph order computes them (each
+    cut from the one kept before it) whichever layers are asked for: a layer measured alone (a task
+    on a cluster, a resumed run) gets the numbers it gets among all, bit for bit (ORT may round a
+    segment of the graph differently from a longer one that contains it)."""
+
+    def __init__(self, model, input_shape, batches: BatchSource, labels: np.ndarray, reference: np.ndarray,
+                 weight_scale: str, provider: str, threads: int):
+        from .cut import CutActivations, CutGraph
+        from .runner import make_session
+
+        def session(sub):
+            return make_session(sub.SerializeToString(), provider=provider, threads=threads)
+
+        self.graph, self._labels, self._reference = CutGraph(model, input_shape), labels, reference
+        self._everything = CutActivations(self.graph, lambda: batches(None), len(labels), session)
+        self._head = CutActivations(self.graph, lambda: batches(SQNR_IMAGES), min(SQNR_IMAGES, len(labels)), session)
+        self._session, self._scale = session, weight_scale
+        self._reached = 0  # the cuts before this one were asked for as a measurement of every layer asks
+        self._runs: _LayerRuns | None = None
+
+    def effect(self, index: int, bits: int) -> LayerEffect:
+        """The effect of the ``index``-th layer (graph order) alone at ``bits``."""
+        for earlier in self.graph.cuts[self._reached:index]:
+            for activations in (self._everything, self._head):
+                activations.feeds(earlier)  # kept when it fits the budget, as if its layer had been measured
+        self._reached = max(self._reached, index + 1)
+        cut = self.graph.cuts[index]
+        if self._runs is None or self._runs.cut != cut:
+            self._runs = _LayerRuns(self.graph, cut, self._everything, self._head, self._session, self._scale)
+        return self._runs.effect(bits, self._reference, self._labels)
+
+
 def attribute(model_path: Path, batches: BatchSource, labels: np.ndarray, widths: Sequence[int], weight_scale: str,
-              provider: str = "CPU", threads: int = 0, memo: Memo | None = None, held_out: bool = False) -> Attribution:
+              provider: str = "CPU", threads: int = 0, memo: Memo | None = None, held_out: bool = False,
+              reference: np.ndarray | None = None) -> Attribution:
     """Every weight layer of the float model at ``model_path`` alone at each of ``widths``, on the
-    images ``batches`` yields (with ``labels``), against the float model on the same images.
+    images ``batches`` yields (with ``labels``), against the float model on the same images (its
+    logits ``reference`` when the caller has them, from :func:`float_logits`).
 
     Quantizing a layer changes nothing before it: the float activations at each layer's cut
     (:mod:`.cut`) are computed once, from the previous layer's, and only the graph after the cut runs
@@ -143,25 +203,33 @@ def attribute(model_path: Path, batches: BatchSource, labels: np.ndarray, widths
     has runs nothing; ``held_out`` records that the images were held out of the evaluation."""
     import onnx
 
-    from .cut import CutActivations, CutGraph
-    from .runner import make_session
-
     model = onnx.load(str(model_path))
-    float_logits, input_shape = _outputs(model, batches, provider, threads)
-    confident = quantization_change(float_logits, float_logits, labels).float_confidence >= CONFIDENT
-    graph = CutGraph(model, input_shape)
-
-    def session(sub):
-        return make_session(sub.SerializeToString(), provider=provider, threads=threads)
-
-    everything = CutActivations(graph, lambda: batches(None), len(labels), session)
-    head = CutActivations(graph, lambda: batches(SQNR_IMAGES), min(SQNR_IMAGES, len(labels)), session)
+    if reference is None:
+        reference, input_shape = _outputs(model, batches, provider, threads)
+    else:
+        input_shape = _input_shape(batches)
+    confident = quantization_change(reference, reference, labels).float_confidence >= CONFIDENT
+    measurement = _Measurement(model, input_shape, batches, labels, reference, weight_scale, provider, threads)
     effects = []
-    for cut in graph.cuts:
-        runs = _LayerRuns(graph, cut, everything, head, session, weight_scale)
+    for index, cut in enumerate(measurement.graph.cuts):
         for bits in widths:
-            def measure(runs=runs, bits=bits) -> LayerEffect:
-                return runs.effect(bits, float_logits, labels)
+            def measure(index=index, bits=bits) -> LayerEffect:
+                return measurement.effect(index, bits)
 
             effects.append(measure() if memo is None else memo(cut.layer, bits, measure))
     return Attribution(effects, len(labels), int(confident.sum()), held_out)
+
+
+def layer_effect(model_path: Path, batches: BatchSource, labels: np.ndarray, reference: np.ndarray, layer: str,
+                 bits: int, weight_scale: str, provider: str = "CPU", threads: int = 0) -> LayerEffect:
+    """One (layer, bits) of :func:`attribute` on its own (``reference``: :func:`float_logits` on the
+    same images), equal to the effect :func:`attribute` measures for it."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    measurement = _Measurement(model, _input_shape(batches), batches, labels, reference, weight_scale, provider,
+                               threads)
+    index = next((i for i, cut in enumerate(measurement.graph.cuts) if cut.layer == layer), None)
+    if index is None:
+        raise ValueError(f"{layer!r} is no weight layer of {model_path}")
+    return measurement.effect(index, bits)

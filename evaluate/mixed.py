@@ -135,19 +135,22 @@ class SearchError(InputError):
 # measure(layer_bits) -> the logits, on the search's images, of the model whose weight layers take
 # these widths (every other setting as in the run)
 Measure = Callable[[dict[str, int]], np.ndarray]
+# ahead(assignments): models the search is about to measure, handed over together first (a cluster
+# measures them side by side; measure_logits then reads them), whatever it then finds
+Ahead = Callable[[list[dict[str, int]]], None]
 
 
 def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: Mapping[str, int],
            widths: Sequence[int], act_bits: int, attribution: Attribution, float_logits: np.ndarray,
            measure_logits: Measure, labels: np.ndarray | None = None,
-           max_delta_error: float | None = None) -> MixedChoice:
+           max_delta_error: float | None = None, ahead: Ahead | None = None) -> MixedChoice:
     """Per-layer weight widths for ``target`` <= ``limit`` (see :data:`TARGETS`), and, with
     ``max_delta_error`` (a fraction; ``labels`` needed), a top-1 error at most that much above the
     float model's on the search's images.
 
     ``elements``: weight count of every quantized layer (graph order); ``float_bytes``: float bytes
     of every weight layer, those kept float included; ``float_logits``: the float model on the
-    search's images. The choice's ``layer_bits`` is empty when no assignment meets the target."""
+    search's images. The choice's ``layer_bits`` is empty when no assignment meets it (``ahead``: see :data:`Ahead`)."""
     _check_target(target, max_delta_error, labels)
     moves = ordered_moves(attribution, elements, widths)
     kept_float = sum(b for layer, b in float_bytes.items() if layer not in elements)
@@ -164,9 +167,11 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
                           f"{CONFIDENT:.0%} confidence, so there are no confident swaps to bound: bound the weights' "
                           "size instead", setting="max_confident_swaps")
     measured: dict[int, SearchStep] = {}
+    hand = _handing(ahead, prefix_bits)
 
     def measure(k: int) -> SearchStep:
         if k not in measured:
+            hand([k])
             change = quantization_change(float_logits, measure_logits(prefix_bits(k)), labels)
             swapped, held = change.confident_swaps(CONFIDENT)
             measured[k] = SearchStep(k, size(k), swapped / held if held else 0.0, change.swap_rate,
@@ -178,7 +183,7 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
         return (target != "max_confident_swaps" or step.confident_swapped <= limit) and \
             (max_delta_error is None or step.delta_top1_error <= max_delta_error)
 
-    chosen = _longest_within(len(moves), within) if target == "max_confident_swaps" \
+    chosen = _longest_within(len(moves), within, hand) if target == "max_confident_swaps" \
         else _size_prefix(limit * sum(float_bytes.values()), len(moves), size, within)
     history = list(measured.values())
     if chosen is not None and history[-1].moves != chosen:  # the choice is the last row
@@ -194,9 +199,23 @@ def _check_target(target: str, max_delta_error: float | None, labels: np.ndarray
         raise ValueError("a cap on the added error needs the search images' labels")
 
 
-def _longest_within(count: int, within) -> int | None:
+def _handing(ahead: Ahead | None, prefix_bits) -> Callable[[list[int]], None]:
+    """``ahead`` of the prefixes (move counts) not handed over yet."""
+    handed: set[int] = set()
+
+    def hand(prefixes: list[int]) -> None:
+        new = sorted(set(prefixes) - handed)
+        handed.update(new)
+        if ahead is not None and new:
+            ahead([prefix_bits(k) for k in new])
+    return hand
+
+
+def _longest_within(count: int, within, hand=lambda prefixes: None) -> int | None:
     """The most moves whose model stays within the targets (bisection: lowering more layers is
-    assumed to change no fewer predictions)."""
+    assumed to change no fewer predictions). Both ends are handed over at once: the second is
+    measured for nothing only when no move is within."""
+    hand([0, count])
     if not within(0):
         return None
     if within(count):

@@ -18,7 +18,11 @@ same bit for bit.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
+import tempfile
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -40,6 +44,7 @@ class Executor(Protocol):
     """Where a run's independent work runs: what :class:`Local` and :class:`RayCluster` implement."""
 
     side_by_side: bool  # several models submit their work at once (else one model after another)
+    runs_ahead: bool  # work handed over ahead runs then (else the run computes each piece when it asks for it)
 
     def task_threads(self, cfg: RunConfig) -> int:
         """ORT's intra-op thread count inside one piece of work."""
@@ -58,6 +63,7 @@ class Local:
     """Every piece of work in this process, one after another (a run without ``--ray``)."""
 
     side_by_side = False  # several models: one after another
+    runs_ahead = False  # attribution and the search compute each measurement when they ask for it
 
     def task_threads(self, cfg: RunConfig) -> int:
         """ORT's thread count inside a task: the run's (0: one per physical core)."""
@@ -126,12 +132,59 @@ def _check_reachable(address: str, seconds: float = 5.0) -> None:
         raise UserError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or 'timed out'})") from None
 
 
+def _check_token(ray, address: str) -> None:
+    """One line, at once, for a cluster that wants an authentication token this environment does not
+    give it: ``ray.init`` would retry for 20 s, a log line a second, and then name no reason. The
+    probe is Ray's own first call (the cluster's id from its GCS, with the token Ray would send),
+    which fails at once; the line Ray's C++ client logs for it is held back."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, GcsClient
+    except ImportError:  # Ray's internals moved: ray.init says what it says
+        return
+    try:
+        given = AuthenticationTokenLoader.instance().has_token()
+    except ray.exceptions.AuthenticationError:  # token authentication on here, and no token found
+        raise UserError(_token_message(address, given=False)) from None
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:  # unlinked at once: nothing stays in $TMPDIR
+            os.dup2(sink.fileno(), 2)
+            GcsClient(address=address)
+    except ray.exceptions.AuthenticationError:
+        raise UserError(_token_message(address, given)) from None
+    except Exception:  # noqa: BLE001 - anything else is ray.init's to say
+        pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _token_message(address: str, given: bool) -> str:
+    where = "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+    if given:
+        return (f"--ray {address}: the Ray cluster refuses this environment's authentication token: give its "
+                f"token in {where}")
+    return (f"--ray {address}: the Ray cluster requires an authentication token and this environment has none: "
+            f"set RAY_AUTH_MODE=token and give the cluster's token in {where}")
+
+
+def _session_folder() -> Path:
+    """A folder of the run's own for the session of the Ray it starts (Ray's default, $TMPDIR/ray,
+    stays behind). Ray's Unix sockets live at <folder>/session_<date>_<pid>/sockets/<name>, and a
+    socket path holds at most 107 bytes: a long $TMPDIR gives way to /tmp."""
+    base = tempfile.gettempdir()
+    return Path(tempfile.mkdtemp(prefix="ptqcal-ray-", dir=base if len(base) <= 40 else "/tmp"))
+
+
 class RayCluster:
     """Tasks on a Ray cluster: ``address`` is ``auto``, ``host:port``, or :data:`LOCAL` to start
-    Ray on this machine, on the loopback address, for the run (every CPU; stopped by
-    :meth:`close`). A Ray the caller already initialised is used as it is."""
+    Ray on this machine, on the loopback address, for the run (every CPU; its session in a folder
+    of its own; stopped and the folder removed by :meth:`close`). A Ray the caller already
+    initialised is used as it is."""
 
     side_by_side = True  # several models: their runs submit their tasks at once (the driver waits on threads)
+    runs_ahead = True  # attribution's and the search's measurements are tasks ahead of the run reading them
 
     def __init__(self, address: str):
         os.environ.update(RAY_ENVIRONMENT)  # before Ray is imported (it reads them then); a local cluster inherits them
@@ -140,17 +193,33 @@ class RayCluster:
         except ImportError:
             raise UserError("--ray needs Ray: pip install 'ptqcal[ray]'") from None
         self.ray, self.connected = ray, not ray.is_initialized()  # a caller's own connection is left to the caller
-        if self.connected and address not in (LOCAL, "auto"):
-            _check_reachable(address)
+        self.session: Path | None = _session_folder() if self.connected and address == LOCAL else None
         try:
             if self.connected:
-                ray.init(address=address, log_to_driver=False, logging_level="ERROR",
-                         **({"num_cpus": os.cpu_count(), "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
-                            if address == LOCAL else {}))
+                self._connect(address)
+        except BaseException:
+            self._remove_session()
+            raise
+        self._remote = ray.remote(max_retries=RETRIES)
+
+    def _connect(self, address: str) -> None:
+        if address not in (LOCAL, "auto"):
+            _check_reachable(address)
+            _check_token(self.ray, address)
+        local = {"num_cpus": os.cpu_count(), "include_dashboard": False, "_node_ip_address": "127.0.0.1",
+                 "_temp_dir": str(self.session)}
+        try:
+            self.ray.init(address=address, log_to_driver=False, logging_level="ERROR",
+                          **(local if address == LOCAL else {}))
+        except self.ray.exceptions.AuthenticationError:
+            raise UserError(_token_message(address, given=False)) from None
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise UserError(f"--ray {address}: cannot connect to a Ray cluster ({' '.join(str(exc).split())[:200]})") \
                 from None
-        self._remote = ray.remote(max_retries=RETRIES)
+
+    def _remove_session(self) -> None:
+        if self.session is not None:
+            shutil.rmtree(self.session, ignore_errors=True)
 
     def task_threads(self, cfg: RunConfig) -> int:
         """A task holds one of Ray's CPUs, so ORT runs one thread in it (unless ``--threads`` says
@@ -167,9 +236,14 @@ class RayCluster:
 
     def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
         """``fn(*call)`` for each call (whose first item is the run's cache), as tasks; the results
-        in order."""
+        in order. An argument several calls share (the same object: a pixel stream, a model's
+        attribution work) goes to the object store once, not once a task."""
         task = self._remote(_call).options(name=getattr(fn, "__name__", "task"))  # how Ray's dashboard lists it
-        return self._get([task.remote(fn, *args) for args in calls])
+        uses = Counter(id(arg) for args in calls for arg in args)
+        objects = {id(arg): arg for args in calls for arg in args
+                   if uses[id(arg)] > 1 and not isinstance(arg, (str, int, float, Path, type(None)))}
+        shared = {key: self.ray.put(arg) for key, arg in objects.items()}
+        return self._get([task.remote(fn, *(shared.get(id(arg), arg) for arg in args)) for args in calls])
 
     def warm_logits(self, cache: Cache, jobs: Sequence, cfg: RunConfig) -> None:
         """The logits of every job not cached yet, in batch-aligned shards across the cluster, with
@@ -203,9 +277,11 @@ class RayCluster:
             cache.array(job.kind, job.key(cfg), lambda: logits, check_logits)
 
     def close(self) -> None:
-        """Stop the Ray started for the run, or disconnect from the cluster (which keeps running)."""
+        """Stop the Ray started for the run (and remove its session folder), or disconnect from the
+        cluster (which keeps running)."""
         if self.connected:
             self.ray.shutdown()
+        self._remove_session()
 
 
 def make_executor(cfg: RunConfig) -> Executor:

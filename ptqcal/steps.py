@@ -397,58 +397,51 @@ def deployment(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessC
     return Deployment(**json.loads(cache.file("deployment", key, "json", measure).read_text()))
 
 
-def attribution(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, images: Images, cache: Cache):
+def attribution(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, images: Images, cache: Cache,
+                executor=None):
     """Which layers flip confident predictions (:func:`ptqcal.evaluate.attribution.attribute`), on
     the images held out for a search, or else on ``cfg.attribution_size`` images drawn with
-    ``cfg.seed`` from the evaluation images; every (layer, bits) result is cached."""
-    from .data import DEFAULT_SEARCH_SIZE, seeded_subset
-    from .evaluate.attribution import LayerEffect, attribute
-    from .evaluate.record import finite
-    from .evaluate.mixed import search_widths
+    ``cfg.seed`` from the evaluation images; every (layer, bits) result is cached, and with an
+    ``executor`` that runs work ahead (a cluster) each one is a task (:mod:`ptqcal.layer_work`)."""
+    from .layer_work import AttributionWork, attribute
 
-    pixels = images.search if images.search is not None else \
-        Pixels(seeded_subset(images.eval.split, cfg.attribution_size or DEFAULT_SEARCH_SIZE, cfg.seed), preprocess,
-               cache, cfg.strict)
-
-    def memo(layer: str, bits: int, compute) -> LayerEffect:
-        # the images as the model sees them (normalised, with their labels), the layer, its width, how ORT runs
-        key = make_key(file_digest(prepared), pixels.key, array_digest(pixels.labels), asdict(preprocess), layer, bits,
-                       str(cfg.weight_scale), cfg.batch_size, cfg.provider, versions(KEYED))
-        path = cache.file("layer-effect", key, "json",
-                          lambda tmp: tmp.write_text(json.dumps(finite(asdict(compute())), allow_nan=False)))
-        return LayerEffect(**{k: float("nan") if v is None else v for k, v in json.loads(path.read_text()).items()})
-
-    # for a search only, the widths it can choose among (each other width stores and runs as one of them)
-    widths = cfg.weight_bits if cfg.attribute else search_widths(cfg.weight_bits)
-    return attribute(prepared, lambda limit: pixels.batches(cfg.batch_size, preprocess, limit), pixels.labels,
-                     widths, str(cfg.weight_scale), cfg.provider, cfg.threads, memo,
-                     held_out=images.search is not None)
+    work = AttributionWork.of(cfg, preprocess, prepared, images, cache, versions(KEYED))
+    return attribute(cfg, work, cache, executor)
 
 
 def mixed_search(cfg: RunConfig, cache: Cache, prepared: Path, ranges, exclude: tuple[str, ...], pixels: Pixels,
-                 preprocess: PreprocessCfg, attribution):
+                 preprocess: PreprocessCfg, attribution, executor=None):
     """The mixed-precision search for ``cfg``'s target (:func:`ptqcal.evaluate.mixed.search`) on
-    ``pixels`` (held out of evaluation), each model it measures quantized and run through the cache;
-    returns the choice and the spec of the chosen model (``None`` when no assignment meets it)."""
+    ``pixels`` (held out of evaluation), each model it measures quantized and run through the cache
+    (with an ``executor`` that runs work ahead, as tasks: the quantizations side by side, the logits in
+    shards); returns the choice and the spec of the chosen model (``None`` when no assignment meets it)."""
     from .evaluate.mixed import search
     from .quantize import QuantSpec
     from .quantize.graph import weight_sizes
 
     elements, float_bytes = weight_sizes(prepared)
-    act_bits, widths = max(cfg.act_bits), cfg.weight_bits
+    act_bits, widths, fused = max(cfg.act_bits), cfg.weight_bits, cfg.execution == "deployed"
+    ahead = executor is not None and executor.runs_ahead
 
     def spec(layer_bits: dict[str, int]) -> QuantSpec:
         return QuantSpec(max(widths), act_bits, cfg.weight_scale, exclude, layer_bits=tuple(layer_bits.items()))
 
     def measure(layer_bits: dict[str, int]) -> np.ndarray:
         path = quantize_config(cache, prepared, ranges, spec(layer_bits))
-        return model_logits(cache, path, pixels, preprocess, cfg, "mixed search", fused=cfg.execution == "deployed",
-                            kind="search-logits")
+        return model_logits(cache, path, pixels, preprocess, cfg, "mixed search", fused=fused, kind="search-logits")
 
+    def measure_ahead(assignments: list[dict[str, int]]) -> None:  # the models the search measures next
+        paths = executor.map(quantize_config, [(cache, prepared, ranges, spec(bits)) for bits in assignments])
+        executor.warm_logits(cache, [LogitsJob(path, pixels, preprocess, "mixed search", fused, "search-logits")
+                                     for path in paths], cfg)
+
+    if executor is not None:  # (a local executor computes nothing ahead)
+        executor.warm_logits(cache, [LogitsJob(prepared, pixels, preprocess, "float (search)", True, "search-logits")],
+                             cfg)
     float_logits = model_logits(cache, prepared, pixels, preprocess, cfg, "float (search)", kind="search-logits")
     target, limit = ("max_confident_swaps", cfg.max_confident_swaps) if cfg.max_confident_swaps is not None \
         else ("max_size_ratio", cfg.max_size_ratio)
     quantized = {layer: count for layer, count in elements.items() if layer not in exclude}
     choice = search(target, limit, quantized, float_bytes, widths, act_bits, attribution, float_logits, measure,
-                    pixels.labels, cfg.mixed_max_delta_error)
+                    pixels.labels, cfg.mixed_max_delta_error, measure_ahead if ahead else None)
     return choice, spec(choice.layer_bits) if choice.met else None

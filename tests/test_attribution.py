@@ -312,3 +312,31 @@ def test_a_memoised_layer_runs_nothing_and_a_missing_one_alone_is_computed(tmp_p
     assert run() == first and computed == [] and len(sessions) == 1  # the float logits alone
     del stored["fc", 2]
     assert run() == first and computed == [("fc", 2)]
+
+
+@pytest.mark.parametrize("budget", [None, 0, 20_000])
+def test_a_layer_measured_alone_equals_the_same_layer_measured_among_all(budget, tmp_path, monkeypatch):
+    """What a cluster task (or a resumed run) computes for one (layer, bits) is, bit for bit, what a
+    run measuring every layer computes for it: with every cut kept, none kept (streamed), or some."""
+    from test_cut import _residual_model, _tied_model
+
+    from ptqcal.evaluate import cut
+    from ptqcal.evaluate.attribution import Attribution, attribute, float_logits, layer_effect, weight_layers
+
+    if budget is not None:
+        monkeypatch.setattr(cut, "CUT_BYTES", budget)
+    rng = np.random.default_rng(6)
+    inputs = rng.normal(size=(70, 1, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 6, 70)
+    for model in (_residual_model(tmp_path / "r.onnx"), _tied_model(tmp_path / "t.onnx")):
+        path = tmp_path / "m.onnx"
+        onnx.save(model, str(path))
+        batches = _stream(inputs, 16)
+        together = attribute(path, batches, labels, (8, 3), "torch")
+        reference = float_logits(path, batches)
+        assert [e.layer for e in together.effects[::2]] == weight_layers(path)
+        alone = [layer_effect(path, batches, labels, reference, e.layer, e.weight_bits, "torch")
+                 for e in together.effects]
+        assert Attribution(alone, together.images, together.confident).to_json() == together.to_json()
+        given = attribute(path, batches, labels, (8, 3), "torch", reference=reference)  # the float logits kept
+        assert given.to_json() == together.to_json()

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -271,3 +272,95 @@ def test_a_quantization_writes_nothing_beside_the_model_it_reads(tmp_path):
     for bits in (8, 4):
         quantize_qdq(prepared, tmp_path / "out" / f"a8w{bits}.onnx", ranges, QuantSpec(bits))
     assert (sorted(source.iterdir()), source.stat().st_mtime_ns) == before
+
+
+# --- attribution and the search as tasks; what --ray leaves behind; a token it lacks -------------
+
+def _fail(*args, **kwargs):
+    raise AssertionError("the driver computed what a task should have")
+
+
+@pytest.mark.slow
+def test_attribution_and_the_search_as_tasks_give_the_numbers_of_the_local_run(ray_cluster, digits, tmp_path,
+                                                                                 monkeypatch):
+    """Every (layer, bits) effect and every model the search measures is a task: the driver, which
+    here computes none of them (its own ways to are broken), writes the run a local run writes."""
+    import ptqcal.quantize
+    from ptqcal import steps
+    from ptqcal.cli import main
+    from ptqcal.evaluate import attribution
+    from ptqcal.executors import RayCluster
+    from test_mixed import _mlp_with_a_fragile_layer
+
+    model = _mlp_with_a_fragile_layer(tmp_path / "mlp.onnx", digits)
+    args = ["run", "--model", str(model), "--dataset", "digits", "--preprocess", "digits", "--weight-bits", "8", "4",
+            "--attribute", "--max-confident-swaps", "1", "--attribution-size", "400", "--no-timing", "--check-images",
+            "0", "--no-progress", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    cluster = RayCluster(ray_cluster)  # the run's executor joins this connection
+    try:
+        for name in ("attribution", "mixed_search"):  # the executor, as pipeline.py is to hand it to both steps
+            step = getattr(steps, name)
+            monkeypatch.setattr(steps, name, lambda *a, _step=step, **k: _step(*a, **{"executor": cluster, **k}))
+        monkeypatch.setattr(attribution._LayerRuns, "effect", _fail)
+        monkeypatch.setattr(ptqcal.quantize, "quantize_qdq", _fail)
+        compute = steps.LogitsJob.compute
+        monkeypatch.setattr(steps.LogitsJob, "compute",
+                            lambda job, *a, **k: _fail() if job.desc == "mixed search" else compute(job, *a, **k))
+        assert main([*args, "--out", str(tmp_path / "ray"), "--ray", ray_cluster]) == 0
+    finally:
+        cluster.close()
+    _same_results(tmp_path / "local", tmp_path / "ray")
+    local, ray = (json.loads((tmp_path / run / "run.json").read_text()) for run in ("local", "ray"))
+    assert ray["attribution"] == local["attribution"] and len(local["attribution"]["effects"]) == 4 * 2
+    assert ray["mixed"] == local["mixed"] and len(local["mixed"]["steps"]) > 2  # the bisection went past its ends
+
+
+def _without(*names: str) -> dict:
+    return {key: value for key, value in os.environ.items() if key not in names}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({}, "requires an authentication token and this environment has none"),
+    ({"RAY_AUTH_MODE": "token"}, "requires an authentication token and this environment has none"),
+    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "refuses this environment's authentication token"),
+])
+def test_a_cluster_that_wants_a_token_this_environment_lacks_is_one_line_at_once(setting, message, ray_cluster,
+                                                                                   tmp_path):
+    """The fixture's cluster authenticates with a token; a driver without it (no token anywhere:
+    HOME is empty), or with another, stops at once with one line, before Ray's 20 s of retries."""
+    env = {**_without("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"), "HOME": str(tmp_path), **setting}
+    started = time.monotonic()
+    completed = subprocess.run([sys.executable, "-m", "ptqcal", "run", "--ray", ray_cluster, "--out",
+                                str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)
+    error = completed.stderr.strip()
+    assert completed.returncode == 2 and error.startswith(f"ptqcal: error: --ray {ray_cluster}: the Ray cluster ")
+    assert message in error and "RAY_AUTH_TOKEN" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "run").exists() and time.monotonic() - started < 15
+
+
+def test_ray_started_for_the_run_keeps_its_session_in_a_folder_it_removes(tmp_path):
+    """``--ray`` alone: Ray's session (sockets, logs) goes into a folder of the run's own inside
+    $TMPDIR, which is empty again once the executor is closed (Ray's default, $TMPDIR/ray, stays
+    behind). A short $TMPDIR: Ray's socket paths must fit 107 bytes."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed")
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="pq", dir="/tmp"))
+    try:
+        completed = _python(f"""
+            from pathlib import Path
+            from ptqcal.cache import Cache
+            from ptqcal.executors import LOCAL, RayCluster
+            cluster = RayCluster(LOCAL)
+            assert cluster.map(repr, [(Cache(Path({str(tmp_path / "cache")!r})),)])[0].startswith("<ptqcal.cache.Cache")
+            print(cluster.session, sorted(p.name for p in cluster.session.iterdir()))
+            cluster.close()
+        """, env={**_without("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"), "TMPDIR": str(folder)})
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        session, inside = completed.stdout.strip().splitlines()[-1].split(" ", 1)
+        assert Path(session).parent == folder and "session_latest" in inside  # Ray's session was there
+        assert list(folder.iterdir()) == []
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -219,3 +219,53 @@ def test_a_cap_on_the_added_error_rules_out_prefixes_beyond_it():
                     float_logits, measure, labels, max_delta_error=0.015)
     assert sum(b == 4 for b in free.layer_bits.values()) == 3
     assert sum(b == 4 for b in capped.layer_bits.values()) == 1 and capped.steps[-1].delta_top1_error == 0.01
+
+
+@pytest.mark.parametrize("target, limit", [("max_confident_swaps", 0.04), ("max_confident_swaps", 0.0),
+                                           ("max_size_ratio", 0.6)])
+def test_the_models_handed_ahead_are_the_ones_measured_next_and_change_no_choice(target, limit):
+    """By hand: eight layers, one move each (8 -> 4); each lowered layer swaps one more of 100
+    confident predictions. On a cluster the search hands its next models over first: every model it
+    measures was handed over before (the two ends of the bisection together), the choice is the
+    one it makes without handing anything over, and only the far end may be measured for nothing."""
+    from ptqcal.evaluate.mixed import search
+
+    layers = [f"l{i}" for i in range(8)]
+    attribution = Attribution([LayerEffect(name, bits, 0.0, 0.0, 0.0, 40.0 - bits) for name in layers
+                               for bits in (8, 4)])
+    labels = np.arange(100) % 4
+    float_logits = np.eye(4, dtype=np.float32)[labels] * 10
+    events = []
+
+    def measure(layer_bits):
+        events.append(("measured", tuple(sorted(layer_bits.items()))))
+        lowered = sum(bits == 4 for bits in layer_bits.values())
+        logits = float_logits.copy()
+        logits[:lowered] = np.roll(logits[:lowered], 1, axis=1)
+        return logits
+
+    def ahead(assignments):
+        events.append(("ahead", [tuple(sorted(bits.items())) for bits in assignments]))
+
+    elements = {name: 100 for name in layers}
+    args = (target, limit, elements, {k: 400 for k in elements}, (8, 4), 8, attribution, float_logits, measure, labels)
+    plain = search(*args)
+    measured_plain = [e for e in events if e[0] == "measured"]
+    events.clear()
+    handed = search(*args, ahead=ahead)
+    assert handed.to_json() == plain.to_json()
+    assert [e for e in events if e[0] == "measured"] == measured_plain  # the same models, in the same order
+    given = []
+    for kind, what in events:
+        if kind == "ahead":
+            assert not set(what) & set(given)  # nothing handed over twice
+            given += what
+        else:
+            assert what in given  # handed over before it was measured
+    measured = {what for kind, what in events if kind == "measured"}
+    if target == "max_confident_swaps":
+        ends = [tuple(sorted({name: 8 for name in layers}.items())), tuple(sorted({name: 4 for name in layers}.items()))]
+        assert events[0] == ("ahead", ends)
+        assert set(given) - measured <= {ends[1]}
+    else:
+        assert set(given) == measured

@@ -13,8 +13,8 @@ import numpy as np
 from .judgement import COLLAPSED, CONFIDENT
 from .markdown import md
 from .run_analysis import RunAnalysis
-from .under_shift import (CalibrationPair, SeverityStat, calibration_pairs, changes_at, concentration, corruptions,
-                    guard_shifts, pooled_change, severities, severity_stats)
+from .under_shift import (CalibrationPair, SeverityStat, calibration_pairs, changes_at, concentration,
+                          corruptions, guard_shifts, pooled_change, severities, severity_stats)
 from .trust import percent, target_words
 
 RATIO_STEP = 0.05  # Δ error / % swapped moving by less than this (it lies in [−1, 1]) has not moved

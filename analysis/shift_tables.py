@@ -108,6 +108,8 @@ def claim_reading(run: RunAnalysis, stats: Sequence[SeverityStat]) -> str:
     """The paper's claim tested under shift on this run: are swaps still where the float model is
     unsure, and does the ratio of Δ error to % swapped grow with severity?"""
     names = tested(run)
+    if not run.quantized:
+        return "The run has no quantized configuration, so there is no swap to test the paper's claim on under shift."
     if not names:
         return ("No quantized configuration to test the paper's claim on under shift: each one the cells hold "
                 f"collapsed on clean images ({100 * COLLAPSED:.0f}% or more of its predictions swapped), or none is "
@@ -249,6 +251,8 @@ def shift_section(run: RunAnalysis) -> list[str]:
              "unchanged, as a deployment calibrated on clean data would. First calibration draws; every corruption "
              "and severity, configuration by configuration, is in metrics.csv and metrics.json (columns corruption "
              "and severity; *_vs_clean: the change from the configuration's clean numbers).")
+    if run.temperature is None:
+        intro += " No temperature was fitted (too few images), so the tables have no column after T."
     if skipped:
         intro += f" {skipped} corrupted set{'s' if skipped > 1 else ''} without the float model's logits left out."
     parts = ["### Under shift", intro, claim_reading(run, stats)]

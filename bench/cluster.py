@@ -14,6 +14,10 @@
    work (timing, checks, report, the run folder) is the run's wall time minus every task's; it is
    kept as measured when the images grow (it is mostly per configuration). Predicted: 8 and 64
    nodes, for the sweep as run and for 50,000 evaluation images (ImageNet's validation set).
+3. Lite0 with attribution (``--attribute``) at 4 weight widths, its (layer, bits) measurements
+   timed as the tasks ``--ray`` runs (each replays the float activations up to its layer's cut,
+   so a task costs about one pass over the attribution's images). They run on the attribution's
+   own images (512 by default), not the evaluation images: the phase does not grow with them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +40,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 warnings.filterwarnings("ignore")
 
-PHASES = ("_export", "calibrate", "quantize_config", "inference")
+PHASES = ("_export", "calibrate", "quantize_config", "inference", "attribution_float", "layer_effect")
+SCALED = ("inference",)  # the phases whose tasks grow with the evaluation images
+ATTRIBUTION_BITS = (8, 6, 5, 4)
 NODES = (1, 8, 64)
 
 
@@ -43,6 +50,7 @@ class TimedTasks:
     """The Local executor, but split and timed as Ray's tasks are (an :class:`ptqcal.executors.Executor`)."""
 
     side_by_side = False
+    runs_ahead = True  # attribution's measurements as the tasks Ray runs, each timed
 
     def __init__(self):
         self.seconds: dict[str, list[float]] = defaultdict(list)
@@ -77,11 +85,30 @@ class TimedTasks:
         pass
 
 
+@contextmanager
+def steps_given(executor):
+    """Attribution and the search handed ``executor`` (as a pipeline that does not pass it yet would)."""
+    from ptqcal import steps
+
+    originals = {name: getattr(steps, name) for name in ("attribution", "mixed_search")}
+    for name, step in originals.items():
+        setattr(steps, name, lambda *a, _step=step, **k: _step(*a, **{"executor": executor, **k}))
+    try:
+        yield
+    finally:
+        for name, step in originals.items():
+            setattr(steps, name, step)
+
+
 def timed_run(cfg, executor=None) -> float:
     from ptqcal.pipeline import run
 
     start = time.perf_counter()
-    run(cfg, executor)
+    if executor is None:
+        run(cfg)
+    else:
+        with steps_given(executor):
+            run(cfg, executor)
     return time.perf_counter() - start
 
 
@@ -130,7 +157,7 @@ def scaling(name: str, cfg, n_eval: int) -> dict[str, float]:
                 times = tasks.seconds.get(phase, [])
                 if not times:
                     continue
-                count = math.ceil(len(times) * (scale if phase == "inference" else 1))
+                count = math.ceil(len(times) * (scale if phase in SCALED else 1))
                 total += math.ceil(count / nodes) * float(np.mean(times))
             predicted[nodes] = total
         print(f"    predicted, {label}: " + ", ".join(f"{n} node{'s' * (n > 1)} {t:.0f} s" for n, t in predicted.items()))
@@ -174,6 +201,10 @@ def main() -> None:
             lite = RunConfig(model=str(model), dataset="csv", data_dir=labels, calib_size=256, weight_bits=bits,
                              progress=False, quiet=True, out=folder / "lite0")
             ratios.update(scaling("EfficientNet-Lite0", lite, count - 256))
+            print(f"3. EfficientNet-Lite0 with attribution at weights {list(ATTRIBUTION_BITS)}")
+            attributed = replace(lite, weight_bits=ATTRIBUTION_BITS, attribute=True, out=folder / "lite0-attribute",
+                                 attribution_size=128 if args.quick else None)
+            ratios.update(scaling("EfficientNet-Lite0 + attribution", attributed, count - 256))
     _print(ratios)
 
 

@@ -4,8 +4,9 @@ or torch).
 ``run_analysis`` evaluates a saved run; ``rows`` turns it into rows, CSV and JSON; ``tables`` into
 Markdown tables; ``judgement`` writes the sentences that judge its numbers; ``recommend`` chooses
 the configuration to ship and writes ``recommendation.json``; ``trust`` counts each float fallback
-guard and writes ``guard.json``; ``figures`` (1-5), ``deploy_figures`` (6-8) and ``trust_figures``
-(9-10) plot, ``report_figures`` decides which figures a report has; ``environment`` says where it
+guard and writes ``guard.json``; ``under_shift`` evaluates every configuration under each corruption
+and ``shift_tables`` writes its section; ``figures`` (1-5), ``deploy_figures`` (6-8), ``trust_figures``
+(9-10) and ``shift_figures`` (11-12) plot, ``report_figures`` decides which figures a report has; ``environment`` says where it
 was written; ``markdown`` escapes text and renders HTML; ``report`` composes them into
 ``report.md`` and ``report.html``.
 
@@ -22,7 +23,9 @@ _WHERE = {"MarginCurves": "figures", "SwapPanel": "figures", "TemperatureEffect"
           "metrics_json": "rows", "RunAnalysis": "run_analysis", "analyse_record": "run_analysis",
           "analyse_run": "run_analysis", "markdown_table": "tables", "guard_json": "trust",
           "GuardCurves": "trust_figures", "RiskCoverageCurves": "trust_figures", "plot_guard_curves": "trust_figures",
-          "plot_risk_coverage": "trust_figures", "Recommendation": "recommend"}
+          "plot_risk_coverage": "trust_figures", "Recommendation": "recommend", "ShiftCurves": "shift_figures",
+          "ShiftConfidence": "shift_figures", "plot_shift": "shift_figures", "plot_shift_confidence": "shift_figures",
+          "ShiftCell": "under_shift"}
 
 __all__ = sorted(_WHERE)
 

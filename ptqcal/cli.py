@@ -138,7 +138,8 @@ def _compare_torch(cfg: RunConfig, models: list[str]) -> int:
 
 def _report(folders: list[Path], out: Path | None) -> Path:
     """Rebuild the report of saved runs (a comparison folder stands for the runs it combines)."""
-    from .runfolder import COMPARISON, REPORT, comparison_parts, marker_kind, restore, write_report, writing
+    from .reports import write_report
+    from .runfolder import COMPARISON, REPORT, comparison_parts, marker_kind, restore, writing
 
     for folder in folders:  # a run killed mid-swap is put back before it is read
         restore(folder)

@@ -24,7 +24,8 @@ from .errors import UserError
 from .evaluate import FLOAT_NAME, REPEAT_MARK, RunRecord
 from .quantize import QuantSpec
 from .report_text import run_notes, run_summary
-from .runfolder import COMPARISON, RUN, check_target, new_work_dir, report_once, swap_in, write_marker, writing
+from .reports import report_once
+from .runfolder import COMPARISON, RUN, check_target, new_work_dir, swap_in, write_marker, writing
 from .sweep import (Sweep, add_config, add_fp16, add_mixed, add_shift_calibrated, config_job, held_out_logits, log,
                     log_float, log_recommendation, shifted_logits)
 
@@ -95,9 +96,9 @@ def _beyond_the_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str,
 
         add_deployed(cfg, model, prepared, images, batches, cache, sweep)
     if cfg.attribute or cfg.mixed:
-        sweep.attribution = steps.attribution(cfg, model.preprocess, prepared, images, cache)
+        sweep.attribution = steps.attribution(cfg, model.preprocess, prepared, images, cache, executor=executor)
     if cfg.mixed:
-        add_mixed(cfg, model, prepared, batches, images, exclude, cache, sweep)
+        add_mixed(cfg, model, prepared, batches, images, exclude, cache, sweep, executor)
 
 
 def _quantize_sweep(cfg: RunConfig, model, prepared: Path, exclude: tuple[str, ...], batches: steps.Batches, draws,

@@ -118,11 +118,12 @@ def add_graph(cfg: RunConfig, model, name: str, served: Path, stored: Path, pixe
 
 
 def add_mixed(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, images, exclude, cache: Cache,
-              sweep: Sweep) -> None:
-    """Search the per-layer weight bits on the held-out images; evaluate the choice like the others."""
+              sweep: Sweep, executor=None) -> None:
+    """Search the per-layer weight bits on the held-out images (its models measured as ``executor``'s
+    tasks when it runs work ahead); evaluate the choice like the others."""
     ranges = sweep.ranges[max(cfg.act_bits)]
     sweep.mixed, spec = steps.mixed_search(cfg, cache, prepared, ranges, exclude, images.search, model.preprocess,
-                                     sweep.attribution)
+                                           sweep.attribution, executor=executor)
     if spec is None:
         log(cfg, f"mixed: no assignment of weight bits {list(cfg.weight_bits)} meets the target")
         return

@@ -526,7 +526,8 @@ def test_run_json_records_the_source_models_sha256(tmp_path):
 def test_a_reused_report_folder_keeps_no_file_of_an_earlier_report_but_the_users(tmp_path):
     """A report built into a folder that held another report: the earlier report's files that this
     one does not write (its layers.csv, its Figure 7) are gone; a user's file stays."""
-    from ptqcal.runfolder import manifest, write_report
+    from ptqcal.reports import write_report
+    from ptqcal.runfolder import manifest
 
     first, second = _fake_run(tmp_path / "a", "m", []), _fake_run(tmp_path / "b", "other", [])
     write_report([first], tmp_path / "rep")

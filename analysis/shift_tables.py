@@ -194,14 +194,16 @@ def _guard_shift_sentence(levels: Sequence) -> str:
                    ": the threshold chosen on clean images does not carry over to corrupted ones.")
 
 
-def _pair_words(twin: float, shifted: float) -> str:
-    return "fewer" if shifted < twin else "more" if shifted > twin else "as many"
+def _pair_words(twin: float, shifted: float, compared: str = "") -> str:
+    """``fewer``, ``more`` or ``as many`` (with ``compared``, e.g. "predictions", and its ``than``/``as``)."""
+    word, joint = ("fewer", "than") if shifted < twin else ("more", "than") if shifted > twin else ("as many", "as")
+    return f"{word} {compared} {joint}" if compared else word
 
 
 def _pair_sentence(pair: CalibrationPair) -> str:
     clean = pair.clean_swapped
-    text = (f"{md(pair.shifted)} (calibrated on {md(pair.calibrated_on)}) swaps {_pair_words(*clean)} predictions "
-            f"than {md(pair.twin)} on clean images ({percent(clean[1])}% against {percent(clean[0])}%)")
+    text = (f"{md(pair.shifted)} (calibrated on {md(pair.calibrated_on)}) swaps {_pair_words(*clean, 'predictions')} "
+            f"{md(pair.twin)} on clean images ({percent(clean[1])}% against {percent(clean[0])}%)")
     if pair.shift_swapped is not None:
         shift = pair.shift_swapped
         text += (f" and {_pair_words(*shift)} under shift ({percent(shift[1])}% against {percent(shift[0])}%, mean "

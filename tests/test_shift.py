@@ -4,6 +4,7 @@ against the clean run, and against a model that cannot see its input."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,8 @@ def test_every_configuration_runs_on_every_cell_and_the_clean_numbers_stay(shift
     assert clean.logits.keys() == shifted.logits.keys()
     for name in clean.logits:  # the corruptions change nothing of the clean evaluation
         np.testing.assert_array_equal(clean.logits[name], shifted.logits[name])
+    clean_rows = json.loads((tmp_path / "clean" / "metrics.json").read_text())["runs"][0]["configs"]
+    assert json.loads((tmp_path / "shift" / "metrics.json").read_text())["runs"][0]["configs"] == clean_rows
     assert list(shifted.shifted) == ["contrast@1", "contrast@3", "gaussian_noise@1", "gaussian_noise@3"]
     assert all(list(cell) == ["float", "a8w8", "a8w4"] for cell in shifted.shifted.values())
 
@@ -95,6 +98,12 @@ def test_a_model_that_cannot_see_the_corruption_changes_nothing_under_it(shift_f
     record = RunRecord.load(tmp_path / "run")
     for name, values in record.shifted["brightness@1"].items():
         np.testing.assert_array_equal(values, record.logits[name])
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())["runs"][0]["shift"]
+    assert {(r["config"], r["corruption"], r["severity"]) for r in rows} == \
+        {(name, "brightness", 1) for name in ("float", "a8w8", "a8w4")}
+    for row in rows:  # nothing changed: no swap, no drop from clean
+        assert row["top1_error_vs_clean"] == 0 and row["ece_vs_clean"] == 0
+        assert row["config"] == "float" or row["swapped_vs_clean"] == 0
 
 
 def test_calibrating_under_a_corruption_sets_the_ranges_from_the_corrupted_images(shift_files, tmp_path):

@@ -236,13 +236,18 @@ def mixed_section(run: RunAnalysis) -> list[str]:
             f"{ATTRIBUTION_CONFIDENT:.0%} confidence by the float model)")
     if choice.max_delta_error is not None:
         target += f", top-1 error at most {100 * choice.max_delta_error:g} pp above float's"
+    timed = choice.max_latency_ratio is not None
+    if timed:
+        target += f", batch-1 latency at most {choice.max_latency_ratio:g}x float's on this CPU"
     lines = ["| moves (one layer one width down) | weight bytes | × float | % confident swapped | % swapped | "
-             "Δ err (pp) |", "|---|---|---|---|---|---|"]
+             "Δ err (pp) |" + (" latency × float |" if timed else ""), "|---|---|---|---|---|---|" + "---|" * timed]
     for step in choice.steps:
         confident = f"{100 * step.confident_swapped:.2f}" if choice.confident else "–"  # none to swap
         delta = "–" if step.delta_top1_error != step.delta_top1_error else f"{100 * step.delta_top1_error:+.2f}"
+        latency = "" if not timed else " – |" if step.latency_ratio != step.latency_ratio else \
+            f" {step.latency_ratio:.2f} |"
         lines.append(f"| {step.moves} | {step.weight_bytes:,} | {step.weight_bytes / choice.float_weight_bytes:.3f} "
-                     f"| {confident} | {100 * step.swapped:.2f} | {delta} |")
+                     f"| {confident} | {100 * step.swapped:.2f} | {delta} |{latency}")
     if not choice.met:
         return [f"**Mixed precision** (target: {target}): no assignment of the run's weight bit widths meets it "
                 f"on the {seen}; the search measured:", "\n".join(lines)]

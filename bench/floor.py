@@ -129,9 +129,9 @@ PHASES = {
     "calibration": ("ptqcal.steps", "calibrate"),
     "quantization": ("ptqcal.steps", "quantize_config"),
     "evaluation (logits of every configuration)": ("ptqcal.steps", "model_logits"),
-    "deployed-vs-simulated check": ("ptqcal.steps", "check_deployment"),
+    "deployed-vs-simulated check": ("ptqcal.checks", "check_deployment"),
     "deployment timing": ("ptqcal.steps", "deployment"),
-    "float ops of the deployed graph": ("ptqcal.steps", "deployed_float_ops"),
+    "float ops of the deployed graph": ("ptqcal.checks", "deployed_float_ops"),
     "report (figures, tables)": ("ptqcal.pipeline", "report_once"),
     "run record": ("ptqcal.evaluate.record", "RunRecord.save"),
 }

@@ -13,6 +13,10 @@ layers' effects do not simply add up:
 * ``max_confident_swaps``: the longest prefix (fewest weight bytes) whose confident swaps stay
   within the limit, found by bisection (assuming that lowering more layers does not swap fewer);
 * ``max_size_ratio``: the shortest prefix (fewest confident swaps, greedily) whose weight bytes fit.
+
+Either may also cap the added top-1 error and the batch-1 latency over the float model's (a model
+whose int4 layers ORT dequantizes on the CPU can be slower than float): a prefix beyond a cap is not
+within the target, and lowering more layers is assumed not to make the model quicker either.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class SearchStep:
     confident_swapped: float
     swapped: float
     delta_top1_error: float = float("nan")  # on the search's images (NaN: measured without labels)
+    latency_ratio: float = float("nan")  # batch-1 latency over float's on this CPU (NaN: not measured)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class MixedChoice:
     layer_bits: dict[str, int] = field(default_factory=dict)
     steps: list[SearchStep] = field(default_factory=list)  # in the order measured; the chosen one last
     max_delta_error: float | None = None  # the cap on the added top-1 error, when the run set one
+    max_latency_ratio: float | None = None  # the cap on batch-1 latency over float's, when the run set one
 
     @property
     def met(self) -> bool:
@@ -135,6 +141,8 @@ class SearchError(InputError):
 # measure(layer_bits) -> the logits, on the search's images, of the model whose weight layers take
 # these widths (every other setting as in the run)
 Measure = Callable[[dict[str, int]], np.ndarray]
+# latency(layer_bits) -> the batch-1 latency of that model over the float model's, on this CPU
+Latency = Callable[[dict[str, int]], float]
 # ahead(assignments): models the search is about to measure, handed over together first (a cluster
 # measures them side by side; measure_logits then reads them), whatever it then finds
 Ahead = Callable[[list[dict[str, int]]], None]
@@ -143,15 +151,19 @@ Ahead = Callable[[list[dict[str, int]]], None]
 def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: Mapping[str, int],
            widths: Sequence[int], act_bits: int, attribution: Attribution, float_logits: np.ndarray,
            measure_logits: Measure, labels: np.ndarray | None = None,
-           max_delta_error: float | None = None, ahead: Ahead | None = None) -> MixedChoice:
+           max_delta_error: float | None = None, ahead: Ahead | None = None,
+           max_latency_ratio: float | None = None, latency: Latency | None = None) -> MixedChoice:
     """Per-layer weight widths for ``target`` <= ``limit`` (see :data:`TARGETS`), and, with
     ``max_delta_error`` (a fraction; ``labels`` needed), a top-1 error at most that much above the
-    float model's on the search's images.
+    float model's on the search's images; with ``max_latency_ratio`` (``latency`` needed), a batch-1
+    latency at most that many times float's.
 
     ``elements``: weight count of every quantized layer (graph order); ``float_bytes``: float bytes
     of every weight layer, those kept float included; ``float_logits``: the float model on the
     search's images. The choice's ``layer_bits`` is empty when no assignment meets it (``ahead``: see :data:`Ahead`)."""
     _check_target(target, max_delta_error, labels)
+    if max_latency_ratio is not None and latency is None:
+        raise ValueError("a cap on the latency needs the models' latencies")
     moves = ordered_moves(attribution, elements, widths)
     kept_float = sum(b for layer, b in float_bytes.items() if layer not in elements)
     prefix_bits = lambda k: assignment(elements, widths, moves[:k])  # noqa: E731
@@ -175,13 +187,15 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
             change = quantization_change(float_logits, measure_logits(prefix_bits(k)), labels)
             swapped, held = change.confident_swaps(CONFIDENT)
             measured[k] = SearchStep(k, size(k), swapped / held if held else 0.0, change.swap_rate,
-                                     change.delta_top1_error if labelled else float("nan"))
+                                     change.delta_top1_error if labelled else float("nan"),
+                                     latency(prefix_bits(k)) if latency is not None else float("nan"))
         return measured[k]
 
     def within(k: int) -> bool:
         step = measure(k)
         return (target != "max_confident_swaps" or step.confident_swapped <= limit) and \
-            (max_delta_error is None or step.delta_top1_error <= max_delta_error)
+            (max_delta_error is None or step.delta_top1_error <= max_delta_error) and \
+            (max_latency_ratio is None or step.latency_ratio <= max_latency_ratio)
 
     chosen = _longest_within(len(moves), within, hand) if target == "max_confident_swaps" \
         else _size_prefix(limit * sum(float_bytes.values()), len(moves), size, within)
@@ -189,7 +203,7 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
     if chosen is not None and history[-1].moves != chosen:  # the choice is the last row
         history.append(measured[chosen])
     return MixedChoice(target, limit, sum(float_bytes.values()), len(float_logits), confident, act_bits,
-                       {} if chosen is None else prefix_bits(chosen), history, max_delta_error)
+                       {} if chosen is None else prefix_bits(chosen), history, max_delta_error, max_latency_ratio)
 
 
 def _check_target(target: str, max_delta_error: float | None, labels: np.ndarray | None) -> None:

@@ -177,6 +177,9 @@ class RunConfig:
                                             "images under this corruption (NAME@S, e.g. gaussian_noise@3), each "
                                             "named aXwY-cal-NAME-sS and evaluated beside its clean-calibrated twin",
                                             str, metavar="NAME@S")
+    mixed_max_latency_ratio: float | None = _setting(None, "with a mixed-precision target: the chosen model's "
+                                                     "batch-1 latency at most R x the float model's on this CPU "
+                                                     "(each model the search tries is timed)", float, metavar="R")
     check_images: int = _setting(64, "images on which the deployed and simulated paths are compared (0: no check)",
                                  int, metavar="N")
     out: Path | None = _setting(None, "run folder (default: ptqcal_runs/<model>)", Path)
@@ -273,16 +276,7 @@ class RunConfig:
             raise UserError("--weights is for registry models; an .onnx file carries its own weights")
         if self.input_size is not None and (len(self.input_size) not in (1, 2) or min(self.input_size) < 1):
             raise UserError(f"--input-size takes H or H,W (positive), got {list(self.input_size)}")
-        if self.max_confident_swaps is not None and self.max_size_ratio is not None:
-            raise UserError("--max-confident-swaps and --max-size-ratio are two targets: give one")
-        if self.max_size_ratio is not None and not 0 < self.max_size_ratio <= 1:
-            raise UserError(f"--max-size-ratio is a fraction of float's weight bytes in (0, 1], got {self.max_size_ratio}")
-        if self.mixed_max_delta_error is not None and not self.mixed:
-            raise UserError("--mixed-max-delta-error caps a mixed-precision search: give --max-confident-swaps or "
-                            "--max-size-ratio too")
-        if self.mixed and len(self.weight_bits) < 2:
-            raise UserError("a mixed-precision target chooses among the run's weight bit widths: give at least two "
-                            "to --weight-bits (e.g. 8 4)")
+        self._check_mixed()
         if self.dataset is not None and self.dataset.endswith(".npz") and self.data_dir is not None:
             raise UserError(f"--dataset {self.dataset} names the .npz file; --data-dir {self.data_dir} would name "
                             "another: give one (--dataset npz --data-dir FILE.npz is the same)")
@@ -293,6 +287,23 @@ class RunConfig:
         self.extra_configs()  # names and files checked before any work
         self._check_corruptions()
         return self
+
+    def _check_mixed(self) -> None:
+        """A mixed-precision target and its caps, checked before any work."""
+        if self.max_confident_swaps is not None and self.max_size_ratio is not None:
+            raise UserError("--max-confident-swaps and --max-size-ratio are two targets: give one")
+        if self.max_size_ratio is not None and not 0 < self.max_size_ratio <= 1:
+            raise UserError(f"--max-size-ratio is a fraction of float's weight bytes in (0, 1], got {self.max_size_ratio}")
+        if self.mixed_max_delta_error is not None and not self.mixed:
+            raise UserError("--mixed-max-delta-error caps a mixed-precision search: give --max-confident-swaps or "
+                            "--max-size-ratio too")
+        if self.mixed_max_latency_ratio is not None and not (self.mixed and self.timing and
+                                                             self.mixed_max_latency_ratio > 0):
+            raise UserError("--mixed-max-latency-ratio caps a mixed-precision search by timing each model it tries: "
+                            "give --max-confident-swaps or --max-size-ratio, keep timing on, and a ratio above 0")
+        if self.mixed and len(self.weight_bits) < 2:
+            raise UserError("a mixed-precision target chooses among the run's weight bit widths: give at least two "
+                            "to --weight-bits (e.g. 8 4)")
 
     def _check_corruptions(self) -> None:
         """Corruption names and severities, checked before any work."""

@@ -190,10 +190,10 @@ def _run_models(cfg: RunConfig, models: list[str], executor: Executor) -> Path:
     with writing(out, COMPARISON, stems):
         configs = [replace(cfg, model=model, out=out / stem) for model, stem in zip(models, stems)]
         if executor.side_by_side:
-            # every model's tasks fill the cluster at once, untimed (timings taken while other tasks run
-            # would not be timings); then each model is timed alone, its other steps read from its cache
+            # all models' tasks at once, untimed (no timing amid other tasks); then each alone, the rest cached
             log(cfg, f"{len(configs)} models side by side on the cluster")
             with ThreadPoolExecutor(len(configs)) as pool:
-                list(pool.map(lambda c: run(replace(c, timing=False, quiet=True), executor), configs))
+                list(pool.map(lambda c: run(replace(c, timing=False, quiet=True, mixed_max_latency_ratio=None),
+                                            executor), configs))
         folders = [run(c, executor).parent for c in configs]
         return report_once(folders, out, previous=out)

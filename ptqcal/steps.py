@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import Cache, array_digest, file_digest, make_key, scratch_folder
+from .cache import Cache, array_digest, file_digest, make_key
 from .config import RunConfig
 from .data import Dataset, decode_images, load_dataset, select
 from .errors import UserError
@@ -178,7 +178,8 @@ def corrupt_chunk(cache: Cache, pixels: Pixels, index: int) -> None:
     """Chunk ``index`` of ``pixels`` (with a corruption) corrupted into the cache, as independent work:
     the pixels stay on disk, for every configuration to read."""
     del cache  # the pixels' own cache: the argument is the executors' convention
-    pixels.chunk(index)
+    if not pixels.is_cached(index):  # a re-run reads nothing
+        pixels.chunk(index)
 
 
 @functools.lru_cache(maxsize=2)
@@ -343,37 +344,6 @@ def quantize_config(cache: Cache, prepared: Path, ranges, spec) -> Path:
     return cache.file("quantized", key, "onnx", lambda tmp: quantize_qdq(prepared, tmp, ranges, spec))
 
 
-def check_deployment(cache: Cache, path: Path, name: str, evaluated: np.ndarray, pixels: Pixels,
-                     preprocess: PreprocessCfg, cfg: RunConfig, batch_size: int):
-    """How far the deployed (fused integer kernels) and simulated paths of one quantized model
-    agree on the first ``cfg.check_images`` images (a :class:`~ptqcal.evaluate.PathAgreement`), or
-    ``None`` when the check is off. ``evaluated`` are the run's logits of the model on ``pixels``
-    (on ``cfg.execution``'s path): only the other path is computed, in batches of ``batch_size``."""
-    from .evaluate import compare_paths
-
-    count = min(cfg.check_images, len(evaluated))
-    if count == 0:
-        return None
-    deployed = cfg.execution == "deployed"
-    other = model_logits(cache, path, pixels, preprocess, replace(cfg, batch_size=batch_size), "check", not deployed,
-                         "check-logits", count)
-    ours = evaluated[:count]
-    return compare_paths(name, ours, other) if deployed else compare_paths(name, other, ours)
-
-
-def deployed_float_ops(cache: Cache, path: Path, cfg: RunConfig) -> dict[str, int]:
-    """What ORT still computes in float when it runs the quantized model at ``path`` (op type ->
-    count), from the graph it optimises for ``cfg.provider``."""
-    from .evaluate.runner import deployed_float_ops as count
-
-    def write(tmp: Path) -> None:
-        with scratch_folder(tmp.parent, ".ptqcal-optimized-") as folder:
-            tmp.write_text(json.dumps(count(path, str(folder), cfg.provider)))
-
-    key = make_key(file_digest(path), versions(KEYED), cfg.provider)
-    return json.loads(cache.file("float-ops", key, "json", write).read_text())
-
-
 def deployment(cache: Cache, path: Path, pixels: Pixels, preprocess: PreprocessCfg, cfg: RunConfig):
     """The size of the model at ``path`` and (unless ``cfg.timing`` is off) its latency and
     throughput on this machine (a :class:`~ptqcal.evaluate.deploy.Deployment`), measured once and
@@ -435,6 +405,13 @@ def mixed_search(cfg: RunConfig, cache: Cache, prepared: Path, ranges, exclude: 
         executor.warm_logits(cache, [LogitsJob(path, pixels, preprocess, "mixed search", fused, "search-logits")
                                      for path in paths], cfg)
 
+    def latency(layer_bits: dict[str, int]) -> float:  # batch-1, over float's, each measured once and cached
+        from .evaluate.deploy import latency_ratio
+
+        path = quantize_config(cache, prepared, ranges, spec(layer_bits))
+        return latency_ratio(deployment(cache, path, pixels, preprocess, cfg),
+                             deployment(cache, prepared, pixels, preprocess, cfg)).value
+
     if executor is not None:  # (a local executor computes nothing ahead)
         executor.warm_logits(cache, [LogitsJob(prepared, pixels, preprocess, "float (search)", True, "search-logits")],
                              cfg)
@@ -443,5 +420,6 @@ def mixed_search(cfg: RunConfig, cache: Cache, prepared: Path, ranges, exclude: 
         else ("max_size_ratio", cfg.max_size_ratio)
     quantized = {layer: count for layer, count in elements.items() if layer not in exclude}
     choice = search(target, limit, quantized, float_bytes, widths, act_bits, attribution, float_logits, measure,
-                    pixels.labels, cfg.mixed_max_delta_error, measure_ahead if ahead else None)
+                    pixels.labels, cfg.mixed_max_delta_error, measure_ahead if ahead else None,
+                    cfg.mixed_max_latency_ratio, latency if cfg.mixed_max_latency_ratio is not None else None)
     return choice, spec(choice.layer_bits) if choice.met else None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import steps
+from . import checks, steps
 from .cache import Cache
 from .config import RunConfig
 from .evaluate import FLOAT_NAME, PathAgreement
@@ -91,9 +91,9 @@ def add_config(cfg: RunConfig, model, name: str, path: Path, pixels, batches: st
         sweep.deployment[name] = steps.deployment(cache, path, pixels, model.preprocess, cfg)
         sweep.clipped_biases[name] = len(clipped_biases(path))
         if sweep.float_ops is None:
-            sweep.float_ops = (name, steps.deployed_float_ops(cache, path, cfg))
+            sweep.float_ops = (name, checks.deployed_float_ops(cache, path, cfg))
         sweep.files[f"model_{name}.onnx"] = path
-        check = steps.check_deployment(cache, path, name, sweep.logits[name], pixels, model.preprocess, cfg,
+        check = checks.check_deployment(cache, path, name, sweep.logits[name], pixels, model.preprocess, cfg,
                                        batches.check)
         sweep.checks += [check] if check else []
     _log_config(cfg, name, sweep.logits[name], sweep.logits[FLOAT_NAME], pixels.labels)
@@ -111,7 +111,7 @@ def add_graph(cfg: RunConfig, model, name: str, served: Path, stored: Path, pixe
     sweep.served[name] = served
     if has_twin:
         # its logits are on the deployed path whatever --execution says: the check computes the other
-        check = steps.check_deployment(cache, served, name, sweep.logits[name], pixels, model.preprocess,
+        check = checks.check_deployment(cache, served, name, sweep.logits[name], pixels, model.preprocess,
                                        replace(cfg, execution="deployed"), batches.check)
         sweep.checks += [check] if check else []
     _log_config(cfg, name, sweep.logits[name], sweep.logits[FLOAT_NAME], pixels.labels)

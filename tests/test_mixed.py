@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from conftest import save_classifier
 from ptqcal.evaluate.attribution import Attribution, LayerEffect
-from ptqcal.evaluate.mixed import assignment, ordered_moves
+from ptqcal.evaluate.mixed import MixedChoice, assignment, ordered_moves
 from ptqcal.quantize.spec import stored_bytes
 
 FRAGILE = "fc3"
@@ -184,6 +184,8 @@ def test_a_size_target_fits_the_bytes_and_an_unreachable_one_says_so(fragile_mlp
     (["--max-size-ratio", "1.5"], "(0, 1]"),
     (["--max-confident-swaps", "120"], "invalid value"),
     (["--max-confident-swaps", "1", "--attribution-size", "5000"], "leaves no images"),
+    (["--mixed-max-latency-ratio", "1.2"], "caps a mixed-precision search"),
+    (["--max-confident-swaps", "1", "--mixed-max-latency-ratio", "1.2", "--no-timing"], "keep timing on"),
 ])
 def test_a_target_that_cannot_work_is_one_line_and_exit_2(flags, message, tmp_path, capsys):
     from ptqcal.cli import main
@@ -219,6 +221,40 @@ def test_a_cap_on_the_added_error_rules_out_prefixes_beyond_it():
                     float_logits, measure, labels, max_delta_error=0.015)
     assert sum(b == 4 for b in free.layer_bits.values()) == 3
     assert sum(b == 4 for b in capped.layer_bits.values()) == 1 and capped.steps[-1].delta_top1_error == 0.01
+
+
+def test_a_cap_on_the_latency_rules_out_prefixes_slower_than_it():
+    """By hand: three moves, no swap at all; each int4 layer adds 0.3x float's latency (ORT dequantizes
+    int4 on the CPU): 1.0, 1.3, 1.6, 1.9x. A 1.5x cap keeps 1 move for either target, and every step
+    measured records its latency."""
+    from ptqcal.evaluate.mixed import search
+
+    def effects(layer):
+        return [LayerEffect(layer, 8, 0.0, 0.0, 0.0, 40.0), LayerEffect(layer, 4, 0.0, 0.0, 0.0, 20.0)]
+
+    attribution = Attribution(effects("a") + effects("b") + effects("c"))
+    labels = np.arange(100) % 4
+    float_logits = np.eye(4, dtype=np.float32)[labels] * 10
+    elements = {"a": 100, "b": 100, "c": 100}
+    timed = []
+
+    def latency(layer_bits):
+        timed.append(dict(layer_bits))
+        return 1.0 + 0.3 * sum(bits == 4 for bits in layer_bits.values())
+
+    args = (elements, {k: 400 for k in elements}, (8, 4), 8, attribution, float_logits, lambda bits: float_logits,
+            labels)
+    free = search("max_confident_swaps", 0.0, *args)
+    capped = search("max_confident_swaps", 0.0, *args, max_latency_ratio=1.5, latency=latency)
+    assert sum(b == 4 for b in free.layer_bits.values()) == 3
+    assert sum(b == 4 for b in capped.layer_bits.values()) == 1 and capped.max_latency_ratio == 1.5
+    assert [s.latency_ratio for s in capped.steps] == [1.0 + 0.3 * s.moves for s in capped.steps]
+    assert capped.steps[-1].latency_ratio == pytest.approx(1.3) and len(timed) == len({s.moves for s in capped.steps})
+    # a size target whose smallest fitting model is too slow: no assignment, said by an empty choice
+    assert not search("max_size_ratio", 0.2, *args, max_latency_ratio=1.5, latency=latency).met  # 2 moves: 1.6x
+    assert MixedChoice.from_json(json.loads(json.dumps(capped.to_json()))) == capped
+    with pytest.raises(ValueError, match="latencies"):
+        search("max_confident_swaps", 0.0, *args, max_latency_ratio=1.5)
 
 
 @pytest.mark.parametrize("target, limit", [("max_confident_swaps", 0.04), ("max_confident_swaps", 0.0),
@@ -269,3 +305,20 @@ def test_the_models_handed_ahead_are_the_ones_measured_next_and_change_no_choice
         assert set(given) - measured <= {ends[1]}
     else:
         assert set(given) == measured
+
+
+def test_the_latency_cap_times_every_model_the_search_measures(fragile_mlp, tmp_path):
+    """End to end: with a cap no model can miss, the choice is the uncapped one, and every step the search
+    measured carries its batch-1 latency over float's, as the report's table shows it."""
+    from ptqcal.cli import main
+
+    args = ["run", "--model", str(fragile_mlp), "--dataset", "digits", "--preprocess", "digits", "--weight-bits", "8",
+            "4", "--max-confident-swaps", "1", "--attribution-size", "400", "--check-images", "0", "--no-progress",
+            "--quiet"]
+    assert main([*args, "--no-timing", "--out", str(tmp_path / "free")]) == 0
+    assert main([*args, "--mixed-max-latency-ratio", "1000", "--out", str(tmp_path / "capped")]) == 0
+    free, capped = (json.loads((tmp_path / run / "run.json").read_text())["mixed"] for run in ("free", "capped"))
+    assert capped["layer_bits"] == free["layer_bits"] and capped["max_latency_ratio"] == 1000
+    assert all(0 < step["latency_ratio"] < 1000 for step in capped["steps"])
+    assert all(step["latency_ratio"] is None for step in free["steps"])  # NaN when not measured: null in JSON
+    assert "latency × float" in (tmp_path / "capped" / "report.md").read_text()

@@ -90,16 +90,31 @@ class Pixels:
         p = self.preprocess
         return {"input_size": p.input_size, "resize": p.resize, "interpolation": p.interpolation}
 
+    def _bounds(self, index: int) -> tuple[int, int]:
+        return index * self.chunk_size, min(len(self.split), (index + 1) * self.chunk_size)
+
+    def _clean_key(self, index: int) -> str:
+        """What decides chunk ``index``'s clean pixels: its arrays and position, or its files."""
+        start, stop = self._bounds(index)
+        if not self.split.is_files:
+            return make_key(array_digest(self.split.images[start:stop]), start)
+        part = self.split.take(np.arange(start, stop))
+        return make_key("files", _file_stats(part.images), array_digest(part.labels), self._geometry())
+
+    def is_cached(self, index: int) -> bool:
+        """Whether chunk ``index``'s corrupted pixels are in the cache already (only their key is computed)."""
+        return self.cache is not None and self.corruption is not None and \
+            self.cache.has("corrupt-pixels", make_key(self._clean_key(index), *self._corruption_key()), "npz")
+
     def chunk(self, index: int, pixels: bool = True) -> _Chunk:
         """Chunk ``index``: a slice of the arrays, or its files decoded (from the cache when there).
         ``pixels=False`` reads only its labels and failures (a cached chunk's pixels stay on disk)."""
-        start, stop = index * self.chunk_size, min(len(self.split), (index + 1) * self.chunk_size)
+        (start, stop), key = self._bounds(index), self._clean_key(index)
         if not self.split.is_files:  # a view, not a copy
             chunk = _Chunk(self.split.images[start:stop], self.split.labels[start:stop], ())
-            key, positions = make_key(array_digest(chunk.images), start), np.arange(start, stop)
+            positions = np.arange(start, stop)
         else:
             part = self.split.take(np.arange(start, stop))
-            key = make_key("files", _file_stats(part.images), array_digest(part.labels), self._geometry())
             if self.cache is None:
                 chunk = self._decode(part)
             else:

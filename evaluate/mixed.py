@@ -161,9 +161,7 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
     ``elements``: weight count of every quantized layer (graph order); ``float_bytes``: float bytes
     of every weight layer, those kept float included; ``float_logits``: the float model on the
     search's images. The choice's ``layer_bits`` is empty when no assignment meets it (``ahead``: see :data:`Ahead`)."""
-    _check_target(target, max_delta_error, labels)
-    if max_latency_ratio is not None and latency is None:
-        raise ValueError("a cap on the latency needs the models' latencies")
+    _check_target(target, max_delta_error, labels, max_latency_ratio is not None and latency is None)
     moves = ordered_moves(attribution, elements, widths)
     kept_float = sum(b for layer, b in float_bytes.items() if layer not in elements)
     prefix_bits = lambda k: assignment(elements, widths, moves[:k])  # noqa: E731
@@ -173,11 +171,7 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
 
     labelled = labels is not None
     labels = np.zeros(len(float_logits), np.int64) if labels is None else labels  # swaps need no labels
-    confident = int((quantization_change(float_logits, float_logits, labels).float_confidence >= CONFIDENT).sum())
-    if target == "max_confident_swaps" and not confident:
-        raise SearchError(f"the float model holds none of the {len(float_logits)} held-out images with "
-                          f"{CONFIDENT:.0%} confidence, so there are no confident swaps to bound: bound the weights' "
-                          "size instead", setting="max_confident_swaps")
+    confident = _confident(float_logits, labels, target)
     measured: dict[int, SearchStep] = {}
     hand = _handing(ahead, prefix_bits)
 
@@ -206,11 +200,23 @@ def search(target: str, limit: float, elements: Mapping[str, int], float_bytes: 
                        {} if chosen is None else prefix_bits(chosen), history, max_delta_error, max_latency_ratio)
 
 
-def _check_target(target: str, max_delta_error: float | None, labels: np.ndarray | None) -> None:
+def _confident(float_logits: np.ndarray, labels: np.ndarray, target: str) -> int:
+    """How many held-out predictions the float model holds confidently (none: nothing to bound)."""
+    confident = int((quantization_change(float_logits, float_logits, labels).float_confidence >= CONFIDENT).sum())
+    if target == "max_confident_swaps" and not confident:
+        raise SearchError(f"the float model holds none of the {len(float_logits)} held-out images with "
+                          f"{CONFIDENT:.0%} confidence, so there are no confident swaps to bound: bound the weights' "
+                          "size instead", setting="max_confident_swaps")
+    return confident
+
+
+def _check_target(target: str, max_delta_error: float | None, labels: np.ndarray | None, untimed: bool) -> None:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
     if max_delta_error is not None and labels is None:
         raise ValueError("a cap on the added error needs the search images' labels")
+    if untimed:
+        raise ValueError("a cap on the latency needs the models' latencies")
 
 
 def _handing(ahead: Ahead | None, prefix_bits) -> Callable[[list[int]], None]:

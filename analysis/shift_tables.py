@@ -17,6 +17,8 @@ from .under_shift import (CalibrationPair, SeverityStat, calibration_pairs, chan
                           corruptions, guard_shifts, pooled_change, severities, severity_stats)
 from .trust import percent, target_words
 
+CONCENTRATED = 0.5  # confident predictions swapping at most this share of the others' rate: clearly concentrated
+SHAKEN = 0.5  # a configuration that swaps this share of its clean predictions or more shakes them all: not pooled
 RATIO_STEP = 0.05  # Δ error / % swapped moving by less than this (it lies in [−1, 1]) has not moved
 TREND_WORDS = {"grows": "grows with severity", "falls": "falls with severity",
                "flat": f"does not grow with severity (it stays within ±{RATIO_STEP:g} of its first value)",
@@ -60,7 +62,17 @@ def _level_text(c) -> str:
 
 
 def concentration_reading(run: RunAnalysis, names: Sequence[str]) -> str:
-    """Whether swaps under shift stay where the float model is unsure, from the pooled numbers."""
+    """Whether swaps under shift stay where the float model is unsure, from the numbers pooled over the
+    configurations that swap fewer than :data:`SHAKEN` of their clean predictions (the paper's regime:
+    one that changes most predictions says nothing of which ones flip first)."""
+    rates = {c.name: c.change.swap_rate for c in run.quantized if c.change is not None}
+    shaken = [n for n in names if rates.get(n, 0.0) >= SHAKEN]
+    names = [n for n in names if n not in shaken]
+    if not names:
+        return (f"Every configuration swaps {100 * SHAKEN:.0f}% or more of its clean predictions, so none tells which "
+                "predictions flip first.")
+    left = (f" ({', '.join(md(n) for n in shaken)} left out: {100 * SHAKEN:.0f}% or more of their clean predictions "
+            "swap)") if shaken else ""
     found = []
     for level in [0, *severities(run.shift)]:
         change = pooled_change(changes_at(run.shift, run.quantized, names, level))
@@ -68,23 +80,42 @@ def concentration_reading(run: RunAnalysis, names: Sequence[str]) -> str:
             found.append(concentration(change, level, CONFIDENT))
     if not found:
         return ""
-    text = (f"Pooled over {', '.join(md(n) for n in names)} and the corruptions of each severity: the float model's "
+    text = (f"Pooled over {', '.join(md(n) for n in names)}{left} and the corruptions of each severity: the float model's "
             "median confidence in a swapped prediction against a kept one, and the share swapped of the predictions "
             f"it held with at least {100 * CONFIDENT:.0f}% confidence against the others' — "
             + "; ".join(_level_text(c) for c in found) + ".")
-    unsure = [c.severity for c in found if c.swaps and not (c.median_swapped < c.median_kept and
-                                                            not c.confident_rate >= c.unsure_rate)]
-    swapless = [c.severity for c in found if not c.swaps]
-    if not unsure:
+    return f"{text} {_concentration_verdict(found)}"
+
+
+def _concentration_verdict(found: Sequence) -> str:
+    """Concentrated where the float model is unsure: a swapped prediction held less confidently than a
+    kept one, and confident predictions swapping at most :data:`CONCENTRATED` times as often as the others."""
+    kinds: dict[str, list[str]] = {"strong": [], "weak": [], "not": [], "none": []}
+    for c in found:
+        lower = c.median_swapped < c.median_kept and c.confident_rate < c.unsure_rate
+        kinds["none" if not c.swaps else "strong" if lower and c.confident_rate <= CONCENTRATED * c.unsure_rate
+              else "weak" if lower else "not"].append(c.severity)
+    if not kinds["weak"] and not kinds["not"] and kinds["strong"]:
         verdict = ("So the swaps stay concentrated where the float model is unsure, clean and under shift, as the "
                    "paper found on clean images.")
     else:
-        verdict = (f"So the swaps are not concentrated where the float model is unsure at "
-                   f"{', '.join(level_words(s) for s in unsure)}: there a swapped prediction is held as confidently "
-                   "as a kept one, or confident predictions swap at least as often as unsure ones.")
-    if swapless:
-        verdict += f" No prediction swapped at {', '.join(level_words(s) for s in swapless)}."
-    return f"{text} {verdict}"
+        said = {"strong": "concentrated where the float model is unsure", "weak": "only weakly concentrated there "
+                f"(confident predictions swap more than {CONCENTRATED:g} times as often as the others)",
+                "not": "not concentrated there (a swapped prediction is held as confidently as a kept one, or confident "
+                       "predictions swap at least as often as unsure ones)"}
+        verdict = "So the swaps are " + "; ".join(f"{words} {_at(kinds[kind])}" for kind, words in said.items()
+                                                  if kinds[kind]) + "."
+    if kinds["none"]:
+        verdict += f" No prediction swapped {_at(kinds['none'])}."
+    return verdict
+
+
+def _at(levels: Sequence[int]) -> str:
+    """``on clean images and at severities 1, 3`` (0: clean)."""
+    rising = [str(s) for s in levels if s]
+    words = (["on clean images"] if 0 in levels else []) + \
+        ([f"at severit{'ies' if len(rising) > 1 else 'y'} {', '.join(rising)}"] if rising else [])
+    return " and ".join(words)
 
 
 def ratio_reading(stats: Sequence[SeverityStat], names: Sequence[str]) -> str:
@@ -95,7 +126,7 @@ def ratio_reading(stats: Sequence[SeverityStat], names: Sequence[str]) -> str:
         values = [s.mean["delta_error_per_swapped"] for s in own]
         verdict = trend(values)
         defined = [s for s in own if not math.isnan(s.mean["delta_error_per_swapped"])]
-        numbers = "" if not defined else (
+        numbers = "" if len(defined) < 2 else (
             f" ({defined[0].mean['delta_error_per_swapped']:.2f} {level_words(defined[0].severity)} → "
             f"{defined[-1].mean['delta_error_per_swapped']:.2f} at {level_words(defined[-1].severity)})")
         groups.setdefault(verdict, []).append(md(name) + numbers)

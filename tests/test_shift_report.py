@@ -179,8 +179,16 @@ def test_swaps_concentrated_at_low_confidence_are_said_to_be_and_confident_ones_
         record.shifted[key] = {"float": f, "a8w8": f.copy(), "a8w4": q}
     run = analyse_record(record)
     reading = claim_reading(run, severity_stats(run.shift, run.configs))
-    assert "not concentrated where the float model is unsure at severity 2:" in reading
-    assert "severity 1" not in reading.split("not concentrated")[1].split(":")[0]
+    assert "concentrated where the float model is unsure on clean images and at severity 1;" in reading
+    assert reading.split("not concentrated there (")[1].split(")")[1].startswith(" at severity 2.")
+    # a swap rate of the confident predictions above half the others' is only weak concentration
+    from analysis.shift_tables import _concentration_verdict
+    from analysis.under_shift import Concentration
+
+    weak = Concentration(1, 100, 20, 0.5, 0.8, 0.15, 0.2, 0.1)
+    strong = Concentration(2, 100, 20, 0.5, 0.8, 0.05, 0.2, 0.1)
+    assert _concentration_verdict([strong]).startswith("So the swaps stay concentrated")
+    assert "only weakly concentrated there" in _concentration_verdict([strong, weak])
 
 
 def test_the_guard_is_judged_on_every_cell_with_its_clean_threshold():

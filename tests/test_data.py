@@ -119,3 +119,26 @@ def test_imagenet_class_folders_with_train_and_flat_with_labels(tmp_path):
         load_imagenet(flat, tmp_path / "bad.txt")
     with pytest.raises(InputError, match="labels file not found"):
         load_imagenet(flat, tmp_path / "nope.txt")
+
+
+def test_a_calibration_pool_holding_evaluation_images_is_said_in_a_note(tmp_path):
+    """A pool given apart (``--calib-data``) can hold evaluation images: counted by pixels for arrays
+    and by file (links followed) for files, and said; disjoint ones say nothing."""
+    from ptqcal.data import Dataset, Split, select
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 4, 4, 3)).astype(np.uint8)
+    labels = np.arange(10) % 3
+    shared = Dataset("npz", Split(images, labels), calib_pool=Split(images[:5].copy(), labels[:5]))
+    note = select(shared, 5, 0).calib_note
+    assert note is not None and note.startswith("5 of the 5 calibration images are also evaluation images")
+    apart = Dataset("npz", Split(images[5:], labels[5:]), calib_pool=Split(images[:5], labels[:5]))
+    assert select(apart, 5, 0).calib_note is None
+    files = []
+    for index in range(4):
+        files.append(tmp_path / f"{index}.png")
+        files[-1].write_bytes(b"x")
+    (tmp_path / "link.png").symlink_to(files[0])
+    linked = Dataset("folder", Split(files, np.zeros(4, np.int64)),
+                     calib_pool=Split([tmp_path / "link.png"], np.zeros(1, np.int64)))
+    assert select(linked, 1, 0).calib_note.startswith("1 of the 1 calibration images")

@@ -4,6 +4,8 @@ run's images never depend on how or where it runs."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +71,28 @@ def select(dataset: Dataset, calib_size: int | None, seed: int, eval_size: int |
         evaluation = evaluation.take(np.sort(np.random.default_rng(seed).choice(len(evaluation), eval_size,
                                                                                 replace=False)))
     chosen = np.sort(np.random.default_rng(seed + repeat).choice(len(pool), size=calib_size, replace=False))
-    return Selection(pool.take(chosen), evaluation, dataset.calib_pool is None, note, search, search_note)
+    calib = pool.take(chosen)
+    shared = _shared(calib, evaluation) if dataset.calib_pool is not None else 0
+    if shared:  # a calibration pool given apart can still hold evaluation images: said, not refused
+        note = (f"{note}. " if note else "") + (f"{shared} of the {len(calib)} calibration images are also evaluation "
+                                                "images (the same file or pixels): on those the quantized models saw "
+                                                "their activations' ranges, so their numbers may be optimistic.")
+    return Selection(calib, evaluation, dataset.calib_pool is None, note, search, search_note)
+
+
+def _shared(first: Split, second: Split) -> int:
+    """How many images of ``first`` are also in ``second``: the same file (symbolic links followed) or
+    the same pixels."""
+    if first.is_files != second.is_files:
+        return 0
+
+    def key(image) -> object:
+        if first.is_files:
+            return os.path.realpath(image)
+        return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+
+    theirs = {key(image) for image in second.images}
+    return sum(key(image) in theirs for image in first.images)
 
 
 def _hold_out_search(evaluation: Split, size: int | None, seed: int) -> tuple[Split, Split, str | None]:

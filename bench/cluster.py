@@ -30,7 +30,6 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,30 +84,11 @@ class TimedTasks:
         pass
 
 
-@contextmanager
-def steps_given(executor):
-    """Attribution and the search handed ``executor`` (as a pipeline that does not pass it yet would)."""
-    from ptqcal import steps
-
-    originals = {name: getattr(steps, name) for name in ("attribution", "mixed_search")}
-    for name, step in originals.items():
-        setattr(steps, name, lambda *a, _step=step, **k: _step(*a, **{"executor": executor, **k}))
-    try:
-        yield
-    finally:
-        for name, step in originals.items():
-            setattr(steps, name, step)
-
-
 def timed_run(cfg, executor=None) -> float:
     from ptqcal.pipeline import run
 
     start = time.perf_counter()
-    if executor is None:
-        run(cfg)
-    else:
-        with steps_given(executor):
-            run(cfg, executor)
+    run(cfg, executor)
     return time.perf_counter() - start
 
 

@@ -298,10 +298,7 @@ def test_attribution_and_the_search_as_tasks_give_the_numbers_of_the_local_run(r
             "0", "--no-progress", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "local")]) == 0
     cluster = RayCluster(ray_cluster)  # the run's executor joins this connection
-    try:
-        for name in ("attribution", "mixed_search"):  # the executor, as pipeline.py is to hand it to both steps
-            step = getattr(steps, name)
-            monkeypatch.setattr(steps, name, lambda *a, _step=step, **k: _step(*a, **{"executor": cluster, **k}))
+    try:  # the driver cannot measure a layer or a searched model itself: the pipeline hands both to the cluster
         monkeypatch.setattr(attribution._LayerRuns, "effect", _fail)
         monkeypatch.setattr(ptqcal.quantize, "quantize_qdq", _fail)
         compute = steps.LogitsJob.compute

@@ -158,3 +158,41 @@ sys.exit(main(["run", "--model", {str(model)!r}, "--dataset", {str(data)!r}, "--
     assert result.returncode == 2
     assert result.stderr.strip() == "ptqcal: error: corruptions need the optional extra: pip install 'ptqcal[shift]'"
     assert not (tmp_path / "run").exists()
+
+
+def test_corrupted_evaluation_streams_in_chunks_and_never_holds_the_set(tmp_path, monkeypatch):
+    """2,000 gray 64x64 images (31 MB as float32) corrupted in chunks of 250 and evaluated in batches
+    of 50: numpy allocates (tracemalloc sees it) a small fraction of the set, and the logits are a bare
+    session's on the whole corrupted set."""
+    import tracemalloc
+
+    from conftest import tiny_onnx_classifier
+    from onnx_variants import input_variant
+    from ptqcal.cache import Cache
+    from ptqcal.config import RunConfig
+    from ptqcal.data import Pixels, Split
+    from ptqcal.data import pixels as P
+    from ptqcal.data.corrupt import Corruption, corrupt_pixels
+    from ptqcal.evaluate import make_session, predict
+    from ptqcal.models import PreprocessCfg
+    from ptqcal.steps import model_logits
+
+    monkeypatch.setattr(P, "CHUNK_BYTES", 64 * 64 * 250)
+    model = input_variant(tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10), tmp_path / "open.onnx",
+                          open_size=True)
+    preprocess = PreprocessCfg((1, 64, 64), (0.5,), (0.25,))
+    images = np.random.default_rng(0).integers(0, 256, (2000, 64, 64), dtype=np.uint8)
+    contrast = Corruption("contrast", 1)
+    pixels = Pixels(Split(images, np.zeros(2000, np.int64)), preprocess, Cache(tmp_path / "cache")).corrupted(contrast, 0)
+    tracemalloc.start()
+    try:
+        logits = model_logits(Cache(tmp_path / "cache"), model, pixels, preprocess, RunConfig(batch_size=50,
+                                                                                              progress=False), "float")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    whole = images.size * 4
+    assert peak < whole / 5, f"peak {peak / 2**20:.1f} MiB for a {whole / 2**20:.1f} MiB evaluation set"
+    corrupted = corrupt_pixels(images, contrast, 0, np.arange(2000))
+    expected = predict(make_session(model), corrupted, 2000, progress=False, transform=preprocess)
+    np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)

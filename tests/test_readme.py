@@ -79,3 +79,26 @@ def test_the_readme_run_on_the_shared_cifar_images_runs_as_written(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "report.md").is_file() and "a8w8" in (tmp_path / "run" / "metrics.csv").read_text()
+
+
+CHECKED = "<!-- settings checked: tests/test_readme.py -->"
+
+
+def test_the_readme_api_examples_that_need_a_cluster_or_your_files_have_valid_settings(tmp_path, monkeypatch):
+    """Each ``RunConfig`` of a block marked as checked validates (``run`` stands in for the pipeline;
+    the files it names are made empty here, as the user's would be there)."""
+    import ptqcal.pipeline
+    from ptqcal.config import RunConfig
+
+    text = README.read_text()
+    blocks = [re.match(r"\s*```python\n(.*?)```", text[m.end():], re.S).group(1)
+              for m in re.finditer(re.escape(CHECKED), text)]
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    checked = []
+    monkeypatch.setattr(ptqcal.pipeline, "run", lambda cfg: checked.append(cfg.validate()))
+    for block in blocks:
+        for name in re.findall(r"[\w.]+\.onnx", block):
+            (tmp_path / name).touch()
+        exec(block, {"RunConfig": RunConfig, "run": ptqcal.pipeline.run})  # noqa: S102 - the README's own text
+    assert len(checked) == sum(block.count("run(RunConfig(") for block in blocks) >= 3

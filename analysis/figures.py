@@ -60,8 +60,8 @@ def _legend(axis: Axes) -> None:
 
 
 def _config_ticks(axis: Axes, x: np.ndarray, names: Sequence[str]) -> None:
-    """One tick per configuration, slanted when there are too many to stand side by side."""
-    slanted = len(names) > 5
+    """One tick per configuration, slanted when there are too many, or too long, to stand side by side."""
+    slanted = len(names) > 5 or sum(len(n) for n in names) > 32
     axis.set_xticks(x, [plain(n) for n in names], rotation=40 if slanted else 0, ha="right" if slanted else "center",
                     rotation_mode="anchor")
 
@@ -161,7 +161,7 @@ class SwapPanel:
 
     @classmethod
     def from_run(cls, run) -> "SwapPanel":
-        return cls.from_results(run.name, run.configs, [run.descriptor(c.name).uniform for c in run.quantized])
+        return cls.from_results(run.name, run.configs, [run.descriptor(c.name).swept for c in run.quantized])
 
 
 def _band(axis, x, values, std, color, scale: float = 1.0):

@@ -69,10 +69,21 @@ def sweep_reading(run: RunAnalysis, mild_ratio: float = 0.5) -> str:
     return " ".join(sentences)
 
 
+def lowest_precision(run: RunAnalysis, working: bool = False):
+    """The configuration of one precision with the fewest weight and activation bits, from the
+    descriptors (fp16 counts as 16 and 16; the sweep's order between equals), or ``None``; with
+    ``working``, among those that have not collapsed (Figure 1 draws it over the float model)."""
+    def bits(config) -> int:
+        info = run.descriptor(config.name)
+        return (info.weight_bits or 16) + (info.act_bits or 16)
+
+    kept = [c for c in run.uniform if not working or c.metrics.swapped < COLLAPSED]
+    return min(reversed(kept), key=bits) if kept else None
+
+
 def lowest_working(run: RunAnalysis):
-    """The lowest precision that has not collapsed (Figure 1 draws it over the float model)."""
-    working = [c for c in run.uniform if c.metrics.swapped < COLLAPSED]
-    return working[-1] if working else None
+    """:func:`lowest_precision` among the configurations that have not collapsed."""
+    return lowest_precision(run, working=True)
 
 
 def calibration_words(run: RunAnalysis) -> str:
@@ -86,7 +97,7 @@ def calibration_words(run: RunAnalysis) -> str:
 
 def reliability_reading(runs: Sequence[RunAnalysis]) -> str:
     """What Figure 1 shows of each run's float model, and which lowest precision it leaves out."""
-    collapsed = [md(r.name) for r in runs if r.uniform and lowest_working(r) is not r.uniform[-1]]
+    collapsed = [md(r.name) for r in runs if r.uniform and lowest_working(r) is not lowest_precision(r)]
     reading = " ".join(calibration_words(r) for r in runs)
     if collapsed:
         reading += (f" The lowest precision of {', '.join(collapsed)} collapsed (90% or more of its predictions "

@@ -82,10 +82,10 @@ class RunAnalysis:
 
     @property
     def uniform(self) -> list[ConfigResult]:
-        """The quantized configurations with one precision everywhere (fp16, or one weight and one
-        activation width), in sweep order: not a mixed one."""
+        """The quantized configurations with one precision everywhere (fp16, or a step of the bit-width
+        sweep), in sweep order: not a mixed one, nor a step calibrated again under a corruption."""
         return [c for c in self.quantized if self.descriptor(c.name).kind is ConfigKind.FP16
-                or self.descriptor(c.name).uniform]
+                or self.descriptor(c.name).swept]
 
     @property
     def draws(self) -> int:

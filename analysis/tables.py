@@ -16,7 +16,7 @@ from ptqcal.evaluate.results import FLOAT_NAME
 from ptqcal.evaluate.selective import SCORES
 from ptqcal.quantize.spec import MIXED_NAME
 
-from .judgement import LATENCY_WORDS, SPEED_WORDS, kernel_twins_note, not_faster, timing_words
+from .judgement import LATENCY_WORDS, SPEED_WORDS, kernel_twins_note, lowest_precision, not_faster, timing_words
 from .markdown import md
 from .run_analysis import TEMPERATURE_MIN_IMAGES, RunAnalysis
 from .rows import COLUMNS, SELECTIVE, metrics_rows
@@ -273,7 +273,7 @@ def comparison(runs: Sequence[RunAnalysis]) -> list[str]:
     lines = ["| model | float top-1 err % | float ECE % | float mean conf % | lowest precision | % swapped | "
              "Δ err (pp) | Δ err / % swapped | float conf of swapped % |", "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        f, q = run.reference.metrics, run.uniform[-1]
+        f, q = run.reference.metrics, lowest_precision(run)
         m = q.metrics
         ratio = m.delta_error_per_swapped
         lines.append(f"| {md(run.name)} | {100 * f.top1_error:.2f} | {100 * f.ece:.2f} | {100 * f.mean_confidence:.2f} | "

@@ -111,8 +111,14 @@ class ConfigInfo:
 
     @property
     def uniform(self) -> bool:
-        """One weight and one activation width for every layer: a step of the bit-width sweep."""
+        """One weight and one activation width for every layer."""
         return self.weight_bits is not None and self.act_bits is not None
+
+    @property
+    def swept(self) -> bool:
+        """A step of the bit-width sweep: uniform, calibrated on the run's clean calibration images
+        (a twin calibrated under a corruption is a variant of its step, not a step of its own)."""
+        return self.uniform and self.calibrated_on is None
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": str(self.kind), "weight_bits": self.weight_bits, "act_bits": self.act_bits,

@@ -182,8 +182,8 @@ def test_swaps_concentrated_at_low_confidence_are_said_to_be_and_confident_ones_
     assert "concentrated where the float model is unsure on clean images and at severity 1;" in reading
     assert reading.split("not concentrated there (")[1].split(")")[1].startswith(" at severity 2.")
     # a swap rate of the confident predictions above half the others' is only weak concentration
-    from analysis.shift_tables import _concentration_verdict
-    from analysis.under_shift import Concentration
+    from ptqcal.analysis.shift_tables import _concentration_verdict
+    from ptqcal.analysis.under_shift import Concentration
 
     weak = Concentration(1, 100, 20, 0.5, 0.8, 0.15, 0.2, 0.1)
     strong = Concentration(2, 100, 20, 0.5, 0.8, 0.05, 0.2, 0.1)
@@ -279,3 +279,19 @@ def test_figures_under_shift_are_drawn_only_for_runs_with_cells_into_the_axes_gi
     assert plot_shift_confidence([confidence], ax=fig.subplots(1, 2)) is fig
     assert panel_configs([f"c{i}" for i in range(9)]) == ["c0", "c2", "c3", "c5", "c6", "c8"]
     assert set(FIGURES) >= {"fig11_shift", "fig12_shift_confidence"}
+
+
+def test_the_lowest_precision_is_read_from_the_descriptors_and_a_twin_is_no_sweep_step():
+    """Widths given as 4 then 8 put a8w4 first: the lowest precision is still a8w4, by its bits; a twin
+    calibrated on corrupted images is neither a step of the sweep nor the lowest precision."""
+    from ptqcal.analysis.judgement import lowest_precision
+    from ptqcal.analysis.run_analysis import analyse_record
+
+    record = _record()
+    record.logits = {"float": record.logits["float"], "a8w4": record.logits["a8w4"], "a8w8": record.logits["a8w8"],
+                     "a8w4-cal-fog-s1": record.logits["a8w4"].copy()}
+    record.descriptors = {**_descriptors({k: v for k, v in record.logits.items() if "-cal-" not in k}),
+                          "a8w4-cal-fog-s1": ConfigInfo("a8w4-cal-fog-s1", ConfigKind.UNIFORM, 4, 8, "fog@1")}
+    run = analyse_record(record)
+    assert [c.name for c in run.uniform] == ["a8w4", "a8w8"]
+    assert lowest_precision(run).name == "a8w4"

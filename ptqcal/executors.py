@@ -119,20 +119,22 @@ def _index(cache: Cache, pixels, index: int) -> None:
     pixels.chunk(index, pixels=False)
 
 
-def _check_reachable(address: str, seconds: float = 5.0) -> None:
-    """One line, at once, for a ``host:port`` nothing answers on (Ray itself retries for minutes)."""
+def _check_reachable(address: str, seconds: float = 5.0, shown: str | None = None) -> None:
+    """One line, at once, for a ``host:port`` nothing answers on (Ray itself retries for minutes);
+    ``shown``: how the line names it (the address as given)."""
     host, _, port = address.rpartition(":")
+    shown = shown or address
     if not host or not port.isdigit():
-        raise UserError(f"--ray {address}: give the head node's host:port, 'auto' on a node of the cluster, or "
+        raise UserError(f"--ray {shown}: give the head node's host:port, 'auto' on a node of the cluster, or "
                         "nothing to start Ray on this machine")
     try:
         with socket.create_connection((host, int(port)), timeout=seconds):
             pass
     except OSError as exc:
-        raise UserError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or 'timed out'})") from None
+        raise UserError(f"--ray {shown}: no Ray cluster answers there ({exc.strerror or 'timed out'})") from None
 
 
-def _check_token(ray, address: str) -> None:
+def _check_token(ray, address: str, shown: str | None = None) -> None:
     """One line, at once, for a cluster that wants an authentication token this environment does not
     give it: ``ray.init`` would retry for 20 s, a log line a second, and then name no reason. The
     probe is Ray's own first call (the cluster's id from its GCS, with the token Ray would send),
@@ -144,7 +146,7 @@ def _check_token(ray, address: str) -> None:
     try:
         given = AuthenticationTokenLoader.instance().has_token()
     except ray.exceptions.AuthenticationError:  # token authentication on here, and no token found
-        raise UserError(_token_message(address, given=False)) from None
+        raise UserError(_token_message(shown or address, given=False)) from None
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -152,12 +154,26 @@ def _check_token(ray, address: str) -> None:
             os.dup2(sink.fileno(), 2)
             GcsClient(address=address)
     except ray.exceptions.AuthenticationError:
-        raise UserError(_token_message(address, given)) from None
+        raise UserError(_token_message(shown or address, given)) from None
     except Exception:  # noqa: BLE001 - anything else is ray.init's to say
         pass
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _auto_address(address: str) -> str:
+    """The ``host:port`` Ray connects ``auto`` to ($RAY_ADDRESS, else the cluster last started on this
+    node), found as Ray finds it; one line when there is none."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # Ray's internals moved: ray.init says what it says
+        return address
+    try:
+        return canonicalize_bootstrap_address(address) or address
+    except (ConnectionError, ValueError) as exc:
+        raise UserError(f"--ray {address}: no Ray cluster found from this node ({' '.join(str(exc).split())[:160]}); "
+                        "give the head node's host:port") from None
 
 
 def _token_message(address: str, given: bool) -> str:
@@ -203,9 +219,11 @@ class RayCluster:
         self._remote = ray.remote(max_retries=RETRIES)
 
     def _connect(self, address: str) -> None:
-        if address not in (LOCAL, "auto"):
-            _check_reachable(address)
-            _check_token(self.ray, address)
+        if address != LOCAL:  # "auto" probed at the address Ray would take for it
+            found = _auto_address(address) if address == "auto" else address
+            shown = f"auto ({found})" if address == "auto" else address
+            _check_reachable(found, shown=shown)
+            _check_token(self.ray, found, shown)
         local = {"num_cpus": os.cpu_count(), "include_dashboard": False, "_node_ip_address": "127.0.0.1",
                  "_temp_dir": str(self.session)}
         try:

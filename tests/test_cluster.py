@@ -71,14 +71,17 @@ def test_a_run_without_the_flag_never_imports_ray_and_the_flag_without_ray_is_on
 @pytest.mark.parametrize("address, message", [
     ("nonsense", "--ray nonsense: give the head node's host:port"),
     ("127.0.0.1:1", "--ray 127.0.0.1:1: no Ray cluster answers there (Connection refused)"),
+    ("auto", "--ray auto (127.0.0.1:1): no Ray cluster answers there (Connection refused)"),  # $RAY_ADDRESS
 ])
 def test_an_address_nothing_answers_on_is_one_line_at_once(address, message, tmp_path):
-    """Not Ray's minutes of retries: a port probe first (only of the address given). In a child
-    process, so that this one does not import Ray before the cluster tests set its environment."""
+    """Not Ray's minutes of retries: a port probe first (of the address given, or of the one Ray
+    takes for ``auto``). In a child process, so that this one does not import Ray before the cluster
+    tests set its environment."""
     if importlib.util.find_spec("ray") is None:
         pytest.skip("Ray is not installed")
     completed = _python(f"""
-        import sys
+        import os, sys
+        os.environ["RAY_ADDRESS"] = "127.0.0.1:1"
         from ptqcal.cli import main
         sys.exit(main(["run", "--ray", {address!r}, "--out", {str(tmp_path / "run")!r}]))
     """)
@@ -317,21 +320,25 @@ def _without(*names: str) -> dict:
     return {key: value for key, value in os.environ.items() if key not in names}
 
 
-@pytest.mark.parametrize("setting, message", [
-    ({}, "requires an authentication token and this environment has none"),
-    ({"RAY_AUTH_MODE": "token"}, "requires an authentication token and this environment has none"),
-    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "refuses this environment's authentication token"),
+@pytest.mark.parametrize("setting, message, auto", [
+    ({}, "requires an authentication token and this environment has none", False),
+    ({"RAY_AUTH_MODE": "token"}, "requires an authentication token and this environment has none", False),
+    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "refuses this environment's authentication token", False),
+    ({}, "requires an authentication token and this environment has none", True),
 ])
-def test_a_cluster_that_wants_a_token_this_environment_lacks_is_one_line_at_once(setting, message, ray_cluster,
+def test_a_cluster_that_wants_a_token_this_environment_lacks_is_one_line_at_once(setting, message, auto, ray_cluster,
                                                                                    tmp_path):
     """The fixture's cluster authenticates with a token; a driver without it (no token anywhere:
-    HOME is empty), or with another, stops at once with one line, before Ray's 20 s of retries."""
-    env = {**_without("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"), "HOME": str(tmp_path), **setting}
+    HOME is empty), or with another, stops at once with one line, before Ray's 20 s of retries;
+    ``--ray auto`` is probed at the address Ray takes for it ($RAY_ADDRESS here)."""
+    env = {**_without("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"), "HOME": str(tmp_path), **setting,
+           **({"RAY_ADDRESS": ray_cluster} if auto else {})}
+    given, shown = ("auto", f"auto ({ray_cluster})") if auto else (ray_cluster, ray_cluster)
     started = time.monotonic()
-    completed = subprocess.run([sys.executable, "-m", "ptqcal", "run", "--ray", ray_cluster, "--out",
+    completed = subprocess.run([sys.executable, "-m", "ptqcal", "run", "--ray", given, "--out",
                                 str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)
     error = completed.stderr.strip()
-    assert completed.returncode == 2 and error.startswith(f"ptqcal: error: --ray {ray_cluster}: the Ray cluster ")
+    assert completed.returncode == 2 and error.startswith(f"ptqcal: error: --ray {shown}: the Ray cluster ")
     assert message in error and "RAY_AUTH_TOKEN" in error and len(error.splitlines()) == 1
     assert not (tmp_path / "run").exists() and time.monotonic() - started < 15
 

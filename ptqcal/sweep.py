@@ -21,6 +21,7 @@ from .evaluate.record import ConfigInfo, ConfigKind, base_name
 from .quantize.spec import QuantSpec
 
 FP16_NAME = "fp16"
+CALIBRATION_STREAM = 1  # calibration images draw their corruptions apart from the evaluation images at their positions
 
 
 def log(cfg: RunConfig, message: str) -> None:
@@ -181,7 +182,7 @@ def add_shift_calibrated(cfg: RunConfig, model, prepared: Path, exclude: tuple[s
     from .quantize import compute_ranges
 
     cell = cfg.calibration_corruption
-    pixels = images.calib.corrupted(cell, cfg.seed)
+    pixels = images.calib.corrupted(cell, cfg.seed, CALIBRATION_STREAM)
     histograms = executor.map(steps.calibrate, [(cache, prepared, model.input_name, pixels, model.preprocess,
                                                  batches.calib, cfg.progress, executor.task_threads(cfg), exclude)])[0]
     log(cfg, f"calibrated again on the calibration images under {cell.name} at severity {cell.severity}")

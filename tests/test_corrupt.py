@@ -290,3 +290,32 @@ def test_the_pixel_stream_corrupts_each_image_by_its_position_whatever_the_chunk
         again = Pixels(split, preprocess, cache).corrupted(noise, 5)
         np.testing.assert_array_equal(np.concatenate(list(again.chunks())), expected)
         assert cache.misses == 2 * streamed.num_chunks  # each chunk decoded once and corrupted once
+
+
+def test_the_same_files_at_another_position_or_in_another_split_draw_other_noise(tmp_path, monkeypatch):
+    """Noise is seeded by position and split: two files at positions 2-3 of one list are not the cached
+    copies of the same files at positions 0-1 of another, and a calibration stream differs from the
+    evaluation's at the same positions."""
+    from PIL import Image
+
+    from ptqcal.cache import Cache
+    from ptqcal.data import Pixels, Split, decode_images
+    from ptqcal.data import pixels as P
+    from ptqcal.models import PreprocessCfg
+
+    paths = []
+    for index, image in enumerate(images(n=4, height=32, width=32, seed=5)):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(image).save(paths[-1])
+    monkeypatch.setattr(P, "CHUNK_BYTES", 3 * 32 * 32 * 2)  # chunks of 2 images
+    preprocess = PreprocessCfg(input_size=(3, 32, 32), mean=(0.0,) * 3, std=(1.0,) * 3, resize=None)
+    noise, cache = Corruption("shot_noise", 3), Cache(tmp_path / "cache")
+    labels = np.zeros(4, np.int64)
+    first = Pixels(Split(paths, labels), preprocess, cache).corrupted(noise, 0)
+    np.concatenate(list(first.chunks()))  # positions 0-3 cached
+    moved = Pixels(Split([paths[2], paths[3], paths[0], paths[1]], labels), preprocess, cache).corrupted(noise, 0)
+    decoded = decode_images(Split(paths[:2], labels[:2]), (3, 32, 32))[0].images
+    np.testing.assert_array_equal(moved.chunk(1).images, corrupt_pixels(decoded, noise, 0, np.array([2, 3])))
+    calibration = Pixels(Split(paths, labels), preprocess, cache).corrupted(noise, 0, stream=1)
+    np.testing.assert_array_equal(calibration.chunk(0).images, corrupt_pixels(decoded, noise, 0, np.arange(2), 1))
+    assert not np.array_equal(calibration.chunk(0).images, first.chunk(0).images)

@@ -115,15 +115,17 @@ def corruptions(names: str | Iterable[str], severities: Iterable[int] = SEVERITI
     return tuple(Corruption(name, s) for name in resolve_corruptions(names) for s in dict.fromkeys(levels))
 
 
-def image_seed(seed: int, index: int, corruption: Corruption) -> np.random.SeedSequence:
+def image_seed(seed: int, index: int, corruption: Corruption, stream: int = 0) -> np.random.SeedSequence:
     """The seed of one image's corruption. CRC-32 names the corruption (Python's ``hash`` of a
-    string changes from process to process)."""
-    return np.random.SeedSequence([seed, index, zlib.crc32(corruption.name.encode()), corruption.severity])
+    string changes from process to process). ``stream`` sets splits apart: the calibration image
+    and the evaluation image at the same position never draw the same noise."""
+    return np.random.SeedSequence([seed, index, zlib.crc32(corruption.name.encode()), corruption.severity,
+                                   *([stream] if stream else [])])
 
 
-def seed_words(seed: int, index: int, corruption: Corruption) -> tuple[np.ndarray, int]:
+def seed_words(seed: int, index: int, corruption: Corruption, stream: int = 0) -> tuple[np.ndarray, int]:
     """(128 bits for ``np.random.seed``, 32 bits for the corruptions that take a ``seed`` argument)."""
-    words = image_seed(seed, index, corruption).generate_state(5)
+    words = image_seed(seed, index, corruption, stream).generate_state(5)
     return words[:4], int(words[4])
 
 
@@ -158,12 +160,14 @@ def _library():
     return imagecorruptions
 
 
-def corrupt_pixels(pixels: np.ndarray, corruption: Corruption, seed: int, indices: np.ndarray) -> np.ndarray:
+def corrupt_pixels(pixels: np.ndarray, corruption: Corruption, seed: int, indices: np.ndarray,
+                   stream: int = 0) -> np.ndarray:
     """``pixels`` (uint8, ``(n, H, W, C)`` with C 1 or 3, or ``(n, H, W)``) corrupted image by image,
     the same shape and type, exactly as the reference implementation (clipped, then truncated to uint8).
 
-    ``indices`` are the images' positions in the whole dataset: with ``seed`` and the corruption they
-    decide each image's random draws, so any chunking of the same images gives the same pixels.
+    ``indices`` are the images' positions in the whole dataset: with ``seed``, the corruption and
+    ``stream`` (another for each split) they decide each image's random draws, so any chunking of
+    the same images gives the same pixels.
 
     Gray images are corrupted as three equal channels (the reference implementation works on RGB)
     and keep the first: every corruption that treats channels alike gives exactly its gray version,
@@ -199,7 +203,7 @@ def corrupt_pixels(pixels: np.ndarray, corruption: Corruption, seed: int, indice
             for i, (image, index) in enumerate(zip(pixels, indices)):
                 if gray:
                     image = np.repeat(image.reshape(height, width, 1), 3, axis=2)
-                global_words, argument_seed = seed_words(int(seed), int(index), corruption)
+                global_words, argument_seed = seed_words(int(seed), int(index), corruption, stream)
                 np.random.seed(global_words)
                 extra = {"seed": argument_seed} if corruption.name in _SEEDED_BY_ARGUMENT else {}
                 result = corrupt(np.ascontiguousarray(image), corruption_name=corruption.name,

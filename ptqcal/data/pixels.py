@@ -55,6 +55,7 @@ class Pixels:
     strict: bool = False
     corruption: Corruption | None = None
     corruption_seed: int = 0
+    corruption_stream: int = 0  # images of another split at the same positions draw other noise
     _decoded: dict[int, tuple[np.ndarray, tuple[Path, ...]]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -78,13 +79,14 @@ class Pixels:
         return clean if self.corruption is None else make_key(clean, *self._corruption_key())
 
     def _corruption_key(self) -> tuple:
-        return "corrupted", self.corruption.key, self.corruption_seed, corruption_versions()
+        return "corrupted", self.corruption.key, self.corruption_seed, self.corruption_stream, corruption_versions()
 
-    def corrupted(self, corruption: Corruption | None, seed: int) -> "Pixels":
-        """The same images with ``corruption`` applied (seeded by ``seed``); ``None``: clean."""
+    def corrupted(self, corruption: Corruption | None, seed: int, stream: int = 0) -> "Pixels":
+        """The same images with ``corruption`` applied (seeded by ``seed``, and by ``stream`` apart
+        from another split's images: see :func:`~.corrupt.image_seed`); ``None``: clean."""
         if corruption is not None:
             check_corruptible(self.preprocess.input_size, self.split.images.dtype if not self.split.is_files else None)
-        return Pixels(self.split, self.preprocess, self.cache, self.strict, corruption, seed)
+        return Pixels(self.split, self.preprocess, self.cache, self.strict, corruption, seed, stream)
 
     def _geometry(self) -> dict:
         p = self.preprocess
@@ -101,16 +103,21 @@ class Pixels:
         part = self.split.take(np.arange(start, stop))
         return make_key("files", _file_stats(part.images), array_digest(part.labels), self._geometry())
 
+    def _corrupted_key(self, index: int) -> str:
+        """What decides chunk ``index``'s corrupted pixels: its clean pixels, where it starts (each
+        image's noise is seeded by its position) and the corruption."""
+        return make_key(self._clean_key(index), self._bounds(index)[0], *self._corruption_key())
+
     def is_cached(self, index: int) -> bool:
         """Whether chunk ``index``'s corrupted pixels are in the cache already (only their key is computed)."""
         return self.cache is not None and self.corruption is not None and \
-            self.cache.has("corrupt-pixels", make_key(self._clean_key(index), *self._corruption_key()), "npz")
+            self.cache.has("corrupt-pixels", self._corrupted_key(index), "npz")
 
     def chunk(self, index: int, pixels: bool = True) -> _Chunk:
         """Chunk ``index``: a slice of the arrays, or its files decoded (from the cache when there).
         ``pixels=False`` reads only its labels and failures (a cached chunk's pixels stay on disk)."""
-        (start, stop), key = self._bounds(index), self._clean_key(index)
-        if not self.split.is_files:  # a view, not a copy
+        start, stop = self._bounds(index)
+        if not self.split.is_files:  # a view, not a copy (hashed only to key a corrupted copy)
             chunk = _Chunk(self.split.images[start:stop], self.split.labels[start:stop], ())
             positions = np.arange(start, stop)
         else:
@@ -118,7 +125,8 @@ class Pixels:
             if self.cache is None:
                 chunk = self._decode(part)
             else:
-                path = self.cache.file("pixels", key, "npz", lambda tmp: _save_chunk(self._decode(part), tmp))
+                path = self.cache.file("pixels", self._clean_key(index), "npz",
+                                       lambda tmp: _save_chunk(self._decode(part), tmp))
                 chunk = _load_chunk(path, pixels)
             if chunk.failed and self.strict:  # cached by a lenient run
                 raise UserError(f"cannot decode {chunk.failed[0]}")
@@ -128,18 +136,18 @@ class Pixels:
             positions = np.arange(start, stop)[np.array([p not in failed for p in part.images], bool)]
         if self.corruption is None or not pixels:
             return chunk
-        return self._corrupt(chunk, positions, key)
+        return self._corrupt(chunk, positions, index)
 
-    def _corrupt(self, chunk: _Chunk, positions: np.ndarray, clean_key: str) -> _Chunk:
-        """``chunk`` corrupted, cached under ``clean_key`` and the corruption when there is a cache
-        (corrupting takes longer than decoding)."""
+    def _corrupt(self, chunk: _Chunk, positions: np.ndarray, index: int) -> _Chunk:
+        """Chunk ``index`` (``chunk``, its images at ``positions``) corrupted, cached when there is a
+        cache (corrupting takes longer than decoding)."""
         def compute() -> _Chunk:
             return replace(chunk, images=corrupt_pixels(chunk.images, self.corruption, self.corruption_seed,
-                                                        positions))
+                                                        positions, self.corruption_stream))
         if self.cache is None:
             return compute()
-        key = make_key(clean_key, *self._corruption_key())
-        return _load_chunk(self.cache.file("corrupt-pixels", key, "npz", lambda tmp: _save_chunk(compute(), tmp)))
+        return _load_chunk(self.cache.file("corrupt-pixels", self._corrupted_key(index), "npz",
+                                           lambda tmp: _save_chunk(compute(), tmp)))
 
     def _decode(self, part: Split) -> _Chunk:
         p = self.preprocess

@@ -129,9 +129,23 @@ class MixedChoice:
 
     @classmethod
     def from_json(cls, values: dict) -> "MixedChoice":
-        return cls(**{**values, "layer_bits": {k: int(v) for k, v in values["layer_bits"]},
-                      "steps": [SearchStep(**{k: float("nan") if v is None else v for k, v in s.items()})
-                                for s in values["steps"]]})
+        """Strictly (``ValueError``, or ``TypeError`` for an unknown key): a tampered run record is one
+        line, not a traceback when the report formats it. ``null`` is NaN in a step, unset in a cap."""
+        def number(value, optional=False):
+            if (value is None and optional) or (type(value) in (int, float)):
+                return value
+            raise ValueError(f"not a number: {str(value)[:20]!r}")
+
+        steps = [SearchStep(**{k: float("nan") if v is None else number(v) for k, v in s.items()})
+                 for s in values["steps"]]
+        if any(type(s.moves) is not int or type(s.weight_bytes) is not int for s in steps) or \
+                not isinstance(values["target"], str) or not all(isinstance(k, str) and type(v) is int
+                                                                 for k, v in values["layer_bits"]):
+            raise ValueError("mixed: not the search's steps, target and widths")
+        return cls(**{**values, "layer_bits": {k: v for k, v in values["layer_bits"]}, "steps": steps,
+                      **{k: number(values[k]) for k in ("limit", "float_weight_bytes", "images", "confident",
+                                                          "act_bits")},
+                      **{k: number(values.get(k), optional=True) for k in ("max_delta_error", "max_latency_ratio")}})
 
 
 class SearchError(InputError):

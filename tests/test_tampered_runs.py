@@ -52,7 +52,18 @@ def _run_json(folder, change):
     (folder / "run.json").write_text(json.dumps(values))
 
 
+MIXED = {"target": "max_confident_swaps", "limit": 0.01, "float_weight_bytes": 100, "images": 10, "confident": 5,
+         "act_bits": 8, "layer_bits": [], "max_delta_error": None, "max_latency_ratio": 1.5,
+         "steps": [{"moves": 0, "weight_bytes": 100, "confident_swapped": 0.0, "swapped": 0.0,
+                    "delta_top1_error": None, "latency_ratio": 1.0}]}
+
 CASES = {
+    "a mixed search's cap of the wrong type": lambda f: _run_json(f, lambda v: v.__setitem__(
+        "mixed", {**MIXED, "max_latency_ratio": "x"})),
+    "a mixed search's step of the wrong type": lambda f: _run_json(f, lambda v: v.__setitem__(
+        "mixed", {**MIXED, "steps": [{**MIXED["steps"][0], "latency_ratio": [1]}]})),
+    "a corruption that is no corruption": lambda f: _run_json(f, lambda v: v.__setitem__(
+        "shift", {"cells": ["../../etc@1"], "configs": ["float"]})),
     "notes of the wrong type": lambda f: _run_json(f, lambda v: v.__setitem__("notes", 5)),
     "configs of the wrong type": lambda f: _run_json(f, lambda v: v.__setitem__("configs", "float")),
     "no float": lambda f: _run_json(f, lambda v: v.__setitem__("configs", ["a8w8"])),

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .analysis.recommend import ALLOW_SLOWER, MAX_CONFIDENT_SWAPPED, MAX_DELTA_ERROR, ORDER, ORDERS
 from .errors import InputError, UserError
+from .parsing import parse_bytes, parse_guard_target, percent
 from .data import DEFAULT_CALIB_SIZE, DEFAULT_SEARCH_SIZE
 from .data.corrupt import CORRUPTION_SETS, SEVERITIES, Corruption, corruptions
 from .evaluate.results import Execution
@@ -42,34 +43,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ptqcal"
 
 
-def parse_bytes(text: Any) -> int:
-    """``2G``, ``512M``, ``1.5GB`` or a number of bytes."""
-    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1:], 1)
-    number = float(value[:-1] if scale > 1 else value)
-    if not (number > 0 and number * scale < 1 << 50):
-        raise ValueError(f"not a memory size: {text!r}")
-    return int(number * scale)
-
-
-def _percent(text: Any) -> float:
-    """A percentage as given (``0.5`` = 0.5%) as a fraction."""
-    value = float(text)
-    if not 0 <= value <= 100:
-        raise ValueError(f"not a percentage: {text!r}")
-    return value / 100
-
-
-GUARD_KINDS = {"differ": "max_differing", "route": "max_routed"}
 CONFIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-
-
-def parse_guard_target(text: Any) -> tuple[str, float]:
-    """``differ=P`` or ``route=P`` (P in percent) as (GuardTarget field, fraction)."""
-    kind, _, value = str(text).partition("=")
-    if kind.strip() not in GUARD_KINDS:
-        raise ValueError(f"not a guard target: {text!r} (give differ=P or route=P, P in percent)")
-    return GUARD_KINDS[kind.strip()], _percent(value)
 
 
 def _setting(default: Any, help: str, parse: Callable[[str], Any] | type | None = None, *, many: bool = False,
@@ -142,7 +116,7 @@ class RunConfig:
                                             metavar="N")
     max_confident_swaps: float | None = _setting(None, "add 'mixed': per-layer weight bits (from --weight-bits) "
                                                  "with the fewest weight bytes that swap at most P percent of the "
-                                                 "confident float predictions", _percent, metavar="P")
+                                                 "confident float predictions", percent, metavar="P")
     max_size_ratio: float | None = _setting(None, "add 'mixed': per-layer weight bits (from --weight-bits) with "
                                             "weights at most R x float's bytes, swapping the fewest confident "
                                             "predictions", float, metavar="R")
@@ -150,11 +124,11 @@ class RunConfig:
                                    "the --ship-max-* thresholds (then the fastest on this CPU), or the fastest (then "
                                    "the smallest)", str, choices=ORDERS)
     ship_max_delta_error: float = _setting(MAX_DELTA_ERROR, "the recommended configuration's top-1 error is at most "
-                                           "PP percentage points above float's", _percent, metavar="PP",
+                                           "PP percentage points above float's", percent, metavar="PP",
                                            shown=f"{100 * MAX_DELTA_ERROR:g}")
     ship_max_confident_swapped: float = _setting(MAX_CONFIDENT_SWAPPED, "the recommended configuration swaps at most "
                                                  "P percent of the float model's confident (>= 90 percent) predictions",
-                                                 _percent, metavar="P", shown=f"{100 * MAX_CONFIDENT_SWAPPED:g}")
+                                                 percent, metavar="P", shown=f"{100 * MAX_CONFIDENT_SWAPPED:g}")
     ship_allow_slower: bool = _setting(ALLOW_SLOWER, "the recommendation may be a configuration slower than float on "
                                        "this CPU (by default it must not be)")
     guard_target: tuple[str, float] = _setting(("max_differing", 0.001), "the float fallback guard's target: "
@@ -165,7 +139,7 @@ class RunConfig:
                                                shown="differ=0.1")
     mixed_max_delta_error: float | None = _setting(None, "with a mixed-precision target: the chosen model's top-1 "
                                                    "error at most PP percentage points above float's on the held-out "
-                                                   "images too", _percent, metavar="PP")
+                                                   "images too", percent, metavar="PP")
     corruptions: tuple[str, ...] = _setting((), "also evaluate every configuration, the float model included, on the "
                                             "evaluation images under these ImageNet-C corruptions (Hendrycks & "
                                             "Dietterich's reference implementation: pip install 'ptqcal[shift]'): "
@@ -297,13 +271,20 @@ class RunConfig:
         if self.mixed_max_delta_error is not None and not self.mixed:
             raise UserError("--mixed-max-delta-error caps a mixed-precision search: give --max-confident-swaps or "
                             "--max-size-ratio too")
-        if self.mixed_max_latency_ratio is not None and not (self.mixed and self.timing and
-                                                             self.mixed_max_latency_ratio > 0):
+        if self.mixed_max_latency_ratio is not None and not (self.mixed and self.mixed_max_latency_ratio > 0):
             raise UserError("--mixed-max-latency-ratio caps a mixed-precision search by timing each model it tries: "
-                            "give --max-confident-swaps or --max-size-ratio, keep timing on, and a ratio above 0")
+                            "give --max-confident-swaps or --max-size-ratio too, and a ratio above 0")
         if self.mixed and len(self.weight_bits) < 2:
             raise UserError("a mixed-precision target chooses among the run's weight bit widths: give at least two "
                             "to --weight-bits (e.g. 8 4)")
+
+    def check_timed(self) -> "RunConfig":
+        """A latency cap needs timings: one line for ``--no-timing`` beside it. (Not part of
+        :meth:`validate`: a pass that times nothing on purpose, several models side by side on a
+        cluster, leaves the capped search unmet and its timed pass searches again.)"""
+        if self.mixed_max_latency_ratio is not None and not self.timing:
+            raise UserError("--mixed-max-latency-ratio times each model the search tries: drop --no-timing")
+        return self
 
     def _check_corruptions(self) -> None:
         """Corruption names and severities, checked before any work."""

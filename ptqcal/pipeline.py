@@ -148,7 +148,7 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> Path:
     """
     cfg = cfg.validate().resolved()  # every path absolute before any leaves this process (Ray workers)
     if executor is None:
-        with closing(make_executor(cfg)) as executor:
+        with closing(make_executor(cfg.check_timed())) as executor:
             return run(cfg, executor)
     out = cfg.out_dir
     with writing(out, RUN):
@@ -171,7 +171,7 @@ def run(cfg: RunConfig, executor: Executor | None = None) -> Path:
 
 def run_models(cfg: RunConfig, models: list[str]) -> Path:
     """Several models, each in ``out/<model>``, and one report comparing them in ``out``."""
-    cfg.validate()
+    cfg.validate().check_timed()
     with closing(make_executor(cfg)) as executor:
         return _run_models(cfg, models, executor)
 
@@ -190,10 +190,10 @@ def _run_models(cfg: RunConfig, models: list[str], executor: Executor) -> Path:
     with writing(out, COMPARISON, stems):
         configs = [replace(cfg, model=model, out=out / stem) for model, stem in zip(models, stems)]
         if executor.side_by_side:
-            # all models' tasks at once, untimed (no timing amid other tasks); then each alone, the rest cached
+            # all models' tasks at once, untimed (no timing amid other tasks; a latency-capped search meets
+            # nothing); then each model alone, timed, the rest read from its cache
             log(cfg, f"{len(configs)} models side by side on the cluster")
             with ThreadPoolExecutor(len(configs)) as pool:
-                list(pool.map(lambda c: run(replace(c, timing=False, quiet=True, mixed_max_latency_ratio=None),
-                                            executor), configs))
+                list(pool.map(lambda c: run(replace(c, timing=False, quiet=True), executor), configs))
         folders = [run(c, executor).parent for c in configs]
         return report_once(folders, out, previous=out)

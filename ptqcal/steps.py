@@ -108,6 +108,10 @@ def prepare_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedMod
 
 def _export_registry_model(cfg: RunConfig, dataset: Dataset, cache: Cache) -> PreparedModel:
     entry = get_model_entry(cfg.model)
+    if cfg.cells or cfg.calib_corruption:  # images a corruption cannot take: one line before the export
+        from .data.corrupt import check_corruptible
+
+        check_corruptible(entry.preprocess.input_size, None if dataset.eval.is_files else dataset.eval.images.dtype)
     train = None if dataset.train is None else make_key(array_digest(dataset.train.images),
                                                         array_digest(dataset.train.labels))
     key = make_key("export", entry.name, entry.weights_recipe(cfg.weights, train), versions(KEYED),
@@ -380,11 +384,13 @@ def attribution(cfg: RunConfig, preprocess: PreprocessCfg, prepared: Path, image
 
 
 def mixed_search(cfg: RunConfig, cache: Cache, prepared: Path, ranges, exclude: tuple[str, ...], pixels: Pixels,
-                 preprocess: PreprocessCfg, attribution, executor=None):
+                 preprocess: PreprocessCfg, attribution, executor=None, timed: tuple | None = None):
     """The mixed-precision search for ``cfg``'s target (:func:`ptqcal.evaluate.mixed.search`) on
     ``pixels`` (held out of evaluation), each model it measures quantized and run through the cache
     (with an ``executor`` that runs work ahead, as tasks: the quantizations side by side, the logits in
-    shards); returns the choice and the spec of the chosen model (``None`` when no assignment meets it)."""
+    shards); returns the choice and the spec of the chosen model (``None`` when no assignment meets it).
+    ``timed``: (the evaluation's pixels, the float model's Deployment), for a latency cap: each model
+    is timed as its evaluation would time it, and set against the float model the report shows."""
     from .evaluate.mixed import search
     from .quantize import QuantSpec
     from .quantize.graph import weight_sizes
@@ -409,8 +415,8 @@ def mixed_search(cfg: RunConfig, cache: Cache, prepared: Path, ranges, exclude: 
         from .evaluate.deploy import latency_ratio
 
         path = quantize_config(cache, prepared, ranges, spec(layer_bits))
-        return latency_ratio(deployment(cache, path, pixels, preprocess, cfg),
-                             deployment(cache, prepared, pixels, preprocess, cfg)).value
+        ratio = latency_ratio(deployment(cache, path, timed[0], preprocess, cfg), timed[1])
+        return float("nan") if ratio is None else ratio.value
 
     if executor is not None:  # (a local executor computes nothing ahead)
         executor.warm_logits(cache, [LogitsJob(prepared, pixels, preprocess, "float (search)", True, "search-logits")],
@@ -421,5 +427,5 @@ def mixed_search(cfg: RunConfig, cache: Cache, prepared: Path, ranges, exclude: 
     quantized = {layer: count for layer, count in elements.items() if layer not in exclude}
     choice = search(target, limit, quantized, float_bytes, widths, act_bits, attribution, float_logits, measure,
                     pixels.labels, cfg.mixed_max_delta_error, measure_ahead if ahead else None,
-                    cfg.mixed_max_latency_ratio, latency if cfg.mixed_max_latency_ratio is not None else None)
+                    cfg.mixed_max_latency_ratio, latency if timed is not None else None)
     return choice, spec(choice.layer_bits) if choice.met else None

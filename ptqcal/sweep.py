@@ -123,8 +123,9 @@ def add_mixed(cfg: RunConfig, model, prepared: Path, batches: steps.Batches, ima
     """Search the per-layer weight bits on the held-out images (its models measured as ``executor``'s
     tasks when it runs work ahead); evaluate the choice like the others."""
     ranges = sweep.ranges[max(cfg.act_bits)]
+    timed = (images.eval, sweep.deployment[FLOAT_NAME]) if cfg.mixed_max_latency_ratio is not None else None
     sweep.mixed, spec = steps.mixed_search(cfg, cache, prepared, ranges, exclude, images.search, model.preprocess,
-                                           sweep.attribution, executor=executor)
+                                           sweep.attribution, executor=executor, timed=timed)
     if spec is None:
         log(cfg, f"mixed: no assignment of weight bits {list(cfg.weight_bits)} meets the target")
         return
@@ -210,6 +211,9 @@ def shifted_logits(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep, ex
     cells = [(cell, images.eval.corrupted(cell, cfg.seed)) for cell in cfg.cells]
     if not cells:
         return {}
+    channels, height, width = model.preprocess.input_size
+    log(cfg, f"{len(cells)} corrupted copies of the evaluation images: about "
+             f"{len(cells) * len(images.eval) * channels * height * width / 1e9:.1f} GB of pixels in the run's cache")
     executor.map(steps.corrupt_chunk, [(cache, pixels, index) for _, pixels in cells
                                        for index in range(pixels.num_chunks)])
     configs = _evaluated(cfg, sweep)

@@ -186,7 +186,7 @@ def test_a_size_target_fits_the_bytes_and_an_unreachable_one_says_so(fragile_mlp
     (["--max-confident-swaps", "120"], "invalid value"),
     (["--max-confident-swaps", "1", "--attribution-size", "5000"], "leaves no images"),
     (["--mixed-max-latency-ratio", "1.2"], "caps a mixed-precision search"),
-    (["--max-confident-swaps", "1", "--mixed-max-latency-ratio", "1.2", "--no-timing"], "keep timing on"),
+    (["--max-confident-swaps", "1", "--mixed-max-latency-ratio", "1.2", "--no-timing"], "drop --no-timing"),
 ])
 def test_a_target_that_cannot_work_is_one_line_and_exit_2(flags, message, tmp_path, capsys):
     from ptqcal.cli import main
@@ -254,6 +254,8 @@ def test_a_cap_on_the_latency_rules_out_prefixes_slower_than_it():
     # a size target whose smallest fitting model is too slow: no assignment, said by an empty choice
     assert not search("max_size_ratio", 0.2, *args, max_latency_ratio=1.5, latency=latency).met  # 2 moves: 1.6x
     assert MixedChoice.from_json(json.loads(json.dumps(capped.to_json()))) == capped
+    untimed = search("max_confident_swaps", 0.0, *args, max_latency_ratio=1.5, latency=lambda bits: float("nan"))
+    assert not untimed.met  # a pass that times nothing (several models side by side) meets no latency cap
     with pytest.raises(ValueError, match="latencies"):
         search("max_confident_swaps", 0.0, *args, max_latency_ratio=1.5)
 
@@ -321,5 +323,8 @@ def test_the_latency_cap_times_every_model_the_search_measures(fragile_mlp, tmp_
     free, capped = (json.loads((tmp_path / run / "run.json").read_text())["mixed"] for run in ("free", "capped"))
     assert capped["layer_bits"] == free["layer_bits"] and capped["max_latency_ratio"] == 1000
     assert all(0 < step["latency_ratio"] < 1000 for step in capped["steps"])
+    # the chosen step's ratio is the one the report shows: the mixed model's latency over the float model's
+    deployed = json.loads((tmp_path / "capped" / "run.json").read_text())["deployment"]
+    assert capped["steps"][-1]["latency_ratio"] == deployed["mixed"]["latency_ms"] / deployed["float"]["latency_ms"]
     assert all(step["latency_ratio"] is None for step in free["steps"])  # NaN when not measured: null in JSON
     assert "latency × float" in (tmp_path / "capped" / "report.md").read_text()

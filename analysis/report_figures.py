@@ -99,7 +99,7 @@ def figure_reading(key: str, runs: Sequence[RunAnalysis]) -> str:
         reading += " Each quantized curve is of its first calibration draw."
     if key == "fig12_shift_confidence":
         reading += "".join(f" {md(p.model)}: {', '.join(md(n) for n in p.left_out)} not drawn (at most {MAX_PANELS} "
-                           "panels a model; every one is in metrics.json's by_float_confidence)."
+                           "panels a model; each cell's bins of every configuration are in metrics.json's by_float_confidence)."
                            for p in (ShiftConfidence.from_run(r) for r in runs) if p is not None and p.left_out)
     if key == "fig10_guard":
         reading += _undrawn_guards(runs)

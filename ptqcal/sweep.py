@@ -187,13 +187,16 @@ def add_shift_calibrated(cfg: RunConfig, model, prepared: Path, exclude: tuple[s
     histograms = executor.map(steps.calibrate, [(cache, prepared, model.input_name, pixels, model.preprocess,
                                                  batches.calib, cfg.progress, executor.task_threads(cfg), exclude)])[0]
     log(cfg, f"calibrated again on the calibration images under {cell.name} at severity {cell.severity}")
-    for bits in cfg.act_bits:
-        ranges = compute_ranges(histograms, cfg.calib_method, bits, len(pixels.labels))
-        for weight_bits in cfg.weight_bits:
-            spec = QuantSpec(weight_bits, bits, cfg.weight_scale, exclude)
-            name = f"{spec.name}-cal-{cell.name}-s{cell.severity}"
-            add_config(cfg, model, name, steps.quantize_config(cache, prepared, ranges, spec), images.eval, batches,
-                       cache, sweep, spec=spec, info=ConfigInfo(name, ConfigKind.UNIFORM, weight_bits, bits, cell.key))
+    plan = [(compute_ranges(histograms, cfg.calib_method, bits, len(pixels.labels)),
+             QuantSpec(weight_bits, bits, cfg.weight_scale, exclude))
+            for bits in cfg.act_bits for weight_bits in cfg.weight_bits]
+    names = [f"{spec.name}-cal-{cell.name}-s{cell.severity}" for _, spec in plan]
+    paths = executor.map(steps.quantize_config, [(cache, prepared, ranges, spec) for ranges, spec in plan])
+    executor.warm_logits(cache, [config_job(cfg, model, name, path, images.eval) for name, path in zip(names, paths)],
+                         cfg)
+    for (_, spec), name, path in zip(plan, names, paths):
+        add_config(cfg, model, name, path, images.eval, batches, cache, sweep, spec=spec,
+                   info=ConfigInfo(name, ConfigKind.UNIFORM, spec.weight_bits, spec.act_bits, cell.key))
 
 
 def _evaluated(cfg: RunConfig, sweep: Sweep) -> list[tuple[str, Path, bool]]:
@@ -218,17 +221,18 @@ def shifted_logits(cfg: RunConfig, model, images, cache: Cache, sweep: Sweep, ex
                                        for index in range(pixels.num_chunks)])
     configs = _evaluated(cfg, sweep)
     executor.warm_logits(cache, [steps.LogitsJob(path, pixels, model.preprocess, f"{name} ({cell.key})", fused,
-                                                 "shift-logits") for cell, pixels in cells for name, path, fused in configs], cfg)
-    shifted = {cell.key: {name: steps.model_logits(cache, path, pixels, model.preprocess, cfg, f"{name} ({cell.key})",
-                                                   fused=fused, kind="shift-logits") for name, path, fused in configs}
-               for cell, pixels in cells}
+                                                 "shift-logits")
+                                 for cell, pixels in cells for name, path, fused in configs], cfg)
+    shifted = {cell.key: {name: steps.model_logits(cache, path, pixels, model.preprocess, cfg,
+                                                   f"{name} ({cell.key})", fused=fused, kind="shift-logits")
+                          for name, path, fused in configs} for cell, pixels in cells}
     names = sorted({cell.name for cell, _ in cells})
+    severities = ", ".join(map(str, dict.fromkeys(c.severity for c, _ in cells)))
     sweep.notes.append(f"Under shift: every configuration (first calibration draw) on the evaluation images under "
-                       f"{len(names)} corruption{'s' * (len(names) > 1)} of ImageNet-C ({', '.join(names)}) at severities "
-                       f"{', '.join(map(str, dict.fromkeys(c.severity for c, _ in cells)))}, computed by its reference "
-                       "implementation with ImageNet-C's parameters (set for 224-pixel images) on the decoded pixels "
-                       "before normalisation, each image seeded by the run's seed, "
-                       "its position, the corruption and the severity.")
+                       f"{len(names)} corruption{'s' * (len(names) > 1)} of ImageNet-C ({', '.join(names)}) at "
+                       f"severities {severities}, computed by its reference implementation with ImageNet-C's parameters "
+                       "(set for 224-pixel images) on the decoded pixels before normalisation, each image seeded by "
+                       "the run's seed, its position, the corruption and the severity.")
     return shifted
 
 

@@ -188,12 +188,12 @@ def guard_shift_section(run: RunAnalysis) -> list[str]:
                                                                                for r in c.quantized}]
     if not shifts:
         return []
-    lines = ["| config | images | % swapped (unguarded) | % routed | % differing | top-1 err % guarded | "
-             "target met (corruptions) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| config | images | % swapped (unguarded) | % routed | % of swaps caught | % differing | "
+             "top-1 err % guarded | target met (corruptions) |", "|---|---|---|---|---|---|---|---|"]
     for g in shifts:
         met = ("yes" if g.met else "no") if g.severity == 0 else f"{g.met} of {g.corruptions}"
         lines.append(f"| {md(g.config)} | {level_words(g.severity)} | {percent(g.mean['swapped'])} | "
-                     f"{percent(g.mean['routed'])} | {percent(g.mean['differing'])} | "
+                     f"{percent(g.mean['routed'])} | {percent(g.mean['swaps_caught'])} | {percent(g.mean['differing'])} | "
                      f"{100 * g.mean['guarded_error']:.2f} | {met} |")
     target = target_words(shifts[0].target)
     sentences = [_guard_shift_sentence([g for g in shifts if g.config == name])

@@ -23,7 +23,7 @@ CLEAN = "clean"  # the corruption of the clean rows of metrics.csv / metrics.jso
 # what the report's per-severity tables average over corruptions (fractions; the ratio is pooled)
 SHIFT_KEYS = ("swapped", "delta_top1_error", "delta_error_per_swapped", "top1_error", "ece", "ece_temperature",
               "ece_own_temperature")
-GUARD_KEYS = ("swapped", "routed", "differing", "guarded_error")
+GUARD_KEYS = ("swapped", "routed", "swaps_caught", "differing", "guarded_error")
 _TOLERANCE = 1e-12  # a count / N against a target given as a decimal fraction (as the guard's)
 
 
@@ -226,6 +226,12 @@ class GuardShift:
     target: GuardTarget
 
 
+def _mean_defined(values: Sequence[float]) -> float:
+    """The mean of the values that are defined (a share of swaps caught is NaN with no swap); NaN if none is."""
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
 def guard_shifts(cells: Sequence[ShiftCell], guards: Mapping[str, tuple]) -> list[GuardShift]:
     """Every guarded configuration's :class:`GuardShift` clean and at each severity."""
     out = []
@@ -234,7 +240,7 @@ def guard_shifts(cells: Sequence[ShiftCell], guards: Mapping[str, tuple]) -> lis
                                                    and name in c.guards]) for s in severities(cells)]
         for severity, rates in levels:
             if rates:
-                mean = {key: float(np.mean([getattr(r, key) for r in rates])) for key in GUARD_KEYS}
+                mean = {key: _mean_defined([getattr(r, key) for r in rates]) for key in GUARD_KEYS}
                 out.append(GuardShift(name, severity, 0 if severity == 0 else len(rates), mean,
                                       sum(meets(guard.target, r) for r in rates), guard.target))
     return out

@@ -149,7 +149,8 @@ class RunConfig:
                                            metavar="S", shown=" ".join(map(str, SEVERITIES)))
     calib_corruption: str | None = _setting(None, "also calibrate every swept configuration on the calibration "
                                             "images under this corruption (NAME@S, e.g. gaussian_noise@3), each "
-                                            "named aXwY-cal-NAME-sS and evaluated beside its clean-calibrated twin",
+                                            "named aXwY-cal-NAME-sS and evaluated beside its clean-calibrated twin "
+                                            "(calibrated even when --calib-ranges gives the clean ranges)",
                                             str, metavar="NAME@S")
     mixed_max_latency_ratio: float | None = _setting(None, "with a mixed-precision target: the chosen model's "
                                                      "batch-1 latency at most R x the float model's on this CPU "

@@ -10,7 +10,7 @@ import numpy as np
 from ptqcal.evaluate.guard import Guard, GuardTarget, best_guard
 from ptqcal.evaluate.metrics import QuantizationChange, bootstrap_interval, expected_calibration_error, softmax
 from ptqcal.evaluate.record import ConfigInfo, ConfigKind, RunRecord
-from ptqcal.evaluate.results import FLOAT_NAME, REPEAT_MARK, ConfigResult, evaluate_logits
+from ptqcal.evaluate.results import FLOAT_NAME, REPEAT_MARK, ConfigResult, FloatFirst, evaluate_logits
 from ptqcal.evaluate.selective import selective_intervals
 from ptqcal.evaluate.temperature import cross_fitted_temperatures
 
@@ -22,7 +22,7 @@ HEADLINE = ("top1_error", "ece", "swapped", "delta_top1_error", "aurc", "risk_at
 
 
 @dataclass
-class RunAnalysis:
+class RunAnalysis(FloatFirst):
     """A run's configurations, evaluated.
 
     Attributes
@@ -66,15 +66,6 @@ class RunAnalysis:
     @property
     def notes(self) -> list[str]:
         return self.record.notes
-
-    @property
-    def reference(self) -> ConfigResult:
-        """The float model's result."""
-        return self.configs[0]
-
-    @property
-    def quantized(self) -> list[ConfigResult]:
-        return self.configs[1:]
 
     def descriptor(self, config: str) -> ConfigInfo:
         """What ``config`` is (kind and bit widths), as the run recorded it."""

@@ -17,7 +17,7 @@ import numpy as np
 from ptqcal.evaluate.guard import GuardRates, GuardTarget, judge
 from ptqcal.evaluate.metrics import Metrics, QuantizationChange
 from ptqcal.evaluate.record import CELL, ConfigKind, RunRecord
-from ptqcal.evaluate.results import FLOAT_NAME, ConfigResult, evaluate_logits
+from ptqcal.evaluate.results import FLOAT_NAME, ConfigResult, FloatFirst, evaluate_logits
 
 CLEAN = "clean"  # the corruption of the clean rows of metrics.csv / metrics.json; their severity is 0
 # what the report's per-severity tables average over corruptions (fractions; the ratio is pooled)
@@ -36,7 +36,7 @@ def parse_cell(key: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
-class ShiftCell:
+class ShiftCell(FloatFirst):
     """Every configuration of a run on the evaluation images under one corruption at one severity.
 
     ``configs``: the float model first, then each quantized configuration the cell holds (in the
@@ -53,17 +53,6 @@ class ShiftCell:
     float_error_drop: float
     float_ece_drop: float
     guards: dict[str, GuardRates] = field(default_factory=dict)
-
-    @property
-    def reference(self) -> ConfigResult:
-        return self.configs[0]
-
-    @property
-    def quantized(self) -> list[ConfigResult]:
-        return self.configs[1:]
-
-    def result(self, name: str) -> ConfigResult | None:
-        return next((c for c in self.configs if c.name == name), None)
 
 
 def analyse_shift(record: RunRecord, clean: Sequence[ConfigResult], temperatures: np.ndarray | None,

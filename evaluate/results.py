@@ -64,6 +64,25 @@ class ConfigResult:
                        spread=Metrics.aggregate(list(draws), np.std))
 
 
+class FloatFirst:
+    """Configurations evaluated on the same images, the float model's result first (``configs``):
+    what a run and each of its corrupted copies share."""
+
+    configs: list[ConfigResult]
+
+    @property
+    def reference(self) -> ConfigResult:
+        """The float model's result."""
+        return self.configs[0]
+
+    @property
+    def quantized(self) -> list[ConfigResult]:
+        return self.configs[1:]
+
+    def result(self, name: str) -> ConfigResult | None:
+        return next((c for c in self.configs if c.name == name), None)
+
+
 def selective_fields(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray | None = None) -> dict:
     """The :class:`Metrics` fields of selective prediction: AURC under each confidence score, and
     under the max softmax probability its excess, the risk at 80% and 90% coverage and, against

@@ -217,18 +217,11 @@ def _stream(inputs, batch):
 def test_cut_attribution_equals_the_whole_graphs_on_hand_built_graphs(budget, tmp_path, monkeypatch):
     """A residual graph with shape arithmetic across the cuts, and a weight two layers share (both
     change together, as before), each cut kept in memory or (a budget of 0 bytes) streamed."""
-    from test_cut import _residual_model, _tied_model
 
     from ptqcal.evaluate import cut
 
-    if budget is not None:
-        monkeypatch.setattr(cut, "CUT_BYTES", budget)
-    rng = np.random.default_rng(3)
-    inputs = rng.normal(size=(90, 1, 8, 8)).astype(np.float32)
-    labels = rng.integers(0, 6, 90)
-    for model in (_residual_model(tmp_path / "r.onnx"), _tied_model(tmp_path / "t.onnx")):
-        path = tmp_path / "m.onnx"
-        onnx.save(model, str(path))
+    inputs, labels = _graphs_with_cuts(cut, budget, monkeypatch, 3, 90)
+    for path in _residual_and_tied(tmp_path):
         result = _assert_cut_equals_whole_graph(path, _stream(inputs, 20), labels, (8, 3, 2), monkeypatch)
         assert any(e.swapped > 0 for e in result.effects)
 
@@ -318,19 +311,12 @@ def test_a_memoised_layer_runs_nothing_and_a_missing_one_alone_is_computed(tmp_p
 def test_a_layer_measured_alone_equals_the_same_layer_measured_among_all(budget, tmp_path, monkeypatch):
     """What a cluster task (or a resumed run) computes for one (layer, bits) is, bit for bit, what a
     run measuring every layer computes for it: with every cut kept, none kept (streamed), or some."""
-    from test_cut import _residual_model, _tied_model
 
     from ptqcal.evaluate import cut
     from ptqcal.evaluate.attribution import Attribution, attribute, float_logits, layer_effect, weight_layers
 
-    if budget is not None:
-        monkeypatch.setattr(cut, "CUT_BYTES", budget)
-    rng = np.random.default_rng(6)
-    inputs = rng.normal(size=(70, 1, 8, 8)).astype(np.float32)
-    labels = rng.integers(0, 6, 70)
-    for model in (_residual_model(tmp_path / "r.onnx"), _tied_model(tmp_path / "t.onnx")):
-        path = tmp_path / "m.onnx"
-        onnx.save(model, str(path))
+    inputs, labels = _graphs_with_cuts(cut, budget, monkeypatch, 6, 70)
+    for path in _residual_and_tied(tmp_path):
         batches = _stream(inputs, 16)
         together = attribute(path, batches, labels, (8, 3), "torch")
         reference = float_logits(path, batches)
@@ -340,3 +326,21 @@ def test_a_layer_measured_alone_equals_the_same_layer_measured_among_all(budget,
         assert Attribution(alone, together.images, together.confident).to_json() == together.to_json()
         given = attribute(path, batches, labels, (8, 3), "torch", reference=reference)  # the float logits kept
         assert given.to_json() == together.to_json()
+
+
+def _graphs_with_cuts(cut, budget, monkeypatch, seed: int, count: int):
+    """(inputs, labels) for the residual and shared-weight graphs, with ``budget`` bytes of cuts kept."""
+    if budget is not None:
+        monkeypatch.setattr(cut, "CUT_BYTES", budget)
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(count, 1, 8, 8)).astype(np.float32), rng.integers(0, 6, count)
+
+
+def _residual_and_tied(tmp_path):
+    """The residual graph, then the shared-weight one, each saved to the same file in turn."""
+    from test_cut import _residual_model, _tied_model
+
+    for model in (_residual_model(tmp_path / "r.onnx"), _tied_model(tmp_path / "t.onnx")):
+        path = tmp_path / "m.onnx"
+        onnx.save(model, str(path))
+        yield path

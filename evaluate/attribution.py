@@ -168,7 +168,10 @@ class _Measurement:
         from .runner import make_session
 
         def session(sub):
-            return make_session(sub.SerializeToString(), provider=provider, threads=threads)
+            # a measurement keeps several sessions alive (a segment before the cut, the graph after
+            # it, the layer's own), run in turn: spinning, the idle ones' threads took the cores from
+            # the one running (10% of ResNet56's attribution on 2 cores, bench/attribute.py)
+            return make_session(sub.SerializeToString(), provider=provider, threads=threads, spinning=False)
 
         self.graph, self._labels, self._reference = CutGraph(model, input_shape), labels, reference
         self._everything = CutActivations(self.graph, lambda: batches(None), len(labels), session)

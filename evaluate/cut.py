@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from onnx import helper
 
 from ptqcal.quantize.graph import weighted_nodes
@@ -114,6 +115,41 @@ def extract(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str
     return copy
 
 
+def blocked(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (changed in place) with a 1x1 Conv of identity weights after each 4-D float input with
+    known channels that a node other than a Conv reads, which reads that Conv's output instead.
+
+    Why: ORT's NCHWc transformer (its blocked layout on CPU) turns an elementwise node such as Add into
+    the blocked layout only when every input already is, and a graph input is not (a Conv's input is
+    reordered). A cut input that a residual Add reads (a block's shortcut) left every Add after it in
+    that stage in plain layout, with a reorder on each side of every convolution: 8 Adds and 18
+    reorders after a cut in ResNet56's first stage. After the identity Conv, the stage is blocked and
+    fused as in the whole graph (3% of ResNet56's attribution, bench/attribute.py). The Conv computes
+    each finite value exactly: one product by 1, the others by 0."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    added = []
+    for value in model.graph.input:
+        tensor = value.type.tensor_type
+        dims = tensor.shape.dim
+        if (tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or not dims[1].dim_value
+                or all(node.op_type == "Conv" for node in readers.get(value.name, []))):
+            continue
+        channels, output = dims[1].dim_value, f"{value.name}_blocked"
+        weight = onnx.numpy_helper.from_array(np.eye(channels, dtype=np.float32).reshape(channels, channels, 1, 1),
+                                              f"{value.name}_identity")
+        model.graph.initializer.append(weight)
+        for node in readers[value.name]:
+            node.input[:] = [output if name == value.name else name for name in node.input]
+        added.append(helper.make_node("Conv", [value.name, weight.name], [output], name=f"{value.name}_identity"))
+    nodes = [*added, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 def tensor_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Every activation's value info (ONNX shape inference on a copy; the graph's own kept first)."""
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -169,8 +205,8 @@ class CutGraph:
         return sum(self._sizes.get(name, 0) for name in cut.tensors)
 
     def extract(self, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto:
-        """:func:`extract` of the model."""
-        return extract(self.model, inputs, outputs, self.types)
+        """:func:`extract` of the model, its inputs :func:`blocked`."""
+        return blocked(extract(self.model, inputs, outputs, self.types))
 
 
 Session = Callable[[onnx.ModelProto], object]  # a model -> an ORT session to run it

@@ -30,14 +30,18 @@ def execution_provider(name: str) -> str:
 
 
 def make_session(model: str | Path | bytes, fused: bool = True, optimized_model_path: str | Path | None = None,
-                 provider: str = "CPU", threads: int = 0) -> ort.InferenceSession:
+                 provider: str = "CPU", threads: int = 0, spinning: bool = True) -> ort.InferenceSession:
     """The one session factory: ``model`` (a path, or a serialised ModelProto) on ``provider`` (CPU
     by default) with ``threads`` intra-op threads (0: ORT's default, one per physical core).
     ``fused=False`` keeps Q/DQ around float ops (the simulated path); the default lets ORT fuse them
-    into integer kernels such as QLinearConv (the deployed path)."""
+    into integer kernels such as QLinearConv (the deployed path). ``spinning=False`` keeps the
+    session's idle threads from spin-waiting for work: for a caller that keeps several sessions
+    alive and runs them in turn, whose idle threads would take the cores from the one running."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not fused:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if optimized_model_path is not None:

@@ -344,3 +344,28 @@ def _residual_and_tied(tmp_path):
         path = tmp_path / "m.onnx"
         onnx.save(model, str(path))
         yield path
+
+
+def test_the_sessions_a_measurement_keeps_alive_do_not_spin_while_idle(tmp_path, monkeypatch):
+    """Several sessions of one measurement live at once and run in turn: each is made without
+    spinning (ORT's own option, read back from the session), while evaluation keeps ORT's default."""
+    from ptqcal.evaluate import attribution, runner
+
+    model = _two_layer_model(tmp_path / "m.onnx")
+    inputs = np.random.default_rng(4).normal(size=(20, 1, 8, 8)).astype(np.float32)
+    made, spinning = runner.make_session, []
+
+    def recording(*args, **kwargs):
+        session = made(*args, **kwargs)
+        try:
+            spinning.append(session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        except RuntimeError:  # not set: ORT's default
+            spinning.append("default")
+        return session
+
+    monkeypatch.setattr(runner, "make_session", recording)
+    reference = attribution.float_logits(model, _stream(inputs, 8))
+    assert spinning == ["default"]  # ORT's default (spinning): one session, run alone
+    spinning.clear()
+    attribution.attribute(model, _stream(inputs, 8), np.zeros(20, int), (4,), "torch", reference=reference)
+    assert len(spinning) >= 3 and set(spinning) == {"0"}

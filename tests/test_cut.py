@@ -134,3 +134,79 @@ def test_weights_read_by_two_layers_are_cut_before_the_first(tmp_path):
 
     cuts = {cut.layer: cut for cut in layer_cuts(_tied_model(tmp_path / "m.onnx"))}
     assert cuts["first"].start == cuts["second"].start == 2 and cuts["second"].tensors == ("x1",)
+
+
+def _stage_model(path):
+    """A stage of residual blocks, as in a ResNet (16 channels, a multiple of ORT's NCHWc blocks):
+    stem -> relu (x0); per block: conv_a -> relu -> conv_b, + the block's input, relu; pool, fc."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 3, 3, 3)).astype(np.float32), "stem_w"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (6, 16)).astype(np.float32), "fc_w")]
+    nodes = [helper.make_node("Conv", ["input", "stem_w"], ["stem"], pads=[1, 1, 1, 1], name="stem"),
+             helper.make_node("Relu", ["stem"], ["x0"], name="stem_relu")]
+    for block in range(3):
+        x, a, b = f"x{block}", f"a{block}", f"b{block}"
+        for conv in "ab":
+            inits.append(numpy_helper.from_array(rng.normal(0, 0.1, (16, 16, 3, 3)).astype(np.float32), f"w{conv}{block}"))
+        nodes += [helper.make_node("Conv", [x, f"wa{block}"], [f"{a}_pre"], pads=[1, 1, 1, 1], name=f"conv_a{block}"),
+                  helper.make_node("Relu", [f"{a}_pre"], [a], name=f"relu_a{block}"),
+                  helper.make_node("Conv", [a, f"wb{block}"], [b], pads=[1, 1, 1, 1], name=f"conv_b{block}"),
+                  helper.make_node("Add", [b, x], [f"s{block}"], name=f"add{block}"),
+                  helper.make_node("Relu", [f"s{block}"], [f"x{block + 1}"], name=f"relu_b{block}")]
+    nodes += [helper.make_node("GlobalAveragePool", ["x3"], ["pooled"], name="pool"),
+              helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], transB=1, name="fc")]
+    return onnx.load(str(save_classifier(path, "stage", nodes, inits, 6, ("N", 3, 8, 8))))
+
+
+def _optimized_ops(model, path):
+    """(domain, op type) of every node of ``model`` as ORT's CPU session optimises it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [(node.domain, node.op_type) for node in onnx.load(str(path)).graph.node]
+
+
+def test_after_a_cut_in_a_residual_stage_orts_blocked_layout_fuses_every_add_as_in_the_whole_graph(tmp_path):
+    """Cut at a block's second conv, the block's input (read by its Add) is a graph input: ORT's NCHWc
+    transformer left that Add and every one after it in plain layout. With the cut's inputs blocked
+    the graph after the cut fuses as the whole graph does (no plain Add), and computes its logits."""
+    from ptqcal.evaluate.cut import CutGraph, extract
+
+    model = _stage_model(tmp_path / "m.onnx")
+    whole_ops = _optimized_ops(model, tmp_path / "whole.onnx")
+    if ("", "Add") in whole_ops or not any(domain == "com.microsoft.nchwc" for domain, _ in whole_ops):
+        pytest.skip("ORT uses no NCHWc layout for this graph on this CPU")
+    inputs = np.random.default_rng(4).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    graph = CutGraph(model, inputs.shape)
+    cut = next(cut for cut in graph.cuts if cut.layer == "conv_b0")
+    assert cut.tensors == ("x0", "a0")
+    plain = extract(model, cut.tensors, ["logits"], graph.types)
+    assert [op for op in _optimized_ops(plain, tmp_path / "plain.onnx") if op == ("", "Add")]  # what it fixes
+    suffix = graph.extract(cut.tensors, ["logits"])
+    assert ("", "Add") not in _optimized_ops(suffix, tmp_path / "suffix.onnx")
+    assert [i.name for i in suffix.graph.input] == ["x0", "a0"]
+    whole = _whole(model, inputs, cut.tensors)
+    logits = _session(suffix).run(None, {name: whole[name] for name in cut.tensors})[0]
+    np.testing.assert_allclose(logits, whole["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_the_identity_conv_before_a_blocked_input_passes_every_value_exactly():
+    """Values of every magnitude (subnormal to 1e30, zeros, negatives) through the added 1x1 Conv."""
+    import onnxruntime as ort
+
+    from ptqcal.evaluate.cut import blocked
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 24, 5, 5])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 24, 5, 5])])
+    model = blocked(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [node.op_type for node in model.graph.node] == ["Conv", "Relu"]
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(3, 24, 5, 5)) * 10.0 ** rng.integers(-40, 30, (3, 24, 5, 5))).astype(np.float32)
+    x[0, :3] = 0.0
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.maximum(x, 0))

@@ -6,19 +6,22 @@ the graph cut at each layer (``ptqcal.evaluate.cut``), side by side in one run.
 Both ways take the same model, images, batches, widths (8 and 4) and layers, in this process, one
 after the other (the whole graph first, then alternating; the least of ``--repeats`` runs counts);
 their results are compared (the same swaps, the SQNR to float rounding). ``attribute``'s ``memo``
-picks the layers: a layer left out is answered without running anything, in both ways alike.
+picks the layers: a layer left out is answered without running anything, in both ways alike. The
+whole-graph way runs twice: as it was, and with the cut way's session options (no spinning while
+idle), so the ratio the cut alone gives is printed too.
 
 What bounds the ratio: the cut way runs, for each (layer, bits), the graph after the layer's cut;
 the whole-graph way the whole graph (and twice more on 32 images, for the SQNR). So the ratio is
-about 1 / the mean share of the graph's time that comes after a layer's cut, which depends on where
-ORT spends its time (ResNet56 spends almost half of it in its last stage's 8x8 convolutions).
+about 1 / the mean share of the graph's time that comes after a layer's cut: about a half when the
+layers' costs are spread evenly, as in ResNet56 (its three stages take about a third each).
 
 - ResNet56 (random weights, seed 0) on 512 CIFAR-sized real images (``images.cifar_images``; quick:
   256 images, every 3rd layer), batches of 128;
 - EfficientNet-Lite0 with its packaged ImageNet weights on the 270 real ImageNet samples of
   ../shared decoded by ptqcal.data, batches of 32, every weight layer (quick: 96 images, every 10th).
 
-The whole-graph way is the attribution before the cut, kept here verbatim (``whole_graph``).
+The whole-graph way is the attribution before the cut, kept here verbatim (``whole_graph``) but for
+its ``spinning`` switch (on by default, as it was).
 """
 
 from __future__ import annotations

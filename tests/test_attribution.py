@@ -250,6 +250,26 @@ def test_cut_attribution_equals_the_whole_graphs_on_the_real_resnet20(tmp_path, 
 
 
 @pytest.mark.slow
+def test_cut_attribution_equals_the_whole_graphs_on_resnet56(tmp_path, monkeypatch):
+    """ResNet56 (random weights: its 57 convolutions and the fc, residual stages whose cuts ORT's
+    blocked layout fuses differently) on 96 CIFAR-sized images in batches of 64, at 3 bits."""
+    pytest.importorskip("torch")
+    from ptqcal.export import export_onnx
+    from ptqcal.models import RANDOM_WEIGHTS, get_model_entry
+    from ptqcal.models.preprocess import CIFAR100_PREPROCESS
+    from ptqcal.quantize import prepare
+
+    rng = np.random.default_rng(6)
+    inputs = CIFAR100_PREPROCESS(rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8))
+    labels = rng.integers(0, 100, 96)
+    export_onnx(get_model_entry("cifar_resnet56").build(RANDOM_WEIGHTS, None, tmp_path), inputs[:8],
+                tmp_path / "r56.onnx")
+    prepared = prepare(tmp_path / "r56.onnx", tmp_path / "prepared.onnx")
+    result = _assert_cut_equals_whole_graph(prepared, _stream(inputs, 64), labels, (3,), monkeypatch)
+    assert len(result.effects) == 58 and any(e.swapped > 0 for e in result.effects)
+
+
+@pytest.mark.slow
 def test_cut_attribution_equals_the_whole_graphs_on_the_vit(digits, tmp_path, monkeypatch):
     """The digits ViT (attention reshapes its activations with batch-sized shape arithmetic that
     crosses the cuts), in batches of 40. In batches of 24 the SQNR's 32 images are two batches, and

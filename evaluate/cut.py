@@ -116,8 +116,9 @@ def extract(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str
 
 
 def blocked(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` (changed in place) with a 1x1 Conv of identity weights after each 4-D float input with
-    known channels that a node other than a Conv reads, which reads that Conv's output instead.
+    """``model`` (changed in place) with a 1x1 Conv of identity weights after each 4-D float input
+    (its channels known) that a node other than a Conv reads together with a Conv's output (a residual
+    Add); the input's readers read that Conv's output instead.
 
     Why: ORT's NCHWc transformer (its blocked layout on CPU) turns an elementwise node such as Add into
     the blocked layout only when every input already is, and a graph input is not (a Conv's input is
@@ -126,27 +127,36 @@ def blocked(model: onnx.ModelProto) -> onnx.ModelProto:
     reorders after a cut in ResNet56's first stage. After the identity Conv, the stage is blocked and
     fused as in the whole graph (3% of ResNet56's attribution, bench/attribute.py). The Conv computes
     each finite value exactly: one product by 1, the others by 0."""
+    graph = model.graph
+    convolved = {name for node in graph.node if node.op_type == "Conv" for name in node.output}
+    taken = {name for node in graph.node for name in (*node.input, *node.output)} | {i.name for i in graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
+    for node in graph.node:
+        for name in set(node.input):
             readers.setdefault(name, []).append(node)
+
+    def unused(name: str) -> str:
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
     added = []
-    for value in model.graph.input:
-        tensor = value.type.tensor_type
-        dims = tensor.shape.dim
-        if (tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or not dims[1].dim_value
-                or all(node.op_type == "Conv" for node in readers.get(value.name, []))):
+    for value in graph.input:
+        tensor, dims = value.type.tensor_type, value.type.tensor_type.shape.dim
+        if tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or not dims[1].dim_value or not any(
+                node.op_type != "Conv" and convolved & set(node.input) for node in readers.get(value.name, [])):
             continue
-        channels, output = dims[1].dim_value, f"{value.name}_blocked"
+        channels, output = dims[1].dim_value, unused(f"{value.name}_blocked")
         weight = onnx.numpy_helper.from_array(np.eye(channels, dtype=np.float32).reshape(channels, channels, 1, 1),
-                                              f"{value.name}_identity")
-        model.graph.initializer.append(weight)
+                                              unused(f"{value.name}_identity"))
+        graph.initializer.append(weight)
         for node in readers[value.name]:
             node.input[:] = [output if name == value.name else name for name in node.input]
-        added.append(helper.make_node("Conv", [value.name, weight.name], [output], name=f"{value.name}_identity"))
-    nodes = [*added, *model.graph.node]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+        added.append(helper.make_node("Conv", [value.name, weight.name], [output], name=weight.name))
+    nodes = [*added, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
     return model
 
 

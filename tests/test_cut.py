@@ -195,18 +195,26 @@ def test_after_a_cut_in_a_residual_stage_orts_blocked_layout_fuses_every_add_as_
 
 
 def test_the_identity_conv_before_a_blocked_input_passes_every_value_exactly():
-    """Values of every magnitude (subnormal to 1e30, zeros, negatives) through the added 1x1 Conv."""
+    """Values of every magnitude (subnormal to 1e30, zeros, negatives) through the added 1x1 Conv, into
+    a residual Add (of a Conv whose weights are 0: the Add gives back its input exactly). An input
+    that no such node reads (``side``: a Relu alone) is left as it is."""
     import onnxruntime as ort
 
     from ptqcal.evaluate.cut import blocked
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 24, 5, 5])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 24, 5, 5])])
+    shape = ["N", 24, 5, 5]
+    nodes = [helper.make_node("Conv", ["x", "zero"], ["c"], name="conv"),
+             helper.make_node("Add", ["c", "x"], ["y"], name="residual"),
+             helper.make_node("Relu", ["side"], ["r"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+                                           for name in ("x", "side")],
+                              [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape) for name in "yr"],
+                              [numpy_helper.from_array(np.zeros((24, 24, 1, 1), np.float32), "zero")])
     model = blocked(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert [node.op_type for node in model.graph.node] == ["Conv", "Relu"]
+    assert [node.op_type for node in model.graph.node] == ["Conv", "Conv", "Add", "Relu"]
+    assert list(model.graph.node[3].input) == ["side"]
     rng = np.random.default_rng(5)
     x = (rng.normal(size=(3, 24, 5, 5)) * 10.0 ** rng.integers(-40, 30, (3, 24, 5, 5))).astype(np.float32)
     x[0, :3] = 0.0
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_array_equal(session.run(None, {"x": x})[0], np.maximum(x, 0))
+    np.testing.assert_array_equal(session.run(["y"], {"x": x, "side": x})[0], x)

@@ -8,7 +8,9 @@ cache folder (and the images) must be on storage that every node sees: a task's 
 entry like a local step's, written whole or not at all. A task Ray retries after its worker died
 recomputes only what is not in the cache yet, and a driver killed mid-run resumes from it like a
 local run. Logits shards come back through Ray's object store and are also cached, so the driver
-assembles exactly the array a local run computes, under the same key.
+assembles exactly the array a local run computes, under the same key. A split's images (arrays,
+or file paths) go to the object store once in a run, whatever number of tasks, calls and corrupted
+copies of the images carry them.
 
 Shards are batch-aligned: each starts at a multiple of the run's batch size and holds whole
 batches, so every image is evaluated in the same batch as in a local run, and the logits are the
@@ -22,8 +24,9 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -31,6 +34,8 @@ import numpy as np
 
 from .cache import Cache
 from .config import RunConfig
+from .data.pixels import Pixels
+from .data.splits import Dataset, Split
 from .errors import UserError
 
 SHARD_BATCHES = 4  # whole batches per inference task: small enough to spread, large enough to amortise a session
@@ -97,9 +102,29 @@ def _readable(cache: Cache, pixels) -> None:
                         "storage every node sees")
 
 
+@dataclass(frozen=True)
+class _Detached:
+    """A :class:`~ptqcal.data.Pixels` or :class:`~ptqcal.data.Dataset` as a task receives it: without
+    its splits, whose objects in Ray's store every argument holding them shares (:meth:`RayCluster._ship`)."""
+
+    value: Pixels | Dataset  # its splits None
+    splits: dict[str, Any]  # field name: the split's ObjectRef
+
+
+def _attached(arg):
+    """``arg``, or the Pixels or Dataset it stands for whole again. The splits' refs are nested in
+    ``arg``, so Ray does not resolve them before the task runs: the task gets them here (arrays: read
+    in place from the node's store, not copied), and the step sees what a local run sees."""
+    if not isinstance(arg, _Detached):
+        return arg
+    import ray
+
+    return replace(arg.value, **dict(zip(arg.splits, ray.get(list(arg.splits.values())))))
+
+
 def _call(fn: Callable, cache: Cache, *args) -> Any:
     _readable(cache, None)
-    return fn(cache, *args)
+    return fn(cache, *map(_attached, args))
 
 
 def _shard(cache: Cache, job, pixels, cfg: RunConfig, start: int, count: int) -> np.ndarray:
@@ -107,6 +132,7 @@ def _shard(cache: Cache, job, pixels, cfg: RunConfig, start: int, count: int) ->
     ``job`` travels without its pixels, which every shard of every job shares from one object."""
     from .steps import check_logits
 
+    pixels = _attached(pixels)
     job = replace(job, pixels=pixels)
     _readable(cache, pixels)
     return cache.array(f"{job.kind}-shard", job.key(cfg, (start, count)),
@@ -217,6 +243,9 @@ class RayCluster:
             self._remove_session()
             raise
         self._remote = ray.remote(max_retries=RETRIES)
+        # id(split): (the split, held so that its id stays its own; its ref in Ray's object store)
+        self._splits: dict[int, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()  # several models' runs submit their tasks at once
 
     def _connect(self, address: str) -> None:
         if address != LOCAL:  # "auto" probed at the address Ray would take for it
@@ -252,11 +281,30 @@ class RayCluster:
             cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
             raise cause from None
 
+    def _ship(self, value: Pixels | Dataset) -> _Detached:
+        """What a task receives for ``value``: it without its splits, and their refs. A split goes to
+        the object store once in the executor's life (a run), however many Pixels (the clean images,
+        each corrupted copy) or Datasets carry it in however many calls: 7.5 GB of ImageNet arrays
+        under 75 corruption cells are 7.5 GB in the store, not 75 times that."""
+        splits = {f.name: getattr(value, f.name) for f in fields(value) if isinstance(getattr(value, f.name), Split)}
+        with self._lock:
+            for split in splits.values():
+                if id(split) not in self._splits:
+                    self._splits[id(split)] = (split, self.ray.put(split))
+            refs = {name: self._splits[id(split)][1] for name, split in splits.items()}
+        return _Detached(replace(value, **dict.fromkeys(splits)), refs)
+
     def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
         """``fn(*call)`` for each call (whose first item is the run's cache), as tasks; the results
         in order. An argument several calls share (the same object: a pixel stream, a model's
-        attribution work) goes to the object store once, not once a task."""
+        attribution work) goes to the object store once, not once a task; a Pixels or Dataset goes
+        as :meth:`_ship` makes it."""
         task = self._remote(_call).options(name=getattr(fn, "__name__", "task"))  # how Ray's dashboard lists it
+        shipped: dict[int, _Detached] = {}
+        for arg in (arg for args in calls for arg in args if isinstance(arg, (Pixels, Dataset))):
+            if id(arg) not in shipped:
+                shipped[id(arg)] = self._ship(arg)
+        calls = [tuple(shipped.get(id(arg), arg) for arg in args) for args in calls]
         uses = Counter(id(arg) for args in calls for arg in args)
         objects = {id(arg): arg for args in calls for arg in args
                    if uses[id(arg)] > 1 and not isinstance(arg, (str, int, float, Path, type(None)))}
@@ -274,8 +322,9 @@ class RayCluster:
 
         task = self._remote(_shard).options(name="inference")
         pending = [job for job in jobs if not cache.has(job.kind, job.key(cfg), "npy")]
-        shared = {id(job.pixels): self.ray.put(job.pixels) for job in pending}  # sent to the object store once
-        files = {id(job.pixels): job.pixels for job in pending if job.pixels.split.is_files}
+        streams = {id(job.pixels): job.pixels for job in pending}
+        shared = {key: self.ray.put(self._ship(pixels)) for key, pixels in streams.items()}  # each sent once
+        files = {key: pixels for key, pixels in streams.items() if pixels.split.is_files}
         # image files are decoded on the cluster, chunk by chunk: how many decoded decides the shards
         self.map(_index, [(cache, shared[key], index) for key, pixels in files.items()
                           for index in range(pixels.num_chunks)])
@@ -297,6 +346,7 @@ class RayCluster:
     def close(self) -> None:
         """Stop the Ray started for the run (and remove its session folder), or disconnect from the
         cluster (which keeps running)."""
+        self._splits.clear()
         if self.connected:
             self.ray.shutdown()
         self._remove_session()

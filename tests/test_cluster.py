@@ -8,6 +8,7 @@ statistics off; it is stopped when the module's tests end.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -394,3 +395,52 @@ def test_corruptions_on_the_cluster_equal_the_local_run(ray_cluster, tmp_path):
     _same_results(tmp_path / "local", tmp_path / "ray")
     with np.load(tmp_path / "ray" / "logits.npz") as stored:
         assert {"shift:gaussian_noise@2:a8w4", "shift:contrast@2:float"} <= set(stored.files)
+
+
+def _holds(value, array: np.ndarray, depth: int = 0) -> bool:
+    """Whether ``value`` (through dataclasses, tuples, lists and dicts) holds an array equal to ``array``."""
+    if isinstance(value, np.ndarray):
+        return value.shape == array.shape and np.array_equal(value, array)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        inside = [getattr(value, field.name) for field in dataclasses.fields(value)]
+    else:
+        inside = list(value.values()) if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else []
+    return depth < 5 and any(_holds(item, array, depth + 1) for item in inside)
+
+
+@pytest.mark.slow
+def test_an_array_dataset_goes_to_the_object_store_once_whatever_the_corruption_cells(ray_cluster, tmp_path,
+                                                                                        monkeypatch):
+    """An .npz's evaluation images, clean and under four corruption cells (each a Pixels of its own
+    on the same split, in the corruption and inference tasks of every configuration) and in the
+    dataset the export task gets, are put into Ray's object store once in the run; the run folder
+    equals the local one."""
+    pytest.importorskip("imagecorruptions")
+    import ray
+
+    from ptqcal.cli import main
+    from ptqcal.executors import RayCluster
+    from test_shift import _classifier
+
+    rng = np.random.default_rng(3)
+    images = np.repeat(np.repeat(rng.integers(0, 256, (64, 8, 8, 3)).astype(np.uint8), 4, axis=1), 4, axis=2)
+    np.savez(tmp_path / "data.npz", images=images[:40], labels=rng.integers(0, 4, 40), calib_images=images[40:],
+             calib_labels=rng.integers(0, 4, 24))
+    args = ["run", "--model", str(_classifier(tmp_path / "model.onnx")), "--dataset", str(tmp_path / "data.npz"),
+            "--preprocess", "unit", "--weight-bits", "8", "4", "--corruptions", "contrast", "gaussian_noise",
+            "--severities", "1", "3", "--check-images", "0", "--no-progress", "--quiet", "--no-timing"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    held, put = [], ray.put
+
+    def counted(value, *rest, **options):
+        held.append(_holds(value, images[:40]))
+        return put(value, *rest, **options)
+
+    cluster = RayCluster(ray_cluster)  # the run's executor joins this connection
+    try:
+        monkeypatch.setattr(ray, "put", counted)
+        assert main([*args, "--out", str(tmp_path / "ray"), "--ray", ray_cluster]) == 0
+    finally:
+        cluster.close()
+    assert sum(held) == 1 and len(held) > 1  # the evaluation images once; the other puts hold them no more
+    _same_results(tmp_path / "local", tmp_path / "ray")

@@ -290,6 +290,7 @@ class RayCluster:
         with self._lock:
             for split in splits.values():
                 if id(split) not in self._splits:
+                    split.digest  # noqa: B018 (computed once here, it travels with the split to every task)
                     self._splits[id(split)] = (split, self.ray.put(split))
             refs = {name: self._splits[id(split)][1] for name, split in splits.items()}
         return _Detached(replace(value, **dict.fromkeys(splits)), refs)

@@ -142,3 +142,26 @@ def test_a_calibration_pool_holding_evaluation_images_is_said_in_a_note(tmp_path
     linked = Dataset("folder", Split(files, np.zeros(4, np.int64)),
                      calib_pool=Split([tmp_path / "link.png"], np.zeros(1, np.int64)))
     assert select(linked, 1, 0).calib_note.startswith("1 of the 1 calibration images")
+
+
+def test_a_splits_images_are_hashed_once_whatever_keys_are_asked_and_the_digest_travels_with_it(monkeypatch):
+    """Every logits key starts from the split's digest: asked for by the clean pixels, a corrupted
+    copy and again, the image array is hashed once, and a pickled split (a Ray task's) carries it."""
+    from ptqcal.cache import array_digest
+    from ptqcal.data import Pixels, splits
+    from ptqcal.data.corrupt import Corruption
+    from ptqcal.models.preprocess import CIFAR100_PREPROCESS
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    split, hashed = Split(images, np.arange(6)), []
+
+    def counting(array):
+        hashed.append(array.shape)
+        return array_digest(array)
+
+    monkeypatch.setattr(splits, "array_digest", counting)
+    clean = Pixels(split, CIFAR100_PREPROCESS)
+    keys = [clean.key, clean.corrupted(Corruption("contrast", 2), 0).key, clean.key]
+    assert hashed == [images.shape] and keys[0] == keys[2] == array_digest(images) != keys[1]
+    copy = pickle.loads(pickle.dumps(split))
+    assert Pixels(copy, CIFAR100_PREPROCESS).key == keys[0] and hashed == [images.shape]

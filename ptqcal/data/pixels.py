@@ -19,7 +19,7 @@ import numpy as np
 from ..cache import Cache, array_digest, make_key
 from .corrupt import Corruption, check_corruptible, corrupt_pixels, corruption_versions
 from .decode import decode_images
-from .splits import Split
+from .splits import Split, file_stats
 from ..errors import UserError
 from ..models import PreprocessCfg
 
@@ -74,8 +74,7 @@ class Pixels:
     def key(self) -> str:
         """What decides the pixels: the arrays' content, or the files (path, size, mtime) and the
         geometry they are decoded to."""
-        clean = array_digest(self.split.images) if not self.split.is_files else \
-            make_key("files", _file_stats(self.split.images), array_digest(self.split.labels), self._geometry())
+        clean = self.split.digest if not self.split.is_files else make_key(self.split.digest, self._geometry())
         return clean if self.corruption is None else make_key(clean, *self._corruption_key())
 
     def _corruption_key(self) -> tuple:
@@ -101,7 +100,7 @@ class Pixels:
         if not self.split.is_files:
             return make_key(array_digest(self.split.images[start:stop]), start)
         part = self.split.take(np.arange(start, stop))
-        return make_key("files", _file_stats(part.images), array_digest(part.labels), self._geometry())
+        return make_key("files", file_stats(part.images), array_digest(part.labels), self._geometry())
 
     def _corrupted_key(self, index: int) -> str:
         """What decides chunk ``index``'s corrupted pixels: its clean pixels, where it starts (each
@@ -283,10 +282,6 @@ def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
             except Empty:
                 break
         thread.join()
-
-
-def _file_stats(paths: list[Path]) -> list:
-    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p), -1, -1) for p in paths]
 
 
 def _save_chunk(chunk: _Chunk, tmp: Path) -> None:

@@ -21,6 +21,9 @@ from .metrics import quantization_change
 
 CONFIDENT = 0.9  # a float prediction held with at least this confidence counts as confident
 SQNR_IMAGES = 32
+# How the effects are computed, for a caller's memo keys: a result of another way (the graph cut
+# without its inputs blocked, whose numbers differ in the last bits) is not mixed with this one's
+METHOD = "cut, inputs blocked"
 
 # batches(limit) -> the model-input batches of the images (the first ``limit`` images, or all)
 BatchSource = Callable[[int | None], Iterable[np.ndarray]]

@@ -125,11 +125,13 @@ def blocked(model: onnx.ModelProto) -> onnx.ModelProto:
     reordered). A cut input that a residual Add reads (a block's shortcut) left every Add after it in
     that stage in plain layout, with a reorder on each side of every convolution: 8 Adds and 18
     reorders after a cut in ResNet56's first stage. After the identity Conv, the stage is blocked and
-    fused as in the whole graph (3% of ResNet56's attribution, bench/attribute.py). The Conv computes
-    each finite value exactly: one product by 1, the others by 0."""
+    fused as in the whole graph (3% of ResNet56's attribution, bench/attribute.py). The Conv gives each
+    value back exactly (one product by 1, the others by 0) where all channels at its position are
+    finite, -0 as +0; an infinite or NaN activation would make its position's other channels NaN."""
     graph = model.graph
     convolved = {name for node in graph.node if node.op_type == "Conv" for name in node.output}
-    taken = {name for node in graph.node for name in (*node.input, *node.output)} | {i.name for i in graph.initializer}
+    taken = {name for node in graph.node for name in (node.name, *node.input, *node.output)}
+    taken |= {value.name for value in [*graph.initializer, *graph.input, *graph.output]}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in set(node.input):

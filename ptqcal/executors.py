@@ -9,8 +9,8 @@ entry like a local step's, written whole or not at all. A task Ray retries after
 recomputes only what is not in the cache yet, and a driver killed mid-run resumes from it like a
 local run. Logits shards come back through Ray's object store and are also cached, so the driver
 assembles exactly the array a local run computes, under the same key. A split's images (arrays,
-or file paths) go to the object store once in a run, whatever number of tasks, calls and corrupted
-copies of the images carry them.
+or file paths) go to the object store once in a run, whatever number of tasks, calls, models and
+corrupted copies of the images carry them (attribution's few images travel inside its work).
 
 Shards are batch-aligned: each starts at a multiple of the run's batch size and holds whole
 batches, so every image is evaluated in the same batch as in a local run, and the logits are the
@@ -25,6 +25,7 @@ import socket
 import sys
 import tempfile
 import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .cache import Cache
+from .cache import Cache, array_digest, make_key
 from .config import RunConfig
 from .data.pixels import Pixels
 from .data.splits import Dataset, Split
@@ -243,8 +244,10 @@ class RayCluster:
             self._remove_session()
             raise
         self._remote = ray.remote(max_retries=RETRIES)
-        # id(split): (the split, held so that its id stays its own; its ref in Ray's object store)
-        self._splits: dict[int, tuple[Any, Any]] = {}
+        # a split's content: its ref in Ray's object store, one copy a run whichever objects hold it
+        self._stored: dict[str, Any] = {}
+        # id(split): (a weak reference to it, its content): each split object is hashed once
+        self._contents: dict[int, tuple[weakref.ref, str]] = {}
         self._lock = threading.Lock()  # several models' runs submit their tasks at once
 
     def _connect(self, address: str) -> None:
@@ -281,18 +284,29 @@ class RayCluster:
             cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
             raise cause from None
 
+    def _content(self, split: Split) -> str:
+        """What ``split`` holds (its images' digest, or its paths, and its labels'), computed once for
+        each split object (held weakly: the run lets go of its splits as before)."""
+        known = self._contents.get(id(split))
+        if known is not None and known[0]() is split:
+            return known[1]
+        images = make_key([str(path) for path in split.images]) if split.is_files else array_digest(split.images)
+        content = make_key(images, array_digest(split.labels))
+        self._contents[id(split)] = (weakref.ref(split), content)
+        return content
+
     def _ship(self, value: Pixels | Dataset) -> _Detached:
-        """What a task receives for ``value``: it without its splits, and their refs. A split goes to
-        the object store once in the executor's life (a run), however many Pixels (the clean images,
-        each corrupted copy) or Datasets carry it in however many calls: 7.5 GB of ImageNet arrays
-        under 75 corruption cells are 7.5 GB in the store, not 75 times that."""
+        """What a task receives for ``value``: it without its splits, and their refs. Each split's
+        content goes to the object store once in the executor's life (a run), however many Pixels (the
+        clean images, each corrupted copy), Datasets (each model's, side by side and timed) and calls
+        carry it: 7.5 GB of ImageNet arrays under 75 corruption cells are 7.5 GB in the store."""
         splits = {f.name: getattr(value, f.name) for f in fields(value) if isinstance(getattr(value, f.name), Split)}
+        contents = {name: self._content(split) for name, split in splits.items()}  # seconds: not under the lock
         with self._lock:
-            for split in splits.values():
-                if id(split) not in self._splits:
-                    split.digest  # noqa: B018 (computed once here, it travels with the split to every task)
-                    self._splits[id(split)] = (split, self.ray.put(split))
-            refs = {name: self._splits[id(split)][1] for name, split in splits.items()}
+            for name, split in splits.items():
+                if contents[name] not in self._stored:
+                    self._stored[contents[name]] = self.ray.put(split)
+            refs = {name: self._stored[contents[name]] for name in splits}
         return _Detached(replace(value, **dict.fromkeys(splits)), refs)
 
     def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
@@ -347,7 +361,7 @@ class RayCluster:
     def close(self) -> None:
         """Stop the Ray started for the run (and remove its session folder), or disconnect from the
         cluster (which keeps running)."""
-        self._splits.clear()
+        self._stored.clear()
         if self.connected:
             self.ray.shutdown()
         self._remove_session()

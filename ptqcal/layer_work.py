@@ -19,7 +19,7 @@ import numpy as np
 from .cache import Cache, array_digest, file_digest, make_key
 from .config import RunConfig
 from .data.pixels import Pixels
-from .evaluate.attribution import Attribution, LayerEffect
+from .evaluate.attribution import METHOD, Attribution, LayerEffect
 from .models import PreprocessCfg
 
 
@@ -65,7 +65,7 @@ class AttributionWork:
     def effect_key(self, layer: str, bits: int) -> str:
         """The key of one (layer, bits) result: the images, the layer, its width, how ORT runs."""
         return make_key(*self._images_key(), layer, bits, self.weight_scale, self.batch_size, self.provider,
-                        self.keyed)
+                        self.keyed, METHOD)
 
     def reference(self, cache: Cache) -> np.ndarray:
         """The float model's logits on the images, computed once (threads change no logit)."""

@@ -409,14 +409,13 @@ def _holds(value, array: np.ndarray, depth: int = 0) -> bool:
 
 
 @pytest.mark.slow
-def test_an_array_dataset_goes_to_the_object_store_once_whatever_the_corruption_cells(ray_cluster, tmp_path,
-                                                                                        monkeypatch):
-    """An .npz's evaluation images, clean and under four corruption cells (each a Pixels of its own
-    on the same split, in the corruption and inference tasks of every configuration) and in the
-    dataset the export task gets, are put into Ray's object store once in the run; the run folder
-    equals the local one."""
+def test_an_array_dataset_goes_to_the_object_store_once_in_a_run(ray_cluster, tmp_path, monkeypatch):
+    """An .npz's evaluation images, clean and under four corruption cells (each a Pixels of its own on
+    the same split) and in the export task's dataset, are put into Ray's object store once in the run,
+    never inline in a task's arguments; the run folder equals the local one."""
     pytest.importorskip("imagecorruptions")
     import ray
+    from ray.remote_function import RemoteFunction
 
     from ptqcal.cli import main
     from ptqcal.executors import RayCluster
@@ -430,17 +429,22 @@ def test_an_array_dataset_goes_to_the_object_store_once_whatever_the_corruption_
             "--preprocess", "unit", "--weight-bits", "8", "4", "--corruptions", "contrast", "gaussian_noise",
             "--severities", "1", "3", "--check-images", "0", "--no-progress", "--quiet", "--no-timing"]
     assert main([*args, "--out", str(tmp_path / "local")]) == 0
-    held, put = [], ray.put
+    held, inline, put, submit = [], [], ray.put, RemoteFunction._remote
 
     def counted(value, *rest, **options):
         held.append(_holds(value, images[:40]))
         return put(value, *rest, **options)
 
+    def submitted(self, args=None, kwargs=None, **options):  # what a task gets inline Ray would put itself
+        inline.append(_holds(list(args or ()), images[:40]))
+        return submit(self, args, kwargs, **options)
+
     cluster = RayCluster(ray_cluster)  # the run's executor joins this connection
     try:
         monkeypatch.setattr(ray, "put", counted)
+        monkeypatch.setattr(RemoteFunction, "_remote", submitted)
         assert main([*args, "--out", str(tmp_path / "ray"), "--ray", ray_cluster]) == 0
     finally:
         cluster.close()
-    assert sum(held) == 1 and len(held) > 1  # the evaluation images once; the other puts hold them no more
+    assert sum(held) == 1 and len(held) > 1 and inline and not any(inline)  # once, and never inline
     _same_results(tmp_path / "local", tmp_path / "ray")

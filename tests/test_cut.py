@@ -146,8 +146,8 @@ def _stage_model(path):
              helper.make_node("Relu", ["stem"], ["x0"], name="stem_relu")]
     for block in range(3):
         x, a, b = f"x{block}", f"a{block}", f"b{block}"
-        for conv in "ab":
-            inits.append(numpy_helper.from_array(rng.normal(0, 0.1, (16, 16, 3, 3)).astype(np.float32), f"w{conv}{block}"))
+        inits += [numpy_helper.from_array(rng.normal(0, 0.1, (16, 16, 3, 3)).astype(np.float32), f"w{conv}{block}")
+                  for conv in "ab"]
         nodes += [helper.make_node("Conv", [x, f"wa{block}"], [f"{a}_pre"], pads=[1, 1, 1, 1], name=f"conv_a{block}"),
                   helper.make_node("Relu", [f"{a}_pre"], [a], name=f"relu_a{block}"),
                   helper.make_node("Conv", [a, f"wb{block}"], [b], pads=[1, 1, 1, 1], name=f"conv_b{block}"),
@@ -194,10 +194,11 @@ def test_after_a_cut_in_a_residual_stage_orts_blocked_layout_fuses_every_add_as_
     np.testing.assert_allclose(logits, whole["logits"], rtol=1e-6, atol=1e-6)
 
 
-def test_the_identity_conv_before_a_blocked_input_passes_every_value_exactly():
-    """Values of every magnitude (subnormal to 1e30, zeros, negatives) through the added 1x1 Conv, into
-    a residual Add (of a Conv whose weights are 0: the Add gives back its input exactly). An input
-    that no such node reads (``side``: a Relu alone) is left as it is."""
+def test_the_identity_conv_before_a_blocked_input_passes_every_finite_value_exactly():
+    """Finite values of every magnitude (subnormal to 1e30, zeros, negatives) through the added 1x1
+    Conv, into a residual Add (of a Conv whose weights are 0: the Add gives back its input exactly).
+    An input that no such node reads (``side``: a Relu alone) is left as it is; the Conv's name is
+    its own (a node of the graph has the name it would take first)."""
     import onnxruntime as ort
 
     from ptqcal.evaluate.cut import blocked
@@ -205,14 +206,14 @@ def test_the_identity_conv_before_a_blocked_input_passes_every_value_exactly():
     shape = ["N", 24, 5, 5]
     nodes = [helper.make_node("Conv", ["x", "zero"], ["c"], name="conv"),
              helper.make_node("Add", ["c", "x"], ["y"], name="residual"),
-             helper.make_node("Relu", ["side"], ["r"], name="relu")]
+             helper.make_node("Relu", ["side"], ["r"], name="x_identity")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
                                            for name in ("x", "side")],
                               [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape) for name in "yr"],
                               [numpy_helper.from_array(np.zeros((24, 24, 1, 1), np.float32), "zero")])
     model = blocked(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert [node.op_type for node in model.graph.node] == ["Conv", "Conv", "Add", "Relu"]
-    assert list(model.graph.node[3].input) == ["side"]
+    assert list(model.graph.node[3].input) == ["side"] and len({node.name for node in model.graph.node}) == 4
     rng = np.random.default_rng(5)
     x = (rng.normal(size=(3, 24, 5, 5)) * 10.0 ** rng.integers(-40, 30, (3, 24, 5, 5))).astype(np.float32)
     x[0, :3] = 0.0

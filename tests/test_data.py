@@ -144,11 +144,12 @@ def test_a_calibration_pool_holding_evaluation_images_is_said_in_a_note(tmp_path
     assert select(linked, 1, 0).calib_note.startswith("1 of the 1 calibration images")
 
 
-def test_a_splits_images_are_hashed_once_whatever_keys_are_asked_and_the_digest_travels_with_it(monkeypatch):
-    """Every logits key starts from the split's digest: asked for by the clean pixels, a corrupted
-    copy and again, the image array is hashed once, and a pickled split (a Ray task's) carries it."""
+def test_a_runs_images_are_hashed_once_whatever_keys_it_asks_and_a_new_run_hashes_them_again(monkeypatch):
+    """Every logits key starts from the images' digest: asked for by the clean pixels, a corrupted copy
+    and again, the array is hashed once, and the digest travels with a pickled copy (a Ray task's).
+    Pixels made again (a later run) hash the array again: changed in place, it gets another key."""
     from ptqcal.cache import array_digest
-    from ptqcal.data import Pixels, splits
+    from ptqcal.data import Pixels, pixels
     from ptqcal.data.corrupt import Corruption
     from ptqcal.models.preprocess import CIFAR100_PREPROCESS
 
@@ -159,9 +160,10 @@ def test_a_splits_images_are_hashed_once_whatever_keys_are_asked_and_the_digest_
         hashed.append(array.shape)
         return array_digest(array)
 
-    monkeypatch.setattr(splits, "array_digest", counting)
+    monkeypatch.setattr(pixels, "array_digest", counting)
     clean = Pixels(split, CIFAR100_PREPROCESS)
     keys = [clean.key, clean.corrupted(Corruption("contrast", 2), 0).key, clean.key]
     assert hashed == [images.shape] and keys[0] == keys[2] == array_digest(images) != keys[1]
-    copy = pickle.loads(pickle.dumps(split))
-    assert Pixels(copy, CIFAR100_PREPROCESS).key == keys[0] and hashed == [images.shape]
+    assert pickle.loads(pickle.dumps(clean)).key == keys[0] and hashed == [images.shape]
+    images[0, 0, 0, 0] ^= 1
+    assert Pixels(split, CIFAR100_PREPROCESS).key == array_digest(images) != keys[0]

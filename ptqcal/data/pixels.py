@@ -19,7 +19,7 @@ import numpy as np
 from ..cache import Cache, array_digest, make_key
 from .corrupt import Corruption, check_corruptible, corrupt_pixels, corruption_versions
 from .decode import decode_images
-from .splits import Split, file_stats
+from .splits import Split
 from ..errors import UserError
 from ..models import PreprocessCfg
 
@@ -57,6 +57,10 @@ class Pixels:
     corruption_seed: int = 0
     corruption_stream: int = 0  # images of another split at the same positions draw other noise
     _decoded: dict[int, tuple[np.ndarray, tuple[Path, ...]]] = field(default_factory=dict, repr=False)
+    # the clean images' key, computed once and shared with the corrupted copies: a run makes its own
+    # Pixels, and its images do not change during it (hashing ImageNet's 7.5 GB of arrays takes
+    # seconds, and every logits key starts from it); a later run computes it again
+    _clean: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -74,7 +78,10 @@ class Pixels:
     def key(self) -> str:
         """What decides the pixels: the arrays' content, or the files (path, size, mtime) and the
         geometry they are decoded to."""
-        clean = self.split.digest if not self.split.is_files else make_key(self.split.digest, self._geometry())
+        if "key" not in self._clean:
+            self._clean["key"] = array_digest(self.split.images) if not self.split.is_files else \
+                make_key("files", _file_stats(self.split.images), array_digest(self.split.labels), self._geometry())
+        clean = self._clean["key"]
         return clean if self.corruption is None else make_key(clean, *self._corruption_key())
 
     def _corruption_key(self) -> tuple:
@@ -85,7 +92,8 @@ class Pixels:
         from another split's images: see :func:`~.corrupt.image_seed`); ``None``: clean."""
         if corruption is not None:
             check_corruptible(self.preprocess.input_size, self.split.images.dtype if not self.split.is_files else None)
-        return Pixels(self.split, self.preprocess, self.cache, self.strict, corruption, seed, stream)
+        return Pixels(self.split, self.preprocess, self.cache, self.strict, corruption, seed, stream,
+                      _clean=self._clean)
 
     def _geometry(self) -> dict:
         p = self.preprocess
@@ -100,7 +108,7 @@ class Pixels:
         if not self.split.is_files:
             return make_key(array_digest(self.split.images[start:stop]), start)
         part = self.split.take(np.arange(start, stop))
-        return make_key("files", file_stats(part.images), array_digest(part.labels), self._geometry())
+        return make_key("files", _file_stats(part.images), array_digest(part.labels), self._geometry())
 
     def _corrupted_key(self, index: int) -> str:
         """What decides chunk ``index``'s corrupted pixels: its clean pixels, where it starts (each
@@ -282,6 +290,10 @@ def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
             except Empty:
                 break
         thread.join()
+
+
+def _file_stats(paths: list[Path]) -> list:
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p), -1, -1) for p in paths]
 
 
 def _save_chunk(chunk: _Chunk, tmp: Path) -> None:

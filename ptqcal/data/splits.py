@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from ..cache import array_digest, make_key
 from ..errors import UserError
 
 
@@ -26,23 +24,9 @@ class Split:
     def is_files(self) -> bool:
         return isinstance(self.images, list)
 
-    @cached_property
-    def digest(self) -> str:
-        """What decides the images: the array's content, or each file's (path, size, mtime) and the
-        labels. Computed once for the split (a run changes neither): hashing ImageNet's 7.5 GB of
-        arrays takes seconds, and every cache key of a run's logits starts from it."""
-        if not self.is_files:
-            return array_digest(self.images)
-        return make_key("files", file_stats(self.images), array_digest(self.labels))
-
     def take(self, index: np.ndarray) -> "Split":
         images = [self.images[i] for i in index] if self.is_files else self.images[index]
         return Split(images, self.labels[index])
-
-
-def file_stats(paths: list[Path]) -> list:
-    """Each file's (path, size, mtime in ns); (path, -1, -1) for one that is not there."""
-    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p), -1, -1) for p in paths]
 
 
 @dataclass(frozen=True)

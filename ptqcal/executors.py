@@ -10,7 +10,8 @@ recomputes only what is not in the cache yet, and a driver killed mid-run resume
 local run. Logits shards come back through Ray's object store and are also cached, so the driver
 assembles exactly the array a local run computes, under the same key. A split's images (arrays,
 or file paths) go to the object store once in a run, whatever number of tasks, calls, models and
-corrupted copies of the images carry them (attribution's few images travel inside its work).
+corrupted copies of the images carry them (directly, or as a field of an argument: attribution's
+work).
 
 Shards are batch-aligned: each starts at a multiple of the run's batch size and holds whole
 batches, so every image is evaluated in the same batch as in a local run, and the logits are the
@@ -19,6 +20,7 @@ same bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -112,12 +114,21 @@ class _Detached:
     splits: dict[str, Any]  # field name: the split's ObjectRef
 
 
+def _shipped_fields(arg, kind: type | tuple[type, ...]) -> dict[str, Any]:
+    """The fields of the dataclass ``arg`` whose values are ``kind`` (none for anything else)."""
+    if not dataclasses.is_dataclass(arg) or isinstance(arg, type):
+        return {}
+    return {f.name: getattr(arg, f.name) for f in fields(arg) if isinstance(getattr(arg, f.name), kind)}
+
+
 def _attached(arg):
-    """``arg``, or the Pixels or Dataset it stands for whole again. The splits' refs are nested in
-    ``arg``, so Ray does not resolve them before the task runs: the task gets them here (arrays: read
-    in place from the node's store, not copied), and the step sees what a local run sees."""
+    """``arg``, or the Pixels or Dataset it stands for whole again, also as a field of ``arg``. The
+    splits' refs are nested in ``arg``, so Ray does not resolve them before the task runs: the task
+    gets them here (arrays: read in place from the node's store, not copied), and the step sees what a
+    local run sees."""
     if not isinstance(arg, _Detached):
-        return arg
+        inside = _shipped_fields(arg, _Detached)
+        return replace(arg, **{name: _attached(value) for name, value in inside.items()}) if inside else arg
     import ray
 
     return replace(arg.value, **dict(zip(arg.splits, ray.get(list(arg.splits.values())))))
@@ -309,16 +320,24 @@ class RayCluster:
             refs = {name: self._stored[contents[name]] for name in splits}
         return _Detached(replace(value, **dict.fromkeys(splits)), refs)
 
+    def _detach(self, arg: Any) -> Any:
+        """``arg`` as a task receives it: a Pixels or Dataset, or one as a field of ``arg`` (a model's
+        attribution work and its images), as :meth:`_ship` makes it."""
+        if isinstance(arg, (Pixels, Dataset)):
+            return self._ship(arg)
+        inside = _shipped_fields(arg, (Pixels, Dataset))
+        return replace(arg, **{name: self._ship(value) for name, value in inside.items()}) if inside else arg
+
     def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
         """``fn(*call)`` for each call (whose first item is the run's cache), as tasks; the results
         in order. An argument several calls share (the same object: a pixel stream, a model's
         attribution work) goes to the object store once, not once a task; a Pixels or Dataset goes
-        as :meth:`_ship` makes it."""
+        as :meth:`_detach` makes it."""
         task = self._remote(_call).options(name=getattr(fn, "__name__", "task"))  # how Ray's dashboard lists it
-        shipped: dict[int, _Detached] = {}
-        for arg in (arg for args in calls for arg in args if isinstance(arg, (Pixels, Dataset))):
+        shipped: dict[int, Any] = {}
+        for arg in (arg for args in calls for arg in args):
             if id(arg) not in shipped:
-                shipped[id(arg)] = self._ship(arg)
+                shipped[id(arg)] = self._detach(arg)
         calls = [tuple(shipped.get(id(arg), arg) for arg in args) for args in calls]
         uses = Counter(id(arg) for args in calls for arg in args)
         objects = {id(arg): arg for args in calls for arg in args

@@ -410,9 +410,9 @@ def _holds(value, array: np.ndarray, depth: int = 0) -> bool:
 
 @pytest.mark.slow
 def test_an_array_dataset_goes_to_the_object_store_once_in_a_run(ray_cluster, tmp_path, monkeypatch):
-    """An .npz's evaluation images, clean and under four corruption cells (each a Pixels of its own on
-    the same split) and in the export task's dataset, are put into Ray's object store once in the run,
-    never inline in a task's arguments; the run folder equals the local one."""
+    """An .npz's evaluation images, clean, under four corruption cells (each a Pixels of its own on the
+    same split), in the export task's dataset and in attribution's work (all 40: fewer than its size) go
+    to Ray's object store once in the run, never inline in a task's arguments; results as a local run's."""
     pytest.importorskip("imagecorruptions")
     import ray
     from ray.remote_function import RemoteFunction
@@ -427,7 +427,7 @@ def test_an_array_dataset_goes_to_the_object_store_once_in_a_run(ray_cluster, tm
              calib_labels=rng.integers(0, 4, 24))
     args = ["run", "--model", str(_classifier(tmp_path / "model.onnx")), "--dataset", str(tmp_path / "data.npz"),
             "--preprocess", "unit", "--weight-bits", "8", "4", "--corruptions", "contrast", "gaussian_noise",
-            "--severities", "1", "3", "--check-images", "0", "--no-progress", "--quiet", "--no-timing"]
+            "--severities", "1", "3", "--attribute", "--check-images", "0", "--no-progress", "--quiet", "--no-timing"]
     assert main([*args, "--out", str(tmp_path / "local")]) == 0
     held, inline, put, submit = [], [], ray.put, RemoteFunction._remote
 

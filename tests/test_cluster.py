@@ -373,20 +373,20 @@ def test_ray_started_for_the_run_keeps_its_session_in_a_folder_it_removes(tmp_pa
 
 @pytest.mark.slow
 def test_corruptions_on_the_cluster_equal_the_local_run(ray_cluster, tmp_path):
-    """Image files under two corruptions: the cluster decodes and corrupts the chunks as tasks and
-    shards every configuration's logits on them; the run folder equals the local one."""
+    """Image files under two corruptions: the cluster decodes and corrupts the chunks (48 evaluation
+    images, 42 to a chunk) as tasks and shards every configuration's logits on them; results as local."""
     pytest.importorskip("imagecorruptions")
     from PIL import Image
 
     from test_shift import _classifier
 
     rng = np.random.default_rng(2)
-    for index in range(48):
+    for index in range(64):
         folder = tmp_path / "images" / f"{index % 4}"
         folder.mkdir(parents=True, exist_ok=True)
         coarse = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
-        Image.fromarray(np.repeat(np.repeat(coarse, 4, axis=0), 4, axis=1)).save(folder / f"{index:03d}.png")
-    common = ["run", "--model", str(_classifier(tmp_path / "model.onnx")), "--dataset", "folder", "--data-dir",
+        Image.fromarray(np.repeat(np.repeat(coarse, 64, axis=0), 64, axis=1)).save(folder / f"{index:03d}.png")
+    common = ["run", "--model", str(_classifier(tmp_path / "model.onnx", size=512)), "--dataset", "folder", "--data-dir",
               str(tmp_path / "images"), "--preprocess", "unit", "--calib-size", "16", "--weight-bits", "8", "4",
               "--corruptions", "gaussian_noise", "contrast", "--severities", "2", "--no-progress", "--quiet",
               "--no-timing"]

@@ -22,8 +22,8 @@ pytest.importorskip("imagecorruptions", reason="the [shift] extra (installed by 
 CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)  # ImageNet-C's contrast factor per severity (Hendrycks & Dietterich)
 
 
-def _classifier(path: Path, seed: int = 0, blind: bool = False) -> Path:
-    """Conv-Relu-GlobalAveragePool-Gemm on (N, 3, 32, 32); ``blind``: the input is multiplied by 0 first."""
+def _classifier(path: Path, seed: int = 0, blind: bool = False, size: int = 32) -> Path:
+    """Conv-Relu-GlobalAveragePool-Gemm on (N, 3, size, size); ``blind``: the input is multiplied by 0 first."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "conv_w"),
              numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "conv_b"),
@@ -36,7 +36,7 @@ def _classifier(path: Path, seed: int = 0, blind: bool = False) -> Path:
              helper.make_node("Relu", ["conv"], ["relu"]), helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
              helper.make_node("Flatten", ["pool"], ["flat"]),
              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1)]
-    return save_classifier(path, "shift", nodes, inits, 4, ("N", 3, 32, 32))
+    return save_classifier(path, "shift", nodes, inits, 4, ("N", 3, size, size))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 # as the command line does, before onnxruntime or torchvision is imported: both write into $TMPDIR
@@ -28,6 +31,33 @@ def digits():
     from ptqcal.data import load_digits
 
     return load_digits()
+
+
+@dataclass(frozen=True)
+class DefaultRun:
+    """``ptqcal run`` with no settings but its folders: what it returned and printed, and how many
+    calibration passes (histogram collections) it made."""
+
+    code: int
+    out: Path
+    printed: str
+    calibrations: int
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> DefaultRun:
+    """The default run, once per session (a minute on 2 cores): the tests that read it only read it."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    import ptqcal.quantize as quantize
+    from ptqcal.cli import main
+
+    calls, original = [], quantize.collect_histograms
+    out = tmp_path_factory.mktemp("default") / "run"
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
+        patch.setattr(quantize, "collect_histograms", lambda *a, **k: calls.append(1) or original(*a, **k))
+        code = main(["run", "--out", str(out), "--cache-dir", str(out.parent / "cache"), "--no-progress"])
+    return DefaultRun(code, out, printed.getvalue(), len(calls))
 
 
 @pytest.fixture(scope="session")

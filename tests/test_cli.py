@@ -85,18 +85,11 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_default_run_end_to_end(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("torch")
-    import ptqcal.quantize as quantize
-
-    calls = []
-    original = quantize.collect_histograms
-    monkeypatch.setattr(quantize, "collect_histograms", lambda *a, **k: calls.append(1) or original(*a, **k))
-    out = tmp_path / "run"
-    code = main(["run", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
-    assert code == 0
-    assert capsys.readouterr().out.strip().endswith(f"report: {out / 'report.md'}")
-    assert len(calls) == 2, "one calibration pass per model, reused for every bit width"
+def test_default_run_end_to_end(default_run):
+    out = default_run.out
+    assert default_run.code == 0
+    assert default_run.printed.strip().endswith(f"report: {out / 'report.md'}")
+    assert default_run.calibrations == 2, "one calibration pass per model, reused for every bit width"
     for name in ("report.md", "report.html", "metrics.csv", "metrics.json", "fig1_reliability.png",
                  "fig1_reliability.svg", "fig2_swaps.png", "fig3_transitions.png", "fig4_margin.png",
                  "fig5_temperature.png"):

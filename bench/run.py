@@ -108,7 +108,7 @@ def sweep(quick: bool, folder: Path) -> dict[str, float]:
     from ptqcal.models import get_model_entry
     from ptqcal.pipeline import run
 
-    n_calib, n_eval, bits = (128, 1000, [8, 4]) if quick else (1024, 10_000, [8, 7, 6, 5, 4])
+    n_calib, n_eval, bits = (128, 512, [8, 4]) if quick else (1024, 10_000, [8, 7, 6, 5, 4])
     data = folder / "cifar.npz"
     np.savez(data, images=cifar_images(n_eval, 0), labels=np.zeros(n_eval, dtype=np.int64),
              calib_images=cifar_images(n_calib, 1), calib_labels=np.zeros(n_calib, dtype=np.int64))

@@ -340,7 +340,7 @@ class RayCluster:
                 shipped[id(arg)] = self._detach(arg)
         calls = [tuple(shipped.get(id(arg), arg) for arg in args) for args in calls]
         uses = Counter(id(arg) for args in calls for arg in args)
-        as_is = (str, int, float, Path, type(None), self.ray.ObjectRef)  # a ref is in the store (Ray puts none)
+        as_is = (str, int, float, Path, type(None), self.ray.ObjectRef)  # a ref: in the store already (put refuses it)
         objects = {id(arg): arg for args in calls for arg in args if uses[id(arg)] > 1 and not isinstance(arg, as_is)}
         shared = {key: self.ray.put(arg) for key, arg in objects.items()}
         return self._get([task.remote(fn, *(shared.get(id(arg), arg) for arg in args)) for args in calls])

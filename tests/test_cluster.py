@@ -378,6 +378,7 @@ def test_corruptions_on_the_cluster_equal_the_local_run(ray_cluster, tmp_path):
     pytest.importorskip("imagecorruptions")
     from PIL import Image
 
+    from ptqcal.data.pixels import CHUNK_BYTES
     from test_shift import _classifier
 
     rng = np.random.default_rng(2)
@@ -386,6 +387,7 @@ def test_corruptions_on_the_cluster_equal_the_local_run(ray_cluster, tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         coarse = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
         Image.fromarray(np.repeat(np.repeat(coarse, 64, axis=0), 64, axis=1)).save(folder / f"{index:03d}.png")
+    assert 64 - 16 > CHUNK_BYTES // (3 * 512 * 512)  # the evaluation images (all but 16) span two chunks
     common = ["run", "--model", str(_classifier(tmp_path / "model.onnx", size=512)), "--dataset", "folder", "--data-dir",
               str(tmp_path / "images"), "--preprocess", "unit", "--calib-size", "16", "--weight-bits", "8", "4",
               "--corruptions", "gaussian_noise", "contrast", "--severities", "2", "--no-progress", "--quiet",
@@ -448,3 +450,5 @@ def test_an_array_dataset_goes_to_the_object_store_once_in_a_run(ray_cluster, tm
         cluster.close()
     assert sum(held) == 1 and len(held) > 1 and inline and not any(inline)  # once, and never inline
     _same_results(tmp_path / "local", tmp_path / "ray")
+    local, ray = (json.loads((tmp_path / run / "run.json").read_text()) for run in ("local", "ray"))
+    assert ray["attribution"] == local["attribution"] and local["attribution"]["effects"]

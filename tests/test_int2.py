@@ -201,17 +201,21 @@ def test_deployed_int2_model_runs_and_computes_what_the_int8_container_did(graph
     assert np.abs(deployed - simulated).max() < 0.02 * np.abs(simulated).max()
 
 
-def test_deployed_3_bit_model_runs_float_layers_equal_to_the_simulated_path(graphs, digits_inputs, tmp_path):
+def test_deployed_3_bit_model_runs_float_layers_as_the_simulated_path_to_a_rounding_tie(graphs, prepared,
+                                                                                        digits_inputs, tmp_path):
     path = graphs("a8w3", QuantSpec(3))
     ops = optimized_op_types(path, tmp_path)
     assert "QLinearConv" not in ops and "Conv" in ops  # no int4 kernel on CPU, as for 4 bits
-    deployed, simulated = (predict(make_session(path, fused=f), digits_inputs[1], progress=False)
-                           for f in (True, False))
-    # float rounding in another summation order may land an activation on the other side of a rounding
-    # point, one code apart (2 of 1197 images on an AVX-512 FP16 CPU): those few images move by about
-    # that code's effect and keep their prediction; every other image's logits are equal
+    deployed, simulated, exact = (predict(make_session(model, fused=f), digits_inputs[1], progress=False)
+                                  for model, f in ((path, True), (path, False), (prepared, False)))
+    # the fused graph sums in another order: where an activation lies on a rounding point, its code may
+    # come out one apart (2 of 1197 images on an AVX-512 FP16 CPU). Every other image is equal to float
+    # rounding; those few move by a small part of what quantization moves them, and keep their prediction.
     moved = ~np.isclose(deployed, simulated, rtol=1e-5, atol=1e-5).all(axis=1)
-    assert moved.mean() <= 0.01 and np.abs(deployed - simulated).max() < 0.1
+    assert moved.mean() <= 0.01
+    tie, quantization = (np.abs(a - b)[moved].max(axis=1, initial=0) for a, b in ((deployed, simulated),
+                                                                                   (simulated, exact)))
+    assert (tie <= 0.05 * quantization).all()  # there: 0.017 and 0.021 against 2.4 and 1.6
     assert (deployed.argmax(1) == simulated.argmax(1)).all()
 
 

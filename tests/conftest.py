@@ -43,6 +43,11 @@ class DefaultRun:
     printed: str
     calibrations: int
 
+    @property
+    def models(self) -> Path:
+        """Its ``--cache-dir``: the built-in models it trained, which other default runs reuse."""
+        return self.out.parent / "cache"
+
 
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory) -> DefaultRun:

@@ -104,16 +104,22 @@ def _wait_for(pattern: str, folder: Path, process: subprocess.Popen, timeout: fl
     return False
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["histograms-*", "quantized-*", "logits-*"])
-def test_resume_after_sigkill_gives_identical_metrics(stage, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[list[str], Path]:
+    """A run's command, and the folder of that run left to finish."""
     pytest.importorskip("sklearn")
-    model = tiny_onnx_classifier(tmp_path / "tiny.onnx", classes=10)
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    model = tiny_onnx_classifier(folder / "tiny.onnx", classes=10)
     args = [sys.executable, "-m", "ptqcal", "run", "--model", str(model), "--no-progress", "--calib-size", "48",
             "--dataset", "digits", "--preprocess", "digits", "--weight-bits", "8", "6", "4", "3", "--calib-method", "mse"]
-    reference = tmp_path / "reference"
-    subprocess.run(args + ["--out", str(reference)], check=True, capture_output=True)
+    subprocess.run(args + ["--out", str(folder / "reference")], check=True, capture_output=True)
+    return args, folder / "reference"
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["histograms-*", "quantized-*", "logits-*"])
+def test_resume_after_sigkill_gives_identical_metrics(stage, uninterrupted, tmp_path):
+    args, reference = uninterrupted
     _kill_at_and_resume(args, stage, tmp_path / "killed", reference)
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 

@@ -149,9 +149,9 @@ def _ptqcal(*args: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_default_sweep_on_the_cluster_equals_the_local_run(ray_cluster, tmp_path):
-    common = ["run", "--no-progress", "--quiet", "--no-timing", "--cache-dir", str(tmp_path / "models")]
-    _ptqcal(*common, "--out", str(tmp_path / "local"))  # trains the two models, which the Ray run reuses
+def test_the_default_sweep_on_the_cluster_equals_the_local_run(ray_cluster, default_run, tmp_path):
+    common = ["run", "--no-progress", "--quiet", "--no-timing", "--cache-dir", str(default_run.models)]
+    _ptqcal(*common, "--out", str(tmp_path / "local"))  # both runs reuse the two models the session trained
     _ptqcal(*common, "--out", str(tmp_path / "ray"), "--ray", ray_cluster)
     for model in ("digits_resnet8", "digits_resnet8_ls"):
         _same_results(tmp_path / "local" / model, tmp_path / "ray" / model)
@@ -388,7 +388,8 @@ def test_corruptions_on_the_cluster_equal_the_local_run(ray_cluster, tmp_path):
         coarse = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
         Image.fromarray(np.repeat(np.repeat(coarse, 64, axis=0), 64, axis=1)).save(folder / f"{index:03d}.png")
     assert 64 - 16 > CHUNK_BYTES // (3 * 512 * 512)  # the evaluation images (all but 16) span two chunks
-    common = ["run", "--model", str(_classifier(tmp_path / "model.onnx", size=512)), "--dataset", "folder", "--data-dir",
+    model = _classifier(tmp_path / "model.onnx", size=512, stride=8)
+    common = ["run", "--model", str(model), "--dataset", "folder", "--data-dir",
               str(tmp_path / "images"), "--preprocess", "unit", "--calib-size", "16", "--weight-bits", "8", "4",
               "--corruptions", "gaussian_noise", "contrast", "--severities", "2", "--no-progress", "--quiet",
               "--no-timing"]

@@ -22,7 +22,7 @@ pytest.importorskip("imagecorruptions", reason="the [shift] extra (installed by 
 CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)  # ImageNet-C's contrast factor per severity (Hendrycks & Dietterich)
 
 
-def _classifier(path: Path, seed: int = 0, blind: bool = False, size: int = 32) -> Path:
+def _classifier(path: Path, seed: int = 0, blind: bool = False, size: int = 32, stride: int = 1) -> Path:
     """Conv-Relu-GlobalAveragePool-Gemm on (N, 3, size, size); ``blind``: the input is multiplied by 0 first."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "conv_w"),
@@ -32,7 +32,7 @@ def _classifier(path: Path, seed: int = 0, blind: bool = False, size: int = 32) 
              numpy_helper.from_array(np.zeros(1, np.float32), "zero")]
     first = [helper.make_node("Mul", ["input", "zero"], ["seen"])] if blind else []
     nodes = [*first, helper.make_node("Conv", ["seen" if blind else "input", "conv_w", "conv_b"], ["conv"],
-                                      pads=[1, 1, 1, 1]),
+                                      pads=[1, 1, 1, 1], **({"strides": [stride] * 2} if stride > 1 else {})),
              helper.make_node("Relu", ["conv"], ["relu"]), helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
              helper.make_node("Flatten", ["pool"], ["flat"]),
              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1)]

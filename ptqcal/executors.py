@@ -115,10 +115,11 @@ class _Detached:
 
 
 def _shipped_fields(arg, kind: type | tuple[type, ...]) -> dict[str, Any]:
-    """The fields of the dataclass ``arg`` whose values are ``kind`` (none for anything else)."""
+    """The fields of the dataclass ``arg`` whose values are ``kind`` (none for anything else); only
+    fields ``replace`` can set (an ``init=False`` field travels as it is)."""
     if not dataclasses.is_dataclass(arg) or isinstance(arg, type):
         return {}
-    return {f.name: getattr(arg, f.name) for f in fields(arg) if isinstance(getattr(arg, f.name), kind)}
+    return {f.name: getattr(arg, f.name) for f in fields(arg) if f.init and isinstance(getattr(arg, f.name), kind)}
 
 
 def _attached(arg):

@@ -40,29 +40,27 @@ class DefaultRun:
 
     code: int
     out: Path
+    models: Path  # its --cache-dir: the built-in models it trained, which other default runs reuse
     printed: str
     calibrations: int
-
-    @property
-    def models(self) -> Path:
-        """Its ``--cache-dir``: the built-in models it trained, which other default runs reuse."""
-        return self.out.parent / "cache"
 
 
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory) -> DefaultRun:
-    """The default run, once per session (a minute on 2 cores): the tests that read it only read it."""
+    """The default run, once per session (a minute on 2 cores): the tests that use it only read its
+    folder (and reuse its trained models)."""
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
     import ptqcal.quantize as quantize
     from ptqcal.cli import main
 
     calls, original = [], quantize.collect_histograms
-    out = tmp_path_factory.mktemp("default") / "run"
+    folder = tmp_path_factory.mktemp("default")
+    out, models = folder / "run", folder / "cache"
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
         patch.setattr(quantize, "collect_histograms", lambda *a, **k: calls.append(1) or original(*a, **k))
-        code = main(["run", "--out", str(out), "--cache-dir", str(out.parent / "cache"), "--no-progress"])
-    return DefaultRun(code, out, printed.getvalue(), len(calls))
+        code = main(["run", "--out", str(out), "--cache-dir", str(models), "--no-progress"])
+    return DefaultRun(code, out, models, printed.getvalue(), len(calls))
 
 
 @pytest.fixture(scope="session")

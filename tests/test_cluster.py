@@ -40,6 +40,20 @@ def test_shards_are_whole_batches_and_cover_every_image_once():
         assert all(n % batch == 0 for _, n in parts[:-1])  # only the last shard ends in a partial batch
 
 
+def test_a_task_is_sent_only_the_fields_it_can_be_rebuilt_from():
+    """What a Pixels or Dataset inside an argument is looked for in: the fields ``replace`` sets again."""
+    from ptqcal.executors import _shipped_fields
+
+    @dataclasses.dataclass
+    class Work:
+        first: int
+        name: str
+        derived: int = dataclasses.field(init=False, default=3)
+
+    assert _shipped_fields(Work(1, "x"), int) == {"first": 1}  # not the derived field, which replace rejects
+    assert _shipped_fields(Work, int) == {} and _shipped_fields(5, int) == {}
+
+
 def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
